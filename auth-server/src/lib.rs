@@ -1,0 +1,3 @@
+//! The auth.v1.Auth token service.
+pub mod clock;
+pub mod store;

@@ -1,0 +1,166 @@
+//! The in-memory store: the embedded default for a single replica.
+//!
+//! One mutex guards all state, so every operation is trivially atomic.
+//! Expired entries are pruned lazily as operations pass over them and in
+//! bulk on snapshots.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+
+#[derive(Default)]
+struct State {
+    issued: HashMap<String, IssuedToken>,
+    /// (kind, id) -> expires_at
+    denied: HashMap<(RevocationKind, String), u64>,
+    refresh: HashMap<String, (RefreshRecord, bool)>,
+    ops: u64,
+}
+
+impl State {
+    fn is_denied(&self, kind: RevocationKind, id: &str, now: u64) -> bool {
+        self.denied.get(&(kind, id.to_owned())).is_some_and(|&exp| exp > now)
+    }
+
+    fn prune(&mut self, now: u64) {
+        self.issued.retain(|_, t| t.exp > now);
+        self.denied.retain(|_, exp| *exp > now);
+        self.refresh.retain(|_, (r, _)| r.expires_at > now);
+    }
+
+    fn tick(&mut self, now: u64) {
+        self.ops += 1;
+        if self.ops % 4096 == 0 {
+            self.prune(now);
+        }
+    }
+}
+
+/// The in-memory store.
+pub struct MemoryStore {
+    state: Mutex<State>,
+    events: broadcast::Sender<Revocation>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self { state: Mutex::new(State::default()), events }
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
+        self.state.lock().map_err(|_| StoreError::Corrupt("memory store lock poisoned".into()))
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
+        let mut s = self.lock()?;
+        s.tick(now);
+        s.issued.insert(jti.to_owned(), token.clone());
+        Ok(())
+    }
+
+    async fn issued(&self, jti: &str, now: u64) -> Result<Option<IssuedToken>, StoreError> {
+        let s = self.lock()?;
+        Ok(s.issued.get(jti).filter(|t| t.exp > now).cloned())
+    }
+
+    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError> {
+        let s = self.lock()?;
+        Ok(s.is_denied(RevocationKind::Jti, jti, now)
+            || sid.is_some_and(|sid| s.is_denied(RevocationKind::Sid, sid, now)))
+    }
+
+    async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
+        {
+            let mut s = self.lock()?;
+            s.tick(now);
+            let key = (revocation.kind, revocation.id.clone());
+            let exp = s.denied.entry(key).or_insert(0);
+            *exp = (*exp).max(revocation.expires_at);
+        }
+        // No receiver is not an error: nobody is watching.
+        let _ = self.events.send(revocation);
+        Ok(())
+    }
+
+    async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
+        let mut s = self.lock()?;
+        s.tick(now);
+        s.refresh.insert(digest.to_owned(), (record.clone(), false));
+        Ok(())
+    }
+
+    async fn consume_refresh(
+        &self,
+        digest: &str,
+        next_digest: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let revoked_family;
+        {
+            let mut s = self.lock()?;
+            s.tick(now);
+            let Some((record, spent)) = s.refresh.get(digest).cloned() else {
+                return Ok(ConsumeOutcome::Invalid);
+            };
+            if record.expires_at <= now
+                || s.is_denied(RevocationKind::Family, &record.family, now)
+                || s.is_denied(RevocationKind::Sid, &record.sid, now)
+            {
+                return Ok(ConsumeOutcome::Invalid);
+            }
+            if !spent {
+                if let Some(entry) = s.refresh.get_mut(digest) {
+                    entry.1 = true;
+                }
+                let next = RefreshRecord { expires_at: next_expires_at, ..record.clone() };
+                s.refresh.insert(next_digest.to_owned(), (next, false));
+                return Ok(ConsumeOutcome::Rotated(record));
+            }
+            // Reuse: revoke the family for as long as any member could
+            // live. Every member was issued before now, so none outlives a
+            // successor issued now (`next_expires_at`).
+            let until = record.expires_at.max(next_expires_at);
+            revoked_family = Revocation { kind: RevocationKind::Family, id: record.family.clone(), expires_at: until };
+            s.denied.insert((RevocationKind::Family, record.family), until);
+        }
+        let _ = self.events.send(revoked_family);
+        Ok(ConsumeOutcome::Reused)
+    }
+
+    async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
+        let mut s = self.lock()?;
+        s.prune(now);
+        Ok(s.denied
+            .iter()
+            .map(|((kind, id), exp)| Revocation { kind: *kind, id: id.clone(), expires_at: *exp })
+            .collect())
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.events.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+}

@@ -1,0 +1,140 @@
+//! The state-store port: issued `jti`s, the deny list, revoked sessions and
+//! refresh-token families.
+//!
+//! Every method is one atomic step in the store, so an implementation on
+//! Redis can run each as a single command, transaction or Lua script:
+//! - [`Store::consume_refresh`] spends a refresh token and stores its
+//!   successor, or detects reuse and revokes the family, in one step;
+//! - a revocation is acknowledged (the future resolves `Ok`) only once it is
+//!   durable in the store, and is then published to [`Store::subscribe`]rs.
+//!
+//! Times are Unix seconds; every entry carries the time after which it may be
+//! forgotten, so the store never grows past the live tokens.
+
+mod memory;
+
+pub use memory::MemoryStore;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+/// What a revocation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RevocationKind {
+    /// An access token, by `jti`.
+    Jti,
+    /// A login session, by `sid`.
+    Sid,
+    /// A refresh-token family.
+    Family,
+}
+
+/// One revocation, as stored and as published.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Revocation {
+    /// What `id` names.
+    pub kind: RevocationKind,
+    /// The jti, sid or family id.
+    pub id: String,
+    /// When the entry may be forgotten (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// What the store remembers of an issued access token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedToken {
+    /// The token's `sub`.
+    pub sub: String,
+    /// The token's `sid`, if any.
+    pub sid: Option<String>,
+    /// The token's `exp`.
+    pub exp: u64,
+}
+
+/// A refresh token's server-side record. The token itself is never stored,
+/// only its SHA-256 digest (the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshRecord {
+    /// The rotation family: every successor of one login shares it.
+    pub family: String,
+    /// The login session.
+    pub sid: String,
+    /// The user.
+    pub sub: String,
+    /// The login client (`client_id` claim).
+    pub client_id: String,
+    /// Audiences of the access tokens it refreshes.
+    pub audience: Vec<String>,
+    /// Scopes granted at login; a refresh never widens them.
+    pub scope: Vec<String>,
+    /// Expiry of this refresh token (Unix seconds).
+    pub expires_at: u64,
+}
+
+/// The outcome of presenting a refresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumeOutcome {
+    /// The token was live and is now spent; its successor is stored.
+    Rotated(RefreshRecord),
+    /// The token was already spent: its family is now revoked.
+    Reused,
+    /// Unknown, expired, or its family or session is revoked.
+    Invalid,
+}
+
+/// A store failure. The message names no key material.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend cannot be reached or timed out.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something the store cannot interpret.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The state-store port.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records an issued access token (its owner, session and expiry).
+    async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError>;
+
+    /// Looks up an issued access token by `jti`.
+    async fn issued(&self, jti: &str, now: u64) -> Result<Option<IssuedToken>, StoreError>;
+
+    /// Whether the `jti`, or the session `sid`, is revoked.
+    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError>;
+
+    /// Makes a revocation durable, then publishes it. Revoking a session also
+    /// stops its refresh tokens; revoking a family stops that family.
+    async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError>;
+
+    /// Stores a new refresh token (the first of a family, at login).
+    async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError>;
+
+    /// Spends the refresh token `digest` and stores `next_digest` as its
+    /// successor (same family, session and grant, new expiry
+    /// `next_expires_at`), atomically. A second presentation of a spent token
+    /// revokes its family in the same step (until `next_expires_at`, which no
+    /// earlier member outlives) and returns [`ConsumeOutcome::Reused`].
+    async fn consume_refresh(
+        &self,
+        digest: &str,
+        next_digest: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+
+    /// Every revocation still in force (jti and sid; families too).
+    async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError>;
+
+    /// A receiver of revocations as they are made (by this replica or, for
+    /// shared stores, any replica).
+    fn subscribe(&self) -> broadcast::Receiver<Revocation>;
+
+    /// Checks that the backend answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// A short name for logs: `memory` or `redis`.
+    fn name(&self) -> &'static str;
+}

@@ -1,0 +1,112 @@
+//! The server side: verifying incoming access tokens.
+
+mod keys;
+mod validator;
+
+pub use keys::{KeySet, VerifyKey};
+pub use validator::{DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, MAX_LEEWAY_SECS, Validator};
+
+/// Why a token was refused. Messages are fixed and never contain token
+/// content, so they are safe to log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// No `authorization: Bearer` credential on the request.
+    #[error("missing bearer token")]
+    Missing,
+    /// The token is larger than the configured limit.
+    #[error("token too large")]
+    TooLarge,
+    /// Not three base64url parts with a JSON header.
+    #[error("malformed token")]
+    Malformed,
+    /// `jku`, `x5u`, `x5c`, `jwk` or `crit` header present.
+    #[error("forbidden header parameter")]
+    ForbiddenHeader,
+    /// `typ` is not `at+jwt`.
+    #[error("wrong token type")]
+    WrongType,
+    /// `alg` is `none`, symmetric or unknown.
+    #[error("forbidden algorithm")]
+    ForbiddenAlg,
+    /// The `kid` is missing or not in the key set.
+    #[error("unknown key id")]
+    UnknownKid,
+    /// The header `alg` differs from the key's pinned `alg`, or is not allowed.
+    #[error("algorithm does not match key")]
+    AlgMismatch,
+    /// The signature does not verify.
+    #[error("bad signature")]
+    BadSignature,
+    /// The payload is not a valid claims object.
+    #[error("invalid claims")]
+    BadClaims,
+    /// `iss` is not the expected issuer.
+    #[error("wrong issuer")]
+    WrongIssuer,
+    /// `aud` does not name this service.
+    #[error("wrong audience")]
+    WrongAudience,
+    /// `exp` has passed (beyond the leeway).
+    #[error("token expired")]
+    Expired,
+    /// `nbf` lies in the future (beyond the leeway).
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// `iat` lies in the future (beyond the leeway).
+    #[error("token issued in the future")]
+    IssuedInFuture,
+    /// `jti` is missing or empty.
+    #[error("missing jti")]
+    MissingJti,
+    /// The token's `jti` or `sid` has been revoked.
+    #[error("token revoked")]
+    Revoked,
+    /// `cnf.x5t#S256` does not match the peer certificate.
+    #[error("certificate binding mismatch")]
+    CnfMismatch,
+    /// The JWK Set could not be parsed.
+    #[error("bad JWK set")]
+    BadJwks,
+    /// No keys are known yet (the auth service was never reached).
+    #[error("no verification keys available")]
+    NoKeys,
+    /// The revocation feed has been silent for longer than allowed.
+    #[error("revocation feed stale")]
+    FeedStale,
+}
+
+impl VerifyError {
+    /// Whether the failure is ours (keys or feed unavailable) rather than the
+    /// token's: such requests get `Unavailable`, not `Unauthenticated`.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, VerifyError::NoKeys | VerifyError::FeedStale | VerifyError::BadJwks)
+    }
+
+    /// A short stable label, for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            VerifyError::Missing => "missing",
+            VerifyError::TooLarge => "too_large",
+            VerifyError::Malformed => "malformed",
+            VerifyError::ForbiddenHeader => "forbidden_header",
+            VerifyError::WrongType => "wrong_typ",
+            VerifyError::ForbiddenAlg => "forbidden_alg",
+            VerifyError::UnknownKid => "unknown_kid",
+            VerifyError::AlgMismatch => "alg_mismatch",
+            VerifyError::BadSignature => "bad_signature",
+            VerifyError::BadClaims => "bad_claims",
+            VerifyError::WrongIssuer => "wrong_iss",
+            VerifyError::WrongAudience => "wrong_aud",
+            VerifyError::Expired => "expired",
+            VerifyError::NotYetValid => "not_yet_valid",
+            VerifyError::IssuedInFuture => "iat_in_future",
+            VerifyError::MissingJti => "missing_jti",
+            VerifyError::Revoked => "revoked",
+            VerifyError::CnfMismatch => "cnf_mismatch",
+            VerifyError::BadJwks => "bad_jwks",
+            VerifyError::NoKeys => "no_keys",
+            VerifyError::FeedStale => "feed_stale",
+        }
+    }
+}
