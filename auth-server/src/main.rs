@@ -1,1 +1,260 @@
-fn main(){}
+//! The `auth-server` binary.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use auth_server::clock::SystemClock;
+use auth_server::config::{Config, Overrides};
+use auth_server::keys::{KeyAlg, SigningKeys};
+use auth_server::{dev, directory, keys, server};
+use clap::{Parser, Subcommand};
+
+/// The auth.v1.Auth token service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with a configuration file.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short, env = "AUTH_CONFIG")]
+        config: PathBuf,
+        #[command(flatten)]
+        flags: Flags,
+    },
+    /// Create (once) a dev environment with certificates, keys, users and
+    /// accounts, then serve it with the in-memory store.
+    Dev {
+        /// Where the dev environment lives.
+        #[arg(long, default_value = ".auth-dev")]
+        dir: PathBuf,
+        #[command(flatten)]
+        flags: Flags,
+    },
+    /// Print the argon2id hash of a password read from standard input.
+    HashPassword,
+    /// Print a new client secret and the digest for the accounts file.
+    NewSecret,
+    /// Write a new PKCS#8 PEM signing key.
+    Keygen {
+        /// ES256, EdDSA, RS256 or PS256.
+        #[arg(long, default_value = "ES256")]
+        alg: String,
+        /// Output file (created with mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Exit 0 if the URL answers HTTP 200 (container health checks).
+    Healthcheck {
+        /// e.g. http://127.0.0.1:8080/readyz
+        #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct Flags {
+    /// gRPC listen address.
+    #[arg(long)]
+    grpc_addr: Option<SocketAddr>,
+    /// HTTP side-port listen address.
+    #[arg(long)]
+    http_addr: Option<SocketAddr>,
+    /// `memory` or a Redis URL.
+    #[arg(long)]
+    store: Option<String>,
+    /// `text` or `json`.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+impl Flags {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            store: self.store.clone(),
+            log_format: self.log_format.clone(),
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn parse_alg(s: &str) -> Result<KeyAlg, String> {
+    match s {
+        "ES256" => Ok(KeyAlg::ES256),
+        "EdDSA" => Ok(KeyAlg::EdDSA),
+        "RS256" => Ok(KeyAlg::RS256),
+        "PS256" => Ok(KeyAlg::PS256),
+        _ => Err(format!("unknown alg {s:?}: use ES256, EdDSA, RS256 or PS256")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("auth-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config, flags } => {
+            let cfg = Config::load(&config, &flags.overrides()).map_err(|e| e.to_string())?;
+            init_tracing(&cfg.log_format);
+            run_server(cfg, None).await
+        }
+        Command::Dev { dir, flags } => {
+            let env = dev::ensure(&dir).map_err(|e| e.to_string())?;
+            let cfg = Config::load(&env.config_path, &flags.overrides()).map_err(|e| e.to_string())?;
+            init_tracing(&cfg.log_format);
+            run_server(cfg, Some(env)).await
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).map_err(|e| e.to_string())?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                return Err("empty password on standard input".into());
+            }
+            println!("{}", directory::hash_password(password).map_err(|e| e.to_string())?);
+            Ok(())
+        }
+        Command::NewSecret => {
+            let secret = directory::generate_secret().map_err(|e| e.to_string())?;
+            println!("client_secret = \"{secret}\"   # give to the service (Vault / Secret), never commit");
+            println!("secret_sha256 = \"{}\"   # goes in the accounts file", directory::secret_digest_hex(&secret));
+            Ok(())
+        }
+        Command::Keygen { alg, out } => {
+            let alg = parse_alg(&alg)?;
+            let pem = keys::generate_pkcs8_pem(alg).map_err(|e| e.to_string())?;
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .map_err(|e| format!("{}: {e}", out.display()))?;
+            f.write_all(pem.as_bytes()).map_err(|e| e.to_string())?;
+            let key = keys::LoadedKey::from_pem(alg, pem.as_bytes()).map_err(|e| e.to_string())?;
+            println!("wrote {} ({}), kid {}", out.display(), alg.as_str(), key.kid());
+            Ok(())
+        }
+        Command::Healthcheck { url } => healthcheck(&url).await,
+    }
+}
+
+async fn run_server(cfg: Config, dev_env: Option<dev::DevEnv>) -> Result<(), String> {
+    let file_keys = if cfg.keys.source == "file" {
+        Some(Arc::new(server::load_file_keys(&cfg.keys).map_err(|e| e.to_string())?))
+    } else {
+        None
+    };
+    let signing: Arc<dyn SigningKeys> = match &file_keys {
+        Some(k) => k.clone(),
+        None => server::open_transit_keys(&cfg).await.map_err(|e| e.to_string())?,
+    };
+    let store = server::open_store(&cfg).await.map_err(|e| e.to_string())?;
+    tracing::info!(store = store.name(), "state store selected");
+    let grpc =
+        tokio::net::TcpListener::bind(cfg.grpc_addr).await.map_err(|e| format!("bind {}: {e}", cfg.grpc_addr))?;
+    let http =
+        tokio::net::TcpListener::bind(cfg.http_addr).await.map_err(|e| format!("bind {}: {e}", cfg.http_addr))?;
+    let keys_cfg = cfg.keys.clone();
+    if let Some(env) = &dev_env {
+        print_dev_banner(env, &cfg);
+    }
+    let core = server::build_core(cfg, signing, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
+
+    // SIGHUP re-reads the key files (rotation without restart).
+    if let Some(keys) = file_keys {
+        tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                match server::reload_file_keys(&keys, &keys_cfg) {
+                    Ok(()) => tracing::info!(kid = %keys.active_kid(), "signing keys reloaded"),
+                    Err(e) => tracing::error!(error = %e, "key reload failed; keeping the current keys"),
+                }
+            }
+        });
+    }
+    server::serve(grpc, http, core, shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn print_dev_banner(env: &dev::DevEnv, cfg: &Config) {
+    let d = env.dir.display();
+    println!(
+        "auth-server dev mode ({}) in {d}\n  gRPC (mTLS): {}\n  HTTP:        http://{}/.well-known/jwks.json\n  credentials: {d}/credentials/*.json\n\nTry (needs grpcurl):\n  grpcurl -cacert {d}/ca.pem -cert {d}/clients/order.pem -key {d}/clients/order-key.pem \\\n    -d \"$(jq -c '{{client_credentials: .}} + {{audience: [\"inventory\"]}}' {d}/credentials/order.json)\" \\\n    localhost:{} auth.v1.Auth/Login\n",
+        if env.created { "created" } else { "reused" },
+        cfg.grpc_addr,
+        cfg.http_addr,
+        cfg.grpc_addr.port()
+    );
+}
+
+async fn healthcheck(url: &str) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut s = tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::TcpStream::connect(host))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut buf))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let head = String::from_utf8_lossy(&buf[..buf.len().min(32)]).to_string();
+    if head.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("unhealthy: {}", head.lines().next().unwrap_or("")))
+    }
+}

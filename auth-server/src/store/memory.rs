@@ -104,6 +104,11 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
+        let s = self.lock()?;
+        Ok(s.refresh.get(digest).map(|(r, _)| r.clone()).filter(|r| r.expires_at > now))
+    }
+
     async fn consume_refresh(
         &self,
         digest: &str,

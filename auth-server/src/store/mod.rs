@@ -12,8 +12,17 @@
 //! forgotten, so the store never grows past the live tokens.
 
 mod memory;
+mod redis;
 
 pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+use std::sync::Arc;
+
+/// Connects the Redis store.
+pub async fn open_redis(config: &crate::config::RedisConfig) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(RedisStore::connect(config).await?))
+}
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
@@ -111,6 +120,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Stores a new refresh token (the first of a family, at login).
     async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError>;
+
+    /// The live record of a refresh token, spent or not (Revoke uses it to
+    /// find the family). `None` when unknown or expired.
+    async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError>;
 
     /// Spends the refresh token `digest` and stores `next_digest` as its
     /// successor (same family, session and grant, new expiry

@@ -41,10 +41,10 @@ impl KeySet {
                 tracing::warn!("JWKS key without kid ignored");
                 continue;
             };
-            if let Some(u) = &jwk.common.public_key_use {
-                if *u != jsonwebtoken::jwk::PublicKeyUse::Signature {
-                    continue;
-                }
+            if let Some(u) = &jwk.common.public_key_use
+                && *u != jsonwebtoken::jwk::PublicKeyUse::Signature
+            {
+                continue;
             }
             let Some(alg) = jwk.common.key_algorithm.and_then(asymmetric_alg) else {
                 tracing::warn!(kid = %kid, "JWKS key without a usable asymmetric alg ignored");

@@ -1,10 +1,40 @@
 //! The server side: verifying incoming access tokens.
+//!
+//! - [`Validator`]: the pure checks of one token against a [`KeySet`] and a
+//!   clock reading (no I/O).
+//! - [`Verifier`]: keys, validator, revocation and a verified-token cache
+//!   tied together: a [`JwksSource`] (`GetJwks` over mTLS, or an HTTP(S)
+//!   JWKS URL) loaded at start with retry, refreshed in the background and
+//!   refetched (rate-limited) on an unknown `kid`; a [`RevocationCheck`]
+//!   ([`RevocationFeed`] over `WatchRevocations` by default, or with the
+//!   `redis` feature a per-request Redis lookup); an injected
+//!   [`Clock`](crate::Clock).
+//! - [`RequireAuthLayer`] / [`RequireAuth`]: the tower middleware for tonic
+//!   servers and axum routers that puts the verified [`Claims`](crate::Claims)
+//!   and the raw [`BearerToken`] into request extensions.
 
+mod cache;
+mod jwks;
 mod keys;
+mod layer;
+#[cfg(feature = "redis")]
+mod redis;
+mod revocation;
+#[cfg(test)]
+mod test_keys;
 mod validator;
+mod verifier;
 
+pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
+pub use layer::{BearerToken, PeerCertificate, RequireAuth, RequireAuthLayer, ResponseFuture};
+#[cfg(feature = "redis")]
+pub use redis::RedisRevocation;
+pub use revocation::{
+    FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup, RevokedId, RevokedKind,
+};
 pub use validator::{DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, MAX_LEEWAY_SECS, Validator};
+pub use verifier::{BuildError, DEFAULT_CACHE_CAPACITY, Verifier, VerifierBuilder, VerifierStats};
 
 /// Why a token was refused. Messages are fixed and never contain token
 /// content, so they are safe to log.
@@ -74,13 +104,19 @@ pub enum VerifyError {
     /// The revocation feed has been silent for longer than allowed.
     #[error("revocation feed stale")]
     FeedStale,
+    /// The revocation store (redis mode) cannot be asked.
+    #[error("revocation check unavailable")]
+    RevocationUnavailable,
 }
 
 impl VerifyError {
     /// Whether the failure is ours (keys or feed unavailable) rather than the
     /// token's: such requests get `Unavailable`, not `Unauthenticated`.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, VerifyError::NoKeys | VerifyError::FeedStale | VerifyError::BadJwks)
+        matches!(
+            self,
+            VerifyError::NoKeys | VerifyError::FeedStale | VerifyError::BadJwks | VerifyError::RevocationUnavailable
+        )
     }
 
     /// A short stable label, for metrics and logs.
@@ -107,6 +143,52 @@ impl VerifyError {
             VerifyError::BadJwks => "bad_jwks",
             VerifyError::NoKeys => "no_keys",
             VerifyError::FeedStale => "feed_stale",
+            VerifyError::RevocationUnavailable => "revocation_unavailable",
+        }
+    }
+
+    /// Every variant, in declaration order (for per-reason counters).
+    pub(crate) const ALL: [VerifyError; 22] = [
+        VerifyError::Missing,
+        VerifyError::TooLarge,
+        VerifyError::Malformed,
+        VerifyError::ForbiddenHeader,
+        VerifyError::WrongType,
+        VerifyError::ForbiddenAlg,
+        VerifyError::UnknownKid,
+        VerifyError::AlgMismatch,
+        VerifyError::BadSignature,
+        VerifyError::BadClaims,
+        VerifyError::WrongIssuer,
+        VerifyError::WrongAudience,
+        VerifyError::Expired,
+        VerifyError::NotYetValid,
+        VerifyError::IssuedInFuture,
+        VerifyError::MissingJti,
+        VerifyError::Revoked,
+        VerifyError::CnfMismatch,
+        VerifyError::BadJwks,
+        VerifyError::NoKeys,
+        VerifyError::FeedStale,
+        VerifyError::RevocationUnavailable,
+    ];
+
+    /// Position in [`VerifyError::ALL`].
+    pub(crate) fn index(&self) -> usize {
+        Self::ALL.iter().position(|e| e == self).unwrap_or(0)
+    }
+}
+
+/// The one mapping of a refused token to a gRPC status: `Unavailable` when
+/// the verifier itself cannot decide (no keys, stale feed), otherwise
+/// `Unauthenticated`. The message is the fixed text of the error, which
+/// never contains token content.
+impl From<VerifyError> for tonic::Status {
+    fn from(e: VerifyError) -> Self {
+        if e.is_unavailable() {
+            tonic::Status::unavailable(e.to_string())
+        } else {
+            tonic::Status::unauthenticated(e.to_string())
         }
     }
 }

@@ -98,6 +98,16 @@ impl Validator {
         &self.audience
     }
 
+    /// The clock leeway in seconds.
+    pub fn leeway(&self) -> u64 {
+        self.leeway
+    }
+
+    /// The largest token accepted, in bytes.
+    pub fn token_limit(&self) -> usize {
+        self.max_token_bytes
+    }
+
     /// Validates `token` for this service's audience at time `now` (Unix
     /// seconds).
     pub fn validate(&self, token: &str, keys: &KeySet, now: u64) -> Result<Claims, VerifyError> {
@@ -161,10 +171,10 @@ impl Validator {
         if claims.iss != self.issuer {
             return Err(VerifyError::WrongIssuer);
         }
-        if let Some(aud) = audience {
-            if !claims.aud.contains(aud) {
-                return Err(VerifyError::WrongAudience);
-            }
+        if let Some(aud) = audience
+            && !claims.aud.contains(aud)
+        {
+            return Err(VerifyError::WrongAudience);
         }
         if claims.exp.saturating_add(self.leeway) <= now {
             return Err(VerifyError::Expired);

@@ -1,0 +1,272 @@
+//! Dev mode: everything a first run needs, generated once under one
+//! directory and reused afterwards: a CA, a server certificate for
+//! `localhost`/`127.0.0.1`, client certificates for `order`, `inventory` and
+//! `admin`, an ES256 signing key, two users and three service accounts with
+//! random secrets, and the config files that tie them together.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::directory::{Account, User, generate_secret, hash_password, secret_digest_hex};
+use crate::keys::{KeyAlg, generate_pkcs8_pem};
+
+/// Trust domain of dev client identities (`spiffe://auth.dev/<name>`).
+pub const DEV_TRUST_DOMAIN: &str = "auth.dev";
+/// Client certificates dev mode creates.
+pub const DEV_CLIENTS: [&str; 3] = ["order", "inventory", "admin"];
+
+/// A dev-mode failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// A file could not be written or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Certificate or key generation failed.
+    #[error("generating {0} failed")]
+    Generate(&'static str),
+}
+
+/// Certificate generation for dev mode and tests (rcgen, ECDSA P-256).
+pub mod pki {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+        SanType,
+    };
+
+    use super::DevError;
+
+    /// A CA that can issue certificates.
+    pub struct Ca {
+        /// The CA certificate (PEM).
+        pub cert_pem: String,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl std::fmt::Debug for Ca {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Ca").finish_non_exhaustive()
+        }
+    }
+
+    /// A certificate and its private key, both PEM.
+    pub struct Issued {
+        /// Certificate (PEM).
+        pub cert_pem: String,
+        /// Private key (PKCS#8 PEM).
+        pub key_pem: String,
+    }
+
+    impl std::fmt::Debug for Issued {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Issued").finish_non_exhaustive()
+        }
+    }
+
+    impl Ca {
+        /// A new self-signed CA.
+        pub fn generate(name: &str) -> Result<Self, DevError> {
+            let key = KeyPair::generate().map_err(|_| DevError::Generate("CA key"))?;
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|_| DevError::Generate("CA"))?;
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).map_err(|_| DevError::Generate("CA certificate"))?;
+            Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        }
+
+        fn issue(&self, cn: &str, sans: Vec<SanType>, server: bool) -> Result<Issued, DevError> {
+            let key = KeyPair::generate().map_err(|_| DevError::Generate("leaf key"))?;
+            let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|_| DevError::Generate("leaf"))?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.subject_alt_names = sans;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages =
+                vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+            let cert = params.signed_by(&key, &self.issuer).map_err(|_| DevError::Generate("leaf certificate"))?;
+            Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        }
+
+        /// A server certificate for `localhost` and `127.0.0.1` (plus `extra`
+        /// DNS names).
+        pub fn server_cert(&self, extra: &[&str]) -> Result<Issued, DevError> {
+            let mut sans = vec![
+                SanType::DnsName("localhost".try_into().map_err(|_| DevError::Generate("SAN"))?),
+                SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
+            ];
+            for name in extra {
+                sans.push(SanType::DnsName((*name).try_into().map_err(|_| DevError::Generate("SAN"))?));
+            }
+            self.issue("localhost", sans, true)
+        }
+
+        /// A client certificate with URI SAN `spiffe://<domain>/<name>` and
+        /// DNS SAN `<name>`.
+        pub fn client_cert(&self, domain: &str, name: &str) -> Result<Issued, DevError> {
+            let uri = format!("spiffe://{domain}/{name}");
+            let sans = vec![
+                SanType::URI(uri.as_str().try_into().map_err(|_| DevError::Generate("SAN"))?),
+                SanType::DnsName(name.try_into().map_err(|_| DevError::Generate("SAN"))?),
+            ];
+            self.issue(name, sans, false)
+        }
+    }
+}
+
+/// The generated dev environment.
+#[derive(Debug, Clone)]
+pub struct DevEnv {
+    /// The directory everything lives in.
+    pub dir: PathBuf,
+    /// The config file to run with.
+    pub config_path: PathBuf,
+    /// Whether this run created it (false: reused).
+    pub created: bool,
+}
+
+impl DevEnv {
+    /// `DIR/clients/<name>.pem`
+    pub fn client_cert_path(&self, name: &str) -> PathBuf {
+        self.dir.join("clients").join(format!("{name}.pem"))
+    }
+    /// `DIR/clients/<name>-key.pem`
+    pub fn client_key_path(&self, name: &str) -> PathBuf {
+        self.dir.join("clients").join(format!("{name}-key.pem"))
+    }
+    /// `DIR/credentials/<name>.json`
+    pub fn credentials_path(&self, name: &str) -> PathBuf {
+        self.dir.join("credentials").join(format!("{name}.json"))
+    }
+    /// `DIR/ca.pem`
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| DevError::Io { path: path.to_owned(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io)?;
+    f.write_all(contents).map_err(io)
+}
+
+#[derive(Serialize)]
+struct UsersFile<'a> {
+    user: &'a [User],
+}
+#[derive(Serialize)]
+struct AccountsFile<'a> {
+    account: &'a [Account],
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Creates the dev environment under `dir`, or reuses it when its config
+/// file already exists.
+pub fn ensure(dir: &Path) -> Result<DevEnv, DevError> {
+    ensure_with(dir, "127.0.0.1:50051", "127.0.0.1:8080")
+}
+
+/// Like [`ensure`], with the listen addresses written into a new config.
+pub fn ensure_with(dir: &Path, grpc_addr: &str, http_addr: &str) -> Result<DevEnv, DevError> {
+    let config_path = dir.join("auth-server.toml");
+    if config_path.is_file() {
+        return Ok(DevEnv { dir: dir.to_owned(), config_path, created: false });
+    }
+    let io = |source| DevError::Io { path: dir.to_owned(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+
+    let ca = pki::Ca::generate("auth-dev CA")?;
+    write_private(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
+    let server = ca.server_cert(&["auth-server"])?;
+    write_private(&dir.join("server.pem"), server.cert_pem.as_bytes())?;
+    write_private(&dir.join("server-key.pem"), server.key_pem.as_bytes())?;
+    for name in DEV_CLIENTS {
+        let c = ca.client_cert(DEV_TRUST_DOMAIN, name)?;
+        write_private(&dir.join("clients").join(format!("{name}.pem")), c.cert_pem.as_bytes())?;
+        write_private(&dir.join("clients").join(format!("{name}-key.pem")), c.key_pem.as_bytes())?;
+    }
+    let signing = generate_pkcs8_pem(KeyAlg::ES256).map_err(|_| DevError::Generate("signing key"))?;
+    write_private(&dir.join("keys").join("signing.pem"), signing.as_bytes())?;
+
+    let mut users = Vec::new();
+    for (name, perms) in
+        [("alice", &["orders:create", "inventory:read", "inventory:reserve"][..]), ("bob", &["inventory:read"][..])]
+    {
+        let password = generate_secret().map_err(|_| DevError::Generate("password"))?;
+        users.push(User {
+            username: name.into(),
+            password_hash: hash_password(&password).map_err(|_| DevError::Generate("password hash"))?,
+            role: Some("customer".into()),
+            perms: strings(perms),
+        });
+        let creds = serde_json::json!({ "username": name, "password": password });
+        write_private(&dir.join("credentials").join(format!("{name}.json")), creds.to_string().as_bytes())?;
+    }
+
+    let mut accounts = Vec::new();
+    for (name, audiences, perms) in [
+        ("order", vec![("inventory", &["inventory:read", "inventory:reserve"][..])], &[][..]),
+        ("inventory", vec![("order", &["order:read"][..])], &[][..]),
+        ("admin", vec![("auth-service", &[][..])], &["auth:admin"][..]),
+    ] {
+        let secret = generate_secret().map_err(|_| DevError::Generate("client secret"))?;
+        accounts.push(Account {
+            client_id: name.into(),
+            secret_sha256: secret_digest_hex(&secret),
+            mtls_identity: Some(format!("spiffe://{DEV_TRUST_DOMAIN}/{name}")),
+            role: Some("service".into()),
+            perms: strings(perms),
+            audiences: audiences.into_iter().map(|(a, s)| (a.to_owned(), strings(s))).collect::<BTreeMap<_, _>>(),
+        });
+        let creds = serde_json::json!({ "client_id": name, "client_secret": secret });
+        write_private(&dir.join("credentials").join(format!("{name}.json")), creds.to_string().as_bytes())?;
+    }
+    let toml_err = |_| DevError::Generate("TOML");
+    write_private(&dir.join("users.toml"), toml::to_string(&UsersFile { user: &users }).map_err(toml_err)?.as_bytes())?;
+    write_private(
+        &dir.join("accounts.toml"),
+        toml::to_string(&AccountsFile { account: &accounts }).map_err(toml_err)?.as_bytes(),
+    )?;
+    let config = format!(
+        r#"# Generated by `auth-server dev`. Paths are relative to this file.
+issuer = "auth-service"
+grpc_addr = "{grpc_addr}"
+http_addr = "{http_addr}"
+store = "memory"
+users_file = "users.toml"
+accounts_file = "accounts.toml"
+
+[tls]
+cert = "server.pem"
+key = "server-key.pem"
+client_ca = "ca.pem"
+
+[keys]
+source = "file"
+signing = {{ path = "keys/signing.pem", alg = "ES256" }}
+
+[tokens]
+user_audiences = ["order"]
+"#
+    );
+    write_private(&config_path, config.as_bytes())?;
+    Ok(DevEnv { dir: dir.to_owned(), config_path, created: true })
+}

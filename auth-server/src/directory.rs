@@ -1,0 +1,313 @@
+//! Who may log in: users (argon2id password hashes) and service accounts
+//! (SHA-256 digests of server-generated 256-bit secrets, compared in
+//! constant time), both loaded from TOML files.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use aws_lc_rs::digest;
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::config::ConfigError;
+use crate::error::AuthError;
+use crate::tls::PeerIdentity;
+
+/// A user of the password grant.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    /// Login name.
+    pub username: String,
+    /// argon2id PHC string.
+    pub password_hash: String,
+    /// Role claim.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Permissions the user may be granted.
+    #[serde(default)]
+    pub perms: Vec<String>,
+}
+
+impl std::fmt::Debug for User {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("User").field("username", &self.username).field("role", &self.role).finish_non_exhaustive()
+    }
+}
+
+/// A service account.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Account {
+    /// The client id, also the service's audience name (e.g. `order`).
+    pub client_id: String,
+    /// Hex SHA-256 of the client secret.
+    pub secret_sha256: String,
+    /// When set, the caller must present a client certificate with this
+    /// identity (URI SAN, else DNS SAN); a right secret from the wrong
+    /// certificate is refused.
+    #[serde(default)]
+    pub mtls_identity: Option<String>,
+    /// Role claim of the service's own tokens.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Permissions of the service acting as itself at the auth service
+    /// (e.g. the admin permission).
+    #[serde(default)]
+    pub perms: Vec<String>,
+    /// Audiences it may request, each with the most scopes allowed for it.
+    #[serde(default)]
+    pub audiences: BTreeMap<String, Vec<String>>,
+}
+
+impl std::fmt::Debug for Account {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Account")
+            .field("client_id", &self.client_id)
+            .field("mtls_identity", &self.mtls_identity)
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    #[serde(default)]
+    user: Vec<User>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountsFile {
+    #[serde(default)]
+    account: Vec<Account>,
+}
+
+struct LoadedAccount {
+    account: Account,
+    digest: [u8; 32],
+}
+
+/// Users and service accounts, loaded once at start-up.
+pub struct Directory {
+    users: HashMap<String, User>,
+    accounts: HashMap<String, LoadedAccount>,
+    /// A real argon2id hash that nobody's password matches, verified for
+    /// unknown users so they cost the same time as a wrong password.
+    decoy_hash: String,
+}
+
+impl std::fmt::Debug for Directory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Directory")
+            .field("users", &self.users.len())
+            .field("accounts", &self.accounts.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The hex SHA-256 digest of a client secret, as stored in the accounts file.
+pub fn secret_digest_hex(secret: &str) -> String {
+    digest::digest(&digest::SHA256, secret.as_bytes()).as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new client secret: 256 random bits, base64url.
+pub fn generate_secret() -> Result<String, AuthError> {
+    random_token(32)
+}
+
+/// `n` random bytes, base64url (ids, secrets, refresh tokens).
+pub fn random_token(n: usize) -> Result<String, AuthError> {
+    let mut buf = vec![0u8; n];
+    SystemRandom::new().fill(&mut buf).map_err(|_| AuthError::Internal("random generator failed"))?;
+    Ok(URL_SAFE_NO_PAD.encode(buf))
+}
+
+/// An argon2id PHC hash of `password` (default parameters).
+pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    let mut salt = [0u8; 16];
+    SystemRandom::new().fill(&mut salt).map_err(|_| AuthError::Internal("random generator failed"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|_| AuthError::Internal("salt encoding failed"))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|_| AuthError::Internal("password hashing failed"))
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Directory {
+    /// Loads and checks both files.
+    pub fn load(users_file: &Path, accounts_file: &Path) -> Result<Self, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", p.display()) })
+        };
+        let users: UsersFile = toml::from_str(&read("users_file", users_file)?)
+            .map_err(|e| ConfigError { key: "users_file".into(), problem: e.message().to_owned() })?;
+        let accounts: AccountsFile = toml::from_str(&read("accounts_file", accounts_file)?)
+            .map_err(|e| ConfigError { key: "accounts_file".into(), problem: e.message().to_owned() })?;
+        Self::new(users.user, accounts.account)
+    }
+
+    /// Builds a directory from values, checking each entry.
+    pub fn new(users: Vec<User>, accounts: Vec<Account>) -> Result<Self, ConfigError> {
+        let mut u = HashMap::new();
+        for user in users {
+            if PasswordHash::new(&user.password_hash).is_err() {
+                return Err(ConfigError {
+                    key: format!("users_file: user {}", user.username),
+                    problem: "password_hash is not a PHC string".into(),
+                });
+            }
+            if u.insert(user.username.clone(), user).is_some() {
+                return Err(ConfigError { key: "users_file".into(), problem: "duplicate username".into() });
+            }
+        }
+        let mut a = HashMap::new();
+        for account in accounts {
+            let Some(digest) = parse_hex32(&account.secret_sha256) else {
+                return Err(ConfigError {
+                    key: format!("accounts_file: account {}", account.client_id),
+                    problem: "secret_sha256 must be 64 hex digits".into(),
+                });
+            };
+            let id = account.client_id.clone();
+            if a.insert(id.clone(), LoadedAccount { account, digest }).is_some() {
+                return Err(ConfigError { key: "accounts_file".into(), problem: format!("duplicate client_id {id}") });
+            }
+        }
+        let decoy_hash = hash_password("decoy password nobody has")
+            .map_err(|e| ConfigError { key: "users_file".into(), problem: e.to_string() })?;
+        Ok(Self { users: u, accounts: a, decoy_hash })
+    }
+
+    /// The user, if `password` is right. Unknown users are checked against a
+    /// decoy hash so they take as long as a wrong password. CPU-heavy: call
+    /// from a blocking thread.
+    pub fn verify_password(&self, username: &str, password: &str) -> Option<&User> {
+        let user = self.users.get(username);
+        let hash = user.map_or(self.decoy_hash.as_str(), |u| u.password_hash.as_str());
+        let ok = PasswordHash::new(hash)
+            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+            .unwrap_or(false);
+        if ok { user } else { None }
+    }
+
+    /// A user by name (refresh re-reads the current role and perms).
+    pub fn user(&self, username: &str) -> Option<&User> {
+        self.users.get(username)
+    }
+
+    /// Authenticates a service by secret and/or mTLS identity.
+    ///
+    /// - With a secret: `client_id` names the account, the secret's digest must
+    ///   match (constant time), and a bound account also needs its identity.
+    /// - Without a secret: the account bound to the peer's identity (and
+    ///   matching `client_id`, when given).
+    pub fn authenticate_service(
+        &self,
+        client_id: &str,
+        secret: &str,
+        peer: Option<&PeerIdentity>,
+    ) -> Result<&Account, AuthError> {
+        const BAD: AuthError = AuthError::Unauthenticated("invalid client credentials");
+        if !secret.is_empty() {
+            let presented = digest::digest(&digest::SHA256, secret.as_bytes());
+            let Some(acc) = self.accounts.get(client_id) else {
+                // Same work as a known account: one compare against a decoy.
+                let _ = presented.as_ref().ct_eq(&[0u8; 32]);
+                return Err(BAD);
+            };
+            if !bool::from(presented.as_ref().ct_eq(&acc.digest)) {
+                return Err(BAD);
+            }
+            if let Some(bound) = &acc.account.mtls_identity {
+                if peer.map(|p| &p.id) != Some(bound) {
+                    return Err(AuthError::Unauthenticated("client certificate does not match the account"));
+                }
+            }
+            return Ok(&acc.account);
+        }
+        let Some(peer) = peer else { return Err(BAD) };
+        self.accounts
+            .values()
+            .map(|a| &a.account)
+            .find(|a| {
+                a.mtls_identity.as_deref() == Some(peer.id.as_str())
+                    && (client_id.is_empty() || a.client_id == client_id)
+            })
+            .ok_or(BAD)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(secret: &str, bound: Option<&str>) -> Account {
+        Account {
+            client_id: "order".into(),
+            secret_sha256: secret_digest_hex(secret),
+            mtls_identity: bound.map(str::to_owned),
+            role: None,
+            perms: vec![],
+            audiences: BTreeMap::new(),
+        }
+    }
+
+    fn peer(id: &str) -> PeerIdentity {
+        PeerIdentity { id: id.into(), cert_sha256: [0; 32] }
+    }
+
+    #[test]
+    fn service_secret_must_match() {
+        let d = Directory::new(vec![], vec![account("s3cret", None)]).unwrap();
+        assert!(d.authenticate_service("order", "s3cret", None).is_ok());
+        assert!(d.authenticate_service("order", "wrong", None).is_err());
+        assert!(d.authenticate_service("nobody", "s3cret", None).is_err());
+        assert!(d.authenticate_service("order", "", None).is_err());
+    }
+
+    #[test]
+    fn bound_account_needs_its_certificate() {
+        let d = Directory::new(vec![], vec![account("s3cret", Some("spiffe://x/order"))]).unwrap();
+        assert!(d.authenticate_service("order", "s3cret", Some(&peer("spiffe://x/order"))).is_ok());
+        assert!(d.authenticate_service("order", "s3cret", Some(&peer("spiffe://x/evil"))).is_err());
+        assert!(d.authenticate_service("", "", Some(&peer("spiffe://x/order"))).is_ok());
+        assert!(d.authenticate_service("", "", Some(&peer("spiffe://x/evil"))).is_err());
+    }
+
+    #[test]
+    fn passwords_verify_and_unknown_users_fail() {
+        let user =
+            User { username: "alice".into(), password_hash: hash_password("pw").unwrap(), role: None, perms: vec![] };
+        let d = Directory::new(vec![user], vec![]).unwrap();
+        assert!(d.verify_password("alice", "pw").is_some());
+        assert!(d.verify_password("alice", "nope").is_none());
+        assert!(d.verify_password("mallory", "pw").is_none());
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let a = account("s3cret", None);
+        let shown = format!("{a:?}");
+        assert!(!shown.contains(&a.secret_sha256));
+    }
+}

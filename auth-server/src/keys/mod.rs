@@ -1,0 +1,126 @@
+//! The signing-key port: the one place that holds private key material.
+//!
+//! [`SigningKeys`] signs access tokens with the active key and publishes the
+//! public keys (the active one plus verify-only keys published ahead of a
+//! rotation) as a JWK Set. `kid` is the RFC 7638 thumbprint of the public
+//! key. Implementations: [`FileKeys`] (PKCS#8 PEM files, parsed once, signing
+//! straight through aws-lc-rs) and, in `transit`, Vault Transit.
+
+mod file;
+mod transit;
+
+pub use file::{FileKeys, KeyAlg, LoadedKey, generate_pkcs8_pem};
+pub use transit::{TransitAuth, TransitConfig, TransitKeys};
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use aws_lc_rs::digest;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use service_sdk::{ACCESS_TOKEN_TYP, Claims, KeySet};
+
+/// A signing-key failure. Messages never include key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// A key file or key configuration is unusable.
+    #[error("key configuration: {0}")]
+    Config(String),
+    /// A remote signer (Vault) cannot be reached.
+    #[error("signer unavailable: {0}")]
+    Unavailable(String),
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+/// The public half of a key set, as verifiers see it.
+#[derive(Debug, Clone)]
+pub struct PublicKeys {
+    /// The JWK Set document (RFC 7517); every key has `kid`, `alg`, `use`.
+    pub jwks_json: String,
+    /// The same keys, parsed for verification.
+    pub keys: KeySet,
+}
+
+impl PublicKeys {
+    /// Builds both forms from a list of public JWKs (each with kid/alg/use).
+    pub fn from_jwks(jwks: Vec<serde_json::Value>) -> Result<Self, KeyError> {
+        let jwks_json = serde_json::json!({ "keys": jwks }).to_string();
+        let keys = KeySet::from_jwks_json(&jwks_json).map_err(|e| KeyError::Config(e.to_string()))?;
+        Ok(Self { jwks_json, keys })
+    }
+}
+
+/// The signing-key port.
+#[async_trait]
+pub trait SigningKeys: Send + Sync + 'static {
+    /// `claims` as a compact JWS with header `{alg, kid, typ: "at+jwt"}`,
+    /// signed by the active key.
+    async fn sign(&self, claims: &Claims) -> Result<String, KeyError>;
+
+    /// The current public keys (active and pre-published). Cheap to call.
+    fn public_keys(&self) -> Arc<PublicKeys>;
+}
+
+/// The base64url JWS protected header for a key.
+pub fn encoded_header(alg: &str, kid: &str) -> String {
+    let header = serde_json::json!({ "alg": alg, "kid": kid, "typ": ACCESS_TOKEN_TYP });
+    URL_SAFE_NO_PAD.encode(header.to_string())
+}
+
+/// `base64url(header) "." base64url(claims)`: the bytes a JWS signs.
+pub fn signing_input(alg: &str, kid: &str, claims: &Claims) -> Result<String, KeyError> {
+    signing_input_with_header(&encoded_header(alg, kid), claims)
+}
+
+/// Like [`signing_input`] with a pre-encoded header (saves work per token).
+pub fn signing_input_with_header(encoded_header: &str, claims: &Claims) -> Result<String, KeyError> {
+    let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Sign(e.to_string()))?;
+    let mut out = String::with_capacity(encoded_header.len() + 1 + payload.len() * 4 / 3 + 4 + 100);
+    out.push_str(encoded_header);
+    out.push('.');
+    URL_SAFE_NO_PAD.encode_string(&payload, &mut out);
+    Ok(out)
+}
+
+/// The RFC 7638 JWK thumbprint (SHA-256, base64url) of a public JWK: the
+/// required members only, in lexicographic order, no whitespace.
+pub fn jwk_thumbprint(jwk: &serde_json::Value) -> String {
+    let members: &[&str] = match jwk.get("kty").and_then(|v| v.as_str()) {
+        Some("EC") => &["crv", "kty", "x", "y"],
+        Some("OKP") => &["crv", "kty", "x"],
+        Some("RSA") => &["e", "kty", "n"],
+        _ => &["kty"],
+    };
+    let mut canonical = String::from("{");
+    for (i, m) in members.iter().enumerate() {
+        if i > 0 {
+            canonical.push(',');
+        }
+        let v = jwk.get(*m).and_then(|v| v.as_str()).unwrap_or("");
+        canonical.push_str(&serde_json::Value::String((*m).to_owned()).to_string());
+        canonical.push(':');
+        canonical.push_str(&serde_json::Value::String(v.to_owned()).to_string());
+    }
+    canonical.push('}');
+    URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, canonical.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thumbprint_matches_rfc7638_example() {
+        // RFC 7638 section 3.1.
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQR0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFTWhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+            "e": "AQAB",
+            "alg": "RS256",
+            "kid": "2011-04-29"
+        });
+        assert_eq!(jwk_thumbprint(&jwk), "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs");
+    }
+}

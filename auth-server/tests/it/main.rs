@@ -1,0 +1,5 @@
+//! Integration tests of auth-server over real mTLS.
+
+mod flows;
+mod redis;
+mod transport;

@@ -1,0 +1,595 @@
+//! The Redis store against a real `redis-server` (started per test on a free
+//! port), and auth-server replicas sharing one Redis.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use auth_server::config::RedisConfig;
+use auth_server::store::{
+    ConsumeOutcome, IssuedToken, MemoryStore, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+};
+use auth_server::testing::RedisProcess;
+use tokio::sync::broadcast;
+
+/// The clock the store-level tests pass as `now` (Redis TTLs are relative
+/// to it, so any value works).
+const NOW: u64 = 1_800_000_000;
+
+/// Upper bound on waiting for something that must happen; reaching it fails
+/// the test instead of hanging it. Never a performance assertion.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn redis_config(redis: &RedisProcess) -> RedisConfig {
+    RedisConfig { url: redis.url(), command_timeout_ms: 500, ..RedisConfig::default() }
+}
+
+async fn connect(redis: &RedisProcess) -> RedisStore {
+    RedisStore::connect(&redis_config(redis)).await.unwrap()
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("gave up waiting for {what}"))
+}
+
+async fn next_event(rx: &mut broadcast::Receiver<Revocation>) -> Revocation {
+    within("a revocation event", rx.recv()).await.unwrap()
+}
+
+/// Polls `ping` until the store (and its subscriber) is back.
+async fn until_ready(store: &dyn Store) {
+    within("the store to reconnect", async {
+        while store.ping().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+fn revocation(kind: RevocationKind, id: &str, expires_at: u64) -> Revocation {
+    Revocation { kind, id: id.into(), expires_at }
+}
+
+fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
+    RefreshRecord {
+        family: family.into(),
+        sid: sid.into(),
+        sub: "alice".into(),
+        client_id: "order".into(),
+        audience: vec!["order".into(), "a b|c".into()],
+        scope: vec!["inventory:read".into()],
+        expires_at,
+    }
+}
+
+fn as_set(revocations: Vec<Revocation>) -> HashSet<Revocation> {
+    revocations.into_iter().collect()
+}
+
+/// One script of store operations with the outcomes the in-memory store
+/// (the reference) gives; run against both stores.
+async fn reference_scenario(store: &dyn Store) {
+    use RevocationKind::{Family, Jti, Sid};
+    let now = NOW;
+
+    // The issued-jti registry.
+    let token = IssuedToken { sub: "alice".into(), sid: Some("sid-1".into()), exp: now + 600 };
+    store.record_issued("jti-1", &token, now).await.unwrap();
+    let service = IssuedToken { sub: "svc:order".into(), sid: None, exp: now + 300 };
+    store.record_issued("jti-2", &service, now).await.unwrap();
+    assert_eq!(store.issued("jti-1", now).await.unwrap(), Some(token.clone()));
+    assert_eq!(store.issued("jti-2", now).await.unwrap(), Some(service.clone()));
+    assert_eq!(store.issued("jti-1", now + 600).await.unwrap(), None, "expired");
+    assert_eq!(store.issued("unknown", now).await.unwrap(), None);
+    assert!(!store.is_revoked("jti-1", Some("sid-1"), now).await.unwrap());
+
+    // Deny list by jti, for the token's remaining life.
+    store.revoke(revocation(Jti, "jti-1", now + 600), now).await.unwrap();
+    assert!(store.is_revoked("jti-1", None, now).await.unwrap());
+    assert!(store.is_revoked("jti-1", Some("sid-other"), now + 599).await.unwrap());
+    assert!(!store.is_revoked("jti-1", None, now + 600).await.unwrap(), "forgotten at expiry");
+    assert_eq!(store.issued("jti-1", now).await.unwrap(), Some(token.clone()), "still known once revoked");
+    assert!(!store.is_revoked("jti-2", None, now).await.unwrap());
+
+    // A jti never recorded can be denied, and stays denied if recorded later.
+    store.revoke(revocation(Jti, "ghost", now + 120), now).await.unwrap();
+    assert!(store.is_revoked("ghost", None, now).await.unwrap());
+    assert_eq!(store.issued("ghost", now).await.unwrap(), None);
+    let late = IssuedToken { sub: "bob".into(), sid: None, exp: now + 60 };
+    store.record_issued("ghost", &late, now).await.unwrap();
+    assert_eq!(store.issued("ghost", now).await.unwrap(), Some(late));
+    assert!(store.is_revoked("ghost", None, now + 100).await.unwrap());
+
+    // Revoking again with a shorter life never shortens the deny entry.
+    store.revoke(revocation(Jti, "jti-1", now + 10), now).await.unwrap();
+    assert!(store.is_revoked("jti-1", None, now + 500).await.unwrap());
+
+    // Refresh tokens: rotation, successor, reuse, family.
+    store.put_refresh("rt-a1", &refresh_record("fam-a", "sid-a", now + 3600), now).await.unwrap();
+    assert_eq!(
+        store.refresh_record("rt-a1", now).await.unwrap(),
+        Some(refresh_record("fam-a", "sid-a", now + 3600))
+    );
+    assert_eq!(store.refresh_record("rt-a1", now + 3600).await.unwrap(), None, "expired");
+    assert_eq!(store.refresh_record("unknown", now).await.unwrap(), None);
+    assert_eq!(
+        store.consume_refresh("rt-a1", "rt-a2", now + 7200, now).await.unwrap(),
+        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 3600))
+    );
+    assert_eq!(
+        store.refresh_record("rt-a2", now).await.unwrap(),
+        Some(refresh_record("fam-a", "sid-a", now + 7200)),
+        "the successor keeps the grant with its own expiry"
+    );
+    assert_eq!(
+        store.refresh_record("rt-a1", now).await.unwrap(),
+        Some(refresh_record("fam-a", "sid-a", now + 3600)),
+        "a spent token is still on record"
+    );
+    assert_eq!(
+        store.consume_refresh("rt-a2", "rt-a3", now + 7300, now + 10).await.unwrap(),
+        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 7200))
+    );
+    assert_eq!(store.consume_refresh("rt-a1", "rt-x", now + 7400, now + 20).await.unwrap(), ConsumeOutcome::Reused);
+    assert_eq!(
+        store.consume_refresh("rt-a3", "rt-a4", now + 7500, now + 30).await.unwrap(),
+        ConsumeOutcome::Invalid,
+        "the family is revoked"
+    );
+    assert_eq!(store.consume_refresh("rt-x", "rt-y", now + 7500, now + 30).await.unwrap(), ConsumeOutcome::Invalid);
+    assert_eq!(store.consume_refresh("unknown", "rt-z", now + 7500, now).await.unwrap(), ConsumeOutcome::Invalid);
+
+    // An expired refresh token is invalid, not reused.
+    store.put_refresh("rt-b1", &refresh_record("fam-b", "sid-b", now + 50), now).await.unwrap();
+    assert_eq!(store.consume_refresh("rt-b1", "rt-b2", now + 500, now + 50).await.unwrap(), ConsumeOutcome::Invalid);
+
+    // Logout: the session's tokens and refresh tokens die.
+    store.put_refresh("rt-c1", &refresh_record("fam-c", "sid-1", now + 3600), now).await.unwrap();
+    store.revoke(revocation(Sid, "sid-1", now + 3600), now).await.unwrap();
+    assert!(store.is_revoked("any-jti", Some("sid-1"), now).await.unwrap());
+    assert!(!store.is_revoked("any-jti", None, now).await.unwrap());
+    assert_eq!(store.consume_refresh("rt-c1", "rt-c2", now + 7200, now).await.unwrap(), ConsumeOutcome::Invalid);
+
+    // Revoking a family by hand.
+    store.put_refresh("rt-d1", &refresh_record("fam-d", "sid-d", now + 3600), now).await.unwrap();
+    store.revoke(revocation(Family, "fam-d", now + 3600), now).await.unwrap();
+    assert_eq!(store.consume_refresh("rt-d1", "rt-d2", now + 7200, now).await.unwrap(), ConsumeOutcome::Invalid);
+
+    // The snapshot: everything still in force, nothing expired.
+    let expected = as_set(vec![
+        revocation(Jti, "jti-1", now + 600),
+        revocation(Jti, "ghost", now + 120),
+        revocation(Family, "fam-a", now + 7400),
+        revocation(Sid, "sid-1", now + 3600),
+        revocation(Family, "fam-d", now + 3600),
+    ]);
+    assert_eq!(as_set(store.revoked_snapshot(now + 30).await.unwrap()), expected);
+    let later = as_set(vec![
+        revocation(Family, "fam-a", now + 7400),
+        revocation(Sid, "sid-1", now + 3600),
+        revocation(Family, "fam-d", now + 3600),
+    ]);
+    assert_eq!(as_set(store.revoked_snapshot(now + 600).await.unwrap()), later);
+    assert_eq!(
+        as_set(store.revoked_snapshot(now + 3600).await.unwrap()),
+        as_set(vec![revocation(Family, "fam-a", now + 7400)])
+    );
+}
+
+#[tokio::test]
+async fn redis_store_matches_the_memory_store_semantics() {
+    reference_scenario(&MemoryStore::new()).await;
+    let redis = RedisProcess::start();
+    let store = connect(&redis).await;
+    assert_eq!(store.name(), "redis");
+    store.ping().await.unwrap();
+    reference_scenario(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() {
+    let redis = RedisProcess::start();
+    // Two replicas' stores racing on one token.
+    let stores = [Arc::new(connect(&redis).await), Arc::new(connect(&redis).await)];
+    stores[0].put_refresh("rt-0", &refresh_record("fam-race", "sid-race", NOW + 3600), NOW).await.unwrap();
+    let mut events = stores[1].subscribe();
+
+    let start = Arc::new(tokio::sync::Barrier::new(50));
+    let racers: Vec<_> = (0..50)
+        .map(|i| {
+            let store = Arc::clone(&stores[i % 2]);
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                let next = format!("rt-1-{i}");
+                let outcome = store.consume_refresh("rt-0", &next, NOW + 7200, NOW).await.unwrap();
+                (next, outcome)
+            })
+        })
+        .collect();
+    let mut rotated = Vec::new();
+    let mut reused = 0;
+    for racer in racers {
+        match racer.await.unwrap() {
+            (next, ConsumeOutcome::Rotated(record)) => {
+                assert_eq!(record, refresh_record("fam-race", "sid-race", NOW + 3600));
+                rotated.push(next);
+            }
+            (_, ConsumeOutcome::Reused) => reused += 1,
+            (_, ConsumeOutcome::Invalid) => panic!("a racer saw Invalid before the family was revoked"),
+        }
+    }
+    assert_eq!(rotated.len(), 1, "exactly one refresh succeeds");
+    assert_eq!(reused, 49, "every other presentation is a reuse");
+
+    // The family is revoked: the winner's successor is dead too.
+    assert_eq!(
+        stores[0].consume_refresh(&rotated[0], "rt-2", NOW + 7300, NOW + 1).await.unwrap(),
+        ConsumeOutcome::Invalid
+    );
+    let snapshot = stores[1].revoked_snapshot(NOW + 1).await.unwrap();
+    assert!(snapshot.iter().any(|r| r.kind == RevocationKind::Family && r.id == "fam-race"));
+    let event = next_event(&mut events).await;
+    assert_eq!((event.kind, event.id.as_str()), (RevocationKind::Family, "fam-race"));
+}
+
+#[tokio::test]
+async fn revocation_reaches_every_replica_subscriber_exactly_once() {
+    let redis = RedisProcess::start();
+    let a = connect(&redis).await;
+    let b = connect(&redis).await;
+    let mut at_a = a.subscribe();
+    let mut at_b = b.subscribe();
+
+    let first = revocation(RevocationKind::Jti, "jti-pub", NOW + 600);
+    let second = revocation(RevocationKind::Sid, "sid-pub", NOW + 3600);
+    a.revoke(first.clone(), NOW).await.unwrap();
+    b.revoke(second.clone(), NOW).await.unwrap();
+    // A reuse detected at B is published too.
+    b.put_refresh("rt-p1", &refresh_record("fam-pub", "sid-p", NOW + 3600), NOW).await.unwrap();
+    b.consume_refresh("rt-p1", "rt-p2", NOW + 7200, NOW).await.unwrap();
+    assert_eq!(b.consume_refresh("rt-p1", "rt-p3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
+    let third = revocation(RevocationKind::Family, "fam-pub", NOW + 7200);
+
+    for rx in [&mut at_a, &mut at_b] {
+        // In order, and the replica's own revocation exactly once.
+        assert_eq!(next_event(rx).await, first);
+        assert_eq!(next_event(rx).await, second);
+        assert_eq!(next_event(rx).await, third);
+        assert!(matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Empty)));
+    }
+}
+
+#[tokio::test]
+async fn prefixes_keep_deployments_apart() {
+    let redis = RedisProcess::start();
+    let blue = connect(&redis).await;
+    let green = RedisStore::connect(&RedisConfig { prefix: "green".into(), ..redis_config(&redis) }).await.unwrap();
+    let mut green_events = green.subscribe();
+    blue.revoke(revocation(RevocationKind::Jti, "shared-jti", NOW + 600), NOW).await.unwrap();
+    green.revoke(revocation(RevocationKind::Jti, "green-jti", NOW + 600), NOW).await.unwrap();
+    assert!(blue.is_revoked("shared-jti", None, NOW).await.unwrap());
+    assert!(!green.is_revoked("shared-jti", None, NOW).await.unwrap());
+    assert!(green.revoked_snapshot(NOW).await.unwrap().iter().all(|r| r.id != "shared-jti"));
+    assert_eq!(next_event(&mut green_events).await.id, "green-jti", "blue's revocation is not on green's channel");
+}
+
+fn assert_unavailable<T: std::fmt::Debug>(what: &str, result: Result<T, StoreError>) {
+    match result {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("{what} with Redis down: expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_down_answers_unavailable_then_recovers_with_nothing_lost() {
+    let mut redis = RedisProcess::start_with_aof();
+    let store = connect(&redis).await;
+    let mut events = store.subscribe();
+    let before = revocation(RevocationKind::Jti, "jti-before", NOW + 600);
+    store.revoke(before.clone(), NOW).await.unwrap();
+    store.put_refresh("rt-k1", &refresh_record("fam-k", "sid-k", NOW + 3600), NOW).await.unwrap();
+    assert_eq!(next_event(&mut events).await, before);
+
+    redis.kill();
+    let token = IssuedToken { sub: "alice".into(), sid: None, exp: NOW + 600 };
+    assert_unavailable("ping", store.ping().await);
+    assert_unavailable("record_issued", store.record_issued("jti-down", &token, NOW).await);
+    assert_unavailable("issued", store.issued("jti-before", NOW).await);
+    assert_unavailable("is_revoked", store.is_revoked("jti-before", None, NOW).await);
+    let during = revocation(RevocationKind::Jti, "jti-during", NOW + 600);
+    assert_unavailable("revoke", store.revoke(during, NOW).await);
+    assert_unavailable("put_refresh", store.put_refresh("rt-z", &refresh_record("f", "s", NOW + 60), NOW).await);
+    assert_unavailable("refresh_record", store.refresh_record("rt-k1", NOW).await);
+    assert_unavailable("consume_refresh", store.consume_refresh("rt-k1", "rt-k2", NOW + 7200, NOW).await);
+    assert_unavailable("revoked_snapshot", store.revoked_snapshot(NOW).await);
+
+    redis.restart();
+    until_ready(&store).await;
+    // Acknowledged state survived the SIGKILL; the unacknowledged revocation
+    // was never written.
+    assert!(store.is_revoked("jti-before", None, NOW).await.unwrap());
+    assert!(!store.is_revoked("jti-during", None, NOW).await.unwrap());
+    assert!(matches!(
+        store.consume_refresh("rt-k1", "rt-k2", NOW + 7200, NOW).await.unwrap(),
+        ConsumeOutcome::Rotated(_)
+    ));
+    // The subscriber is back: after a reconnect it replays the snapshot
+    // (messages may have been missed), then streams new revocations.
+    let after = revocation(RevocationKind::Sid, "sid-after", NOW + 600);
+    store.revoke(after.clone(), NOW).await.unwrap();
+    within("the post-restart revocation", async {
+        loop {
+            if next_event(&mut events).await == after {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn aof_revocations_and_spent_tokens_survive_sigkill() {
+    let mut redis = RedisProcess::start_with_aof();
+    {
+        let store = connect(&redis).await;
+        store.revoke(revocation(RevocationKind::Jti, "jti-aof", NOW + 600), NOW).await.unwrap();
+        store.revoke(revocation(RevocationKind::Sid, "sid-aof", NOW + 3600), NOW).await.unwrap();
+        store.put_refresh("rt-aof1", &refresh_record("fam-aof", "sid-live", NOW + 3600), NOW).await.unwrap();
+        assert!(matches!(
+            store.consume_refresh("rt-aof1", "rt-aof2", NOW + 7200, NOW).await.unwrap(),
+            ConsumeOutcome::Rotated(_)
+        ));
+    }
+    redis.kill();
+    redis.restart();
+
+    let store = connect(&redis).await;
+    assert!(store.is_revoked("jti-aof", None, NOW).await.unwrap());
+    assert!(store.is_revoked("other", Some("sid-aof"), NOW).await.unwrap());
+    let snapshot = as_set(store.revoked_snapshot(NOW).await.unwrap());
+    assert!(snapshot.contains(&revocation(RevocationKind::Jti, "jti-aof", NOW + 600)));
+    assert!(snapshot.contains(&revocation(RevocationKind::Sid, "sid-aof", NOW + 3600)));
+    // The spent flag survived too: presenting the old token is a reuse.
+    assert_eq!(
+        store.consume_refresh("rt-aof1", "rt-aof3", NOW + 7200, NOW).await.unwrap(),
+        ConsumeOutcome::Reused
+    );
+}
+
+#[tokio::test]
+async fn a_store_started_while_redis_is_down_becomes_ready_when_it_comes_up() {
+    let mut redis = RedisProcess::start();
+    redis.kill();
+    let store = connect(&redis).await;
+    assert_unavailable("ping", store.ping().await);
+    assert_unavailable("is_revoked", store.is_revoked("j", None, NOW).await);
+    redis.restart();
+    until_ready(&store).await;
+    let mut events = store.subscribe();
+    let r = revocation(RevocationKind::Jti, "jti-late", NOW + 600);
+    store.revoke(r.clone(), NOW).await.unwrap();
+    assert_eq!(next_event(&mut events).await, r);
+}
+
+#[tokio::test]
+async fn revoked_live_token_costs_at_most_200_bytes_of_redis_memory() {
+    const TOKENS: usize = 1000;
+    let redis = RedisProcess::start();
+    let store = connect(&redis).await;
+    // Realistic sizes: 128-bit ids in base64url (22 characters).
+    let id = |tag: &str, i: usize| format!("{tag}{i:0>20}");
+    for i in 0..TOKENS {
+        let token = IssuedToken { sub: "alice".into(), sid: Some(id("S-", i % 10)), exp: NOW + 900 };
+        store.record_issued(&id("J-", i), &token, NOW).await.unwrap();
+    }
+    let usage = |key: &str| redis.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).int();
+    let registry: i64 = (0..TOKENS).map(|i| usage(&format!("{{auth}}:i:{}", id("J-", i)))).sum();
+    for i in 0..TOKENS {
+        store.revoke(revocation(RevocationKind::Jti, &id("J-", i), NOW + 900), NOW).await.unwrap();
+    }
+    let revoked_registry: i64 = (0..TOKENS).map(|i| usage(&format!("{{auth}}:i:{}", id("J-", i)))).sum();
+    let minute = (NOW + 900) / 60;
+    let buckets = usage(&format!("{{auth}}:rv:jti:{minute}")) + usage("{auth}:rv:jti:idx");
+    let live = registry as f64 / TOKENS as f64;
+    let revoked = (revoked_registry + buckets) as f64 / TOKENS as f64;
+    println!("redis memory per live token: {live:.0} B; per revoked live token: {revoked:.0} B");
+    assert!(revoked <= 200.0, "a revoked live token costs {revoked:.0} bytes");
+}
+
+// ---------------------------------------------------------------------------
+// Two auth-server replicas on one Redis, over gRPC with mTLS.
+
+mod replicas {
+    use auth_proto::auth::v1::auth_client::AuthClient;
+    use auth_proto::auth::v1::revocation_event::Event;
+    use auth_proto::auth::v1::{
+        ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, RevocationKind as PbKind, RevokeRequest,
+        TokenResponse, WatchRevocationsRequest, login_request, revoke_request,
+    };
+    use auth_server::clock::{Clock, SystemClock};
+    use auth_server::testing::{RedisProcess, TestServer};
+    use service_sdk::{Claims, KeySet, Validator};
+    use tonic::transport::Channel;
+    use tonic::{Code, Streaming};
+
+    use super::within;
+
+    /// Two replicas sharing the dev environment (PKI, signing key, accounts)
+    /// and one Redis.
+    async fn two_replicas(redis: &RedisProcess) -> (TestServer, TestServer) {
+        let a = TestServer::builder()
+            .store_url(redis.url())
+            .configure(|c| c.redis.command_timeout_ms = 500)
+            .start()
+            .await;
+        let b = TestServer::builder()
+            .dev_dir(&a.dir)
+            .store_url(redis.url())
+            .configure(|c| c.redis.command_timeout_ms = 500)
+            .start()
+            .await;
+        (a, b)
+    }
+
+    async fn client(srv: &TestServer, name: &str) -> AuthClient<Channel> {
+        AuthClient::new(srv.channel(name).await)
+    }
+
+    fn password_login(srv: &TestServer, user: &str) -> LoginRequest {
+        let (username, password) = srv.user_password(user);
+        LoginRequest {
+            grant: Some(login_request::Grant::Password(PasswordGrant { username, password })),
+            audience: vec!["order".into()],
+            scope: vec![],
+        }
+    }
+
+    async fn login(srv: &TestServer, user: &str) -> TokenResponse {
+        client(srv, "order").await.login(password_login(srv, user)).await.unwrap().into_inner()
+    }
+
+    async fn claims(srv: &TestServer, token: &str) -> Claims {
+        let mut c = client(srv, "order").await;
+        let json = c.get_jwks(auth_proto::auth::v1::GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
+        let keys = KeySet::from_jwks_json(&json).unwrap();
+        Validator::new("auth-service", "order").validate(token, &keys, SystemClock.now()).unwrap()
+    }
+
+    fn refresh(token: &str) -> RefreshRequest {
+        RefreshRequest { refresh_token: token.into() }
+    }
+
+    async fn watch(srv: &TestServer) -> Streaming<auth_proto::auth::v1::RevocationEvent> {
+        let mut stream = client(srv, "inventory")
+            .await
+            .watch_revocations(WatchRevocationsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let first = within("the snapshot", stream.message()).await.unwrap().unwrap();
+        assert!(matches!(first.event, Some(Event::Snapshot(_))), "the stream starts with a snapshot");
+        stream
+    }
+
+    /// Reads the stream until a revocation of `id` arrives (skipping
+    /// heartbeats and other revocations).
+    async fn until_revoked(stream: &mut Streaming<auth_proto::auth::v1::RevocationEvent>, id: &str) -> PbKind {
+        within("the revocation on the watch stream", async {
+            loop {
+                let event = stream.message().await.unwrap().expect("stream ended");
+                if let Some(Event::Revoked(r)) = event.event {
+                    if r.id == id {
+                        return r.kind();
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn ready(srv: &TestServer) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(srv.http_addr).await.unwrap();
+        s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.starts_with("HTTP/1.1 200")
+    }
+
+    #[tokio::test]
+    async fn token_issued_at_one_replica_is_refreshed_at_the_other() {
+        let redis = RedisProcess::start();
+        let (a, b) = two_replicas(&redis).await;
+        let first = login(&a, "alice").await;
+        let second = client(&b, "order").await.refresh(refresh(&first.refresh_token)).await.unwrap().into_inner();
+        let (old, new) = (claims(&a, &first.access_token).await, claims(&a, &second.access_token).await);
+        assert_eq!((new.sub.as_str(), &new.sid), ("alice", &old.sid), "same user, same session");
+        // And back at A: the successor B stored is live there.
+        client(&a, "order").await.refresh(refresh(&second.refresh_token)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn reuse_at_one_replica_revokes_the_family_made_at_the_other() {
+        let redis = RedisProcess::start();
+        let (a, b) = two_replicas(&redis).await;
+        let first = login(&b, "alice").await;
+        let second = client(&b, "order").await.refresh(refresh(&first.refresh_token)).await.unwrap().into_inner();
+        let reuse = client(&a, "order").await.refresh(refresh(&first.refresh_token)).await.unwrap_err();
+        assert_eq!(reuse.code(), Code::Unauthenticated);
+        assert_eq!(reuse.message(), "refresh token reused; its family is revoked");
+        let err = client(&b, "order").await.refresh(refresh(&second.refresh_token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "the successor made at B is dead");
+    }
+
+    #[tokio::test]
+    async fn revocation_at_one_replica_reaches_a_watcher_on_the_other() {
+        let redis = RedisProcess::start();
+        let (a, b) = two_replicas(&redis).await;
+        let mut at_a = watch(&a).await;
+        let alice = login(&b, "alice").await;
+        let jti = claims(&b, &alice.access_token).await.jti;
+        let target = revoke_request::Target::AccessToken(alice.access_token.clone());
+        client(&b, "order").await.revoke(RevokeRequest { target: Some(target) }).await.unwrap();
+        assert_eq!(until_revoked(&mut at_a, &jti).await, PbKind::Jti);
+
+        // A fresh watcher on A sees it in its snapshot; A refuses the token.
+        let mut fresh = client(&a, "inventory").await.watch_revocations(WatchRevocationsRequest {}).await.unwrap();
+        let Some(Event::Snapshot(snapshot)) = fresh.get_mut().message().await.unwrap().unwrap().event else {
+            panic!("the stream starts with a snapshot");
+        };
+        assert!(snapshot.entries.iter().any(|r| r.id == jti));
+        let mut exchange = ExchangeTokenRequest { audience: "inventory".into(), ..Default::default() };
+        (exchange.client_id, exchange.client_secret) = a.client_credentials("order");
+        exchange.subject_token = alice.access_token;
+        let err = client(&a, "order").await.exchange_token(exchange).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+    }
+
+    #[tokio::test]
+    async fn redis_outage_fails_closed_and_unready_then_recovers() {
+        let mut redis = RedisProcess::start_with_aof();
+        let (a, b) = two_replicas(&redis).await;
+        let alice = login(&a, "alice").await;
+        let revoked = login(&a, "alice").await;
+        let target = revoke_request::Target::AccessToken(revoked.access_token.clone());
+        client(&a, "order").await.revoke(RevokeRequest { target: Some(target) }).await.unwrap();
+        assert!(ready(&a).await && ready(&b).await);
+
+        redis.kill();
+        let mut c = client(&b, "order").await;
+        for srv in [&a, &b] {
+            assert!(!ready(srv).await, "readiness is false while Redis is down");
+        }
+        let target = revoke_request::Target::AccessToken(alice.access_token.clone());
+        let err = c.revoke(RevokeRequest { target: Some(target) }).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "a revocation that was not written is never acknowledged");
+        let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        let err = c.login(password_login(&b, "bob")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "login fails closed");
+        let mut exchange = ExchangeTokenRequest { audience: "inventory".into(), ..Default::default() };
+        (exchange.client_id, exchange.client_secret) = b.client_credentials("order");
+        exchange.subject_token = alice.access_token.clone();
+        let err = c.exchange_token(exchange.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "exchange fails closed");
+
+        redis.restart();
+        within("readiness after Redis is back", async {
+            while !(ready(&a).await && ready(&b).await) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        // Nothing lost: the earlier revocation holds, the failed one never
+        // happened, and every flow works again.
+        let mut revoked_exchange = exchange.clone();
+        revoked_exchange.subject_token = revoked.access_token;
+        let err = c.exchange_token(revoked_exchange).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        c.exchange_token(exchange).await.unwrap();
+        c.refresh(refresh(&alice.refresh_token)).await.unwrap();
+        c.login(password_login(&b, "bob")).await.unwrap();
+    }
+}

@@ -1,0 +1,2 @@
+//! Verify benchmarks (being written).
+fn main() {}

@@ -1,0 +1,30 @@
+//! The client side: what a service uses to call other services.
+//!
+//! - [`Credentials`]: where the service's own client id and secret come
+//!   from ([`EnvCredentials`], [`FileCredentials`], and with the `vault`
+//!   feature `VaultCredentials`). Secrets are [`ClientSecret`]s, which
+//!   redact themselves.
+//! - [`TokenSource`]: exchanges those credentials (and, on behalf of a user,
+//!   the user's token) for short-lived tokens whose `aud` is the target
+//!   service; caches them per (audience, subject) and renews them in the
+//!   background.
+//! - [`AuthChannel`]: a tower service over a tonic channel that attaches the
+//!   bearer token for one audience to every call.
+//! - [`MtlsFiles`]: mTLS channels from certificate, key and CA files, with
+//!   rotation.
+
+mod channel;
+mod clock;
+mod credentials;
+mod secret;
+mod source;
+mod tls;
+
+pub use channel::{AuthChannel, AuthFuture, BoxError};
+pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "vault")]
+pub use credentials::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
+pub use credentials::{CLIENT_ID_VAR, CLIENT_SECRET_VAR, Credentials, CredentialsError, EnvCredentials, FileCredentials};
+pub use secret::{ClientCredentials, ClientSecret};
+pub use source::{AccessToken, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats};
+pub use tls::{MtlsFiles, TlsError};

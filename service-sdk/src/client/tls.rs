@@ -1,0 +1,142 @@
+//! mTLS channels from certificate, key and CA files.
+//!
+//! ## How rotation works
+//! tonic reads the client certificate, key and CA into its TLS connector
+//! when a [`Channel`] is built; the files are not looked at again. A TLS
+//! handshake happens only when a connection is opened, so an established
+//! HTTP/2 connection keeps using the certificate it was opened with, and a
+//! reconnect of the same channel (after a network failure) presents the
+//! *old* certificate again.
+//!
+//! To follow rotation on disk, [`MtlsFiles::watch`] polls the three files'
+//! length, modification and change time and inode at a fixed interval. When
+//! any changed and all three parse again, it builds a new channel and hands
+//! it to a callback, e.g. [`TokenSource::set_auth_channel`] or a swap of the
+//! channel inside an `AuthChannel` you rebuild. New calls then go through
+//! new connections with the new certificate; calls in flight finish on the
+//! old channel, whose connections close when its last clone is dropped. If
+//! the files are mid-rotation (a key that does not match its certificate, a
+//! truncated PEM), the build fails, the old channel stays in use and the
+//! next poll tries again. Rotate before the old certificate expires by at
+//! least the poll interval.
+//!
+//! [`TokenSource::set_auth_channel`]: crate::TokenSource::set_auth_channel
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// Why a TLS channel could not be built. Messages name files, never their
+/// contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The endpoint URI or the TLS material was refused.
+    #[error("tls channel: {0}")]
+    Channel(String),
+}
+
+/// The CA, client certificate and client key files of an mTLS client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsFiles {
+    /// PEM CA certificate(s) that sign the server certificate.
+    pub ca: PathBuf,
+    /// PEM client certificate (chain).
+    pub cert: PathBuf,
+    /// PEM client private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: PathBuf,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
+}
+
+type Stamp = (u64, Option<SystemTime>, u64, i64);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let (ino, ctime) = {
+        use std::os::unix::fs::MetadataExt as _;
+        (meta.ino(), meta.ctime_nsec().wrapping_add(meta.ctime().wrapping_mul(1_000_000_000)))
+    };
+    #[cfg(not(unix))]
+    let (ino, ctime) = (0, 0);
+    Some((meta.len(), meta.modified().ok(), ino, ctime))
+}
+
+impl MtlsFiles {
+    /// The three files.
+    pub fn new(ca: impl Into<PathBuf>, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        Self { ca: ca.into(), cert: cert.into(), key: key.into() }
+    }
+
+    /// Reads the files into a tonic TLS config for a server named `domain`.
+    pub fn tls_config(&self, domain: &str) -> Result<ClientTlsConfig, TlsError> {
+        let ca = read(&self.ca)?;
+        let cert = read(&self.cert)?;
+        let key = read(&self.key)?;
+        Ok(ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(domain))
+    }
+
+    /// A lazily connecting channel to `uri` (e.g. `https://auth:50051`) for
+    /// a server whose certificate names `domain`. The TLS material is parsed
+    /// here, so bad files fail now rather than at the first call.
+    pub fn channel(&self, uri: &str, domain: &str) -> Result<Channel, TlsError> {
+        let tls = self.tls_config(domain)?;
+        let endpoint = Endpoint::from_shared(uri.to_owned())
+            .map_err(|e| TlsError::Channel(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| TlsError::Channel(e.to_string()))?;
+        Ok(endpoint.connect_lazy())
+    }
+
+    fn stamps(&self) -> [Option<Stamp>; 3] {
+        [stamp(&self.ca), stamp(&self.cert), stamp(&self.key)]
+    }
+
+    /// Polls the files every `every` and, after a change, builds a new
+    /// channel and passes it to `on_change`. See the [module docs](self).
+    /// The task stops when the handle is aborted or dropped with the
+    /// runtime.
+    pub fn watch(
+        &self,
+        uri: &str,
+        domain: &str,
+        every: Duration,
+        on_change: impl Fn(Channel) + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let files = self.clone();
+        let (uri, domain) = (uri.to_owned(), domain.to_owned());
+        tokio::spawn(async move {
+            let mut seen = files.stamps();
+            loop {
+                tokio::time::sleep(every).await;
+                let now = files.stamps();
+                if now == seen {
+                    continue;
+                }
+                match files.channel(&uri, &domain) {
+                    Ok(ch) => {
+                        tracing::info!(uri = %uri, "mTLS files changed; new channel built");
+                        seen = now;
+                        on_change(ch);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "mTLS files changed but do not load yet; keeping the old channel"),
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,650 @@
+//! The [`Verifier`]: keys, validator, revocation and the verified-token
+//! cache, with an injected clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::Algorithm;
+use subtle::ConstantTimeEq as _;
+use tonic::transport::Channel;
+
+use super::cache::{TokenCache, token_digest};
+use super::jwks::{JwksCache, JwksOptions, JwksSource};
+use super::revocation::{FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup};
+use super::{Validator, VerifyError};
+use crate::claims::{Claims, Confirmation};
+use crate::{Clock, SystemClock};
+
+/// The default capacity of the verified-token cache.
+pub const DEFAULT_CACHE_CAPACITY: u64 = 100_000;
+
+/// Why a [`Verifier`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// Neither a channel nor a JWKS source was given.
+    #[error("no JWKS source configured")]
+    NoJwksSource,
+    /// Neither a channel (push feed) nor a revocation check was given.
+    #[error("no revocation check configured")]
+    NoRevocation,
+    /// `build` was called outside a tokio runtime (background tasks need one).
+    #[error("a verifier must be built inside a tokio runtime")]
+    NoRuntime,
+}
+
+/// Verifies access tokens for one service: the validator's explicit
+/// checks, with keys from a [`JwksSource`] kept fresh in the background, a
+/// [`RevocationCheck`] (push feed by default), RFC 8705 certificate binding,
+/// and a bounded cache of verified tokens. Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo(channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
+/// use service_sdk::Verifier;
+/// // GetJwks and WatchRevocations over the service's mTLS channel.
+/// let verifier = Verifier::builder("auth-service", "inventory").channel(channel).build()?;
+/// verifier.ready().await;
+/// let claims = verifier.verify("eyJ...", None).await?;
+/// println!("{}", claims.subject());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Verifier {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("issuer", &self.inner.validator.issuer())
+            .field("audience", &self.inner.validator.audience())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    validator: Validator,
+    jwks: Arc<JwksCache>,
+    revocation: Arc<dyn RevocationCheck>,
+    cache: Option<TokenCache>,
+    clock: Arc<dyn Clock>,
+    stats: Stats,
+    _evictor: Option<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    accepted: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    rejected: [AtomicU64; VerifyError::ALL.len()],
+}
+
+/// Counters of a [`Verifier`] since it was built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifierStats {
+    /// Tokens accepted.
+    pub accepted: u64,
+    /// Verifications answered from the verified-token cache.
+    pub cache_hits: u64,
+    /// Verifications that checked a signature.
+    pub cache_misses: u64,
+    /// Refusals by [`VerifyError::reason`], only reasons seen at least once.
+    pub rejected: Vec<(&'static str, u64)>,
+}
+
+impl VerifierStats {
+    /// Refusals for one reason label.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejected.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Where one verification stands after its synchronous part.
+pub(crate) enum Step {
+    /// Decided without I/O.
+    Done(Result<Arc<Claims>, VerifyError>),
+    /// The token names a `kid` the cache does not hold: refetch, then retry.
+    Refetch(String),
+    /// Valid so far; the revocation lookup needs I/O.
+    Lookup(Arc<Claims>, LookupFuture),
+}
+
+impl Verifier {
+    /// Starts building a verifier for tokens from `issuer` meant for
+    /// `audience` (this service's own name).
+    pub fn builder(issuer: impl Into<String>, audience: impl Into<String>) -> VerifierBuilder {
+        VerifierBuilder {
+            validator: Validator::new(issuer, audience),
+            channel: None,
+            jwks: None,
+            jwks_options: JwksOptions::default(),
+            revocation: None,
+            feed_options: FeedOptions::default(),
+            clock: Arc::new(SystemClock),
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+        }
+    }
+
+    /// Resolves once keys are loaded and the revocation check can answer.
+    /// Until then, requests are refused with `Unavailable`.
+    pub async fn ready(&self) {
+        self.inner.jwks.wait_loaded().await;
+        self.inner.revocation.ready().await;
+    }
+
+    /// Verifies a token; `peer_cert` is the DER of the caller's mTLS
+    /// certificate, needed for certificate-bound (`cnf`) tokens.
+    pub async fn verify(&self, token: &str, peer_cert: Option<&[u8]>) -> Result<Arc<Claims>, VerifyError> {
+        let step = self.step(token, peer_cert, true);
+        self.resolve(token, peer_cert, step).await
+    }
+
+    /// The rules this verifier applies.
+    pub fn validator(&self) -> &Validator {
+        &self.inner.validator
+    }
+
+    /// Counters since the verifier was built.
+    pub fn stats(&self) -> VerifierStats {
+        let s = &self.inner.stats;
+        let rejected = VerifyError::ALL
+            .iter()
+            .zip(s.rejected.iter())
+            .map(|(e, n)| (e.reason(), n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        VerifierStats {
+            accepted: s.accepted.load(Ordering::Relaxed),
+            cache_hits: s.hits.load(Ordering::Relaxed),
+            cache_misses: s.misses.load(Ordering::Relaxed),
+            rejected,
+        }
+    }
+
+    /// Number of tokens in the verified-token cache (approximate).
+    pub fn cached_tokens(&self) -> u64 {
+        self.inner.cache.as_ref().map_or(0, TokenCache::len)
+    }
+
+    /// The synchronous part of a verification: everything but a key
+    /// refetch and an I/O revocation lookup.
+    pub(crate) fn step(&self, token: &str, peer_cert: Option<&[u8]>, may_refetch: bool) -> Step {
+        let inner = &*self.inner;
+        let v = &inner.validator;
+        if token.len() > v.token_limit() {
+            return Step::Done(Err(VerifyError::TooLarge));
+        }
+        let now = inner.clock.now_unix();
+        let claims = match &inner.cache {
+            Some(cache) => {
+                let key = token_digest(token);
+                match cache.get(&key) {
+                    Some(claims) => {
+                        inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = v.check_claims(&claims, now, Some(v.audience())) {
+                            return Step::Done(Err(e));
+                        }
+                        claims
+                    }
+                    None => {
+                        inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+                        match self.validate_fresh(token, now, may_refetch) {
+                            Ok(claims) => {
+                                let claims = Arc::new(claims);
+                                cache.insert(key, Arc::clone(&claims), now, v.leeway());
+                                claims
+                            }
+                            Err(step) => return step,
+                        }
+                    }
+                }
+            }
+            None => {
+                inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+                match self.validate_fresh(token, now, may_refetch) {
+                    Ok(claims) => Arc::new(claims),
+                    Err(step) => return step,
+                }
+            }
+        };
+        if let Some(cnf) = &claims.cnf
+            && let Err(e) = check_binding(cnf, peer_cert)
+        {
+            return Step::Done(Err(e));
+        }
+        match inner.revocation.check(&claims.jti, claims.sid.as_deref(), now) {
+            RevocationLookup::Ready(Ok(())) => Step::Done(Ok(claims)),
+            RevocationLookup::Ready(Err(e)) => Step::Done(Err(e)),
+            RevocationLookup::Pending(lookup) => Step::Lookup(claims, lookup),
+        }
+    }
+
+    /// Signature and claims, against the current keys.
+    fn validate_fresh(&self, token: &str, now: u64, may_refetch: bool) -> Result<Claims, Step> {
+        let Some(keys) = self.inner.jwks.current() else {
+            return Err(Step::Done(Err(VerifyError::NoKeys)));
+        };
+        match self.inner.validator.validate(token, &keys, now) {
+            Ok(claims) => Ok(claims),
+            Err(VerifyError::UnknownKid) if may_refetch => match header_kid(token) {
+                Some(kid) if plausible_kid(&kid) => Err(Step::Refetch(kid)),
+                _ => Err(Step::Done(Err(VerifyError::UnknownKid))),
+            },
+            Err(e) => Err(Step::Done(Err(e))),
+        }
+    }
+
+    /// Finishes a verification begun by [`Verifier::step`] and counts it.
+    pub(crate) async fn resolve(
+        &self,
+        token: &str,
+        peer_cert: Option<&[u8]>,
+        mut step: Step,
+    ) -> Result<Arc<Claims>, VerifyError> {
+        let result = loop {
+            match step {
+                Step::Done(r) => break r,
+                Step::Refetch(kid) => {
+                    self.inner.jwks.refetch_for(&kid).await;
+                    step = self.step(token, peer_cert, false);
+                }
+                Step::Lookup(claims, lookup) => break lookup.await.map(|()| claims),
+            }
+        };
+        self.record(&result);
+        result
+    }
+
+    /// Counts an outcome.
+    pub(crate) fn record<T>(&self, result: &Result<T, VerifyError>) {
+        let stats = &self.inner.stats;
+        match result {
+            Ok(_) => stats.accepted.fetch_add(1, Ordering::Relaxed),
+            Err(e) => stats.rejected[e.index()].fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+/// RFC 8705: the token is bound to the certificate whose SHA-256
+/// thumbprint it carries; the caller must have presented that certificate.
+fn check_binding(cnf: &Confirmation, peer_cert: Option<&[u8]>) -> Result<(), VerifyError> {
+    let der = peer_cert.ok_or(VerifyError::CnfMismatch)?;
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+    let thumbprint = URL_SAFE_NO_PAD.encode(digest.as_ref());
+    if bool::from(thumbprint.as_bytes().ct_eq(cnf.x5t_s256.as_bytes())) {
+        Ok(())
+    } else {
+        Err(VerifyError::CnfMismatch)
+    }
+}
+
+/// The `kid` of a token's header, if it has one (only after the validator
+/// refused the token for an unknown kid).
+fn header_kid(token: &str) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct KidOnly {
+        kid: Option<String>,
+    }
+    let h64 = token.split('.').next()?;
+    let bytes = URL_SAFE_NO_PAD.decode(h64).ok()?;
+    serde_json::from_slice::<KidOnly>(&bytes).ok()?.kid
+}
+
+/// Whether a `kid` could be one of ours (base64url thumbprints and similar
+/// names). Anything else, e.g. with path or SQL characters, is refused
+/// without a refetch.
+fn plausible_kid(kid: &str) -> bool {
+    (1..=128).contains(&kid.len()) && kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Options of a [`Verifier`].
+#[must_use]
+pub struct VerifierBuilder {
+    validator: Validator,
+    channel: Option<Channel>,
+    jwks: Option<JwksSource>,
+    jwks_options: JwksOptions,
+    revocation: Option<Arc<dyn RevocationCheck>>,
+    feed_options: FeedOptions,
+    clock: Arc<dyn Clock>,
+    cache_capacity: u64,
+}
+
+impl std::fmt::Debug for VerifierBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifierBuilder").field("validator", &self.validator).finish_non_exhaustive()
+    }
+}
+
+impl VerifierBuilder {
+    /// The mTLS channel to the auth service: keys come from `GetJwks` and
+    /// revocations from a [`RevocationFeed`] on it, unless
+    /// [`jwks`](Self::jwks) or [`revocation`](Self::revocation) say
+    /// otherwise.
+    pub fn channel(mut self, channel: Channel) -> Self {
+        self.channel = Some(channel);
+        self
+    }
+
+    /// Where keys come from (default: `GetJwks` on the channel).
+    pub fn jwks(mut self, source: JwksSource) -> Self {
+        self.jwks = Some(source);
+        self
+    }
+
+    /// Timing of the key cache.
+    pub fn jwks_options(mut self, opts: JwksOptions) -> Self {
+        self.jwks_options = opts;
+        self
+    }
+
+    /// The revocation check (default: a [`RevocationFeed`] on the channel).
+    pub fn revocation(mut self, check: impl RevocationCheck) -> Self {
+        self.revocation = Some(Arc::new(check));
+        self
+    }
+
+    /// Timing of the default revocation feed (stale bound 30 s).
+    pub fn feed_options(mut self, opts: FeedOptions) -> Self {
+        self.feed_options = opts;
+        self
+    }
+
+    /// The clock (default: the system clock).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Clock leeway for `exp`, `nbf` and `iat` (default 30 s, capped at 300 s).
+    pub fn leeway_secs(mut self, secs: u64) -> Self {
+        self.validator = self.validator.leeway_secs(secs);
+        self
+    }
+
+    /// The algorithms accepted (default ES256, EdDSA, RS256, PS256); each
+    /// key is still pinned to its own.
+    pub fn allowed_algs(mut self, algs: impl IntoIterator<Item = Algorithm>) -> Self {
+        self.validator = self.validator.allowed_algs(algs);
+        self
+    }
+
+    /// Largest token accepted, in bytes (default 8 KiB).
+    pub fn max_token_bytes(mut self, bytes: usize) -> Self {
+        self.validator = self.validator.max_token_bytes(bytes);
+        self
+    }
+
+    /// Capacity of the verified-token cache (default 100,000; 0 disables it).
+    pub fn cache_capacity(mut self, tokens: u64) -> Self {
+        self.cache_capacity = tokens;
+        self
+    }
+
+    /// Builds the verifier and starts loading keys and revocations in the
+    /// background on the current tokio runtime.
+    pub fn build(self) -> Result<Verifier, BuildError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BuildError::NoRuntime);
+        }
+        let source = match (self.jwks, &self.channel) {
+            (Some(s), _) => s,
+            (None, Some(ch)) => JwksSource::grpc(ch.clone()),
+            (None, None) => return Err(BuildError::NoJwksSource),
+        };
+        let revocation: Arc<dyn RevocationCheck> = match (self.revocation, self.channel) {
+            (Some(r), _) => r,
+            (None, Some(ch)) => Arc::new(RevocationFeed::connect(ch, Arc::clone(&self.clock), self.feed_options)),
+            (None, None) => return Err(BuildError::NoRevocation),
+        };
+        let cache = (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity));
+        let evictor = match (&cache, revocation.subscribe()) {
+            (Some(cache), Some(mut events)) => {
+                let cache = cache.clone();
+                Some(AbortOnDrop(tokio::spawn(async move {
+                    loop {
+                        match events.recv().await {
+                            Ok(id) => cache.evict(id.kind, id.id),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                // The deny set is still checked on every hit; dropping
+                                // the cache only costs signature checks.
+                                tracing::warn!(missed = n, "revocation events lagged; clearing the token cache");
+                                cache.clear();
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                })))
+            }
+            _ => None,
+        };
+        let jwks = JwksCache::start(source, self.jwks_options);
+        Ok(Verifier {
+            inner: Arc::new(Inner {
+                validator: self.validator,
+                jwks,
+                revocation,
+                cache,
+                clock: self.clock,
+                stats: Stats::default(),
+                _evictor: evictor,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::ManualClock;
+    use crate::verify::jwks::Scripted;
+    use crate::verify::test_keys::{TestKey, claims};
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn fresh_feed(clock: &ManualClock) -> RevocationFeed {
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+        feed.apply(snapshot(vec![]));
+        feed
+    }
+
+    fn snapshot(entries: Vec<auth_proto::auth::v1::Revocation>) -> auth_proto::auth::v1::RevocationEvent {
+        use auth_proto::auth::v1 as pb;
+        pb::RevocationEvent {
+            event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })),
+        }
+    }
+
+    fn revoke(feed: &RevocationFeed, kind: auth_proto::auth::v1::RevocationKind, id: &str) {
+        use auth_proto::auth::v1 as pb;
+        feed.apply(pb::RevocationEvent {
+            event: Some(pb::revocation_event::Event::Revoked(pb::Revocation {
+                kind: kind as i32,
+                id: id.into(),
+                expires_at: NOW + 600,
+            })),
+        });
+    }
+
+    async fn verifier(key: &TestKey, clock: &ManualClock, feed: RevocationFeed) -> Verifier {
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::fixed(key.key_set()))
+            .revocation(feed)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        v
+    }
+
+    #[test]
+    fn build_needs_a_runtime_and_sources() {
+        let b = Verifier::builder("auth-service", "inventory").jwks(JwksSource::fixed(KeySet::default()));
+        assert_eq!(b.build().unwrap_err(), BuildError::NoRuntime);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _g = rt.enter();
+        let b = Verifier::builder("auth-service", "inventory");
+        assert_eq!(b.build().unwrap_err(), BuildError::NoJwksSource);
+        let b = Verifier::builder("auth-service", "inventory").jwks(JwksSource::fixed(KeySet::default()));
+        assert_eq!(b.build().unwrap_err(), BuildError::NoRevocation);
+    }
+
+    use crate::verify::KeySet;
+
+    #[tokio::test]
+    async fn second_verification_is_a_cache_hit() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let v = verifier(&key, &clock, fresh_feed(&clock)).await;
+        let token = key.sign(&claims(NOW, "j1"));
+        let a = v.verify(&token, None).await.unwrap();
+        let b = v.verify(&token, None).await.unwrap();
+        assert_eq!(a, b);
+        let stats = v.stats();
+        assert_eq!((stats.accepted, stats.cache_misses, stats.cache_hits), (2, 1, 1));
+    }
+
+    #[tokio::test]
+    async fn cache_hit_still_checks_expiry_against_the_clock() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let v = verifier(&key, &clock, fresh_feed(&clock)).await;
+        let token = key.sign(&claims(NOW, "j1"));
+        v.verify(&token, None).await.unwrap();
+        clock.advance(300 + 30);
+        // Expiry is decided before the (now stale) feed is asked.
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::Expired);
+    }
+
+    #[tokio::test]
+    async fn revocation_refuses_cached_tokens_by_jti_and_sid() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let feed = fresh_feed(&clock);
+        let v = verifier(&key, &clock, feed.clone()).await;
+        let t1 = key.sign(&claims(NOW, "j1"));
+        let mut c2 = claims(NOW, "j2");
+        c2["sid"] = json!("s-2");
+        let t2 = key.sign(&c2);
+        v.verify(&t1, None).await.unwrap();
+        v.verify(&t2, None).await.unwrap();
+        revoke(&feed, auth_proto::auth::v1::RevocationKind::Jti, "j1");
+        revoke(&feed, auth_proto::auth::v1::RevocationKind::Sid, "s-2");
+        assert_eq!(v.verify(&t1, None).await.unwrap_err(), VerifyError::Revoked);
+        assert_eq!(v.verify(&t2, None).await.unwrap_err(), VerifyError::Revoked);
+        assert_eq!(v.stats().rejected("revoked"), 2);
+    }
+
+    #[tokio::test]
+    async fn stale_feed_fails_closed_after_signature_checks() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let feed = fresh_feed(&clock);
+        let v = verifier(&key, &clock, feed.clone()).await;
+        clock.advance(31);
+        let token = key.sign(&claims(NOW, "j1"));
+        let err = v.verify(&token, None).await.unwrap_err();
+        assert_eq!(err, VerifyError::FeedStale);
+        assert!(err.is_unavailable());
+        assert_eq!(v.verify("a.b.c", None).await.unwrap_err(), VerifyError::Malformed, "bad tokens stay 401");
+        feed.apply(snapshot(vec![]));
+        v.verify(&token, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn no_keys_means_unavailable() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted {
+            fetches: AtomicUsize::new(0),
+            answer: std::sync::Mutex::new(Err(super::super::JwksError::Timeout)),
+        });
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s))
+            .revocation(fresh_feed(&clock))
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let err = v.verify(&key.sign(&claims(NOW, "j")), None).await.unwrap_err();
+        assert_eq!(err, VerifyError::NoKeys);
+        assert!(err.is_unavailable());
+    }
+
+    #[tokio::test]
+    async fn unknown_kid_refetches_and_accepts_a_rotated_key() {
+        let old = TestKey::es256();
+        let new = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(old.jwks_json())) });
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s.clone()))
+            .revocation(fresh_feed(&clock))
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        *s.answer.lock().unwrap() = Ok(json!({ "keys": [old.jwk(), new.jwk()] }).to_string());
+        v.verify(&new.sign(&claims(NOW, "j")), None).await.unwrap();
+        assert_eq!(s.fetches.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn implausible_kids_never_trigger_a_refetch() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(key.jwks_json())) });
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s.clone()))
+            .revocation(fresh_feed(&clock))
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        for kid in ["../../etc/passwd", "x' OR '1'='1", "a/b", ""] {
+            let header = json!({ "alg": "ES256", "kid": kid, "typ": "at+jwt" });
+            let token = key.sign_raw(&header, &claims(NOW, "j").to_string());
+            assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::UnknownKid, "{kid}");
+        }
+        assert_eq!(s.fetches.load(Ordering::SeqCst), 1, "only the initial load");
+    }
+
+    #[tokio::test]
+    async fn bound_token_needs_the_matching_peer_certificate() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let v = verifier(&key, &clock, fresh_feed(&clock)).await;
+        let cert = b"pretend DER of the caller's certificate";
+        let thumb = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert).as_ref());
+        let mut c = claims(NOW, "j");
+        c["cnf"] = json!({ "x5t#S256": thumb });
+        let token = key.sign(&c);
+        v.verify(&token, Some(cert)).await.unwrap();
+        assert_eq!(v.verify(&token, Some(b"another cert")).await.unwrap_err(), VerifyError::CnfMismatch);
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::CnfMismatch);
+    }
+
+    #[tokio::test]
+    async fn oversized_tokens_are_refused_before_hashing() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let v = verifier(&key, &clock, fresh_feed(&clock)).await;
+        let big = "a".repeat(8 * 1024 + 1);
+        assert_eq!(v.verify(&big, None).await.unwrap_err(), VerifyError::TooLarge);
+        assert_eq!(v.stats().cache_misses, 0);
+    }
+}

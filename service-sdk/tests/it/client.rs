@@ -1,0 +1,1 @@
+//! Client side: credentials, token source, AuthChannel, Vault.

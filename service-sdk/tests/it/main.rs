@@ -1,0 +1,4 @@
+//! Integration tests of service-sdk against a real auth-server over mTLS.
+
+mod client;
+mod verify;

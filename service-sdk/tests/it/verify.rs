@@ -1,0 +1,1 @@
+//! Verify side: RequireAuthLayer, JWKS cache, revocation feed.
