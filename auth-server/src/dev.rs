@@ -82,14 +82,18 @@ pub mod pki {
             Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
         }
 
-        fn issue(&self, cn: &str, sans: Vec<SanType>, server: bool) -> Result<Issued, DevError> {
+        fn issue(
+            &self,
+            cn: &str,
+            sans: Vec<SanType>,
+            usages: Vec<ExtendedKeyUsagePurpose>,
+        ) -> Result<Issued, DevError> {
             let key = KeyPair::generate().map_err(|_| DevError::Generate("leaf key"))?;
             let mut params = CertificateParams::new(Vec::<String>::new()).map_err(|_| DevError::Generate("leaf"))?;
             params.distinguished_name.push(DnType::CommonName, cn);
             params.subject_alt_names = sans;
             params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages =
-                vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+            params.extended_key_usages = usages;
             let cert = params.signed_by(&key, &self.issuer).map_err(|_| DevError::Generate("leaf certificate"))?;
             Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
         }
@@ -104,18 +108,22 @@ pub mod pki {
             for name in extra {
                 sans.push(SanType::DnsName((*name).try_into().map_err(|_| DevError::Generate("SAN"))?));
             }
-            self.issue("localhost", sans, true)
+            self.issue("localhost", sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
         }
 
-        /// A client certificate with URI SAN `spiffe://<domain>/<name>` and
-        /// DNS SAN `<name>`.
+        /// A service certificate with URI SAN `spiffe://<domain>/<name>`, DNS
+        /// SANs `<name>` and `localhost`, and IP SAN `127.0.0.1`, good for
+        /// both mTLS client auth (calling auth-server or another service)
+        /// and serving (an example service's own gRPC port).
         pub fn client_cert(&self, domain: &str, name: &str) -> Result<Issued, DevError> {
             let uri = format!("spiffe://{domain}/{name}");
             let sans = vec![
                 SanType::URI(uri.as_str().try_into().map_err(|_| DevError::Generate("SAN"))?),
                 SanType::DnsName(name.try_into().map_err(|_| DevError::Generate("SAN"))?),
+                SanType::DnsName("localhost".try_into().map_err(|_| DevError::Generate("SAN"))?),
+                SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
             ];
-            self.issue(name, sans, false)
+            self.issue(name, sans, vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth])
         }
     }
 }

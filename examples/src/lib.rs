@@ -1,1 +1,18 @@
-//! Runnable example services built on `service-sdk`.
+//! Runnable example services built on `service-sdk`, the end-to-end demo and
+//! the load tool.
+//!
+//! - `inventory`: a tonic service behind `RequireAuthLayer`.
+//! - `order`: an HTTP front that calls inventory on behalf of the user.
+//! - `demo`: the whole story in one process; `cargo run -p examples --bin demo`.
+//! - `loadgen`: load for the auth service; see BENCHMARKS.md.
+
+pub mod demo;
+pub mod env;
+pub mod inventory;
+pub mod order;
+
+/// Generated code of the example services' proto (`shop.v1`).
+pub mod shop {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/shop.v1.rs"));
+}

@@ -219,7 +219,7 @@ impl View {
     /// The signing version at `now` (see the module docs).
     fn signing(&self, now: u64, grace: u64) -> Option<&Version> {
         let usable = || self.versions.iter().filter(|v| v.version >= self.min_encryption);
-        usable().filter(|v| v.created.saturating_add(grace) <= now).next_back().or_else(|| usable().next())
+        usable().rfind(|v| v.created.saturating_add(grace) <= now).or_else(|| usable().next())
     }
 }
 

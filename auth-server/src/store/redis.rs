@@ -12,7 +12,7 @@
 //! | key | type | holds | expires |
 //! | --- | --- | --- | --- |
 //! | `{P}:i:<jti>` | string | issued-`jti` registry and the `jti`'s deny mark: `<mark>\|<exp>\|<sid length or ->\|<sid><sub>`; `mark` is `0` (not revoked), `=` (revoked until `exp`) or the deny-until time; a revoked `jti` never recorded is just `<deny_until>\|` | `exp` + 60 s, or deny-until if later |
-//! | `{P}:rv:jti:<m>` | string | revoked `jti`s whose deny-until falls in minute `m` (Unix seconds / 60), appended as `<seconds into the minute>\|<jti length>\|<jti>`; only the snapshot reads it | end of minute `m` |
+//! | `{P}:rv:jti:<m>` | list | revoked `jti`s whose deny-until falls in minute `m` (Unix seconds / 60), as `<seconds into the minute>\|<jti>`; only the snapshot reads it | end of minute `m` |
 //! | `{P}:rv:jti:idx` | sorted set | the minutes `m` that have a bucket (score `m`) | latest bucket end |
 //! | `{P}:rv:sid` | sorted set | revoked sessions: `sid` scored by deny-until | latest deny-until |
 //! | `{P}:rv:family` | sorted set | revoked refresh families: family id scored by deny-until | latest deny-until |
@@ -140,7 +140,7 @@ if ARGV[2] == 'j' then
     redis.call('SET', KEYS[1], ARGV[4] .. '|')
   end
   keep_until(KEYS[1], until_, now)
-  redis.call('APPEND', KEYS[2], ARGV[9])
+  redis.call('RPUSH', KEYS[2], ARGV[9])
   keep_until(KEYS[2], tonumber(ARGV[8]), now)
   redis.call('ZADD', KEYS[3], ARGV[7], ARGV[7])
   keep_until(KEYS[3], tonumber(ARGV[8]), now)
@@ -199,7 +199,7 @@ return {'reused', until_s}
 
 /// KEYS: sid set, family set, bucket index. ARGV: now, bucket key prefix,
 /// bucket width. Returns triples: `s`/`f`, id, deny_until for sessions and
-/// families, `b`, minute, raw bucket for `jti`s (parsed by the caller).
+/// families, `b`, minute, bucket entry for `jti`s (parsed by the caller).
 /// Bucket keys are derived in the script; they share the hash tag of the
 /// declared keys, so they live in the same cluster slot.
 const LUA_SNAPSHOT: &str = r"
@@ -217,9 +217,9 @@ local first = math.floor(now / tonumber(ARGV[3]))
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', first))
 local buckets = redis.call('ZRANGE', KEYS[3], 0, -1)
 for _, b in ipairs(buckets) do
-  local raw = redis.call('GET', ARGV[2] .. b)
-  if raw then
-    out[#out + 1] = 'b'; out[#out + 1] = b; out[#out + 1] = raw
+  local entries = redis.call('LRANGE', ARGV[2] .. b, 0, -1)
+  for _, e in ipairs(entries) do
+    out[#out + 1] = 'b'; out[#out + 1] = b; out[#out + 1] = e
   end
 end
 return out
@@ -345,11 +345,9 @@ impl Shared {
                 return Err(StoreError::Corrupt("snapshot reply not in triples".into()));
             };
             if kind == "b" {
-                let minute = parse_score(id)?;
-                for (jti, until) in parse_bucket(minute, value)? {
-                    if until > now {
-                        add(RevocationKind::Jti, jti, until);
-                    }
+                let (jti, until) = parse_bucket_entry(parse_score(id)?, value)?;
+                if until > now {
+                    add(RevocationKind::Jti, jti, until);
                 }
             } else {
                 let kind = kind_from_code(kind).ok_or_else(|| StoreError::Corrupt("unknown revocation kind".into()))?;
@@ -422,8 +420,9 @@ impl RedisStore {
             events.clone(),
             subscribed_tx,
         ));
-        let _ = shared.pool.connect();
-        let _ = subscriber.connect();
+        // Both spawn their connection tasks; the handles are not needed.
+        drop(shared.pool.connect());
+        drop(subscriber.connect());
 
         let ready = async {
             let _ = shared.pool.wait_for_connect().await;
@@ -576,7 +575,7 @@ impl Store for RedisStore {
             self.revocation_message(&revocation),
             bucket.to_string(),
             bucket_end.to_string(),
-            format!("{}|{}|{}", revocation.expires_at % BUCKET_SECS, revocation.id.len(), revocation.id),
+            format!("{}|{}", revocation.expires_at % BUCKET_SECS, revocation.id),
         ];
         let _: i64 = self.shared.eval(&self.shared.scripts.revoke, redis_keys, args).await?;
         Ok(())
@@ -744,25 +743,13 @@ fn parse_issued(value: &str) -> Result<Option<IssuedToken>, StoreError> {
     Ok(Some(IssuedToken { sub: sub.to_owned(), sid, exp }))
 }
 
-/// Parses a revoked-`jti` bucket of minute `minute`: concatenated entries
-/// `<seconds into the minute>|<jti length>|<jti>`.
-fn parse_bucket(minute: u64, raw: &str) -> Result<Vec<(&str, u64)>, StoreError> {
-    let corrupt = || StoreError::Corrupt("revoked-jti bucket unreadable".into());
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let (offset, tail) = rest.split_once('|').ok_or_else(corrupt)?;
-        let (len, tail) = tail.split_once('|').ok_or_else(corrupt)?;
-        let offset: u64 = offset.parse().map_err(|_| corrupt())?;
-        let len: usize = len.parse().map_err(|_| corrupt())?;
-        if !tail.is_char_boundary(len) {
-            return Err(corrupt());
-        }
-        let (jti, tail) = tail.split_at(len);
-        out.push((jti, minute * BUCKET_SECS + offset));
-        rest = tail;
-    }
-    Ok(out)
+/// Parses an entry `<seconds into the minute>|<jti>` of the revoked-`jti`
+/// bucket of minute `minute`.
+fn parse_bucket_entry(minute: u64, entry: &str) -> Result<(&str, u64), StoreError> {
+    let corrupt = || StoreError::Corrupt("revoked-jti bucket entry unreadable".into());
+    let (offset, jti) = entry.split_once('|').ok_or_else(corrupt)?;
+    let offset: u64 = offset.parse().map_err(|_| corrupt())?;
+    Ok((jti, minute * BUCKET_SECS + offset))
 }
 
 fn encode_list(items: &[String]) -> Result<String, StoreError> {
@@ -819,9 +806,8 @@ mod tests {
 
     #[test]
     fn bucket_entries_keep_separators_in_the_jti() {
-        let entries = parse_bucket(10, "5|3|a|b59|1|x").unwrap();
-        assert_eq!(entries, vec![("a|b", 605), ("x", 659)]);
-        assert!(parse_bucket(10, "5|9|ab").is_err());
+        assert_eq!(parse_bucket_entry(10, "5|a|b").unwrap(), ("a|b", 605));
+        assert!(parse_bucket_entry(10, "x|ab").is_err());
     }
 
     #[test]

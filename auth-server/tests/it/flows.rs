@@ -455,3 +455,42 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     s.read_to_string(&mut out).await.unwrap();
     out
 }
+
+#[tokio::test]
+async fn watch_revocations_sends_snapshot_then_events_then_heartbeats() {
+    use auth_proto::auth::v1::{RevocationKind, WatchRevocationsRequest, revocation_event::Event};
+    let srv = TestServer::builder().configure(|c| c.watch.heartbeat_secs = 1).start().await;
+    let mut c = client(&srv, "order").await;
+    let before = login_user(&mut c, &srv, "alice").await;
+    let before_jti = claims_of(&mut c, &before.access_token, "order").await.jti;
+    let target = revoke_request::Target::AccessToken(before.access_token.clone());
+    c.revoke(RevokeRequest { target: Some(target) }).await.unwrap();
+
+    let mut stream = c.watch_revocations(WatchRevocationsRequest {}).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap().event.unwrap();
+    let Event::Snapshot(snap) = first else { panic!("first message must be the snapshot: {first:?}") };
+    assert!(snap.entries.iter().any(|e| e.id == before_jti && e.kind == RevocationKind::Jti as i32));
+
+    let after = login_user(&mut c, &srv, "alice").await;
+    let sid = claims_of(&mut c, &after.access_token, "order").await.sid.unwrap();
+    c.revoke(bearer(RevokeRequest { target: Some(revoke_request::Target::Sid(sid.clone())) }, &after.access_token))
+        .await
+        .unwrap();
+    let mut saw_event = false;
+    let mut saw_heartbeat = false;
+    while !(saw_event && saw_heartbeat) {
+        match stream.message().await.unwrap().unwrap().event.unwrap() {
+            Event::Revoked(r) => {
+                assert_eq!(r.id, sid);
+                assert_eq!(r.kind, RevocationKind::Sid as i32);
+                assert!(r.expires_at > SystemClock.now());
+                saw_event = true;
+            }
+            Event::Heartbeat(h) => {
+                assert!(h.server_time > 0);
+                saw_heartbeat = true;
+            }
+            Event::Snapshot(_) => panic!("only one snapshot per stream"),
+        }
+    }
+}

@@ -83,8 +83,10 @@ impl<S: Clone> AuthChannel<S> {
     /// let mut inventory = InventoryClient::new(self.inventory.on_behalf_of(&request).await?);
     /// ```
     ///
-    /// Fails with `UNAUTHENTICATED` when the request carries no verified
-    /// token (the handler is not behind the verify layer), or with the
+    /// The token is the [`BearerToken`](crate::verify::BearerToken) that
+    /// [`RequireAuthLayer`](crate::verify::RequireAuthLayer) inserts. Fails
+    /// with `UNAUTHENTICATED` when the request carries no verified token
+    /// (the handler is not behind the verify layer), or with the
     /// status of the exchange failure. The returned channel is meant for the
     /// handler's duration: its token is not renewed.
     pub async fn on_behalf_of<T>(&self, request: &tonic::Request<T>) -> Result<Self, tonic::Status> {
@@ -103,8 +105,8 @@ impl<S: Clone> AuthChannel<S> {
 
 /// The verified access token of the current request's caller, as the
 /// verify layer leaves it in the request extensions.
-fn caller_token(_ext: &tonic::Extensions) -> Option<&str> {
-    None // until the verify layer's extension type lands
+fn caller_token(ext: &tonic::Extensions) -> Option<&str> {
+    ext.get::<crate::verify::BearerToken>().map(crate::verify::BearerToken::as_str)
 }
 
 fn into_box<E: Into<BoxError>>(e: E) -> BoxError {

@@ -120,8 +120,9 @@ impl MtlsFiles {
     ) -> tokio::task::JoinHandle<()> {
         let files = self.clone();
         let (uri, domain) = (uri.to_owned(), domain.to_owned());
+        // The files as they are now: changes from here on count.
+        let mut seen = files.stamps();
         tokio::spawn(async move {
-            let mut seen = files.stamps();
             loop {
                 tokio::time::sleep(every).await;
                 let now = files.stamps();

@@ -1,1 +1,735 @@
-//! Verify side: RequireAuthLayer, JWKS cache, revocation feed.
+//! Verify side: RequireAuthLayer, JWKS cache, revocation feed, against a
+//! real auth-server over mTLS.
+//!
+//! The protected service is a stub `auth.v1.Auth` whose `GetJwks` echoes the
+//! verified claims, served over mTLS behind [`RequireAuthLayer`], with the
+//! audience `inventory`. Forged tokens are signed with the auth server's
+//! own key (read from its dev directory) unless the attack needs another
+//! key, so every refusal below is the verifier's doing, not a bad signature.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use auth_proto::auth::v1 as pb;
+use auth_proto::auth::v1::auth_client::AuthClient;
+use auth_proto::auth::v1::auth_server::{Auth, AuthServer};
+use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
+use auth_server::testing::TestServer;
+use aws_lc_rs::rand::SystemRandom;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+use serde_json::{Value, json};
+use service_sdk::{
+    BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+use tonic::{Code, Request, Response, Status};
+
+const AUDIENCE: &str = "inventory";
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+// ---------------------------------------------------------------------------
+// The protected service
+
+/// A stub `auth.v1.Auth`: only `GetJwks` answers, with what the layer put
+/// into the request extensions.
+struct Probe;
+
+type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Auth for Probe {
+    async fn login(&self, _: Request<pb::LoginRequest>) -> Result<Response<pb::TokenResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn exchange_token(
+        &self,
+        _: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::TokenResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn revoke(&self, _: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+    async fn get_jwks(&self, req: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
+        let claims = Claims::from_request(&req)?;
+        let token = req.extensions().get::<BearerToken>().map(|t| t.as_str().len()).unwrap_or(0);
+        let echo = json!({ "sub": claims.subject(), "jti": claims.jti, "token_len": token, "act": claims.actor_chain() });
+        Ok(Response::new(pb::GetJwksResponse { jwks_json: echo.to_string() }))
+    }
+    type WatchRevocationsStream = EventStream;
+    async fn watch_revocations(
+        &self,
+        _: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        Err(Status::unimplemented("probe"))
+    }
+}
+
+/// A TCP proxy a test can cut (closing live connections and refusing new
+/// ones) and restore.
+struct Proxy {
+    addr: SocketAddr,
+    up: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: SocketAddr, up: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up_tx, up_rx) = watch::channel(up);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if !*up_rx.borrow() {
+                    continue; // dropped: connection refused in effect
+                }
+                let mut up_rx = up_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = up_rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up: up_tx, task }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A running auth-server, a verifier fed by it, and the protected service.
+struct Env {
+    srv: TestServer,
+    verifier: Verifier,
+    service_addr: SocketAddr,
+    signer: LoadedKey,
+    issuer: String,
+    service_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.service_task.abort();
+    }
+}
+
+fn tls_to(srv: &TestServer, client: &str) -> ClientTlsConfig {
+    let (cert, key) = srv.client_identity(client);
+    ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(srv.ca_pem()))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("localhost")
+}
+
+/// A lazily connecting mTLS channel (as dev client `order`) to `addr`.
+fn lazy_channel(srv: &TestServer, addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("https://{addr}")).unwrap().tls_config(tls_to(srv, "order")).unwrap().connect_lazy()
+}
+
+/// Serves the probe behind the layer on 127.0.0.1:0 over mTLS with the dev
+/// server certificate.
+async fn serve_probe(srv: &TestServer, verifier: Verifier) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let read = |p: &str| std::fs::read_to_string(srv.dir.join(p)).unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read("server.pem"), read("server-key.pem")))
+        .client_ca_root(Certificate::from_pem(srv.ca_pem()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = Server::builder()
+        .tls_config(tls)
+        .unwrap()
+        .layer(RequireAuthLayer::new(verifier))
+        .add_service(AuthServer::new(Probe));
+    let task = tokio::spawn(async move {
+        router.serve_with_incoming(TcpListenerStream::new(listener)).await.unwrap();
+    });
+    (addr, task)
+}
+
+impl Env {
+    async fn start() -> Self {
+        let srv = TestServer::start().await;
+        let channel = srv.channel("inventory").await;
+        let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE).channel(channel).build().unwrap();
+        Self::with_verifier(srv, verifier).await
+    }
+
+    async fn with_verifier(srv: TestServer, verifier: Verifier) -> Self {
+        let issuer = srv.config().issuer.clone();
+        let signer = LoadedKey::from_pem_file(KeyAlg::ES256, &srv.dir.join("keys/signing.pem")).unwrap();
+        let (service_addr, service_task) = serve_probe(&srv, verifier.clone()).await;
+        Self { srv, verifier, service_addr, signer, issuer, service_task }
+    }
+
+    /// A client of the protected service, presenting `client`'s certificate.
+    async fn client(&self, client: &str) -> AuthClient<Channel> {
+        let ch = Channel::from_shared(format!("https://{}", self.service_addr))
+            .unwrap()
+            .tls_config(tls_to(&self.srv, client))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        AuthClient::new(ch)
+    }
+
+    /// Calls the protected service with `token`; the echoed claims.
+    async fn call(&self, client: &mut AuthClient<Channel>, token: &str) -> Result<Value, Status> {
+        let mut req = Request::new(pb::GetJwksRequest {});
+        req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let resp = client.get_jwks(req).await?;
+        Ok(serde_json::from_str(&resp.into_inner().jwks_json).unwrap())
+    }
+
+    /// `order` as itself, for `inventory` (client-credentials grant).
+    async fn service_token(&self) -> String {
+        let (id, secret) = self.srv.client_credentials("order");
+        let mut auth = AuthClient::new(self.srv.channel("order").await);
+        let req = pb::LoginRequest {
+            grant: Some(pb::login_request::Grant::ClientCredentials(pb::ClientCredentialsGrant {
+                client_id: id,
+                client_secret: secret,
+            })),
+            audience: vec![AUDIENCE.into()],
+            scope: vec![],
+        };
+        auth.login(req).await.unwrap().into_inner().access_token
+    }
+
+    /// alice logs in (audience `order`); returns her token and refresh token.
+    async fn alice_login(&self) -> (String, String) {
+        let (user, password) = self.srv.user_password("alice");
+        let mut auth = AuthClient::new(self.srv.channel("order").await);
+        let req = pb::LoginRequest {
+            grant: Some(pb::login_request::Grant::Password(pb::PasswordGrant { username: user, password })),
+            audience: vec!["order".into()],
+            scope: vec![],
+        };
+        let resp = auth.login(req).await.unwrap().into_inner();
+        (resp.access_token, resp.refresh_token)
+    }
+
+    /// `order` exchanges alice's token for one addressed to `inventory`.
+    async fn on_behalf_of(&self, subject_token: &str) -> String {
+        let (id, secret) = self.srv.client_credentials("order");
+        let mut auth = AuthClient::new(self.srv.channel("order").await);
+        let req = pb::ExchangeTokenRequest {
+            client_id: id,
+            client_secret: secret,
+            subject_token: subject_token.into(),
+            audience: AUDIENCE.into(),
+            scope: vec![],
+            requested_ttl_seconds: 0,
+        };
+        auth.exchange_token(req).await.unwrap().into_inner().access_token
+    }
+
+    async fn revoke(&self, target: pb::revoke_request::Target, caller: Option<&str>) {
+        let mut auth = AuthClient::new(self.srv.channel("order").await);
+        let mut req = Request::new(pb::RevokeRequest { target: Some(target) });
+        if let Some(t) = caller {
+            req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        auth.revoke(req).await.unwrap();
+    }
+
+    /// Claims that would be accepted now.
+    fn claims(&self) -> Value {
+        let now = now();
+        json!({
+            "iss": self.issuer, "sub": "alice", "aud": AUDIENCE,
+            "exp": now + 300, "nbf": now, "iat": now, "jti": random_id(), "sid": random_id(),
+            "client_id": "order", "perms": ["inventory:read"],
+        })
+    }
+
+    fn header(&self) -> Value {
+        json!({ "alg": "ES256", "kid": self.signer.kid(), "typ": "at+jwt" })
+    }
+
+    /// Signs any header and payload with the auth server's own key.
+    fn forge(&self, header: &Value, payload: &str) -> String {
+        let input = format!("{}.{}", b64(header.to_string()), b64(payload));
+        let sig = self.signer.sign_raw(&SystemRandom::new(), input.as_bytes()).unwrap();
+        format!("{input}.{}", b64(sig))
+    }
+
+    fn forge_claims(&self, claims: &Value) -> String {
+        self.forge(&self.header(), &claims.to_string())
+    }
+
+    /// The SHA-256 thumbprint (RFC 8705) of a dev client's certificate.
+    fn thumbprint(&self, client: &str) -> String {
+        let (pem, _) = self.srv.client_identity(client);
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        b64(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der.as_ref()))
+    }
+}
+
+fn b64(data: impl AsRef<[u8]>) -> String {
+    URL_SAFE_NO_PAD.encode(data)
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut b).unwrap();
+    b64(b)
+}
+
+fn assert_refused(result: Result<Value, Status>, code: Code, why: VerifyError, case: &str) {
+    let status = result.expect_err(case);
+    assert_eq!(status.code(), code, "{case}: {status:?}");
+    assert_eq!(status.message(), why.to_string(), "{case}");
+}
+
+// ---------------------------------------------------------------------------
+// Accepted
+
+#[tokio::test]
+async fn valid_tokens_pass_with_claims_and_raw_token_in_extensions() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+
+    let token = env.service_token().await;
+    let echo = env.call(&mut client, &token).await.unwrap();
+    assert_eq!(echo["sub"], "svc:order");
+    assert_eq!(echo["token_len"], token.len());
+
+    let (alice, _) = env.alice_login().await;
+    let obo = env.on_behalf_of(&alice).await;
+    let echo = env.call(&mut client, &obo).await.unwrap();
+    assert_eq!(echo["sub"], "alice");
+    assert_eq!(echo["act"], json!(["svc:order"]));
+
+    let stats = env.verifier.stats();
+    assert_eq!(stats.accepted, 2);
+    env.call(&mut client, &token).await.unwrap();
+    assert!(env.verifier.stats().cache_hits >= 1, "the second call is a cache hit");
+}
+
+#[tokio::test]
+async fn audience_given_as_an_array_is_accepted() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let mut c = env.claims();
+    c["aud"] = json!(["order", AUDIENCE]);
+    let echo = env.call(&mut client, &env.forge_claims(&c)).await.unwrap();
+    assert_eq!(echo["sub"], "alice");
+}
+
+#[tokio::test]
+async fn token_bound_to_the_callers_certificate_is_accepted() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let mut c = env.claims();
+    c["cnf"] = json!({ "x5t#S256": env.thumbprint("order") });
+    env.call(&mut client, &env.forge_claims(&c)).await.unwrap();
+}
+
+#[tokio::test]
+async fn token_signed_by_a_freshly_rotated_key_is_accepted() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    env.call(&mut client, &env.service_token().await).await.unwrap();
+
+    let old = LoadedKey::from_pem_file(KeyAlg::ES256, &env.srv.dir.join("keys/signing.pem")).unwrap();
+    let new = LoadedKey::from_pem(KeyAlg::ES256, generate_pkcs8_pem(KeyAlg::ES256).unwrap().as_bytes()).unwrap();
+    let new_kid = new.kid().to_owned();
+    env.srv.keys().replace(new, vec![old]).unwrap();
+
+    let token = env.service_token().await;
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(header["kid"], new_kid.as_str());
+    let echo = env.call(&mut client, &token).await.unwrap();
+    assert_eq!(echo["sub"], "svc:order");
+}
+
+#[tokio::test]
+async fn key_rotation_under_load_fails_no_verification() {
+    let env = Arc::new(Env::start().await);
+    env.verifier.ready().await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (env, done, ok, failed) = (env.clone(), done.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = env.client("order").await;
+            while !done.load(Ordering::SeqCst) {
+                let token = env.service_token().await;
+                match env.call(&mut client, &token).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(s) => {
+                        eprintln!("verification failed under rotation: {s:?}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    let wait_for = |n: usize| {
+        let ok = ok.clone();
+        async move {
+            while ok.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_for(50).await;
+    // Add a key (published, not yet signing), then switch signing to it.
+    let old = LoadedKey::from_pem_file(KeyAlg::ES256, &env.srv.dir.join("keys/signing.pem")).unwrap();
+    let pem = generate_pkcs8_pem(KeyAlg::ES256).unwrap();
+    let new = LoadedKey::from_pem(KeyAlg::ES256, pem.as_bytes()).unwrap();
+    env.srv.keys().replace(old, vec![new]).unwrap();
+    let base = ok.load(Ordering::SeqCst);
+    wait_for(base + 50).await;
+    let old = LoadedKey::from_pem_file(KeyAlg::ES256, &env.srv.dir.join("keys/signing.pem")).unwrap();
+    let new = LoadedKey::from_pem(KeyAlg::ES256, pem.as_bytes()).unwrap();
+    env.srv.keys().replace(new, vec![old]).unwrap();
+    let base = ok.load(Ordering::SeqCst);
+    wait_for(base + 100).await;
+    done.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    println!("key rotation under load: {} verified, {} failed", ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    assert_eq!(failed.load(Ordering::SeqCst), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Refused: the attack corpus
+
+#[tokio::test]
+async fn attack_corpus_is_refused_with_unauthenticated() {
+    use VerifyError::*;
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let valid = env.service_token().await;
+    let (_, refresh_token) = env.alice_login().await;
+    let claims = env.claims();
+    let payload = claims.to_string();
+    let kid = env.signer.kid().to_owned();
+    let with = |k: &str, v: Value| {
+        let mut c = env.claims();
+        c[k] = v;
+        env.forge_claims(&c)
+    };
+    let without = |k: &str| {
+        let mut c = env.claims();
+        c.as_object_mut().unwrap().remove(k);
+        env.forge_claims(&c)
+    };
+    let header_with = |k: &str, v: Value| {
+        let mut h = env.header();
+        h[k] = v;
+        env.forge(&h, &payload)
+    };
+    let now = now();
+
+    // alg none: without and with a (meaningless) signature.
+    let none = json!({ "alg": "none", "kid": kid, "typ": "at+jwt" });
+    let none_unsigned = format!("{}.{}.", b64(none.to_string()), b64(&payload));
+    let none_signed = format!("{}.{}.{}", b64(none.to_string()), b64(&payload), b64("sig"));
+
+    // HS256 keyed with the published public key.
+    let jwks = pb::GetJwksRequest {};
+    let public = AuthClient::new(env.srv.channel("order").await).get_jwks(jwks).await.unwrap().into_inner().jwks_json;
+    let hs_header = json!({ "alg": "HS256", "kid": kid, "typ": "at+jwt" });
+    let hs_input = format!("{}.{}", b64(hs_header.to_string()), b64(&payload));
+    let hs_key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, public.as_bytes());
+    let hs256 = format!("{hs_input}.{}", b64(aws_lc_rs::hmac::sign(&hs_key, hs_input.as_bytes())));
+
+    // RS256 header on the EC key, really RSA-signed.
+    let rsa = aws_lc_rs::signature::RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let rs_header = json!({ "alg": "RS256", "kid": kid, "typ": "at+jwt" });
+    let rs_input = format!("{}.{}", b64(rs_header.to_string()), b64(&payload));
+    let mut rs_sig = vec![0u8; rsa.public_modulus_len()];
+    rsa.sign(&aws_lc_rs::signature::RSA_PKCS1_SHA256, &SystemRandom::new(), rs_input.as_bytes(), &mut rs_sig).unwrap();
+    let rs256 = format!("{rs_input}.{}", b64(rs_sig));
+
+    // Another key, under our kid and under its own.
+    let other = LoadedKey::from_pem(KeyAlg::ES256, generate_pkcs8_pem(KeyAlg::ES256).unwrap().as_bytes()).unwrap();
+    let other_input = format!("{}.{}", b64(env.header().to_string()), b64(&payload));
+    let other_sig = other.sign_raw(&SystemRandom::new(), other_input.as_bytes()).unwrap();
+    let foreign_signature = format!("{other_input}.{}", b64(other_sig));
+    let own_kid = other.sign_claims(&SystemRandom::new(), &serde_json::from_value(claims.clone()).unwrap()).unwrap();
+
+    // One flipped bit in a real token's payload.
+    let parts: Vec<&str> = valid.split('.').collect();
+    let mut body = URL_SAFE_NO_PAD.decode(parts[1]).unwrap();
+    let at = body.iter().position(|b| *b == b'o').unwrap(); // in "svc:order"
+    body[at] ^= 0x01;
+    let flipped = format!("{}.{}.{}", parts[0], b64(body), parts[2]);
+
+    let mut pad = env.claims();
+    pad["pad"] = json!("x".repeat(9 * 1024));
+
+    let dup = format!(
+        r#"{{"iss":"{}","sub":"alice","sub":"admin","aud":"{AUDIENCE}","exp":{},"nbf":{now},"iat":{now},"jti":"j","client_id":"order"}}"#,
+        env.issuer,
+        now + 300
+    );
+
+    let corpus: Vec<(&str, String, VerifyError)> = vec![
+        ("alg none, unsigned", none_unsigned, Malformed),
+        ("alg none, signed", none_signed, ForbiddenAlg),
+        ("HS256 with the public key as secret", hs256, ForbiddenAlg),
+        ("RS256 header on an EC key", rs256, AlgMismatch),
+        ("unknown kid", own_kid, UnknownKid),
+        ("kid with path characters", header_with("kid", json!("../../keys/signing.pem")), UnknownKid),
+        ("kid with SQL characters", header_with("kid", json!("x' OR '1'='1' --")), UnknownKid),
+        ("no kid", { let mut h = env.header(); h.as_object_mut().unwrap().remove("kid"); env.forge(&h, &payload) }, UnknownKid),
+        ("jku header", header_with("jku", json!("https://evil.example/jwks.json")), ForbiddenHeader),
+        ("x5u header", header_with("x5u", json!("https://evil.example/cert.pem")), ForbiddenHeader),
+        ("x5c header", header_with("x5c", json!(["MIIB"])), ForbiddenHeader),
+        ("jwk header", header_with("jwk", json!({ "kty": "EC" })), ForbiddenHeader),
+        ("crit header", header_with("crit", json!(["exp"])), ForbiddenHeader),
+        ("typ JWT", header_with("typ", json!("JWT")), WrongType),
+        ("no typ", { let mut h = env.header(); h.as_object_mut().unwrap().remove("typ"); env.forge(&h, &payload) }, WrongType),
+        ("refresh token as access token", refresh_token, Malformed),
+        ("signature stripped", format!("{}.{}.", parts[0], parts[1]), Malformed),
+        ("signature part missing", format!("{}.{}", parts[0], parts[1]), Malformed),
+        ("signature from another key", foreign_signature, BadSignature),
+        ("one flipped bit in the payload", flipped, BadSignature),
+        ("expired", with("exp", json!(now - 3600)), Expired),
+        ("not yet valid", with("nbf", json!(now + 3600)), NotYetValid),
+        ("iat in the future", with("iat", json!(now + 3600)), IssuedInFuture),
+        ("wrong issuer", with("iss", json!("evil-issuer")), WrongIssuer),
+        ("wrong audience", with("aud", json!("order")), WrongAudience),
+        ("audience as an empty array", with("aud", json!([])), WrongAudience),
+        ("missing jti", without("jti"), BadClaims),
+        ("empty jti", with("jti", json!("")), MissingJti),
+        ("missing exp", without("exp"), BadClaims),
+        ("over the size limit", env.forge_claims(&pad), TooLarge),
+        ("garbage base64", "!!!.@@@.###".into(), Malformed),
+        ("two dots only", "..".into(), Malformed),
+        ("payload an array", env.forge(&env.header(), "[1,2,3]"), BadClaims),
+        ("payload a string", env.forge(&env.header(), "\"alice\""), BadClaims),
+        ("duplicate claim names", env.forge(&env.header(), &dup), BadClaims),
+        ("cnf of another certificate", with("cnf", json!({ "x5t#S256": env.thumbprint("inventory") })), CnfMismatch),
+    ];
+    for (case, token, why) in corpus {
+        assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, why, case);
+    }
+    // And the untouched token still passes: every refusal was the attack's.
+    env.call(&mut client, &valid).await.unwrap();
+}
+
+#[tokio::test]
+async fn missing_or_non_bearer_credentials_are_unauthenticated() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let status = client.get_jwks(pb::GetJwksRequest {}).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut req = Request::new(pb::GetJwksRequest {});
+    req.metadata_mut().insert("authorization", "Basic b3JkZXI6c2VjcmV0".parse().unwrap());
+    assert_eq!(client.get_jwks(req).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(env.verifier.stats().rejected("missing"), 2);
+}
+
+#[tokio::test]
+async fn revoked_jti_and_revoked_sid_are_refused() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    env.revoke(pb::revoke_request::Target::AccessToken(token.clone()), None).await;
+    wait_refused(&env, &mut client, &token).await;
+    assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, VerifyError::Revoked, "revoked jti");
+
+    let (alice, _) = env.alice_login().await;
+    let obo = env.on_behalf_of(&alice).await;
+    env.call(&mut client, &obo).await.unwrap();
+    let sid = serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(alice.split('.').nth(1).unwrap()).unwrap())
+        .unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
+    wait_refused(&env, &mut client, &obo).await;
+    assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "revoked sid");
+}
+
+/// Polls until the layer refuses `token`; returns how long that took.
+async fn wait_refused(env: &Env, client: &mut AuthClient<Channel>, token: &str) -> Duration {
+    let start = Instant::now();
+    while env.call(client, token).await.is_ok() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn revocation_push_reaches_the_layer_quickly() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let mut samples = Vec::new();
+    for _ in 0..20 {
+        let token = env.service_token().await;
+        env.call(&mut client, &token).await.unwrap();
+        env.revoke(pb::revoke_request::Target::AccessToken(token.clone()), None).await;
+        samples.push(wait_refused(&env, &mut client, &token).await);
+    }
+    samples.sort();
+    println!(
+        "revocation push, Revoke response -> refused by the layer ({} samples): p50 {:?}, max {:?}",
+        samples.len(),
+        samples[samples.len() / 2],
+        samples[samples.len() - 1]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Availability: keys and feed
+
+#[tokio::test]
+async fn requests_are_unavailable_until_keys_load_then_accepted() {
+    let srv = TestServer::start().await;
+    let proxy = Proxy::start(srv.grpc_addr, false).await;
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(lazy_channel(&srv, proxy.addr))
+        .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    assert_refused(env.call(&mut client, &token).await, Code::Unavailable, VerifyError::NoKeys, "no keys yet");
+    proxy.set_up(true);
+    env.verifier.ready().await;
+    env.call(&mut client, &token).await.unwrap();
+}
+
+#[tokio::test]
+async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
+    let srv = TestServer::start().await;
+    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let clock = ManualClock::new(now());
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(lazy_channel(&srv, proxy.addr))
+        .clock(clock.clone())
+        .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+
+    proxy.set_up(false);
+    // A revocation the verifier cannot hear about while cut off.
+    let revoked = env.service_token().await;
+    env.call(&mut client, &revoked).await.unwrap();
+    env.revoke(pb::revoke_request::Target::AccessToken(revoked.clone()), None).await;
+    clock.advance(31);
+    assert_refused(env.call(&mut client, &token).await, Code::Unavailable, VerifyError::FeedStale, "stale feed");
+
+    proxy.set_up(true);
+    while env.call(&mut client, &token).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The reconnect snapshot carried the revocation missed while away.
+    assert_refused(env.call(&mut client, &revoked).await, Code::Unauthenticated, VerifyError::Revoked, "missed revocation");
+}
+
+#[tokio::test]
+async fn keys_load_from_the_http_jwks_endpoint() {
+    let srv = TestServer::start().await;
+    let url = format!("http://{}/.well-known/jwks.json", srv.http_addr);
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .jwks(JwksSource::http(&url).unwrap())
+        .channel(srv.channel("inventory").await)
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    env.call(&mut client, &env.service_token().await).await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// axum
+
+async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, Option<String>, String) {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::get(path).header(http::header::HOST, "localhost");
+    if let Some(a) = auth {
+        req = req.header(http::header::AUTHORIZATION, a);
+    }
+    let resp = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let challenge =
+        resp.headers().get(http::header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, challenge, String::from_utf8(body.to_vec()).unwrap())
+}
+
+#[tokio::test]
+async fn axum_route_is_protected_with_a_bearer_challenge() {
+    use axum::routing::get;
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let app = axum::Router::new()
+        .route("/whoami", get(|axum::Extension(claims): axum::Extension<Claims>| async move { claims.sub }))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(RequireAuthLayer::new(env.verifier.clone()).allow_unauthenticated("/healthz"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let token = env.service_token().await;
+    assert_eq!(http_get(addr, "/whoami", Some(&format!("Bearer {token}"))).await, (200, None, "svc:order".into()));
+    let (status, challenge, _) = http_get(addr, "/whoami", None).await;
+    assert_eq!((status, challenge.as_deref()), (401, Some("Bearer")));
+    let (status, challenge, _) = http_get(addr, "/whoami", Some("Bearer not.a.token")).await;
+    assert_eq!((status, challenge.as_deref()), (401, Some("Bearer error=\"invalid_token\"")));
+    let mut c = env.claims();
+    c["exp"] = json!(now() - 3600);
+    let (status, challenge, _) = http_get(addr, "/whoami", Some(&format!("Bearer {}", env.forge_claims(&c)))).await;
+    assert_eq!((status, challenge.as_deref()), (401, Some("Bearer error=\"invalid_token\"")));
+    assert_eq!(http_get(addr, "/healthz", None).await.0, 200);
+    server.abort();
+}

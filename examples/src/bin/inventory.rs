@@ -1,0 +1,36 @@
+//! The inventory example service.
+//!
+//! Environment: `AUTH_DEV_DIR` (default `.auth-dev`), `AUTH_URL` (default
+//! `https://127.0.0.1:50051`), `AUTH_ISSUER` (default `auth-service`),
+//! `LISTEN` (default `127.0.0.1:50062`).
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt().init();
+    let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
+    let env = examples::env::ServiceEnv::new(
+        var("AUTH_DEV_DIR", ".auth-dev"),
+        "inventory",
+        var("AUTH_URL", "https://127.0.0.1:50051"),
+    );
+    let listen = var("LISTEN", "127.0.0.1:50062");
+    let listener = match tokio::net::TcpListener::bind(&listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("inventory: bind {listen}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    println!("inventory listening on {listen} (mTLS)");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match examples::inventory::serve(listener, &env, &var("AUTH_ISSUER", "auth-service"), shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("inventory: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The end-to-end demo: the auth server (in-memory store), `inventory` and
+//! `order`, started in this process on free ports against a dev PKI, then
+//! five steps, each printing one line. Any unexpected outcome is an error.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use auth_proto::auth::v1::auth_client::AuthClient;
+use auth_proto::auth::v1::{
+    ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest, login_request, revoke_request,
+};
+use auth_server::clock::SystemClock;
+use auth_server::config::{Config, Overrides};
+use tokio::net::TcpListener;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::env::{EnvError, ServiceEnv};
+use crate::order::OrderResponse;
+
+/// Why the demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Setting up failed.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// A step did not behave as it should.
+    #[error("step {step}: {what}")]
+    Step {
+        /// Step number.
+        step: u8,
+        /// What went wrong.
+        what: String,
+    },
+}
+
+impl From<EnvError> for DemoError {
+    fn from(e: EnvError) -> Self {
+        DemoError::Setup(e.to_string())
+    }
+}
+
+fn fail(step: u8, what: impl Into<String>) -> DemoError {
+    DemoError::Step { step, what: what.into() }
+}
+
+fn setup(e: impl std::fmt::Display) -> DemoError {
+    DemoError::Setup(e.to_string())
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// Revoke response → first request refused by order's verify layer.
+    pub logout_to_refused: Duration,
+}
+
+struct Http {
+    addr: std::net::SocketAddr,
+}
+
+impl Http {
+    /// POST /orders with a bearer token; returns (status, body).
+    async fn order(&self, token: &str) -> Result<(u16, String), DemoError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let body = r#"{"sku":"sku-1","quantity":1}"#;
+        let req = format!(
+            "POST /orders HTTP/1.1\r\nHost: order\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut s = tokio::net::TcpStream::connect(self.addr).await.map_err(setup)?;
+        s.write_all(req.as_bytes()).await.map_err(setup)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(setup)?;
+        let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    }
+}
+
+async fn login(
+    auth: &mut AuthClient<Channel>,
+    dir: &std::path::Path,
+    user: &str,
+) -> Result<(String, String), DemoError> {
+    let creds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("credentials").join(format!("{user}.json"))).map_err(setup)?,
+    )
+    .map_err(setup)?;
+    let res = auth
+        .login(LoginRequest {
+            grant: Some(login_request::Grant::Password(PasswordGrant {
+                username: creds["username"].as_str().unwrap_or_default().into(),
+                password: creds["password"].as_str().unwrap_or_default().into(),
+            })),
+            audience: vec!["order".into()],
+            scope: vec![],
+        })
+        .await
+        .map_err(|s| fail(1, format!("login refused: {s}")))?
+        .into_inner();
+    Ok((res.access_token, res.refresh_token))
+}
+
+fn sid_of(token: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v["sid"].as_str().map(str::to_owned)
+}
+
+/// Runs the demo in `dir` (a dev directory, created when missing).
+pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // 1. The auth server, in this process, in-memory store.
+    let env = auth_server::dev::ensure(&dir).map_err(setup)?;
+    let config = Config::load(&env.config_path, &Overrides::default()).map_err(setup)?;
+    let issuer = config.issuer.clone();
+    let keys = std::sync::Arc::new(auth_server::server::load_file_keys(&config.keys).map_err(setup)?);
+    let store = auth_server::server::open_store(&config).await.map_err(setup)?;
+    let grpc = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let http = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let auth_uri = format!("https://{}", grpc.local_addr().map_err(setup)?);
+    let core = auth_server::server::build_core(config, keys, store, std::sync::Arc::new(SystemClock)).map_err(setup)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let auth_task = tokio::spawn(auth_server::server::serve(grpc, http, core, stopped(stop_rx.clone())));
+
+    // 2. inventory (mTLS gRPC) and order (HTTP front).
+    let inventory_env = ServiceEnv::new(&dir, "inventory", &auth_uri);
+    let inventory_listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let inventory_uri = format!("https://{}", inventory_listener.local_addr().map_err(setup)?);
+    let inv_issuer = issuer.clone();
+    let inv_stop = stopped(stop_rx.clone());
+    let inventory_task = tokio::spawn(async move {
+        crate::inventory::serve(inventory_listener, &inventory_env, &inv_issuer, inv_stop).await
+    });
+    let order_env = ServiceEnv::new(&dir, "order", &auth_uri);
+    let order_listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let order_http = Http { addr: order_listener.local_addr().map_err(setup)? };
+    let ord_stop = stopped(stop_rx.clone());
+    let order_task = tokio::spawn(async move {
+        crate::order::serve(order_listener, &order_env, &issuer, &inventory_uri, ord_stop).await
+    });
+
+    let result = steps(&dir, &auth_uri, &order_http).await;
+    let _ = stop_tx.send(true);
+    for t in [inventory_task, order_task] {
+        match tokio::time::timeout(Duration::from_secs(5), t).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "service stopped with an error"),
+            Ok(_) | Err(_) => {}
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), auth_task).await;
+    result
+}
+
+async fn steps(dir: &std::path::Path, auth_uri: &str, order: &Http) -> Result<DemoReport, DemoError> {
+    // The user's side talks to the auth server like any client of the mesh.
+    let mut auth = AuthClient::new(ServiceEnv::new(dir, "admin", auth_uri).auth_channel()?);
+
+    // 1. Log in.
+    let (token, _) = login(&mut auth, dir, "alice").await?;
+    println!("[1/5] alice logged in: access token for aud=order");
+
+    // 2. Place an order; inventory sees the user, acted for by order.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, body) = loop {
+        let (status, body) = order.order(&token).await?;
+        // 503 until order's verifier has loaded keys and the revocation feed.
+        if status != 503 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if status != 200 {
+        return Err(fail(2, format!("POST /orders answered {status}: {body}")));
+    }
+    let seen: OrderResponse = serde_json::from_str(&body).map_err(|e| fail(2, format!("bad body: {e}")))?;
+    if seen.inventory_saw_subject != "alice"
+        || seen.inventory_saw_actors != ["svc:order"]
+        || seen.inventory_saw_audience != ["inventory"]
+    {
+        return Err(fail(2, format!("inventory saw the wrong caller: {seen:?}")));
+    }
+    println!("[2/5] order placed; inventory saw sub=alice act=svc:order aud=inventory");
+
+    // 3. An exchange for an audience off order's allow-list is refused.
+    let creds: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("credentials/order.json")).map_err(setup)?)
+            .map_err(setup)?;
+    let mut as_order = AuthClient::new(ServiceEnv::new(dir, "order", auth_uri).auth_channel()?);
+    let refused = as_order
+        .exchange_token(ExchangeTokenRequest {
+            client_id: creds["client_id"].as_str().unwrap_or_default().into(),
+            client_secret: creds["client_secret"].as_str().unwrap_or_default().into(),
+            subject_token: token.clone(),
+            audience: "payments".into(),
+            ..Default::default()
+        })
+        .await;
+    match refused {
+        Err(s) if s.code() == Code::PermissionDenied => {
+            println!("[3/5] exchange for aud=payments refused: PERMISSION_DENIED ({})", s.message());
+        }
+        other => return Err(fail(3, format!("expected PERMISSION_DENIED, got {other:?}"))),
+    }
+
+    // 4. Log out; the next order is refused within milliseconds.
+    let sid = sid_of(&token).ok_or_else(|| fail(4, "token has no sid"))?;
+    let mut req = tonic::Request::new(RevokeRequest { target: Some(revoke_request::Target::Sid(sid)) });
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(4, "bad metadata"))?);
+    auth.revoke(req).await.map_err(|s| fail(4, format!("logout refused: {s}")))?;
+    let revoked_at = Instant::now();
+    let delay = loop {
+        let (status, _) = order.order(&token).await?;
+        if status == 401 {
+            break revoked_at.elapsed();
+        }
+        if revoked_at.elapsed() > Duration::from_secs(5) {
+            return Err(fail(4, format!("still answered {status} 5 s after logout")));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    println!(
+        "[4/5] alice logged out; the next order was refused (401) {:.1} ms after the Revoke response",
+        delay.as_secs_f64() * 1e3
+    );
+
+    // 5. Refresh, replay the old refresh token, and see the family revoked.
+    let (_, first) = login(&mut auth, dir, "alice").await?;
+    let second = auth
+        .refresh(RefreshRequest { refresh_token: first.clone() })
+        .await
+        .map_err(|s| fail(5, format!("refresh refused: {s}")))?
+        .into_inner()
+        .refresh_token;
+    match auth.refresh(RefreshRequest { refresh_token: first }).await {
+        Err(s) if s.code() == Code::Unauthenticated => {}
+        other => return Err(fail(5, format!("replay should be refused, got {other:?}"))),
+    }
+    match auth.refresh(RefreshRequest { refresh_token: second }).await {
+        Err(s) if s.code() == Code::Unauthenticated => {}
+        other => return Err(fail(5, format!("the family should be revoked, got {other:?}"))),
+    }
+    println!("[5/5] refresh rotated; replaying the old refresh token revoked the whole family");
+    Ok(DemoReport { logout_to_refused: delay })
+}

@@ -1,0 +1,116 @@
+//! The `order` example service: an axum HTTP front for end users,
+//! `POST /orders`, behind `RequireAuthLayer` (audience `order`). It calls
+//! `inventory` on behalf of the user with a token exchanged through
+//! `AuthChannel`, using its own service-account credentials read from a
+//! file, as Vault Agent would render it.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use service_sdk::{AuthChannel, BearerToken, Claims, RequireAuthLayer, TokenSource, Verifier};
+use tokio::net::TcpListener;
+
+use crate::env::{EnvError, ServiceEnv};
+use crate::shop::ReserveRequest;
+use crate::shop::inventory_client::InventoryClient;
+
+/// The service's audience name.
+pub const AUDIENCE: &str = "order";
+
+/// `POST /orders` body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderRequest {
+    /// Item.
+    pub sku: String,
+    /// Units.
+    pub quantity: u32,
+}
+
+/// `POST /orders` answer: what inventory saw, so callers can check it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct OrderResponse {
+    /// Units left.
+    pub remaining: u32,
+    /// `sub` as inventory verified it.
+    pub inventory_saw_subject: String,
+    /// `act` chain as inventory verified it.
+    pub inventory_saw_actors: Vec<String>,
+    /// `aud` as inventory verified it.
+    pub inventory_saw_audience: Vec<String>,
+}
+
+#[derive(Clone)]
+struct AppState {
+    inventory: AuthChannel,
+}
+
+/// The router, given a verifier for audience `order` and an `AuthChannel`
+/// to inventory.
+pub fn router(verifier: Verifier, inventory: AuthChannel) -> Router {
+    Router::new()
+        .route("/orders", post(place_order))
+        .layer(RequireAuthLayer::new(verifier))
+        .with_state(Arc::new(AppState { inventory }))
+}
+
+async fn place_order(
+    State(state): State<Arc<AppState>>,
+    Extension(claims): Extension<Claims>,
+    Extension(token): Extension<BearerToken>,
+    Json(body): Json<OrderRequest>,
+) -> Result<Json<OrderResponse>, (StatusCode, String)> {
+    claims.require_perm("orders:create").map_err(|s| (StatusCode::FORBIDDEN, s.message().to_owned()))?;
+    tracing::info!(sub = %claims.sub, "placing order");
+    let channel = state.inventory.on_behalf_of_token(token.as_str()).await.map_err(|e| {
+        let code = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
+        (code, e.to_string())
+    })?;
+    let res = InventoryClient::new(channel)
+        .reserve(ReserveRequest { sku: body.sku, quantity: body.quantity })
+        .await
+        .map_err(|s| (http_status(s.code()), s.message().to_owned()))?
+        .into_inner();
+    Ok(Json(OrderResponse {
+        remaining: res.remaining,
+        inventory_saw_subject: res.subject,
+        inventory_saw_actors: res.actors,
+        inventory_saw_audience: res.audience,
+    }))
+}
+
+fn http_status(code: tonic::Code) -> StatusCode {
+    match code {
+        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::BAD_GATEWAY,
+    }
+}
+
+/// Serves order's HTTP front on `listener` until `shutdown`, calling
+/// inventory at `inventory_uri`.
+pub async fn serve(
+    listener: TcpListener,
+    env: &ServiceEnv,
+    issuer: &str,
+    inventory_uri: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), EnvError> {
+    let auth = env.auth_channel()?;
+    let verifier =
+        Verifier::builder(issuer, AUDIENCE).channel(auth.clone()).build().map_err(|e| EnvError::new("verifier", e))?;
+    let source = TokenSource::builder(auth, env.credentials()).build();
+    let inventory = AuthChannel::new(env.channel_to(inventory_uri)?, source, crate::inventory::AUDIENCE);
+    axum::serve(listener, router(verifier, inventory))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| EnvError::new("order server", e))
+}
