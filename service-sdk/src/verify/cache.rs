@@ -50,11 +50,8 @@ pub(crate) struct TokenCache {
 impl TokenCache {
     /// A cache of at most `capacity` tokens.
     pub(crate) fn new(capacity: u64) -> Self {
-        let inner = Cache::builder()
-            .max_capacity(capacity)
-            .expire_after(UntilExpiry)
-            .support_invalidation_closures()
-            .build();
+        let inner =
+            Cache::builder().max_capacity(capacity).expire_after(UntilExpiry).support_invalidation_closures().build();
         Self { inner }
     }
 
@@ -97,6 +94,7 @@ impl TokenCache {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::claims::Audience;

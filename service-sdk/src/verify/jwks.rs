@@ -70,7 +70,9 @@ impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::Grpc(_) => f.write_str("Grpc"),
-            Source::Http(h) => write!(f, "Http({}://{}:{}{})", if h.tls.is_some() { "https" } else { "http" }, h.host, h.port, h.path),
+            Source::Http(h) => {
+                write!(f, "Http({}://{}:{}{})", if h.tls.is_some() { "https" } else { "http" }, h.host, h.port, h.path)
+            }
             Source::Fixed(k) => write!(f, "Fixed({} keys)", k.len()),
             #[cfg(test)]
             Source::Scripted(_) => f.write_str("Scripted"),
@@ -154,12 +156,7 @@ impl JwksSource {
         let json = match &self.0 {
             Source::Grpc(channel) => {
                 let mut client = AuthClient::new(channel.clone());
-                client
-                    .get_jwks(GetJwksRequest {})
-                    .await
-                    .map_err(|s| JwksError::Grpc(s.code()))?
-                    .into_inner()
-                    .jwks_json
+                client.get_jwks(GetJwksRequest {}).await.map_err(|s| JwksError::Grpc(s.code()))?.into_inner().jwks_json
             }
             Source::Http(h) => h.get().await?,
             Source::Fixed(keys) => return Ok(KeySet::clone(keys)),
@@ -182,10 +179,8 @@ impl HttpJwks {
         let _ = tcp.set_nodelay(true);
         match &self.tls {
             Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| JwksError::Transport(e.to_string()))?;
+                let tls =
+                    connector.connect(name.clone(), tcp).await.map_err(|e| JwksError::Transport(e.to_string()))?;
                 self.request(tls).await
             }
             None => self.request(tcp).await,
@@ -387,6 +382,7 @@ impl JwksSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::sync::atomic::Ordering;
 

@@ -140,10 +140,8 @@ where
                     return refuse_now(e, grpc);
                 }
             };
-            let tonic_certs = req
-                .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
-                .and_then(TlsConnectInfo::peer_certs);
+            let tonic_certs =
+                req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(TlsConnectInfo::peer_certs);
             let peer: Option<&[u8]> = match &tonic_certs {
                 Some(certs) => certs.first().map(|c| c.as_ref()),
                 None => req.extensions().get::<PeerCertificate>().map(|p| p.0.as_ref()),
@@ -252,6 +250,7 @@ impl Claims {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -29,7 +29,7 @@ pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
 pub use layer::{BearerToken, PeerCertificate, RequireAuth, RequireAuthLayer, ResponseFuture};
 #[cfg(feature = "redis")]
-pub use redis::RedisRevocation;
+pub use redis::{RedisRevocation, RedisSetupError};
 pub use revocation::{
     FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup, RevokedId, RevokedKind,
 };

@@ -345,6 +345,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::ManualClock;

@@ -1,5 +1,7 @@
 //! Keys generated in-test, and tokens signed with them (unit tests only).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
 use base64::Engine as _;

@@ -445,6 +445,7 @@ impl VerifierBuilder {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
@@ -465,9 +466,7 @@ mod tests {
 
     fn snapshot(entries: Vec<auth_proto::auth::v1::Revocation>) -> auth_proto::auth::v1::RevocationEvent {
         use auth_proto::auth::v1 as pb;
-        pb::RevocationEvent {
-            event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })),
-        }
+        pb::RevocationEvent { event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })) }
     }
 
     fn revoke(feed: &RevocationFeed, kind: auth_proto::auth::v1::RevocationKind, id: &str) {

@@ -29,9 +29,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
-use service_sdk::{
-    BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError,
-};
+use service_sdk::{BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -73,7 +71,8 @@ impl Auth for Probe {
     async fn get_jwks(&self, req: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
         let claims = Claims::from_request(&req)?;
         let token = req.extensions().get::<BearerToken>().map(|t| t.as_str().len()).unwrap_or(0);
-        let echo = json!({ "sub": claims.subject(), "jti": claims.jti, "token_len": token, "act": claims.actor_chain() });
+        let echo =
+            json!({ "sub": claims.subject(), "jti": claims.jti, "token_len": token, "act": claims.actor_chain() });
         Ok(Response::new(pb::GetJwksResponse { jwks_json: echo.to_string() }))
     }
     type WatchRevocationsStream = EventStream;
@@ -373,7 +372,8 @@ async fn token_signed_by_a_freshly_rotated_key_is_accepted() {
     env.srv.keys().replace(new, vec![old]).unwrap();
 
     let token = env.service_token().await;
-    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    let header: Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
     assert_eq!(header["kid"], new_kid.as_str());
     let echo = env.call(&mut client, &token).await.unwrap();
     assert_eq!(echo["sub"], "svc:order");
@@ -427,7 +427,11 @@ async fn key_rotation_under_load_fails_no_verification() {
     for w in workers {
         w.await.unwrap();
     }
-    println!("key rotation under load: {} verified, {} failed", ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    println!(
+        "key rotation under load: {} verified, {} failed",
+        ok.load(Ordering::SeqCst),
+        failed.load(Ordering::SeqCst)
+    );
     assert_eq!(failed.load(Ordering::SeqCst), 0);
 }
 
@@ -514,14 +518,30 @@ async fn attack_corpus_is_refused_with_unauthenticated() {
         ("unknown kid", own_kid, UnknownKid),
         ("kid with path characters", header_with("kid", json!("../../keys/signing.pem")), UnknownKid),
         ("kid with SQL characters", header_with("kid", json!("x' OR '1'='1' --")), UnknownKid),
-        ("no kid", { let mut h = env.header(); h.as_object_mut().unwrap().remove("kid"); env.forge(&h, &payload) }, UnknownKid),
+        (
+            "no kid",
+            {
+                let mut h = env.header();
+                h.as_object_mut().unwrap().remove("kid");
+                env.forge(&h, &payload)
+            },
+            UnknownKid,
+        ),
         ("jku header", header_with("jku", json!("https://evil.example/jwks.json")), ForbiddenHeader),
         ("x5u header", header_with("x5u", json!("https://evil.example/cert.pem")), ForbiddenHeader),
         ("x5c header", header_with("x5c", json!(["MIIB"])), ForbiddenHeader),
         ("jwk header", header_with("jwk", json!({ "kty": "EC" })), ForbiddenHeader),
         ("crit header", header_with("crit", json!(["exp"])), ForbiddenHeader),
         ("typ JWT", header_with("typ", json!("JWT")), WrongType),
-        ("no typ", { let mut h = env.header(); h.as_object_mut().unwrap().remove("typ"); env.forge(&h, &payload) }, WrongType),
+        (
+            "no typ",
+            {
+                let mut h = env.header();
+                h.as_object_mut().unwrap().remove("typ");
+                env.forge(&h, &payload)
+            },
+            WrongType,
+        ),
         ("refresh token as access token", refresh_token, Malformed),
         ("signature stripped", format!("{}.{}.", parts[0], parts[1]), Malformed),
         ("signature part missing", format!("{}.{}", parts[0], parts[1]), Malformed),
@@ -670,7 +690,12 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The reconnect snapshot carried the revocation missed while away.
-    assert_refused(env.call(&mut client, &revoked).await, Code::Unauthenticated, VerifyError::Revoked, "missed revocation");
+    assert_refused(
+        env.call(&mut client, &revoked).await,
+        Code::Unauthenticated,
+        VerifyError::Revoked,
+        "missed revocation",
+    );
 }
 
 #[tokio::test]
@@ -701,8 +726,7 @@ async fn http_get(addr: SocketAddr, path: &str, auth: Option<&str>) -> (u16, Opt
     }
     let resp = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
     let status = resp.status().as_u16();
-    let challenge =
-        resp.headers().get(http::header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
+    let challenge = resp.headers().get(http::header::WWW_AUTHENTICATE).map(|v| v.to_str().unwrap().to_owned());
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, challenge, String::from_utf8(body.to_vec()).unwrap())
 }
@@ -732,4 +756,54 @@ async fn axum_route_is_protected_with_a_bearer_challenge() {
     assert_eq!((status, challenge.as_deref()), (401, Some("Bearer error=\"invalid_token\"")));
     assert_eq!(http_get(addr, "/healthz", None).await.0, 200);
     server.abort();
+}
+
+// ---------------------------------------------------------------------------
+// redis mode
+
+#[tokio::test]
+async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
+    use auth_server::testing::RedisProcess;
+    use service_sdk::verify::RedisRevocation;
+    let mut redis = RedisProcess::start();
+    let srv = TestServer::builder().store_url(redis.url()).start().await;
+    let prefix = srv.config().redis.prefix.clone();
+    let check = RedisRevocation::connect(&redis.url(), &prefix, Duration::from_millis(500)).unwrap();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .jwks(JwksSource::grpc(srv.channel("inventory").await))
+        .revocation(check)
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+
+    // By jti.
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    env.revoke(pb::revoke_request::Target::AccessToken(token.clone()), None).await;
+    assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, VerifyError::Revoked, "jti");
+
+    // By sid (a cached token: the lookup runs on every request).
+    let (alice, _) = env.alice_login().await;
+    let obo = env.on_behalf_of(&alice).await;
+    env.call(&mut client, &obo).await.unwrap();
+    let sid = serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(alice.split('.').nth(1).unwrap()).unwrap())
+        .unwrap()["sid"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
+    assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "sid");
+
+    // Redis gone: fail closed.
+    let live = env.service_token().await;
+    env.call(&mut client, &live).await.unwrap();
+    redis.kill();
+    assert_refused(
+        env.call(&mut client, &live).await,
+        Code::Unavailable,
+        VerifyError::RevocationUnavailable,
+        "redis down",
+    );
 }

@@ -1,3 +1,0 @@
-//! Temporary: the verify tests alone while client.rs is in progress.
-#[path = "it/verify.rs"]
-mod verify;
