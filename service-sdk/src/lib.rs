@@ -1,8 +1,26 @@
 //! `service-sdk`: what every service of the token-exchange platform embeds.
 //!
-//! - **Server side** ([`verify`]): validate incoming access tokens with keys
-//!   pinned to one algorithm each, explicit `iss`/`aud`/`exp`/`nbf`/`iat`
-//!   checks, and typed [`Claims`].
+//! - **Server side** ([`verify`]): a [`Verifier`] checks incoming access
+//!   tokens (keys pinned to one algorithm each, explicit `typ`, `iss`,
+//!   `aud`, `exp`, `nbf`, `iat` and `jti` checks, RFC 8705 certificate
+//!   binding, pushed revocations, a verified-token cache), with keys from
+//!   `GetJwks` over mTLS or an HTTP(S) JWKS URL. [`RequireAuthLayer`] puts it
+//!   in front of a tonic server or an axum router and hands handlers typed
+//!   [`Claims`] and the raw [`BearerToken`] in request extensions.
+//!
+//! ```no_run
+//! # async fn demo(auth_channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
+//! use service_sdk::{Claims, RequireAuthLayer, Verifier};
+//! // Keys from GetJwks and revocations from WatchRevocations, both over the
+//! // service's own mTLS channel to the auth service.
+//! let verifier = Verifier::builder("auth-service", "inventory").channel(auth_channel).build()?;
+//! let layer = RequireAuthLayer::new(verifier);
+//! // tonic: Server::builder().layer(layer).add_service(..)
+//! // in a handler: Claims::from_request(&req)?.require_perm("inventory:read")?;
+//! # let _ = layer; Ok(()) }
+//! ```
+//!
+//! The pure validation step is usable on its own:
 //!
 //! ```
 //! use service_sdk::{KeySet, Validator, VerifyError};
@@ -11,7 +29,11 @@
 //! assert_eq!(validator.validate("not.a.token", &keys, 0), Err(VerifyError::Malformed));
 //! ```
 //!
-//! No feature flags yet.
+//! # Feature flags
+//!
+//! - `vault` (default): credentials read from Vault.
+//! - `redis`: `verify::RedisRevocation`, revocation by a per-request Redis
+//!   lookup instead of the pushed [`RevocationFeed`].
 
 mod claims;
 mod client;
