@@ -627,6 +627,7 @@ impl SigningKeys for TransitKeys {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

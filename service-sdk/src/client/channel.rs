@@ -99,7 +99,12 @@ impl<S: Clone> AuthChannel<S> {
     /// token passed explicitly (e.g. from an HTTP handler).
     pub async fn on_behalf_of_token(&self, user_token: &str) -> Result<Self, TokenError> {
         let token = self.source.token_for(&self.audience).on_behalf_of(user_token).await?;
-        Ok(Self { inner: self.inner.clone(), source: self.source.clone(), audience: self.audience.clone(), fixed: Some(token) })
+        Ok(Self {
+            inner: self.inner.clone(),
+            source: self.source.clone(),
+            audience: self.audience.clone(),
+            fixed: Some(token),
+        })
     }
 }
 

@@ -55,6 +55,7 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -22,9 +22,11 @@ mod tls;
 
 pub use channel::{AuthChannel, AuthFuture, BoxError};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use credentials::{
+    CLIENT_ID_VAR, CLIENT_SECRET_VAR, Credentials, CredentialsError, EnvCredentials, FileCredentials,
+};
 #[cfg(feature = "vault")]
 pub use credentials::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
-pub use credentials::{CLIENT_ID_VAR, CLIENT_SECRET_VAR, Credentials, CredentialsError, EnvCredentials, FileCredentials};
 pub use secret::{ClientCredentials, ClientSecret};
 pub use source::{AccessToken, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats};
 pub use tls::{MtlsFiles, TlsError};

