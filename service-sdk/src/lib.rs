@@ -20,6 +20,33 @@
 //! # let _ = layer; Ok(()) }
 //! ```
 //!
+//! - **Client side**: a [`TokenSource`] exchanges the service's own
+//!   credentials ([`EnvCredentials`], [`FileCredentials`], or
+//!   `VaultCredentials` with the `vault` feature) for short-lived tokens
+//!   whose `aud` is the target service, caches them per (audience, subject),
+//!   renews them in the background and serves them from memory.
+//!   [`AuthChannel`] attaches `authorization: Bearer …` to every call of any
+//!   generated tonic client; [`MtlsFiles`] builds the mTLS channels.
+//!
+//! Call another service, in five lines (any generated client works the way
+//! `AuthClient` does here):
+//!
+//! ```no_run
+//! # use auth_proto::auth::v1::{auth_client::AuthClient as InventoryClient, GetJwksRequest};
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use service_sdk::{AuthChannel, EnvCredentials, MtlsFiles, TokenSource};
+//! let tls = MtlsFiles::new("/tls/ca.pem", "/tls/order.pem", "/tls/order-key.pem");
+//! let tokens = TokenSource::builder(tls.channel("https://auth:50051", "auth")?, EnvCredentials::from_env()?).build();
+//! let mut inventory = InventoryClient::new(AuthChannel::new(tls.channel("https://inventory:50051", "inventory")?, tokens, "inventory"));
+//! inventory.get_jwks(GetJwksRequest {}).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Inside a handler behind [`RequireAuthLayer`], calling on behalf of the
+//! caller is one line: `let mut inventory =
+//! InventoryClient::new(self.inventory.on_behalf_of(&request).await?);`
+//! (the result has `sub` = the user and `act` = this service).
+//!
 //! The pure validation step is usable on its own:
 //!
 //! ```
@@ -31,7 +58,8 @@
 //!
 //! # Feature flags
 //!
-//! - `vault` (default): credentials read from Vault.
+//! - `vault` (default): `VaultCredentials`, service credentials read from
+//!   a Vault KV v2 secret after an AppRole, Kubernetes or token login.
 //! - `redis`: `verify::RedisRevocation`, revocation by a per-request Redis
 //!   lookup instead of the pushed [`RevocationFeed`].
 

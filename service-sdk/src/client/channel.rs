@@ -79,7 +79,7 @@ impl<S: Clone> AuthChannel<S> {
     /// audience, and sends that token on every call. The one line a handler
     /// needs:
     ///
-    /// ```ignore
+    /// ```text
     /// let mut inventory = InventoryClient::new(self.inventory.on_behalf_of(&request).await?);
     /// ```
     ///
