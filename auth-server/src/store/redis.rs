@@ -61,6 +61,7 @@ use fred::prelude::{
     Builder, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface, FromValue, HashesInterface,
     KeysInterface, LuaInterface, Pool, PubsubInterface, ReconnectPolicy,
 };
+use fred::types::config::UnresponsiveConfig;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -400,6 +401,12 @@ impl RedisStore {
                 // Never replay a command after a broken connection: a
                 // refresh that ran but lost its reply would look like reuse.
                 conn.max_command_attempts = 1;
+                // Drop a connection whose replies stop (a half-open socket)
+                // rather than timing out every command on it forever.
+                conn.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(timeout),
+                    interval: (timeout / 4).max(Duration::from_millis(10)),
+                };
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool_size = config.pool_size.max(1);
