@@ -23,10 +23,10 @@
 //!
 //! Memory: an access token costs its one `{P}:i:` key (136 bytes by `MEMORY
 //! USAGE` while the value fits Redis's 44-byte embedded string). Revoking it
-//! rewrites the mark in place and appends about 30 bytes to its minute's
-//! bucket (about 45 with string growth slack), where a second key or a
-//! sorted-set member would cost 80 to 120 bytes: a revoked live token stays
-//! under 200 bytes. `docs/REDIS.md` has the measured figures.
+//! rewrites the mark in place and adds a list entry of about 28 bytes to its
+//! minute's bucket, where a second key or a sorted-set member would cost 80
+//! to 120 bytes: a revoked live token costs about 162 bytes, under the 200
+//! budget. `docs/REDIS.md` has the measured figures.
 //!
 //! # Atomicity and durability
 //!
@@ -43,8 +43,9 @@
 //! # Failures
 //!
 //! Every command carries the configured timeout and is never retried by the
-//! client (a retried refresh could pass for a reuse); any failure is
-//! [`StoreError::Unavailable`]. `fred` reconnects by itself. The subscriber
+//! client (a retried refresh could pass for a reuse); a down, slow or
+//! refusing Redis is [`StoreError::Unavailable`] (a reply the store cannot
+//! read is [`StoreError::Corrupt`]). `fred` reconnects by itself. The subscriber
 //! re-subscribes after a reconnect and then re-publishes the whole snapshot
 //! to [`Store::subscribe`]rs, since messages sent while it was away are lost.
 //!
@@ -365,6 +366,8 @@ pub struct RedisStore {
     shared: Arc<Shared>,
     subscriber: SubscriberClient,
     events: broadcast::Sender<Revocation>,
+    /// Whether the subscriber is subscribed on its current connection.
+    subscribed: watch::Receiver<bool>,
     forwarder: JoinHandle<()>,
 }
 
@@ -440,7 +443,7 @@ impl RedisStore {
         } else {
             tracing::info!(prefix = %config.prefix, pool_size, "redis store connected");
         }
-        Ok(Self { shared, subscriber, events, forwarder })
+        Ok(Self { shared, subscriber, events, subscribed: subscribed_rx, forwarder })
     }
 
     fn revocation_message(&self, revocation: &Revocation) -> String {
@@ -479,8 +482,20 @@ async fn forward(
         tokio::select! {
             connection = connections.recv() => match connection {
                 Ok(_) | Err(RecvError::Lagged(_)) => {
-                    if let Err(e) = shared.bounded(subscriber.subscribe(channel.as_str())).await {
-                        tracing::warn!(error = %e, "redis revocation channel: subscribe failed");
+                    subscribed.send_replace(false);
+                    // Retry while this connection lasts; a new one brings a
+                    // new event.
+                    loop {
+                        match shared.bounded(subscriber.subscribe(channel.as_str())).await {
+                            Ok(()) => break,
+                            Err(e) => tracing::warn!(error = %e, "redis revocation channel: subscribe failed"),
+                        }
+                        if !subscriber.is_connected() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    if !subscriber.is_connected() {
                         continue;
                     }
                     subscribed.send_replace(true);
@@ -662,7 +677,7 @@ impl Store for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.shared.bounded(self.shared.pool.ping(None)).await?;
-        if !self.subscriber.is_connected() {
+        if !self.subscriber.is_connected() || !*self.subscribed.borrow() {
             return Err(StoreError::Unavailable("redis revocation subscriber disconnected".into()));
         }
         Ok(())
