@@ -160,10 +160,10 @@ async fn propagation(b: &TestServer, at_b: &mut AuthClient<Channel>, a: &TestSer
     let (arrivals_tx, mut arrivals) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     tokio::spawn(async move {
         while let Ok(Some(event)) = stream.message().await {
-            if let Some(Event::Revoked(r)) = event.event {
-                if arrivals_tx.send((r.id, Instant::now())).is_err() {
-                    return;
-                }
+            if let Some(Event::Revoked(r)) = event.event
+                && arrivals_tx.send((r.id, Instant::now())).is_err()
+            {
+                return;
             }
         }
     });

@@ -11,6 +11,8 @@
 //! interleaved rounds; each reports its best round. `BENCH_SECS` (default 2)
 //! sets the time per measurement.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

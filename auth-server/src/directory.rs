@@ -238,10 +238,10 @@ impl Directory {
             if !bool::from(presented.as_ref().ct_eq(&acc.digest)) {
                 return Err(BAD);
             }
-            if let Some(bound) = &acc.account.mtls_identity {
-                if peer.map(|p| &p.id) != Some(bound) {
-                    return Err(AuthError::Unauthenticated("client certificate does not match the account"));
-                }
+            if let Some(bound) = &acc.account.mtls_identity
+                && peer.map(|p| &p.id) != Some(bound)
+            {
+                return Err(AuthError::Unauthenticated("client certificate does not match the account"));
             }
             return Ok(&acc.account);
         }

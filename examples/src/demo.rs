@@ -149,9 +149,8 @@ pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     let result = steps(&dir, &auth_uri, &order_http).await;
     let _ = stop_tx.send(true);
     for t in [inventory_task, order_task] {
-        match tokio::time::timeout(Duration::from_secs(5), t).await {
-            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "service stopped with an error"),
-            Ok(_) | Err(_) => {}
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), t).await {
+            tracing::warn!(error = %e, "service stopped with an error");
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), auth_task).await;

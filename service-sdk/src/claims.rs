@@ -98,11 +98,7 @@ impl Audience {
 
     /// Builds the most compact form: a string for one audience, else an array.
     pub fn from_list(mut list: Vec<String>) -> Self {
-        if list.len() == 1 {
-            Audience::One(list.remove(0))
-        } else {
-            Audience::Many(list)
-        }
+        if list.len() == 1 { Audience::One(list.remove(0)) } else { Audience::Many(list) }
     }
 }
 
@@ -147,10 +143,7 @@ mod tests {
 
     #[test]
     fn actor_chain_lists_most_recent_first() {
-        let act = Actor {
-            sub: "svc:b".into(),
-            act: Some(Box::new(Actor { sub: "svc:a".into(), act: None })),
-        };
+        let act = Actor { sub: "svc:b".into(), act: Some(Box::new(Actor { sub: "svc:a".into(), act: None })) };
         assert_eq!(act.depth(), 2);
         let c = Claims {
             iss: "i".into(),

@@ -34,7 +34,7 @@ impl State {
 
     fn tick(&mut self, now: u64) {
         self.ops += 1;
-        if self.ops % 4096 == 0 {
+        if self.ops.is_multiple_of(4096) {
             self.prune(now);
         }
     }

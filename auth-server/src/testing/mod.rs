@@ -35,13 +35,16 @@ pub struct TestServer {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// A configuration tweak applied before start.
+type ConfigureFn = Box<dyn FnOnce(&mut Config) + Send>;
+
 /// Options for [`TestServer`].
 #[derive(Default)]
 pub struct TestServerBuilder {
     store_url: Option<String>,
     clock: Option<SharedClock>,
     dir: Option<PathBuf>,
-    configure: Option<Box<dyn FnOnce(&mut Config) + Send>>,
+    configure: Option<ConfigureFn>,
 }
 
 impl TestServerBuilder {

@@ -1,5 +1,7 @@
 //! Every flow over real mTLS against a TestServer.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use auth_proto::auth::v1::auth_client::AuthClient;

@@ -469,10 +469,10 @@ mod replicas {
         within("the revocation on the watch stream", async {
             loop {
                 let event = stream.message().await.unwrap().expect("stream ended");
-                if let Some(Event::Revoked(r)) = event.event {
-                    if r.id == id {
-                        return r.kind();
-                    }
+                if let Some(Event::Revoked(r)) = event.event
+                    && r.id == id
+                {
+                    return r.kind();
                 }
             }
         })

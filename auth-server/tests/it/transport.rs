@@ -1,6 +1,8 @@
 //! mTLS is enforced at the handshake: no certificate, or one from another
 //! CA, never reaches a handler.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use auth_proto::auth::v1::GetJwksRequest;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_server::dev::pki::Ca;
