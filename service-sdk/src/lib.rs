@@ -67,14 +67,14 @@ mod claims;
 mod client;
 pub mod verify;
 
+pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
+pub use client::{
+    AccessToken, AuthChannel, AuthFuture, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR, ClientCredentials, ClientSecret,
+    Clock, Credentials, CredentialsError, EnvCredentials, FileCredentials, ManualClock, MtlsFiles, SystemClock,
+    TlsError, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats,
+};
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
-pub use client::{
-    AccessToken, AuthChannel, AuthFuture, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR, ClientCredentials,
-    ClientSecret, Clock, Credentials, CredentialsError, EnvCredentials, FileCredentials, ManualClock, MtlsFiles,
-    SystemClock, TlsError, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats,
-};
-pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
 pub use verify::{
     BearerToken, FeedOptions, JwksOptions, JwksSource, KeySet, PeerCertificate, RequireAuth, RequireAuthLayer,
     RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyKey,

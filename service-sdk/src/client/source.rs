@@ -692,25 +692,39 @@ async fn renewer(inner: Weak<Inner>, tick: Duration) {
         let now = inner.clock.now_unix();
         let instant = Instant::now();
         let mut due = Vec::new();
+        let mut stale = Vec::new();
         {
-            let mut map = inner.service.write().unwrap_or_else(|e| e.into_inner());
-            map.retain(|_, s| {
+            // A read lock: callers on the hot path are never blocked by the scan.
+            let map = inner.service.read().unwrap_or_else(|e| e.into_inner());
+            for (audience, s) in map.iter() {
                 let used = s.last_used.load(Ordering::Relaxed);
                 let idle = now.saturating_sub(used) > inner.cfg.idle_timeout;
-                let valid = s.current.load().as_ref().is_some_and(|c| c.valid(now));
-                // Keep an idle slot only while its token is valid.
+                let current = s.current.load();
                 if idle {
-                    return valid;
+                    // Drop an idle slot once its token is no longer valid.
+                    if !current.as_ref().is_some_and(|c| c.valid(now)) {
+                        stale.push(audience.clone());
+                    }
+                    continue;
                 }
                 let ready = s.lock_backoff().retry_at.is_none_or(|at| instant >= at);
-                let renew = s.current.load().as_ref().is_some_and(|c| now >= c.renew_at);
+                let renew = current.as_ref().is_some_and(|c| now >= c.renew_at);
                 if ready && renew && s.renewing.load(Ordering::Relaxed) == 0 {
                     due.push(Arc::clone(s));
                 }
-                true
-            });
+            }
         }
-        {
+        if !stale.is_empty() {
+            let mut map = inner.service.write().unwrap_or_else(|e| e.into_inner());
+            for audience in stale {
+                map.remove(&audience);
+            }
+        }
+        let expired_delegated = {
+            let map = inner.delegated.read().unwrap_or_else(|e| e.into_inner());
+            map.values().any(|s| !s.current.load().as_ref().is_some_and(|c| c.valid(now)))
+        };
+        if expired_delegated {
             let mut map = inner.delegated.write().unwrap_or_else(|e| e.into_inner());
             map.retain(|_, s| s.current.load().as_ref().is_some_and(|c| c.valid(now)) || s.flight.try_lock().is_err());
         }
