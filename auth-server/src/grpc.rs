@@ -62,10 +62,17 @@ async fn traced<T>(
     let _g = span.enter();
     match result {
         Ok(v) => {
-            tracing::info!(outcome = "ok", "rpc done");
+            // Successes are routine: debug, so a busy server does not spend
+            // its time formatting log lines. Failures are logged where the
+            // error maps to a status.
+            tracing::debug!(outcome = "ok", "rpc done");
             Ok(Response::new(v))
         }
-        Err(e) => Err(Status::from(e)),
+        Err(e) => {
+            let status = Status::from(e);
+            tracing::debug!(outcome = ?status.code(), "rpc done");
+            Err(status)
+        }
     }
 }
 

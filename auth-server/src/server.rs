@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, KeysConfig};
@@ -143,7 +142,13 @@ pub async fn serve(
             auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::new(core))
                 .max_decoding_message_size(64 * 1024),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), wait(stop_rx));
+        .serve_with_incoming_shutdown(
+            // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
+            tonic::transport::server::TcpIncoming::from(grpc)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            wait(stop_rx),
+        );
     let (g, h) = tokio::join!(grpc_server, async { http_server.await });
     health_task.abort();
     g.map_err(|e| StartError::Transport(e.to_string()))?;

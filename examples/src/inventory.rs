@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use service_sdk::{Claims, RequireAuthLayer, Verifier};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::env::{EnvError, ServiceEnv};
@@ -87,7 +86,10 @@ pub async fn serve(
         .map_err(|e| EnvError::new("inventory TLS", e))?
         .layer(RequireAuthLayer::new(verifier))
         .add_service(InventoryServer::new(InventoryService::default()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(|e| EnvError::new("inventory server", e))
 }
