@@ -12,6 +12,10 @@
 //!   waited on an exchange after warm-up (target 0). Under `cargo test`
 //!   (no `--bench` argument) it runs for one second.
 //!
+//! - with `--bench` only, a Transit signing run (printed): `TransitKeys::sign`
+//!   against a real OpenBao dev server (`bao` on `PATH`), one caller and 16
+//!   concurrent callers, 5 s each.
+//!
 //! Run: `cargo bench -p service-sdk --bench client`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -51,6 +55,15 @@ fn hot_path(c: &mut Criterion, rt: &tokio::runtime::Runtime, source: &TokenSourc
     g.finish();
 }
 
+/// A request shaped like one from a generated tonic client, which has set
+/// its gRPC headers before the channel sees it.
+fn grpc_request() -> http::Request<()> {
+    let mut req = http::Request::new(());
+    req.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+    req.headers_mut().insert("te", http::HeaderValue::from_static("trailers"));
+    req
+}
+
 fn channel_overhead(c: &mut Criterion, source: &TokenSource) {
     let inner = tower::service_fn(|req: http::Request<()>| async move {
         Ok::<_, Infallible>(http::Response::new(req.headers().len()))
@@ -60,19 +73,19 @@ fn channel_overhead(c: &mut Criterion, source: &TokenSource) {
     let mut g = c.benchmark_group("auth_channel");
     g.bench_function("bare", |b| {
         b.iter(|| {
-            let req = http::Request::new(());
+            let req = grpc_request();
             black_box(bare.call(req).now_or_never().unwrap().unwrap())
         })
     });
     g.bench_function("with_token", |b| {
         b.iter(|| {
-            let req = http::Request::new(());
+            let req = grpc_request();
             black_box(authed.call(req).now_or_never().unwrap().unwrap())
         })
     });
     g.finish();
-    let resp = authed.call(http::Request::new(())).now_or_never().unwrap().unwrap();
-    assert_eq!(*resp.body(), 1, "the authorization header was attached");
+    let resp = authed.call(grpc_request()).now_or_never().unwrap().unwrap();
+    assert_eq!(*resp.body(), 3, "the authorization header was attached");
 }
 
 fn load_run(rt: &tokio::runtime::Runtime, srv: &TestServer) {
@@ -137,6 +150,71 @@ fn load_run(rt: &tokio::runtime::Runtime, srv: &TestServer) {
     });
 }
 
+fn transit_run(rt: &tokio::runtime::Runtime) {
+    use auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
+    use auth_server::testing::{OpenBao, ROOT_TOKEN};
+    rt.block_on(async {
+        let bao = OpenBao::start().await;
+        bao.enable_transit().await;
+        bao.create_transit_key("bench", "ecdsa-p256").await;
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, ROOT_TOKEN).unwrap();
+        let table: toml::Table = toml::from_str(&format!(
+            "address = {:?}\nkey = \"bench\"\n[auth]\nmethod = \"token\"\ntoken_file = {:?}\n",
+            bao.address(),
+            token_file.display().to_string()
+        ))
+        .unwrap();
+        let keys = TransitKeys::open(TransitConfig::from_table(&table).unwrap()).await.unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = service_sdk::Claims {
+            iss: "auth-service".into(),
+            sub: "svc:order".into(),
+            aud: service_sdk::Audience::One("inventory".into()),
+            exp: now + 300,
+            nbf: now,
+            iat: now,
+            jti: "bench".into(),
+            sid: None,
+            client_id: "order".into(),
+            role: None,
+            perms: vec!["inventory:read".into()],
+            act: None,
+            cnf: None,
+        };
+        for callers in [1usize, 16] {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let tasks: Vec<_> = (0..callers)
+                .map(|_| {
+                    let (keys, claims) = (keys.clone(), claims.clone());
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        while Instant::now() < deadline {
+                            let t = Instant::now();
+                            black_box(keys.sign(&claims).await.unwrap());
+                            lat.push(t.elapsed().as_micros() as u64);
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut lat = Vec::new();
+            for t in tasks {
+                lat.extend(t.await.unwrap());
+            }
+            lat.sort_unstable();
+            let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+            println!(
+                "transit signing, {callers} caller(s), 5 s: {:.0} tokens/s, latency p50 {:.2} ms, p99 {:.2} ms",
+                lat.len() as f64 / 5.0,
+                pct(0.5),
+                pct(0.99),
+            );
+        }
+    });
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let srv = rt.block_on(TestServer::start());
@@ -152,6 +230,9 @@ fn main() {
         channel_overhead(&mut c, &source);
     }
     load_run(&rt, &srv);
+    if std::env::args().any(|a| a == "--bench") {
+        transit_run(&rt);
+    }
     c.final_summary();
     drop(source);
     rt.block_on(srv.shutdown());
