@@ -1,5 +1,6 @@
 //! Integration tests of service-sdk against a real auth-server over mTLS.
 
 mod client;
+#[cfg(feature = "vault")]
 mod vault;
 mod verify;
