@@ -179,5 +179,57 @@ fn benches(c: &mut Criterion) {
     );
 }
 
-criterion_group!(verify, benches);
+/// Resident set size of this process, in bytes (Linux).
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+/// Memory of a verifier holding 100,000 cached tokens and 100,000 revoked
+/// jtis (printed, not timed).
+fn memory(_c: &mut Criterion) {
+    const N: u64 = 100_000;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let clock = ManualClock::new(now);
+    let signer = Signer::new(now);
+    let tokens: Vec<String> = (0..N).map(|_| signer.token()).collect();
+    let before = rss_bytes().unwrap_or(0);
+    let _guard = rt.enter();
+    let feed = fresh_feed(&clock);
+    let v = Verifier::builder("auth-service", "inventory")
+        .jwks(JwksSource::fixed(KeySet::from_jwks_json(&signer.jwks_json()).unwrap()))
+        .revocation(feed.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap();
+    rt.block_on(v.ready());
+    for t in &tokens {
+        v.verify(t, None).now_or_never().unwrap().unwrap();
+    }
+    let cached = rss_bytes().unwrap_or(0);
+    let entries = (0..N)
+        .map(|i| pb::Revocation {
+            kind: pb::RevocationKind::Jti as i32,
+            id: URL_SAFE_NO_PAD.encode((i as u128 + (1 << 100)).to_be_bytes()),
+            expires_at: now + 600,
+        })
+        .collect();
+    feed.apply(pb::RevocationEvent {
+        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })),
+    });
+    let after = rss_bytes().unwrap_or(0);
+    let mb = |b: u64| b as f64 / 1e6;
+    println!(
+        "verifier memory: {} cached tokens -> +{:.1} MB RSS; {} revoked jtis -> +{:.1} MB; total +{:.1} MB",
+        v.cached_tokens(),
+        mb(cached.saturating_sub(before)),
+        feed.revoked_count(),
+        mb(after.saturating_sub(cached)),
+        mb(after.saturating_sub(before))
+    );
+}
+
+criterion_group!(verify, benches, memory);
 criterion_main!(verify);

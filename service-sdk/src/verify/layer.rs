@@ -157,7 +157,7 @@ where
             Step::Done(Ok(claims)) => {
                 self.verifier.record(&Ok::<(), VerifyError>(()));
                 let ext = req.extensions_mut();
-                ext.insert(Claims::clone(&claims));
+                ext.insert(claims);
                 ext.insert(BearerToken(token));
                 Either::Left(self.inner.call(req))
             }
@@ -173,7 +173,7 @@ where
                     match verifier.resolve(&token, peer.as_deref(), step).await {
                         Ok(claims) => {
                             let ext = req.extensions_mut();
-                            ext.insert(Claims::clone(&claims));
+                            ext.insert(claims);
                             ext.insert(BearerToken(token));
                             inner.call(req).await
                         }

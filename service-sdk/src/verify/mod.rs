@@ -14,6 +14,7 @@
 //!   and the raw [`BearerToken`] into request extensions.
 
 mod cache;
+mod compact;
 mod jwks;
 mod keys;
 mod layer;

@@ -11,6 +11,7 @@ use subtle::ConstantTimeEq as _;
 use tonic::transport::Channel;
 
 use super::cache::{TokenCache, token_digest};
+use super::compact;
 use super::jwks::{JwksCache, JwksOptions, JwksSource};
 use super::revocation::{FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup};
 use super::{Validator, VerifyError};
@@ -68,7 +69,7 @@ struct Inner {
     validator: Validator,
     jwks: Arc<JwksCache>,
     revocation: Arc<dyn RevocationCheck>,
-    cache: Option<TokenCache>,
+    cache: Option<Arc<TokenCache>>,
     clock: Arc<dyn Clock>,
     stats: Stats,
     _evictor: Option<AbortOnDrop>,
@@ -113,11 +114,26 @@ impl VerifierStats {
 /// Where one verification stands after its synchronous part.
 pub(crate) enum Step {
     /// Decided without I/O.
-    Done(Result<Arc<Claims>, VerifyError>),
+    Done(Result<Claims, VerifyError>),
     /// The token names a `kid` the cache does not hold: refetch, then retry.
     Refetch(String),
     /// Valid so far; the revocation lookup needs I/O.
-    Lookup(Arc<Claims>, LookupFuture),
+    Lookup(Claims, LookupFuture),
+}
+
+/// Why a fresh validation did not produce claims.
+enum Miss {
+    Refused(VerifyError),
+    Refetch(String),
+}
+
+impl From<Miss> for Step {
+    fn from(m: Miss) -> Self {
+        match m {
+            Miss::Refused(e) => Step::Done(Err(e)),
+            Miss::Refetch(kid) => Step::Refetch(kid),
+        }
+    }
 }
 
 impl Verifier {
@@ -145,7 +161,7 @@ impl Verifier {
 
     /// Verifies a token; `peer_cert` is the DER of the caller's mTLS
     /// certificate, needed for certificate-bound (`cnf`) tokens.
-    pub async fn verify(&self, token: &str, peer_cert: Option<&[u8]>) -> Result<Arc<Claims>, VerifyError> {
+    pub async fn verify(&self, token: &str, peer_cert: Option<&[u8]>) -> Result<Claims, VerifyError> {
         let step = self.step(token, peer_cert, true);
         self.resolve(token, peer_cert, step).await
     }
@@ -174,7 +190,7 @@ impl Verifier {
 
     /// Number of tokens in the verified-token cache (approximate).
     pub fn cached_tokens(&self) -> u64 {
-        self.inner.cache.as_ref().map_or(0, TokenCache::len)
+        self.inner.cache.as_ref().map_or(0, |c| c.len())
     }
 
     /// The synchronous part of a verification: everything but a key
@@ -189,9 +205,12 @@ impl Verifier {
         let claims = match &inner.cache {
             Some(cache) => {
                 let key = token_digest(token);
-                match cache.get(&key) {
-                    Some(claims) => {
+                match cache.get(&key, now) {
+                    Some(payload) => {
                         inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                        let Some(claims) = compact::decode(&payload) else {
+                            return Step::Done(Err(VerifyError::BadClaims));
+                        };
                         if let Err(e) = v.check_claims(&claims, now, Some(v.audience())) {
                             return Step::Done(Err(e));
                         }
@@ -201,11 +220,13 @@ impl Verifier {
                         inner.stats.misses.fetch_add(1, Ordering::Relaxed);
                         match self.validate_fresh(token, now, may_refetch) {
                             Ok(claims) => {
-                                let claims = Arc::new(claims);
-                                cache.insert(key, Arc::clone(&claims), now, v.leeway());
+                                if let Some(compact) = compact::encode(&claims) {
+                                    let until = claims.exp.saturating_add(v.leeway());
+                                    cache.insert(key, compact, &claims.jti, claims.sid.as_deref(), now, until);
+                                }
                                 claims
                             }
-                            Err(step) => return step,
+                            Err(miss) => return miss.into(),
                         }
                     }
                 }
@@ -213,8 +234,8 @@ impl Verifier {
             None => {
                 inner.stats.misses.fetch_add(1, Ordering::Relaxed);
                 match self.validate_fresh(token, now, may_refetch) {
-                    Ok(claims) => Arc::new(claims),
-                    Err(step) => return step,
+                    Ok(claims) => claims,
+                    Err(miss) => return miss.into(),
                 }
             }
         };
@@ -231,17 +252,17 @@ impl Verifier {
     }
 
     /// Signature and claims, against the current keys.
-    fn validate_fresh(&self, token: &str, now: u64, may_refetch: bool) -> Result<Claims, Step> {
+    fn validate_fresh(&self, token: &str, now: u64, may_refetch: bool) -> Result<Claims, Miss> {
         let Some(keys) = self.inner.jwks.current() else {
-            return Err(Step::Done(Err(VerifyError::NoKeys)));
+            return Err(Miss::Refused(VerifyError::NoKeys));
         };
         match self.inner.validator.validate(token, &keys, now) {
-            Ok(claims) => Ok(claims),
+            Ok(verified) => Ok(verified),
             Err(VerifyError::UnknownKid) if may_refetch => match header_kid(token) {
-                Some(kid) if plausible_kid(&kid) => Err(Step::Refetch(kid)),
-                _ => Err(Step::Done(Err(VerifyError::UnknownKid))),
+                Some(kid) if plausible_kid(&kid) => Err(Miss::Refetch(kid)),
+                _ => Err(Miss::Refused(VerifyError::UnknownKid)),
             },
-            Err(e) => Err(Step::Done(Err(e))),
+            Err(e) => Err(Miss::Refused(e)),
         }
     }
 
@@ -251,7 +272,7 @@ impl Verifier {
         token: &str,
         peer_cert: Option<&[u8]>,
         mut step: Step,
-    ) -> Result<Arc<Claims>, VerifyError> {
+    ) -> Result<Claims, VerifyError> {
         let result = loop {
             match step {
                 Step::Done(r) => break r,
@@ -408,14 +429,14 @@ impl VerifierBuilder {
             (None, Some(ch)) => Arc::new(RevocationFeed::connect(ch, Arc::clone(&self.clock), self.feed_options)),
             (None, None) => return Err(BuildError::NoRevocation),
         };
-        let cache = (self.cache_capacity > 0).then(|| TokenCache::new(self.cache_capacity));
+        let cache = (self.cache_capacity > 0).then(|| Arc::new(TokenCache::new(self.cache_capacity)));
         let evictor = match (&cache, revocation.subscribe()) {
             (Some(cache), Some(mut events)) => {
-                let cache = cache.clone();
+                let cache = Arc::clone(cache);
                 Some(AbortOnDrop(tokio::spawn(async move {
                     loop {
                         match events.recv().await {
-                            Ok(id) => cache.evict(id.kind, id.id),
+                            Ok(id) => cache.evict(id.kind, &id.id),
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                                 // The deny set is still checked on every hit; dropping
                                 // the cache only costs signature checks.
@@ -547,6 +568,25 @@ mod tests {
         assert_eq!(v.verify(&t1, None).await.unwrap_err(), VerifyError::Revoked);
         assert_eq!(v.verify(&t2, None).await.unwrap_err(), VerifyError::Revoked);
         assert_eq!(v.stats().rejected("revoked"), 2);
+    }
+
+    #[tokio::test]
+    async fn revocation_event_evicts_the_cached_entry() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let feed = fresh_feed(&clock);
+        let v = verifier(&key, &clock, feed.clone()).await;
+        v.verify(&key.sign(&claims(NOW, "j1")), None).await.unwrap();
+        v.verify(&key.sign(&claims(NOW, "j2")), None).await.unwrap();
+        assert_eq!(v.cached_tokens(), 2);
+        revoke(&feed, auth_proto::auth::v1::RevocationKind::Jti, "j1");
+        for _ in 0..1_000 {
+            if v.cached_tokens() == 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(v.cached_tokens(), 1, "the revoked token's entry is gone, the other stays");
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
+use service_sdk::verify::JwksError;
 use service_sdk::{BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -711,6 +712,87 @@ async fn keys_load_from_the_http_jwks_endpoint() {
     env.verifier.ready().await;
     let mut client = env.client("order").await;
     env.call(&mut client, &env.service_token().await).await.unwrap();
+}
+
+/// Serves `body` as the answer to every HTTP/1.1 request, over TLS with the
+/// dev server certificate (SAN `localhost`).
+async fn serve_https_once_per_connection(srv: &TestServer, body: String) -> (u16, tokio::task::JoinHandle<()>) {
+    use rustls_pki_types::PrivateKeyDer;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let read = |p: &str| std::fs::read(srv.dir.join(p)).unwrap();
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(&read("server.pem")).collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(&read("server-key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.ends_with(b"\r\n\r\n") {
+                    match tls.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/jwk-set+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(body.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (port, task)
+}
+
+#[tokio::test]
+async fn keys_load_from_an_https_jwks_url_trusting_only_the_configured_ca() {
+    let srv = TestServer::start().await;
+    let jwks = AuthClient::new(srv.channel("order").await)
+        .get_jwks(pb::GetJwksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jwks_json;
+    let (port, https) = serve_https_once_per_connection(&srv, jwks).await;
+    let url = format!("https://localhost:{port}/.well-known/jwks.json");
+
+    // Trusting another CA, the fetch fails at the TLS handshake.
+    let other_ca = rcgen::CertificateParams::new(Vec::<String>::new())
+        .unwrap()
+        .self_signed(&rcgen::KeyPair::generate().unwrap())
+        .unwrap()
+        .pem();
+    let distrusting = JwksSource::https(&url, &other_ca).unwrap().fetch().await;
+    assert!(matches!(distrusting, Err(JwksError::Transport(_))), "{distrusting:?}");
+    assert!(JwksSource::https(&url, &srv.ca_pem()).unwrap().fetch().await.is_ok());
+
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .jwks(JwksSource::https(&url, &srv.ca_pem()).unwrap())
+        .channel(srv.channel("inventory").await)
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    https.abort();
 }
 
 // ---------------------------------------------------------------------------
