@@ -301,6 +301,115 @@ mod tests {
         assert_eq!(claims.require_perm("inventory:reserve").unwrap_err().code(), tonic::Code::PermissionDenied);
     }
 
+    mod service {
+        use std::convert::Infallible;
+        use std::sync::Arc;
+
+        use futures_util::FutureExt as _;
+        use serde_json::json;
+        use tower::ServiceExt as _;
+
+        use super::*;
+        use crate::ManualClock;
+        use crate::verify::test_keys::{TestKey, claims};
+        use crate::verify::{FeedOptions, JwksSource, RevocationFeed};
+
+        const NOW: u64 = 1_700_000_000;
+
+        async fn verifier(key: &TestKey) -> Verifier {
+            let clock = ManualClock::new(NOW);
+            let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+            feed.apply(auth_proto::auth::v1::RevocationEvent {
+                event: Some(auth_proto::auth::v1::revocation_event::Event::Snapshot(Default::default())),
+            });
+            let v = Verifier::builder("auth-service", "inventory")
+                .jwks(JwksSource::fixed(key.key_set()))
+                .revocation(feed)
+                .clock(clock)
+                .build()
+                .unwrap();
+            v.ready().await;
+            v
+        }
+
+        /// Echoes the subject and whether `authorization` was marked sensitive.
+        fn echo() -> impl Service<
+            Request<String>,
+            Response = Response<String>,
+            Error = Infallible,
+            Future = impl std::future::Future<Output = Result<Response<String>, Infallible>> + Send + 'static,
+        > + Clone
+        + Send
+        + 'static {
+            tower::service_fn(|req: Request<String>| async move {
+                let sub = req.extensions().get::<Claims>().map(|c| c.sub.clone()).unwrap_or_default();
+                let sensitive = req.headers().get(AUTHORIZATION).is_some_and(HeaderValue::is_sensitive);
+                Ok::<_, Infallible>(Response::new(format!("{sub} sensitive={sensitive}")))
+            })
+        }
+
+        fn request(path: &str, token: Option<&str>, peer: Option<&[u8]>) -> Request<String> {
+            let mut req = Request::builder().uri(path);
+            if let Some(t) = token {
+                req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+            }
+            let mut req = req.body(String::new()).unwrap();
+            if let Some(der) = peer {
+                req.extensions_mut().insert(PeerCertificate(CertificateDer::from(der.to_vec())));
+            }
+            req
+        }
+
+        #[tokio::test]
+        async fn verified_request_reaches_the_service_with_claims_and_a_sensitive_header() {
+            let key = TestKey::es256();
+            let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+            let token = key.sign(&claims(NOW, "j"));
+            let resp = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(resp.body(), "alice sensitive=true");
+        }
+
+        #[tokio::test]
+        async fn peer_certificate_extension_serves_certificate_bound_tokens() {
+            let key = TestKey::es256();
+            let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+            let der = b"the caller's certificate".as_slice();
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+            let mut c = claims(NOW, "j");
+            c["cnf"] = json!({ "x5t#S256": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, digest.as_ref()) });
+            let token = key.sign(&c);
+            let ok = svc.clone().oneshot(request("/x", Some(&token), Some(der))).await.unwrap();
+            assert_eq!(ok.status(), StatusCode::OK);
+            let other = svc.clone().oneshot(request("/x", Some(&token), Some(b"another"))).await.unwrap();
+            assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
+            let none = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
+            assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+        }
+
+        #[tokio::test]
+        async fn unauthenticated_prefixes_pass_without_a_token_and_nothing_else_does() {
+            let key = TestKey::es256();
+            let svc = RequireAuthLayer::new(verifier(&key).await).allow_unauthenticated("/health").layer(echo());
+            let open = svc.clone().oneshot(request("/healthz", None, None)).await.unwrap();
+            assert_eq!((open.status(), open.body().as_str()), (StatusCode::OK, " sensitive=false"));
+            let closed = svc.oneshot(request("/x", None, None)).await.unwrap();
+            assert_eq!(closed.status(), StatusCode::UNAUTHORIZED);
+            assert_eq!(closed.headers()[WWW_AUTHENTICATE], "Bearer");
+        }
+
+        #[tokio::test]
+        async fn requests_with_known_keys_complete_on_the_first_poll() {
+            let key = TestKey::es256();
+            let mut svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+            let token = key.sign(&claims(NOW, "j"));
+            for _ in 0..2 {
+                let resp = svc.call(request("/x", Some(&token), None)).now_or_never().unwrap().unwrap();
+                assert_eq!(resp.status(), StatusCode::OK);
+            }
+        }
+    }
+
     #[test]
     fn bearer_token_debug_is_redacted() {
         assert_eq!(format!("{:?}", BearerToken("secret.token.value".into())), "BearerToken(..)");
