@@ -79,7 +79,7 @@ impl AuthCore {
 
     /// Signs a token for `grant` and records its `jti` (one store write).
     pub async fn mint(&self, grant: Grant) -> Result<Minted, AuthError> {
-        let now = self.clock.now();
+        let now = self.clock.now_unix();
         let claims = Claims {
             iss: self.config.issuer.clone(),
             sub: grant.sub,
@@ -105,7 +105,7 @@ impl AuthCore {
     /// issuer, times, then the deny list (`jti` and `sid`). `audience`, when
     /// set, must be in `aud`.
     pub async fn verify_presented(&self, token: &str, audience: Option<&str>) -> Result<Claims, AuthError> {
-        let now = self.clock.now();
+        let now = self.clock.now_unix();
         let keys = self.keys.public_keys();
         let claims = self.validator.validate_for(token, &keys.keys, now, audience).map_err(reject)?;
         if self.store.is_revoked(&claims.jti, claims.sid.as_deref(), now).await? {

@@ -52,7 +52,7 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
         requested_scope: &req.scope,
         requested_ttl: req.requested_ttl,
         subject: subject.as_ref(),
-        now: core.clock.now(),
+        now: core.clock.now_unix(),
         default_ttl: t.exchange_default_ttl_secs,
         max_ttl: t.exchange_max_ttl_secs,
         max_act_depth: t.max_act_depth,

@@ -181,7 +181,7 @@ impl pb::auth_server::Auth for AuthService {
         let core = Arc::clone(&self.core);
         // Subscribe before reading the snapshot, so nothing falls between.
         let mut events = core.store.subscribe();
-        let now = core.clock.now();
+        let now = core.clock.now_unix();
         let snapshot = core.store.revoked_snapshot(now).await.map_err(|e| Status::from(AuthError::Store(e)))?;
         let heartbeat = Duration::from_secs(core.config.watch.heartbeat_secs);
         let stream = async_stream(move |tx| async move {
@@ -207,7 +207,7 @@ impl pb::auth_server::Auth for AuthService {
                         }
                         Err(RecvError::Closed) => return,
                     },
-                    _ = tick.tick() => pb::revocation_event::Event::Heartbeat(pb::Heartbeat { server_time: core.clock.now() }),
+                    _ = tick.tick() => pb::revocation_event::Event::Heartbeat(pb::Heartbeat { server_time: core.clock.now_unix() }),
                 };
                 if tx.send(Ok(pb::RevocationEvent { event: Some(msg) })).await.is_err() {
                     return;

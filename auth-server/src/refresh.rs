@@ -37,7 +37,7 @@ pub(crate) async fn issue_refresh(
     scope: Vec<String>,
 ) -> Result<RefreshIssued, AuthError> {
     let token = random_token(32)?;
-    let now = core.clock.now();
+    let now = core.clock.now_unix();
     let record = RefreshRecord {
         family: random_token(16)?,
         sid: sid.to_owned(),
@@ -58,7 +58,7 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<(Minted, Refres
     if presented.is_empty() {
         return Err(AuthError::InvalidArgument("refresh_token is required"));
     }
-    let now = core.clock.now();
+    let now = core.clock.now_unix();
     let next = random_token(32)?;
     let outcome = core
         .store

@@ -33,7 +33,7 @@ pub async fn revoke(
     target: RevokeTarget,
     caller_token: Option<&str>,
 ) -> Result<&'static str, AuthError> {
-    let now = core.clock.now();
+    let now = core.clock.now_unix();
     let t = &core.config.tokens;
     match target {
         RevokeTarget::AccessToken(token) => {

@@ -419,7 +419,7 @@ impl TransitKeys {
     /// The version that signs now, and its kid (for operators and tests).
     pub fn signing_version(&self) -> Option<(u64, String)> {
         let view = self.view.load();
-        view.signing(self.clock.now(), self.cfg.publish_grace_secs).map(|v| (v.version, v.kid.clone()))
+        view.signing(self.clock.now_unix(), self.cfg.publish_grace_secs).map(|v| (v.version, v.kid.clone()))
     }
 
     async fn sign_with(&self, version: u64, input: &str) -> Result<String, ClientError> {
@@ -603,7 +603,7 @@ impl SigningKeys for TransitKeys {
         for attempt in 0..2 {
             let view = self.view.load_full();
             let v = view
-                .signing(self.clock.now(), self.cfg.publish_grace_secs)
+                .signing(self.clock.now_unix(), self.cfg.publish_grace_secs)
                 .ok_or_else(|| KeyError::Config("no transit key version may sign".into()))?;
             let input = signing_input_with_header(&v.header, claims)?;
             match self.sign_with(v.version, &input).await {

@@ -448,7 +448,7 @@ mod replicas {
         let mut c = client(srv, "order").await;
         let json = c.get_jwks(auth_proto::auth::v1::GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
         let keys = KeySet::from_jwks_json(&json).unwrap();
-        Validator::new("auth-service", "order").validate(token, &keys, SystemClock.now()).unwrap()
+        Validator::new("auth-service", "order").validate(token, &keys, SystemClock.now_unix()).unwrap()
     }
 
     fn refresh(token: &str) -> RefreshRequest {

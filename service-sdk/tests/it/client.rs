@@ -53,7 +53,7 @@ impl TestClock {
 
 impl Clock for TestClock {
     fn now_unix(&self) -> u64 {
-        auth_server::clock::Clock::now(&self.0)
+        self.0.now_unix()
     }
 }
 

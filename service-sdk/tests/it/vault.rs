@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_server::clock::ManualClock;
+use auth_server::clock::{Clock as _, ManualClock};
 use auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
 use auth_server::testing::{OpenBao, ROOT_TOKEN, TestServer};
 use base64::Engine as _;
@@ -314,15 +314,4 @@ async fn transit_rotation_publishes_the_new_version_before_it_signs() {
         check(t, clock.now_unix());
     }
     assert!(keys.public_keys().jwks_json.contains(&k3) && keys.public_keys().jwks_json.contains(&k1));
-}
-
-/// A `Clock` view of the auth server's manual clock, for reading it here.
-trait NowUnix {
-    fn now_unix(&self) -> u64;
-}
-
-impl NowUnix for ManualClock {
-    fn now_unix(&self) -> u64 {
-        auth_server::clock::Clock::now(self)
-    }
 }
