@@ -141,12 +141,14 @@ pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     let order_env = ServiceEnv::new(&dir, "order", &auth_uri);
     let order_listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let order_http = Http { addr: order_listener.local_addr().map_err(setup)? };
+    let order_grpc = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
+    let order_grpc_uri = format!("https://{}", order_grpc.local_addr().map_err(setup)?);
     let ord_stop = stopped(stop_rx.clone());
     let order_task = tokio::spawn(async move {
-        crate::order::serve(order_listener, &order_env, &issuer, &inventory_uri, ord_stop).await
+        crate::order::serve(order_listener, order_grpc, &order_env, &issuer, &inventory_uri, ord_stop).await
     });
 
-    let result = steps(&dir, &auth_uri, &order_http).await;
+    let result = steps(&dir, &auth_uri, &order_http, &order_grpc_uri).await;
     let _ = stop_tx.send(true);
     for t in [inventory_task, order_task] {
         if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), t).await {
@@ -157,7 +159,12 @@ pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     result
 }
 
-async fn steps(dir: &std::path::Path, auth_uri: &str, order: &Http) -> Result<DemoReport, DemoError> {
+async fn steps(
+    dir: &std::path::Path,
+    auth_uri: &str,
+    order: &Http,
+    order_grpc_uri: &str,
+) -> Result<DemoReport, DemoError> {
     // The user's side talks to the auth server like any client of the mesh.
     let mut auth = AuthClient::new(ServiceEnv::new(dir, "admin", auth_uri).auth_channel()?);
 
@@ -185,7 +192,19 @@ async fn steps(dir: &std::path::Path, auth_uri: &str, order: &Http) -> Result<De
     {
         return Err(fail(2, format!("inventory saw the wrong caller: {seen:?}")));
     }
-    println!("[2/5] order placed; inventory saw sub=alice act=svc:order aud=inventory");
+    // The same through order's gRPC face (the SDK's one-line on-behalf-of call).
+    let channel = ServiceEnv::new(dir, "admin", auth_uri).channel_to(order_grpc_uri)?;
+    let mut req = tonic::Request::new(crate::shop::ReserveRequest { sku: "sku-1".into(), quantity: 1 });
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(2, "bad metadata"))?);
+    let seen = crate::shop::orders_client::OrdersClient::new(channel)
+        .place_order(req)
+        .await
+        .map_err(|s| fail(2, format!("gRPC PlaceOrder refused: {s}")))?
+        .into_inner();
+    if seen.subject != "alice" || seen.actors != ["svc:order"] || seen.audience != ["inventory"] {
+        return Err(fail(2, format!("inventory saw the wrong caller over gRPC: {seen:?}")));
+    }
+    println!("[2/5] order placed over HTTP and gRPC; inventory saw sub=alice act=svc:order aud=inventory");
 
     // 3. An exchange for an audience off order's allow-list is refused.
     let creds: serde_json::Value =

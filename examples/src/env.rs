@@ -7,15 +7,21 @@ use std::path::{Path, PathBuf};
 use service_sdk::{FileCredentials, MtlsFiles};
 use tonic::transport::{Certificate, Channel, Identity, ServerTlsConfig};
 
-/// One service's view of the dev environment.
+/// Where one service finds its certificate, key, CA and credentials.
 #[derive(Debug, Clone)]
 pub struct ServiceEnv {
-    /// The dev directory.
-    pub dir: PathBuf,
     /// This service's name (`order`, `inventory`).
     pub name: String,
     /// The auth server's gRPC URI, e.g. `https://127.0.0.1:50051`.
     pub auth_uri: String,
+    /// CA bundle (PEM).
+    pub ca: PathBuf,
+    /// This service's certificate (PEM).
+    pub cert: PathBuf,
+    /// This service's private key (PEM).
+    pub key: PathBuf,
+    /// Service-account credentials file (JSON), as Vault Agent renders it.
+    pub credentials: PathBuf,
 }
 
 /// Failure to read the environment.
@@ -33,18 +39,43 @@ impl EnvError {
 }
 
 impl ServiceEnv {
-    /// The environment of service `name` in `dir`, talking to `auth_uri`.
+    /// The environment of service `name` in the dev directory `dir` (as
+    /// `auth-server dev` lays it out), talking to `auth_uri`.
     pub fn new(dir: impl AsRef<Path>, name: &str, auth_uri: impl Into<String>) -> Self {
-        Self { dir: dir.as_ref().to_owned(), name: name.into(), auth_uri: auth_uri.into() }
+        let dir = dir.as_ref();
+        Self {
+            name: name.into(),
+            auth_uri: auth_uri.into(),
+            ca: dir.join("ca.pem"),
+            cert: dir.join("clients").join(format!("{name}.pem")),
+            key: dir.join("clients").join(format!("{name}-key.pem")),
+            credentials: dir.join("credentials").join(format!("{name}.json")),
+        }
+    }
+
+    /// From the environment, as the deploy manifests set it: `AUTH_URL`,
+    /// `AUTH_TLS_CA`, `AUTH_TLS_CERT`, `AUTH_TLS_KEY`, `AUTH_CREDENTIALS_FILE`.
+    /// Each one that is unset falls back to the dev layout under
+    /// `AUTH_DEV_DIR` (default `.auth-dev`).
+    pub fn from_env(name: &str) -> Self {
+        let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+        let dev = Self::new(
+            var("AUTH_DEV_DIR").unwrap_or_else(|| PathBuf::from(".auth-dev")),
+            name,
+            std::env::var("AUTH_URL").unwrap_or_else(|_| "https://127.0.0.1:50051".into()),
+        );
+        Self {
+            ca: var("AUTH_TLS_CA").unwrap_or(dev.ca.clone()),
+            cert: var("AUTH_TLS_CERT").unwrap_or(dev.cert.clone()),
+            key: var("AUTH_TLS_KEY").unwrap_or(dev.key.clone()),
+            credentials: var("AUTH_CREDENTIALS_FILE").unwrap_or(dev.credentials.clone()),
+            ..dev
+        }
     }
 
     /// This service's certificate, key and the CA, as files the SDK watches.
     pub fn mtls(&self) -> MtlsFiles {
-        MtlsFiles::new(
-            self.dir.join("ca.pem"),
-            self.dir.join("clients").join(format!("{}.pem", self.name)),
-            self.dir.join("clients").join(format!("{}-key.pem", self.name)),
-        )
+        MtlsFiles::new(&self.ca, &self.cert, &self.key)
     }
 
     /// An mTLS channel to the auth server.
@@ -59,16 +90,16 @@ impl ServiceEnv {
 
     /// The service-account credentials file, as Vault Agent would render it.
     pub fn credentials(&self) -> FileCredentials {
-        FileCredentials::document(self.dir.join("credentials").join(format!("{}.json", self.name)))
+        FileCredentials::document(&self.credentials)
     }
 
     /// Server-side mTLS for this service's own gRPC port: its certificate,
     /// and client certificates required from the same CA.
     pub fn server_tls(&self) -> Result<ServerTlsConfig, EnvError> {
         let read = |p: PathBuf| std::fs::read(&p).map_err(|e| EnvError::new(p.display().to_string(), e));
-        let cert = read(self.dir.join("clients").join(format!("{}.pem", self.name)))?;
-        let key = read(self.dir.join("clients").join(format!("{}-key.pem", self.name)))?;
-        let ca = read(self.dir.join("ca.pem"))?;
+        let cert = read(self.cert.clone())?;
+        let key = read(self.key.clone())?;
+        let ca = read(self.ca.clone())?;
         Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).client_ca_root(Certificate::from_pem(ca)))
     }
 }

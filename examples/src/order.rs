@@ -1,5 +1,6 @@
-//! The `order` example service: an axum HTTP front for end users,
-//! `POST /orders`, behind `RequireAuthLayer` (audience `order`). It calls
+//! The `order` example service: a tonic `Orders` service and an axum HTTP
+//! front for end users, `POST /orders`, both behind `RequireAuthLayer`
+//! (audience `order`). It calls
 //! `inventory` on behalf of the user with a token exchanged through
 //! `AuthChannel`, using its own service-account credentials read from a
 //! file, as Vault Agent would render it.
@@ -17,7 +18,9 @@ use tokio::net::TcpListener;
 
 use crate::env::{EnvError, ServiceEnv};
 use crate::shop::ReserveRequest;
+use crate::shop::ReserveResponse;
 use crate::shop::inventory_client::InventoryClient;
+use crate::shop::orders_server::{Orders, OrdersServer};
 
 /// The service's audience name.
 pub const AUDIENCE: &str = "order";
@@ -83,6 +86,25 @@ async fn place_order(
     }))
 }
 
+/// The gRPC face: the same order, placed through the SDK's one-line
+/// on-behalf-of call.
+#[derive(Clone)]
+pub struct OrdersService {
+    inventory: AuthChannel,
+}
+
+#[tonic::async_trait]
+impl Orders for OrdersService {
+    async fn place_order(
+        &self,
+        request: tonic::Request<ReserveRequest>,
+    ) -> Result<tonic::Response<ReserveResponse>, tonic::Status> {
+        Claims::from_request(&request)?.require_perm("orders:create")?;
+        let mut inventory = InventoryClient::new(self.inventory.on_behalf_of(&request).await?);
+        inventory.reserve(request.into_inner()).await
+    }
+}
+
 fn http_status(code: tonic::Code) -> StatusCode {
     match code {
         tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
@@ -95,10 +117,11 @@ fn http_status(code: tonic::Code) -> StatusCode {
     }
 }
 
-/// Serves order's HTTP front on `listener` until `shutdown`, calling
-/// inventory at `inventory_uri`.
+/// Serves order's HTTP front on `http` and its mTLS gRPC face on `grpc`
+/// until `shutdown`, calling inventory at `inventory_uri`.
 pub async fn serve(
-    listener: TcpListener,
+    http: TcpListener,
+    grpc: TcpListener,
     env: &ServiceEnv,
     issuer: &str,
     inventory_uri: &str,
@@ -109,8 +132,25 @@ pub async fn serve(
         Verifier::builder(issuer, AUDIENCE).channel(auth.clone()).build().map_err(|e| EnvError::new("verifier", e))?;
     let source = TokenSource::builder(auth, env.credentials()).build();
     let inventory = AuthChannel::new(env.channel_to(inventory_uri)?, source, crate::inventory::AUDIENCE);
-    axum::serve(listener, router(verifier, inventory))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| EnvError::new("order server", e))
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .tls_config(env.server_tls()?)
+        .map_err(|e| EnvError::new("order TLS", e))?
+        .layer(RequireAuthLayer::new(verifier.clone()))
+        .add_service(OrdersServer::new(OrdersService { inventory: inventory.clone() }))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
+    let http_server = axum::serve(http, router(verifier, inventory)).with_graceful_shutdown(stopped(stop_rx));
+    let (g, h) = tokio::join!(grpc_server, async { http_server.await });
+    g.map_err(|e| EnvError::new("order gRPC server", e))?;
+    h.map_err(|e| EnvError::new("order HTTP server", e))
 }

@@ -1,7 +1,7 @@
 //! The inventory example service.
 //!
-//! Environment: `AUTH_DEV_DIR` (default `.auth-dev`), `AUTH_URL` (default
-//! `https://127.0.0.1:50051`), `AUTH_ISSUER` (default `auth-service`),
+//! Environment: see `ServiceEnv::from_env` (`AUTH_URL`, `AUTH_TLS_*`,
+//! `AUTH_CREDENTIALS_FILE`, else the dev layout under `AUTH_DEV_DIR`), `AUTH_ISSUER` (default `auth-service`),
 //! `LISTEN` (default `127.0.0.1:50062`).
 
 #[tokio::main]
@@ -9,11 +9,7 @@ async fn main() -> std::process::ExitCode {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt().init();
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    let env = examples::env::ServiceEnv::new(
-        var("AUTH_DEV_DIR", ".auth-dev"),
-        "inventory",
-        var("AUTH_URL", "https://127.0.0.1:50051"),
-    );
+    let env = examples::env::ServiceEnv::from_env("inventory");
     let listen = var("LISTEN", "127.0.0.1:50062");
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
