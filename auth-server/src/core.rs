@@ -32,6 +32,58 @@ pub struct AuthCore {
     /// Validator for tokens presented to the auth service itself (subject
     /// tokens, revocation proofs). Audience is checked per call.
     pub validator: Validator,
+    /// Runs argon2id verifications on a few dedicated threads: each one holds
+    /// about 19 MiB, so a burst of logins queues instead of spreading that
+    /// memory over every blocking thread of the runtime.
+    pub passwords: PasswordPool,
+}
+
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// A small fixed pool of threads for password hashing.
+pub struct PasswordPool {
+    jobs: std::sync::Mutex<std::sync::mpsc::Sender<PasswordJob>>,
+}
+
+impl PasswordPool {
+    /// Starts `threads` workers.
+    pub fn new(threads: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<PasswordJob>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = Arc::clone(&rx);
+            let spawned = std::thread::Builder::new().name(format!("password-{i}")).spawn(move || {
+                loop {
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "could not start a password thread");
+            }
+        }
+        Self { jobs: std::sync::Mutex::new(tx) }
+    }
+
+    /// Runs `f` on the pool and waits for its result.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, AuthError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: PasswordJob = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs
+            .lock()
+            .map_err(|_| AuthError::Internal("password pool poisoned"))?
+            .send(job)
+            .map_err(|_| AuthError::Internal("password pool stopped"))?;
+        rx.await.map_err(|_| AuthError::Internal("password check failed"))
+    }
 }
 
 /// What a new access token says, before the server adds times and `jti`.
@@ -74,7 +126,8 @@ impl AuthCore {
         clock: SharedClock,
     ) -> Self {
         let validator = Validator::new(config.issuer.clone(), String::new());
-        Self { config, directory, keys, store, clock, validator }
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+        Self { config, directory, keys, store, clock, validator, passwords: PasswordPool::new(threads) }
     }
 
     /// Signs a token for `grant` and records its `jti` (one store write).

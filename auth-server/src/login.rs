@@ -69,9 +69,10 @@ pub async fn login(
                 return Err(AuthError::InvalidArgument("username and password are required"));
             }
             let dir = Arc::clone(&core.directory);
-            let user = tokio::task::spawn_blocking(move || dir.verify_password(&username, &password.0).cloned())
-                .await
-                .map_err(|_| AuthError::Internal("password check task failed"))?
+            let user = core
+                .passwords
+                .run(move || dir.verify_password(&username, &password.0).cloned())
+                .await?
                 .ok_or(AuthError::Unauthenticated("invalid username or password"))?;
             let allowed = &core.config.tokens.user_audiences;
             let aud = if audience.is_empty() { allowed.clone() } else { audience };

@@ -76,8 +76,11 @@ pub fn signing_input(alg: &str, kid: &str, claims: &Claims) -> Result<String, Ke
 
 /// Like [`signing_input`] with a pre-encoded header (saves work per token).
 pub fn signing_input_with_header(encoded_header: &str, claims: &Claims) -> Result<String, KeyError> {
-    let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Sign(e.to_string()))?;
-    let mut out = String::with_capacity(encoded_header.len() + 1 + payload.len() * 4 / 3 + 4 + 100);
+    // Sized for a typical token up front: growing the buffers costs more
+    // than the serialization itself.
+    let mut payload = Vec::with_capacity(512);
+    serde_json::to_writer(&mut payload, claims).map_err(|e| KeyError::Sign(e.to_string()))?;
+    let mut out = String::with_capacity(encoded_header.len() + 2 + payload.len().div_ceil(3) * 4 + 700);
     out.push_str(encoded_header);
     out.push('.');
     URL_SAFE_NO_PAD.encode_string(&payload, &mut out);

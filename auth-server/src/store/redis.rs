@@ -63,6 +63,9 @@ use fred::prelude::{
     KeysInterface, LuaInterface, Pool, PubsubInterface, ReconnectPolicy,
 };
 use fred::types::config::UnresponsiveConfig;
+// The read side of the layout is shared with the SDK's redis revocation
+// mode, so the two cannot drift.
+use service_sdk::verify::redis::{LUA_DENY_OF, LUA_IS_REVOKED};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
@@ -85,16 +88,6 @@ local function keep_until(key, until_, now)
 end
 ";
 
-/// Shared helper: the deny-until time of a registry value (`0` if none).
-const LUA_DENY_OF: &str = r"
-local function deny_of(v)
-  if not v then return 0 end
-  local mark, exp = string.match(v, '^([^|]*)|([^|]*)')
-  if mark == '=' then return tonumber(exp) or 0 end
-  return tonumber(mark) or 0
-end
-";
-
 /// KEYS: registry key. ARGV: now, exp, body, slack.
 const LUA_ISSUE: &str = r"
 local now = tonumber(ARGV[1])
@@ -109,17 +102,6 @@ local ttl = until_ - now
 if ttl < 1 then ttl = 1 end
 redis.call('SET', KEYS[1], mark .. '|' .. ARGV[3], 'EX', ttl)
 return 1
-";
-
-/// KEYS: registry key, sid set. ARGV: now, has_sid, sid.
-const LUA_IS_REVOKED: &str = r"
-local now = tonumber(ARGV[1])
-if deny_of(redis.call('GET', KEYS[1])) > now then return 1 end
-if ARGV[2] == '1' then
-  local s = redis.call('ZSCORE', KEYS[2], ARGV[3])
-  if s and tonumber(s) > now then return 1 end
-end
-return 0
 ";
 
 /// jti: KEYS registry key, bucket, bucket index; sid/family: KEYS set.

@@ -19,7 +19,7 @@ mod jwks;
 mod keys;
 mod layer;
 #[cfg(feature = "redis")]
-mod redis;
+pub mod redis;
 mod revocation;
 #[cfg(test)]
 mod test_keys;

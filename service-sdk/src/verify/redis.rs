@@ -26,8 +26,9 @@ use fred::prelude::{Builder, ClientLike as _, Config, LuaInterface as _, Pool, R
 use super::VerifyError;
 use super::revocation::{RevocationCheck, RevocationLookup};
 
-/// The deny-until time of a registry value (`0` if none).
-const LUA_DENY_OF: &str = r"
+/// Lua helper shared with the auth server's store: the deny-until time of
+/// a registry value (`0` if none).
+pub const LUA_DENY_OF: &str = r"
 local function deny_of(v)
   if not v then return 0 end
   local mark, exp = string.match(v, '^([^|]*)|([^|]*)')
@@ -36,8 +37,9 @@ local function deny_of(v)
 end
 ";
 
-/// KEYS: registry key, sid set. ARGV: now, has_sid, sid.
-const LUA_IS_REVOKED: &str = r"
+/// Lua body shared with the auth server's store (prefix it with
+/// [`LUA_DENY_OF`]). KEYS: registry key, sid set. ARGV: now, has_sid, sid.
+pub const LUA_IS_REVOKED: &str = r"
 local now = tonumber(ARGV[1])
 if deny_of(redis.call('GET', KEYS[1])) > now then return 1 end
 if ARGV[2] == '1' then
