@@ -15,8 +15,9 @@ use crate::keys::KeyAlg;
 /// The largest exchange TTL any configuration may allow (10 minutes).
 pub const EXCHANGE_TTL_HARD_CAP_SECS: u64 = 600;
 
-/// The whole server configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The whole server configuration. `Debug` redacts the password of a
+/// Redis URL.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The `iss` of every token.
@@ -128,8 +129,8 @@ impl Default for TokensConfig {
     }
 }
 
-/// Redis connection settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Redis connection settings. `Debug` redacts the URL's password.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// The Redis URL (filled from `store`).
@@ -160,6 +161,53 @@ pub struct WatchConfig {
 impl Default for WatchConfig {
     fn default() -> Self {
         Self { heartbeat_secs: 5 }
+    }
+}
+
+/// A Redis URL with any userinfo password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{user}:***@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(p) => format!("{scheme}://{authority}/{p}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("issuer", &self.issuer)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("store", &redact_url(&self.store))
+            .field("users_file", &self.users_file)
+            .field("accounts_file", &self.accounts_file)
+            .field("log_format", &self.log_format)
+            .field("tls", &self.tls)
+            .field("keys", &self.keys)
+            .field("tokens", &self.tokens)
+            .field("redis", &self.redis)
+            .field("watch", &self.watch)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("pool_size", &self.pool_size)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .finish()
     }
 }
 
@@ -375,6 +423,17 @@ signing = { path = "s.pem" }
         assert_eq!(cfg.store, "memory");
         assert_eq!(cfg.tokens.exchange_default_ttl_secs, 300);
         assert_eq!(cfg.users_file, dir.path().join("u.toml"));
+    }
+
+    #[test]
+    fn debug_redacts_the_redis_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path()).replace("[tls]", "store = \"redis://app:hunter2@redis:6379/0\"\n[tls]");
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://app:***@redis:6379/0"), "{shown}");
+        assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
     }
 
     #[test]
