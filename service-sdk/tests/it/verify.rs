@@ -307,6 +307,12 @@ fn random_id() -> String {
     b64(b)
 }
 
+/// The `sid` claim of a token (read without verification; test input only).
+fn sid_of(token: &str) -> String {
+    let payload = URL_SAFE_NO_PAD.decode(token.split('.').nth(1).unwrap()).unwrap();
+    serde_json::from_slice::<Value>(&payload).unwrap()["sid"].as_str().unwrap().to_owned()
+}
+
 fn assert_refused(result: Result<Value, Status>, code: Code, why: VerifyError, case: &str) {
     let status = result.expect_err(case);
     assert_eq!(status.code(), code, "{case}: {status:?}");
@@ -600,11 +606,7 @@ async fn revoked_jti_and_revoked_sid_are_refused() {
     let (alice, _) = env.alice_login().await;
     let obo = env.on_behalf_of(&alice).await;
     env.call(&mut client, &obo).await.unwrap();
-    let sid = serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(alice.split('.').nth(1).unwrap()).unwrap())
-        .unwrap()["sid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let sid = sid_of(&alice);
     env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
     wait_refused(&env, &mut client, &obo).await;
     assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "revoked sid");
@@ -870,11 +872,7 @@ async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
     let (alice, _) = env.alice_login().await;
     let obo = env.on_behalf_of(&alice).await;
     env.call(&mut client, &obo).await.unwrap();
-    let sid = serde_json::from_slice::<Value>(&URL_SAFE_NO_PAD.decode(alice.split('.').nth(1).unwrap()).unwrap())
-        .unwrap()["sid"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let sid = sid_of(&alice);
     env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
     assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "sid");
 
