@@ -10,13 +10,12 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
-use auth_proto::auth::v1::auth_server::{Auth, AuthServer};
 use auth_server::testing::TestServer;
 use serde_json::json;
 use service_sdk::{
@@ -380,10 +379,8 @@ enum Stub {
     Order { inventory: AuthChannel },
 }
 
-type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
-
 #[tonic::async_trait]
-impl Auth for Stub {
+impl Protected for Stub {
     async fn get_jwks(&self, req: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
         match self {
             Stub::Inventory => {
@@ -397,35 +394,13 @@ impl Auth for Stub {
             }
         }
     }
-    async fn login(&self, _: Request<pb::LoginRequest>) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-    async fn exchange_token(
-        &self,
-        _: Request<pb::ExchangeTokenRequest>,
-    ) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-    async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-    async fn revoke(&self, _: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
-    type WatchRevocationsStream = EventStream;
-    async fn watch_revocations(
-        &self,
-        _: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        Err(Status::unimplemented("stub"))
-    }
 }
 
 /// Serves `svc` over mTLS (dev server certificate) behind a verifier for
 /// `audience`.
 async fn serve_behind_verifier<S>(srv: &TestServer, audience: &str, svc: S) -> (SocketAddr, tokio::task::JoinHandle<()>)
 where
-    S: Auth,
+    S: Protected,
 {
     let read = |p: &str| std::fs::read_to_string(srv.dir.join(p)).unwrap();
     let verifier = Verifier::builder(srv.config().issuer.clone(), audience)
@@ -441,7 +416,7 @@ where
         .tls_config(tls)
         .unwrap()
         .layer(RequireAuthLayer::new(verifier))
-        .add_service(AuthServer::new(svc));
+        .add_service(stub::server(svc));
     let task = tokio::spawn(async move {
         router.serve_with_incoming(TcpListenerStream::new(listener)).await.unwrap();
     });

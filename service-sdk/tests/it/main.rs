@@ -1,6 +1,7 @@
 //! Integration tests of service-sdk against a real auth-server over mTLS.
 
 mod client;
+mod stub;
 #[cfg(feature = "vault")]
 mod vault;
 mod verify;

@@ -10,14 +10,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
-use auth_proto::auth::v1::auth_server::{Auth, AuthServer};
 use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use auth_server::testing::TestServer;
 use aws_lc_rs::rand::SystemRandom;
@@ -46,42 +45,18 @@ fn now() -> u64 {
 // ---------------------------------------------------------------------------
 // The protected service
 
-/// A stub `auth.v1.Auth`: only `GetJwks` answers, with what the layer put
-/// into the request extensions.
+/// The protected stub: `GetJwks` answers with what the layer put into the
+/// request extensions.
 struct Probe;
 
-type EventStream = Pin<Box<dyn futures_util::Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
-
 #[tonic::async_trait]
-impl Auth for Probe {
-    async fn login(&self, _: Request<pb::LoginRequest>) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn exchange_token(
-        &self,
-        _: Request<pb::ExchangeTokenRequest>,
-    ) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
-    async fn revoke(&self, _: Request<pb::RevokeRequest>) -> Result<Response<pb::RevokeResponse>, Status> {
-        Err(Status::unimplemented("probe"))
-    }
+impl Protected for Probe {
     async fn get_jwks(&self, req: Request<pb::GetJwksRequest>) -> Result<Response<pb::GetJwksResponse>, Status> {
         let claims = Claims::from_request(&req)?;
         let token = req.extensions().get::<BearerToken>().map(|t| t.as_str().len()).unwrap_or(0);
         let echo =
             json!({ "sub": claims.subject(), "jti": claims.jti, "token_len": token, "act": claims.actor_chain() });
         Ok(Response::new(pb::GetJwksResponse { jwks_json: echo.to_string() }))
-    }
-    type WatchRevocationsStream = EventStream;
-    async fn watch_revocations(
-        &self,
-        _: Request<pb::WatchRevocationsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        Err(Status::unimplemented("probe"))
     }
 }
 
@@ -170,7 +145,7 @@ async fn serve_probe(srv: &TestServer, verifier: Verifier) -> (SocketAddr, tokio
         .tls_config(tls)
         .unwrap()
         .layer(RequireAuthLayer::new(verifier))
-        .add_service(AuthServer::new(Probe));
+        .add_service(stub::server(Probe));
     let task = tokio::spawn(async move {
         router.serve_with_incoming(TcpListenerStream::new(listener)).await.unwrap();
     });
