@@ -479,6 +479,16 @@ mod tests {
 
     const NOW: u64 = 1_700_000_000;
 
+    /// A verifier on scripted keys with a fresh revocation feed.
+    fn scripted_verifier(s: Arc<Scripted>, clock: &ManualClock) -> Verifier {
+        Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s))
+            .revocation(fresh_feed(clock))
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    }
+
     fn fresh_feed(clock: &ManualClock) -> RevocationFeed {
         let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
         feed.apply(snapshot(vec![]));
@@ -613,12 +623,7 @@ mod tests {
             fetches: AtomicUsize::new(0),
             answer: std::sync::Mutex::new(Err(super::super::JwksError::Timeout)),
         });
-        let v = Verifier::builder("auth-service", "inventory")
-            .jwks(JwksSource::scripted(s))
-            .revocation(fresh_feed(&clock))
-            .clock(clock.clone())
-            .build()
-            .unwrap();
+        let v = scripted_verifier(s, &clock);
         let err = v.verify(&key.sign(&claims(NOW, "j")), None).await.unwrap_err();
         assert_eq!(err, VerifyError::NoKeys);
         assert!(err.is_unavailable());
@@ -630,12 +635,7 @@ mod tests {
         let new = TestKey::es256();
         let clock = ManualClock::new(NOW);
         let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(old.jwks_json())) });
-        let v = Verifier::builder("auth-service", "inventory")
-            .jwks(JwksSource::scripted(s.clone()))
-            .revocation(fresh_feed(&clock))
-            .clock(clock.clone())
-            .build()
-            .unwrap();
+        let v = scripted_verifier(s.clone(), &clock);
         v.ready().await;
         *s.answer.lock().unwrap() = Ok(json!({ "keys": [old.jwk(), new.jwk()] }).to_string());
         v.verify(&new.sign(&claims(NOW, "j")), None).await.unwrap();
@@ -647,12 +647,7 @@ mod tests {
         let key = TestKey::es256();
         let clock = ManualClock::new(NOW);
         let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(key.jwks_json())) });
-        let v = Verifier::builder("auth-service", "inventory")
-            .jwks(JwksSource::scripted(s.clone()))
-            .revocation(fresh_feed(&clock))
-            .clock(clock.clone())
-            .build()
-            .unwrap();
+        let v = scripted_verifier(s.clone(), &clock);
         v.ready().await;
         for kid in ["../../etc/passwd", "x' OR '1'='1", "a/b", ""] {
             let header = json!({ "alg": "ES256", "kid": kid, "typ": "at+jwt" });
