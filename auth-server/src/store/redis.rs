@@ -658,7 +658,12 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let _: String = self.shared.bounded(self.shared.pool.ping(None)).await?;
+        // Every pooled connection, not just one: commands are never retried,
+        // so "ready" must mean the next command lands on a live connection,
+        // whichever connection the pool picks.
+        for client in self.shared.pool.clients() {
+            let _: String = self.shared.bounded(client.ping(None)).await?;
+        }
         if !self.subscriber.is_connected() || !*self.subscribed.borrow() {
             return Err(StoreError::Unavailable("redis revocation subscriber disconnected".into()));
         }
