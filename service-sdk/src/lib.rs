@@ -47,6 +47,9 @@
 //! InventoryClient::new(self.inventory.on_behalf_of(&request).await?);`
 //! (the result has `sub` = the user and `act` = this service).
 //!
+//! Everything that retries (token exchanges, JWKS fetches, the revocation
+//! stream) waits by one exponential [`backoff::Backoff`].
+//!
 //! The pure validation step is usable on its own:
 //!
 //! ```
@@ -63,6 +66,7 @@
 //! - `redis`: `verify::RedisRevocation`, revocation by a per-request Redis
 //!   lookup instead of the pushed [`RevocationFeed`].
 
+pub mod backoff;
 mod claims;
 mod client;
 pub mod verify;
