@@ -81,5 +81,5 @@ pub use client::{
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use verify::{
     BearerToken, FeedOptions, JwksOptions, JwksSource, KeySet, PeerCertificate, RequireAuth, RequireAuthLayer,
-    RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyKey,
+    RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyKey, parse_bearer,
 };

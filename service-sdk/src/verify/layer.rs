@@ -13,6 +13,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use super::VerifyError;
+use super::bearer::parse_bearer;
 use super::verifier::{Step, Verifier};
 use crate::claims::Claims;
 
@@ -133,7 +134,7 @@ where
         }
         let grpc = is_grpc(req.headers());
         let (step, token, peer) = {
-            let token = match bearer(req.headers()) {
+            let token = match parse_bearer(req.headers()) {
                 Ok(t) => t,
                 Err(e) => {
                     self.verifier.record(&Err::<(), _>(e.clone()));
@@ -194,25 +195,6 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
-/// The token of the one `authorization: Bearer …` header.
-fn bearer(headers: &HeaderMap) -> Result<&str, VerifyError> {
-    let mut values = headers.get_all(AUTHORIZATION).iter();
-    let value = values.next().ok_or(VerifyError::Missing)?;
-    if values.next().is_some() {
-        return Err(VerifyError::Malformed);
-    }
-    let value = value.to_str().map_err(|_| VerifyError::Malformed)?;
-    let (scheme, token) = value.split_once(' ').ok_or(VerifyError::Missing)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(VerifyError::Missing);
-    }
-    let token = token.trim_matches(' ');
-    if token.is_empty() {
-        return Err(VerifyError::Missing);
-    }
-    Ok(token)
-}
-
 /// The response for a refused request.
 fn refusal<B: Default>(e: &VerifyError, grpc: bool) -> Response<B> {
     tracing::debug!(reason = e.reason(), grpc, "request refused");
@@ -253,24 +235,6 @@ impl Claims {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-
-    fn headers(values: &[&str]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for v in values {
-            h.append(AUTHORIZATION, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    #[test]
-    fn bearer_scheme_is_case_insensitive_and_required() {
-        assert_eq!(bearer(&headers(&["Bearer abc"])), Ok("abc"));
-        assert_eq!(bearer(&headers(&["bearer abc"])), Ok("abc"));
-        assert_eq!(bearer(&headers(&[])), Err(VerifyError::Missing));
-        assert_eq!(bearer(&headers(&["Basic abc"])), Err(VerifyError::Missing));
-        assert_eq!(bearer(&headers(&["Bearer "])), Err(VerifyError::Missing));
-        assert_eq!(bearer(&headers(&["Bearer a", "Bearer b"])), Err(VerifyError::Malformed));
-    }
 
     #[test]
     fn http_refusals_carry_the_bearer_challenge() {

@@ -13,6 +13,7 @@
 //!   servers and axum routers that puts the verified [`Claims`](crate::Claims)
 //!   and the raw [`BearerToken`] into request extensions.
 
+mod bearer;
 mod cache;
 mod compact;
 mod jwks;
@@ -26,6 +27,7 @@ mod test_keys;
 mod validator;
 mod verifier;
 
+pub use bearer::parse_bearer;
 pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
 pub use layer::{BearerToken, PeerCertificate, RequireAuth, RequireAuthLayer, ResponseFuture};
