@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::keys::KeySet;
+use crate::backoff::Backoff;
 
 /// The largest JWK Set document accepted over HTTP.
 const MAX_JWKS_BYTES: usize = 1 << 20;
@@ -325,7 +326,10 @@ impl JwksCache {
 }
 
 async fn refresh_loop(cache: std::sync::Weak<JwksCache>, mut stopped: watch::Receiver<()>) {
-    let mut backoff = None::<Duration>;
+    let mut backoff = match cache.upgrade() {
+        Some(cache) => Backoff::new(cache.opts.initial_backoff, cache.opts.max_backoff),
+        None => return,
+    };
     loop {
         let delay = {
             let Some(cache) = cache.upgrade() else { return };
@@ -337,12 +341,11 @@ async fn refresh_loop(cache: std::sync::Weak<JwksCache>, mut stopped: watch::Rec
                 Ok(keys) => {
                     tracing::debug!(keys = keys.len(), "JWKS loaded");
                     cache.store(keys);
-                    backoff = None;
+                    backoff.reset();
                     cache.opts.refresh_interval
                 }
                 Err(e) => {
-                    let next = backoff.map_or(cache.opts.initial_backoff, |b| (b * 2).min(cache.opts.max_backoff));
-                    backoff = Some(next);
+                    let next = backoff.next_delay();
                     if cache.current().is_some() {
                         tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good keys");
                     } else {

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 
 use super::{MAX_LEEWAY_SECS, VerifyError};
 use crate::Clock;
+use crate::backoff::Backoff;
 
 /// What a revocation names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -298,8 +299,9 @@ impl RevocationCheck for RevocationFeed {
 }
 
 async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch::Receiver<()>, opts: FeedOptions) {
-    let mut backoff = opts.initial_backoff;
+    let mut backoff = Backoff::new(opts.initial_backoff, opts.max_backoff);
     loop {
+        let mut open_failed = None;
         let mut client = AuthClient::new(channel.clone());
         let opened = tokio::select! {
             r = client.watch_revocations(WatchRevocationsRequest {}) => r,
@@ -317,7 +319,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
                         Ok(Some(event)) => {
                             let Some(state) = state.upgrade() else { return };
                             if matches!(event.event, Some(Event::Snapshot(_))) {
-                                backoff = opts.initial_backoff;
+                                backoff.reset();
                             }
                             RevocationFeed { state }.apply(event);
                         }
@@ -333,14 +335,17 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
                 }
             }
             Err(status) => {
-                tracing::warn!(code = ?status.code(), retry_in = ?backoff, "cannot open the revocation stream");
+                open_failed = Some(status.code());
             }
         }
+        let delay = backoff.next_delay();
+        if let Some(code) = open_failed {
+            tracing::warn!(?code, retry_in = ?delay, "cannot open the revocation stream");
+        }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stopped.changed() => return,
         }
-        backoff = (backoff * 2).min(opts.max_backoff);
     }
 }
 
