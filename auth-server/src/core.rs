@@ -3,19 +3,16 @@
 
 use std::sync::Arc;
 
-use service_sdk::{Actor, Audience, Claims, Validator, VerifyError};
+use service_sdk::{Audience, Claims, Validator};
 
 use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::directory::{Directory, random_token};
 use crate::error::AuthError;
+use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
 use crate::keys::SigningKeys;
-use crate::store::{IssuedToken, Store};
-
-/// Largest accepted string field (bytes).
-pub const MAX_FIELD_BYTES: usize = 8 * 1024;
-/// Largest accepted list (audiences, scopes).
-pub const MAX_LIST_LEN: usize = 64;
+use crate::password::PasswordPool;
+use crate::store::{IssuedToken, RefreshRecord, Store};
 
 /// The state the flows run against.
 pub struct AuthCore {
@@ -38,84 +35,6 @@ pub struct AuthCore {
     pub passwords: PasswordPool,
 }
 
-type PasswordJob = Box<dyn FnOnce() + Send>;
-
-/// A small fixed pool of threads for password hashing.
-pub struct PasswordPool {
-    jobs: std::sync::Mutex<std::sync::mpsc::Sender<PasswordJob>>,
-}
-
-impl PasswordPool {
-    /// Starts `threads` workers.
-    pub fn new(threads: usize) -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<PasswordJob>();
-        let rx = Arc::new(std::sync::Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let rx = Arc::clone(&rx);
-            let spawned = std::thread::Builder::new().name(format!("password-{i}")).spawn(move || {
-                loop {
-                    let job = match rx.lock() {
-                        Ok(guard) => guard.recv(),
-                        Err(_) => return,
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return,
-                    }
-                }
-            });
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "could not start a password thread");
-            }
-        }
-        Self { jobs: std::sync::Mutex::new(tx) }
-    }
-
-    /// Runs `f` on the pool and waits for its result.
-    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, AuthError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: PasswordJob = Box::new(move || {
-            let _ = tx.send(f());
-        });
-        self.jobs
-            .lock()
-            .map_err(|_| AuthError::Internal("password pool poisoned"))?
-            .send(job)
-            .map_err(|_| AuthError::Internal("password pool stopped"))?;
-        rx.await.map_err(|_| AuthError::Internal("password check failed"))
-    }
-}
-
-/// What a new access token says, before the server adds times and `jti`.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    /// Subject.
-    pub sub: String,
-    /// Audiences.
-    pub aud: Vec<String>,
-    /// Lifetime in seconds.
-    pub ttl: u64,
-    /// Login session.
-    pub sid: Option<String>,
-    /// Client the token is issued to.
-    pub client_id: String,
-    /// Role.
-    pub role: Option<String>,
-    /// Permissions.
-    pub perms: Vec<String>,
-    /// Delegation chain.
-    pub act: Option<Actor>,
-}
-
-/// A minted access token.
-#[derive(Debug, Clone)]
-pub struct Minted {
-    /// The compact JWS.
-    pub token: String,
-    /// Its claims.
-    pub claims: Claims,
-}
-
 impl AuthCore {
     /// Builds the core; the validator follows `config.issuer`.
     pub fn new(
@@ -126,8 +45,7 @@ impl AuthCore {
         clock: SharedClock,
     ) -> Self {
         let validator = Validator::new(config.issuer.clone(), String::new());
-        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-        Self { config, directory, keys, store, clock, validator, passwords: PasswordPool::new(threads) }
+        Self { config, directory, keys, store, clock, validator, passwords: PasswordPool::for_this_machine() }
     }
 
     /// Signs a token for `grant` and records its `jti` (one store write).
@@ -154,43 +72,40 @@ impl AuthCore {
         Ok(Minted { token, claims })
     }
 
+    /// Starts a new refresh family for a login session (one store write).
+    pub async fn start_refresh_family(
+        &self,
+        sub: &str,
+        sid: &str,
+        audience: Vec<String>,
+        scope: Vec<String>,
+    ) -> Result<RefreshIssued, AuthError> {
+        let token = random_token(32)?;
+        let now = self.clock.now_unix();
+        let record = RefreshRecord {
+            family: random_token(16)?,
+            sid: sid.to_owned(),
+            sub: sub.to_owned(),
+            client_id: PASSWORD_CLIENT_ID.into(),
+            audience,
+            scope,
+            expires_at: now + self.config.tokens.refresh_ttl_secs,
+        };
+        self.store.put_refresh(&refresh_digest(&token), &record, now).await?;
+        Ok(RefreshIssued { token })
+    }
+
     /// Fully verifies a token of this issuer: signature, pinned alg, `typ`,
     /// issuer, times, then the deny list (`jti` and `sid`). `audience`, when
     /// set, must be in `aud`.
     pub async fn verify_presented(&self, token: &str, audience: Option<&str>) -> Result<Claims, AuthError> {
         let now = self.clock.now_unix();
         let keys = self.keys.public_keys();
-        let claims = self.validator.validate_for(token, &keys.keys, now, audience).map_err(reject)?;
+        let claims =
+            self.validator.validate_for(token, &keys.keys, now, audience).map_err(AuthError::token_rejected)?;
         if self.store.is_revoked(&claims.jti, claims.sid.as_deref(), now).await? {
             return Err(AuthError::Unauthenticated("token revoked"));
         }
         Ok(claims)
-    }
-}
-
-/// Maps a validation failure to a fixed reason.
-pub(crate) fn reject(e: VerifyError) -> AuthError {
-    AuthError::Unauthenticated(match e {
-        VerifyError::Expired => "token expired",
-        VerifyError::NotYetValid | VerifyError::IssuedInFuture => "token not yet valid",
-        VerifyError::WrongIssuer => "token from another issuer",
-        VerifyError::WrongAudience => "token not addressed to the caller",
-        VerifyError::TooLarge => "token too large",
-        VerifyError::Revoked => "token revoked",
-        _ => "invalid token",
-    })
-}
-
-/// Checks a string field's size.
-pub(crate) fn check_field(value: &str, what: &'static str) -> Result<(), AuthError> {
-    if value.len() > MAX_FIELD_BYTES { Err(AuthError::InvalidArgument(what)) } else { Ok(()) }
-}
-
-/// Checks a list's length and each item's size.
-pub(crate) fn check_list(values: &[String], what: &'static str) -> Result<(), AuthError> {
-    if values.len() > MAX_LIST_LEN || values.iter().any(|v| v.is_empty() || v.len() > 256) {
-        Err(AuthError::InvalidArgument(what))
-    } else {
-        Ok(())
     }
 }

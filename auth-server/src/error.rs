@@ -1,4 +1,14 @@
 //! The one error type of the flows, and its one mapping to `tonic::Status`.
+//!
+//! Every error has a public face, [`AuthError::code`] and
+//! [`AuthError::public_message`] (fixed and short: what a caller sees), and
+//! a log detail, its `Display` (which may name an internal cause, never a
+//! secret). Only [`From<AuthError> for tonic::Status`](#impl-From<AuthError>-for-Status)
+//! joins the two: it logs the detail and sends the public face. A batch
+//! item can carry its own code and message from the same two methods.
+
+use service_sdk::VerifyError;
+use tonic::Code;
 
 use crate::keys::KeyError;
 use crate::store::StoreError;
@@ -27,37 +37,92 @@ pub enum AuthError {
     Internal(&'static str),
 }
 
+impl AuthError {
+    /// A presented token failed validation: a fixed reason per cause.
+    pub fn token_rejected(e: VerifyError) -> Self {
+        Self::Unauthenticated(match e {
+            VerifyError::Expired => "token expired",
+            VerifyError::NotYetValid | VerifyError::IssuedInFuture => "token not yet valid",
+            VerifyError::WrongIssuer => "token from another issuer",
+            VerifyError::WrongAudience => "token not addressed to the caller",
+            VerifyError::TooLarge => "token too large",
+            VerifyError::Revoked => "token revoked",
+            _ => "invalid token",
+        })
+    }
+
+    /// The gRPC code a caller sees.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Store(_) | Self::Keys(KeyError::Unavailable(_)) => Code::Unavailable,
+            Self::Keys(_) | Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The fixed, short message a caller sees. Refusals name their reason;
+    /// failures of the server's own parts say only which part.
+    pub fn public_message(&self) -> &'static str {
+        match self {
+            Self::InvalidArgument(r) | Self::Unauthenticated(r) | Self::PermissionDenied(r) => r,
+            Self::Store(_) => "state store unavailable",
+            Self::Keys(KeyError::Unavailable(_)) => "signer unavailable",
+            Self::Keys(_) | Self::Internal(_) => "internal error",
+        }
+    }
+
+    /// Logs the detail at a level that fits: refusals are routine, failures
+    /// of the server's own parts are not.
+    fn log(&self) {
+        match self {
+            Self::InvalidArgument(r) => tracing::debug!(reason = r, "invalid argument"),
+            Self::Unauthenticated(r) => tracing::info!(reason = r, "unauthenticated"),
+            Self::PermissionDenied(r) => tracing::info!(reason = r, "permission denied"),
+            Self::Store(e) => tracing::warn!(error = %e, "store failure"),
+            Self::Keys(KeyError::Unavailable(e)) => tracing::warn!(error = %e, "signer unavailable"),
+            Self::Keys(e) => tracing::error!(error = %e, "signing failure"),
+            Self::Internal(r) => tracing::error!(reason = r, "internal error"),
+        }
+    }
+}
+
 impl From<AuthError> for tonic::Status {
     fn from(e: AuthError) -> Self {
-        match e {
-            AuthError::InvalidArgument(r) => {
-                tracing::debug!(reason = r, "invalid argument");
-                tonic::Status::invalid_argument(r)
-            }
-            AuthError::Unauthenticated(r) => {
-                tracing::info!(reason = r, "unauthenticated");
-                tonic::Status::unauthenticated(r)
-            }
-            AuthError::PermissionDenied(r) => {
-                tracing::info!(reason = r, "permission denied");
-                tonic::Status::permission_denied(r)
-            }
-            AuthError::Store(e) => {
-                tracing::warn!(error = %e, "store failure");
-                tonic::Status::unavailable("state store unavailable")
-            }
-            AuthError::Keys(KeyError::Unavailable(e)) => {
-                tracing::warn!(error = %e, "signer unavailable");
-                tonic::Status::unavailable("signer unavailable")
-            }
-            AuthError::Keys(e) => {
-                tracing::error!(error = %e, "signing failure");
-                tonic::Status::internal("internal error")
-            }
-            AuthError::Internal(r) => {
-                tracing::error!(reason = r, "internal error");
-                tonic::Status::internal("internal error")
-            }
-        }
+        e.log();
+        tonic::Status::new(e.code(), e.public_message())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_of_the_server_parts_hide_their_detail() {
+        let e = AuthError::Store(StoreError::Unavailable("connection refused to 10.0.0.7:6379".into()));
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "state store unavailable");
+        let status = tonic::Status::from(AuthError::Internal("password pool poisoned"));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn refusals_carry_their_fixed_reason() {
+        let e = AuthError::PermissionDenied("not your token");
+        assert_eq!((e.code(), e.public_message()), (Code::PermissionDenied, "not your token"));
+        let status = tonic::Status::from(AuthError::InvalidArgument("audience is required"));
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "audience is required"));
+    }
+
+    #[test]
+    fn rejected_tokens_are_unauthenticated_with_a_fixed_reason() {
+        let e = AuthError::token_rejected(VerifyError::Expired);
+        assert_eq!((e.code(), e.public_message()), (Code::Unauthenticated, "token expired"));
+        let e = AuthError::token_rejected(VerifyError::Malformed);
+        assert_eq!(e.public_message(), "invalid token");
     }
 }

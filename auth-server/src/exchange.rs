@@ -4,8 +4,9 @@
 //! The decision is [`policy::decide`], a pure function; this module only
 //! authenticates, verifies the subject token and mints.
 
-use crate::core::{AuthCore, Grant, Minted, check_field, check_list};
+use crate::core::AuthCore;
 use crate::error::AuthError;
+use crate::grant::{GrantKind, Issued, Secret};
 use crate::tls::PeerIdentity;
 
 /// A parsed ExchangeToken request.
@@ -14,7 +15,7 @@ pub struct ExchangeRequest {
     /// Caller's client id (may be empty with certificate-only auth).
     pub client_id: String,
     /// Caller's secret (may be empty with certificate-only auth).
-    pub client_secret: crate::login::Secret,
+    pub client_secret: Secret,
     /// The user's token, if acting for a user.
     pub subject_token: String,
     /// The one target audience.
@@ -25,13 +26,8 @@ pub struct ExchangeRequest {
     pub requested_ttl: u64,
 }
 
-/// Runs an exchange.
-pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerIdentity>) -> Result<Minted, AuthError> {
-    check_field(&req.client_id, "client_id too long")?;
-    check_field(&req.client_secret.0, "client_secret too long")?;
-    check_field(&req.subject_token, "subject_token too long")?;
-    check_field(&req.audience, "audience too long")?;
-    check_list(&req.scope, "scope: at most 64 non-empty scopes")?;
+/// Runs an exchange: returns what was issued.
+pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerIdentity>) -> Result<Issued, AuthError> {
     if req.audience.is_empty() {
         return Err(AuthError::InvalidArgument("audience is required"));
     }
@@ -57,17 +53,8 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
         max_ttl: t.exchange_max_ttl_secs,
         max_act_depth: t.max_act_depth,
     })?;
-    core.mint(Grant {
-        sub: decision.sub,
-        aud: vec![req.audience],
-        ttl: decision.ttl,
-        sid: decision.sid,
-        client_id: account.client_id.clone(),
-        role: decision.role,
-        perms: decision.perms,
-        act: decision.act,
-    })
-    .await
+    let access = core.mint(decision.into_grant(req.audience, account.client_id.clone())).await?;
+    Ok(Issued { kind: GrantKind::Exchange, access, refresh: None })
 }
 
 /// The exchange policy, free of I/O.
@@ -76,6 +63,7 @@ pub mod policy {
 
     use crate::config::EXCHANGE_TTL_HARD_CAP_SECS;
     use crate::error::AuthError;
+    use crate::grant::{Grant, narrow};
 
     /// Everything the decision depends on.
     #[derive(Debug)]
@@ -122,6 +110,22 @@ pub mod policy {
         pub act: Option<Actor>,
     }
 
+    impl Decision {
+        /// The grant of the new token: for `audience`, issued to `client_id`.
+        pub fn into_grant(self, audience: String, client_id: String) -> Grant {
+            Grant {
+                sub: self.sub,
+                aud: vec![audience],
+                ttl: self.ttl,
+                sid: self.sid,
+                client_id,
+                role: self.role,
+                perms: self.perms,
+                act: self.act,
+            }
+        }
+    }
+
     /// Decides an exchange: audience on the allow-list; perms only ever
     /// narrowed; TTL = min(requested or default, max, 600 s, subject's
     /// remaining life); `act` nests the caller over the subject's chain, up
@@ -130,13 +134,7 @@ pub mod policy {
         let Some(allowed) = i.allowed else {
             return Err(AuthError::PermissionDenied("audience not allowed for this account"));
         };
-        let mut perms: Vec<String> = allowed
-            .iter()
-            .filter(|p| i.requested_scope.is_empty() || i.requested_scope.contains(p))
-            .filter(|p| i.subject.is_none_or(|s| s.perms.contains(p)))
-            .cloned()
-            .collect();
-        perms.dedup();
+        let perms = narrow(allowed, i.requested_scope, i.subject.map(|s| s.perms.as_slice()));
         let requested = if i.requested_ttl == 0 { i.default_ttl } else { i.requested_ttl };
         let mut ttl = requested.min(i.max_ttl).min(EXCHANGE_TTL_HARD_CAP_SECS);
         if let Some(s) = i.subject {

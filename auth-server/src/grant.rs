@@ -1,0 +1,193 @@
+//! What the flows share, with no dependency on any of them: the grant a new
+//! access token carries, the typed result of issuing one, the refresh-token
+//! digest, secrets that redact themselves, and the one scope-narrowing rule.
+//!
+//! This module is a leaf: it imports no flow and no port, so `login`,
+//! `exchange`, `refresh` and `revoke` all depend on it and never on each
+//! other.
+
+use aws_lc_rs::digest;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use service_sdk::{Actor, Claims};
+
+/// The `client_id` claim of tokens from the password grant (and of the
+/// refresh tokens it starts).
+pub const PASSWORD_CLIENT_ID: &str = "login";
+
+/// A secret string that redacts itself in `Debug`.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// What a new access token says, before the server adds times and `jti`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Subject.
+    pub sub: String,
+    /// Audiences.
+    pub aud: Vec<String>,
+    /// Lifetime in seconds.
+    pub ttl: u64,
+    /// Login session.
+    pub sid: Option<String>,
+    /// Client the token is issued to.
+    pub client_id: String,
+    /// Role.
+    pub role: Option<String>,
+    /// Permissions.
+    pub perms: Vec<String>,
+    /// Delegation chain.
+    pub act: Option<Actor>,
+}
+
+/// A minted access token.
+#[derive(Debug, Clone)]
+pub struct Minted {
+    /// The compact JWS.
+    pub token: String,
+    /// Its claims.
+    pub claims: Claims,
+}
+
+/// A newly issued refresh token.
+pub struct RefreshIssued {
+    /// The opaque token, handed to the client once.
+    pub token: String,
+}
+
+impl std::fmt::Debug for RefreshIssued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefreshIssued(..)")
+    }
+}
+
+/// The store key of a refresh token: base64url SHA-256.
+pub fn refresh_digest(token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()))
+}
+
+/// How a token was obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantKind {
+    /// Login with username and password.
+    Password,
+    /// Login with client credentials: a service acting as itself.
+    ClientCredentials,
+    /// ExchangeToken (RFC 8693).
+    Exchange,
+    /// Refresh-token rotation.
+    Refresh,
+}
+
+impl GrantKind {
+    /// A fixed name for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Password => "password",
+            Self::ClientCredentials => "client_credentials",
+            Self::Exchange => "exchange",
+            Self::Refresh => "refresh",
+        }
+    }
+}
+
+/// What a token-issuing flow decided and did: the typed result that the
+/// gRPC layer maps to a response, and that audit or a batch RPC consume
+/// without re-deriving anything from strings.
+#[derive(Debug)]
+pub struct Issued {
+    /// How the token was obtained.
+    pub kind: GrantKind,
+    /// The access token and its claims (`sub`, `act`, `aud`, `perms`,
+    /// `jti`, `exp`).
+    pub access: Minted,
+    /// The refresh token, for the password grant and for refresh.
+    pub refresh: Option<RefreshIssued>,
+}
+
+impl Issued {
+    /// The access token's claims.
+    pub fn claims(&self) -> &Claims {
+        &self.access.claims
+    }
+
+    /// Lifetime of the access token in seconds.
+    pub fn expires_in(&self) -> u64 {
+        let c = self.claims();
+        c.exp.saturating_sub(c.iat)
+    }
+}
+
+/// The one scope-narrowing rule of every grant: the scopes of `have` (in
+/// its order, without repeats) that the client `requested` (empty = all of
+/// `have`) and that stay within `bound` when there is one (the subject
+/// token's perms, a refresh family's scope). A result never holds a scope
+/// that is not in `have`: scopes are only ever narrowed.
+pub fn narrow(have: &[String], requested: &[String], bound: Option<&[String]>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(have.len());
+    for p in have {
+        let wanted = requested.is_empty() || requested.contains(p);
+        let within = bound.is_none_or(|b| b.contains(p));
+        if wanted && within && !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_empty_request_keeps_everything_held() {
+        let have = strings(&["a", "b", "c"]);
+        assert_eq!(narrow(&have, &[], None), have);
+    }
+
+    #[test]
+    fn narrowing_follows_the_order_of_what_is_held_and_never_adds() {
+        let have = strings(&["c", "a", "b"]);
+        let req = strings(&["a", "c", "z"]);
+        assert_eq!(narrow(&have, &req, None), strings(&["c", "a"]));
+    }
+
+    #[test]
+    fn a_bound_narrows_further_and_an_empty_bound_allows_nothing() {
+        let have = strings(&["a", "b", "c"]);
+        let bound = strings(&["b", "c", "z"]);
+        assert_eq!(narrow(&have, &[], Some(&bound)), strings(&["b", "c"]));
+        assert_eq!(narrow(&have, &strings(&["c"]), Some(&bound)), strings(&["c"]));
+        assert!(narrow(&have, &[], Some(&[])).is_empty());
+    }
+
+    #[test]
+    fn repeats_are_dropped() {
+        let have = strings(&["a", "b", "a"]);
+        assert_eq!(narrow(&have, &[], None), strings(&["a", "b"]));
+    }
+
+    #[test]
+    fn secrets_and_refresh_tokens_are_redacted_in_debug() {
+        assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(..)");
+        assert_eq!(format!("{:?}", RefreshIssued { token: "opaque".into() }), "RefreshIssued(..)");
+    }
+
+    #[test]
+    fn refresh_digest_is_base64url_sha256() {
+        let d = refresh_digest("token");
+        assert_eq!(d.len(), 43);
+        assert_ne!(d, refresh_digest("token2"));
+        assert!(!d.contains('=') && !d.contains('+') && !d.contains('/'));
+    }
+}

@@ -1,0 +1,60 @@
+//! `Revoke`: parse the target, read the caller's bearer token (for `jti`
+//! and `sid`), check sizes, run [`crate::revoke`].
+
+use auth_proto::auth::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::traced;
+use super::wire::check_field;
+use crate::core::AuthCore;
+use crate::error::AuthError;
+use crate::revoke::{RevokeTarget, revoke};
+
+pub(super) async fn handle(
+    core: &AuthCore,
+    req: Request<pb::RevokeRequest>,
+) -> Result<Response<pb::RevokeResponse>, Status> {
+    // The SDK's parser: the one `authorization: Bearer` rule of the platform.
+    let caller = service_sdk::parse_bearer(req.metadata().as_ref()).ok().map(str::to_owned);
+    let target = match req.into_inner().target {
+        Some(pb::revoke_request::Target::AccessToken(t)) => RevokeTarget::AccessToken(t),
+        Some(pb::revoke_request::Target::Jti(t)) => RevokeTarget::Jti(t),
+        Some(pb::revoke_request::Target::RefreshToken(t)) => RevokeTarget::RefreshToken(t),
+        Some(pb::revoke_request::Target::Sid(t)) => RevokeTarget::Sid(t),
+        None => return Err(AuthError::InvalidArgument("a revocation target is required").into()),
+    };
+    let kind = match &target {
+        RevokeTarget::AccessToken(_) => "access_token",
+        RevokeTarget::Jti(_) => "jti",
+        RevokeTarget::RefreshToken(_) => "refresh_token",
+        RevokeTarget::Sid(_) => "sid",
+    };
+    let span = tracing::info_span!("rpc", method = "Revoke", target = kind);
+    traced(span, async move {
+        // Only revoking by jti or sid needs (and reads) the caller's token.
+        let caller = match &target {
+            RevokeTarget::AccessToken(t) => {
+                check_field(t, "access_token too long")?;
+                None
+            }
+            RevokeTarget::RefreshToken(t) => {
+                check_field(t, "refresh_token too long")?;
+                None
+            }
+            RevokeTarget::Jti(t) => {
+                check_field(t, "jti too long")?;
+                caller
+            }
+            RevokeTarget::Sid(t) => {
+                check_field(t, "sid too long")?;
+                caller
+            }
+        };
+        if let Some(token) = &caller {
+            check_field(token, "authorization too long")?;
+        }
+        let revoked = revoke(core, target, caller.as_deref()).await?;
+        Ok(pb::RevokeResponse { revoked: revoked.label().into() })
+    })
+    .await
+}
