@@ -74,8 +74,9 @@ pub mod verify;
 pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
 pub use client::{
     AccessToken, AuthChannel, AuthFuture, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR, ClientCredentials, ClientSecret,
-    Clock, Credentials, CredentialsError, EnvCredentials, FileCredentials, ManualClock, MtlsFiles, SystemClock,
-    TlsError, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats,
+    Clock, Credentials, CredentialsError, EnvCredentials, ExchangeRequest, ExchangeResponse, ExchangeService,
+    FileCredentials, GrpcExchange, ManualClock, MtlsFiles, SystemClock, TlsError, TokenError, TokenRequest,
+    TokenSource, TokenSourceBuilder, TokenSourceStats,
 };
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};

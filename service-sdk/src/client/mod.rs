@@ -7,7 +7,8 @@
 //! - [`TokenSource`]: exchanges those credentials (and, on behalf of a user,
 //!   the user's token) for short-lived tokens whose `aud` is the target
 //!   service; caches them per (audience, subject) and renews them in the
-//!   background.
+//!   background. The exchange itself is a tower service
+//!   ([`ExchangeService`], by default [`GrpcExchange`]) that takes layers.
 //! - [`AuthChannel`]: a tower service over a tonic channel that attaches the
 //!   bearer token for one audience to every call.
 //! - [`MtlsFiles`]: mTLS channels from certificate, key and CA files, with
@@ -28,5 +29,8 @@ pub use credentials::{
 #[cfg(feature = "vault")]
 pub use credentials::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use secret::{ClientCredentials, ClientSecret};
-pub use source::{AccessToken, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats};
+pub use source::{
+    AccessToken, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, TokenError, TokenRequest,
+    TokenSource, TokenSourceBuilder, TokenSourceStats,
+};
 pub use tls::{MtlsFiles, TlsError};

@@ -18,8 +18,9 @@
 //!   dropped once expired.
 //! - **Single flight.** Concurrent calls that miss the cache for one key wait
 //!   for one exchange.
-//! - **Errors.** A failed exchange is retried with exponential backoff (from
-//!   `backoff_base`, doubling, capped at `backoff_cap`, with jitter). While
+//! - **Errors.** A failed exchange is retried with exponential
+//!   [back-off](crate::backoff::Backoff) (from `backoff_base`, doubling,
+//!   capped at `backoff_cap`, with jitter), timed on the same clock. While
 //!   the auth service is down, unexpired cached tokens keep being served; a
 //!   call that needs a new token during backoff fails at once with
 //!   [`TokenError::Unavailable`] instead of queueing. An expired token is
@@ -28,133 +29,41 @@
 //!   asks its [`Credentials`] to [`refresh`](Credentials::refresh) and, if
 //!   they changed, retries once at once.
 
+//!
+//! ## Layout
+//! - `slot`: the cache entries, their validity and retry state;
+//! - `exchange`: the exchange as a [`tower::Service`] ([`ExchangeService`],
+//!   by default [`GrpcExchange`]); timeouts, trace propagation and metrics
+//!   attach as [layers](TokenSourceBuilder::layer);
+//! - `renew`: the renewal point (`refresh_in`, a pure function) and the
+//!   background renewer;
+//! - `builder`: the tunables; `error`: [`TokenError`].
+
+mod builder;
+mod error;
+mod exchange;
+mod renew;
+mod slot;
+
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
-use arc_swap::{ArcSwap, ArcSwapOption};
-use auth_proto::auth::v1::ExchangeTokenRequest;
-use auth_proto::auth::v1::auth_client::AuthClient;
-use aws_lc_rs::digest;
-use http::HeaderValue;
-use tokio::time::Instant;
 use tonic::transport::Channel;
+use tower::Service;
+
+use builder::Config;
+pub use builder::TokenSourceBuilder;
+pub use error::TokenError;
+pub use exchange::{ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange};
+pub use slot::AccessToken;
+use slot::{Slot, SubjectKey, subject_digest};
 
 use super::clock::{Clock, SystemClock};
 use super::credentials::Credentials;
-use super::secret::ClientCredentials;
-
-/// Why no token could be had.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum TokenError {
-    /// The auth service cannot be reached (or answered with a transient
-    /// error) and no unexpired token is cached.
-    #[error("auth service unavailable and no unexpired token cached for audience {audience:?} ({reason})")]
-    Unavailable {
-        /// The audience asked for.
-        audience: String,
-        /// The gRPC code or transport failure, never a secret.
-        reason: String,
-    },
-    /// The auth service rejected the credentials or the subject token.
-    #[error("auth service rejected the exchange for audience {audience:?}")]
-    Unauthenticated {
-        /// The audience asked for.
-        audience: String,
-    },
-    /// The policy does not let this service ask for that audience.
-    #[error("auth service policy refuses audience {audience:?}")]
-    PermissionDenied {
-        /// The audience asked for.
-        audience: String,
-    },
-    /// The request was refused as malformed (e.g. an empty audience).
-    #[error("invalid token request for audience {audience:?}")]
-    InvalidRequest {
-        /// The audience asked for.
-        audience: String,
-    },
-    /// The credentials source failed.
-    #[error("service credentials unavailable: {0}")]
-    Credentials(String),
-}
-
-impl TokenError {
-    /// Whether the failure is transient (auth service or credentials
-    /// unreachable) rather than a refusal.
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, TokenError::Unavailable { .. } | TokenError::Credentials(_))
-    }
-}
-
-/// For handlers that call another service: the one mapping of token errors
-/// to statuses, with fixed messages.
-impl From<TokenError> for tonic::Status {
-    fn from(e: TokenError) -> Self {
-        tracing::warn!(error = %e, "no token for downstream call");
-        match e {
-            TokenError::Unavailable { .. } | TokenError::Credentials(_) => {
-                tonic::Status::unavailable("downstream token unavailable")
-            }
-            TokenError::Unauthenticated { .. } => tonic::Status::unauthenticated("token exchange refused"),
-            TokenError::PermissionDenied { .. } => tonic::Status::permission_denied("token exchange refused"),
-            TokenError::InvalidRequest { .. } => tonic::Status::internal("invalid token exchange"),
-        }
-    }
-}
-
-/// An access token from the source. Cheap to clone. `Debug` does not print
-/// the token.
-#[derive(Clone)]
-pub struct AccessToken(Arc<Cached>);
-
-impl AccessToken {
-    /// The compact JWS.
-    pub fn as_str(&self) -> &str {
-        &self.0.token
-    }
-
-    /// `Bearer <token>` as a (sensitive) header value.
-    pub fn bearer(&self) -> &HeaderValue {
-        &self.0.bearer
-    }
-
-    /// When the token stops being served (Unix seconds, source clock).
-    pub fn expires_at(&self) -> u64 {
-        self.0.expires_at
-    }
-
-    /// The scopes the auth service granted.
-    pub fn scope(&self) -> &[String] {
-        &self.0.scope
-    }
-}
-
-impl std::fmt::Debug for AccessToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessToken").field("expires_at", &self.0.expires_at).finish_non_exhaustive()
-    }
-}
-
-struct Cached {
-    token: Box<str>,
-    bearer: HeaderValue,
-    /// Served while `now < expires_at - margin`.
-    expires_at: u64,
-    margin: u64,
-    renew_at: u64,
-    scope: Vec<String>,
-}
-
-impl Cached {
-    fn valid(&self, now: u64) -> bool {
-        now.saturating_add(self.margin) < self.expires_at
-    }
-}
+use crate::BoxError;
 
 /// Counters, for monitoring and for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -178,89 +87,11 @@ struct Stats {
     waited: AtomicU64,
 }
 
-#[derive(Default)]
-struct Backoff {
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<TokenError>,
-}
-
-struct Slot {
-    audience: Box<str>,
-    current: ArcSwapOption<Cached>,
-    flight: tokio::sync::Mutex<()>,
-    backoff: Mutex<Backoff>,
-    /// Last time (source clock) a caller asked for this slot.
-    last_used: AtomicU64,
-    renewing: AtomicU32,
-}
-
-impl Slot {
-    fn new(audience: &str, now: u64) -> Self {
-        Self {
-            audience: audience.into(),
-            current: ArcSwapOption::empty(),
-            flight: tokio::sync::Mutex::new(()),
-            backoff: Mutex::new(Backoff::default()),
-            last_used: AtomicU64::new(now),
-            renewing: AtomicU32::new(0),
-        }
-    }
-
-    #[inline]
-    fn hit(&self, now: u64) -> Option<AccessToken> {
-        let guard = self.current.load();
-        let cached = guard.as_ref()?;
-        if !cached.valid(now) {
-            return None;
-        }
-        if self.last_used.load(Ordering::Relaxed) != now {
-            self.last_used.store(now, Ordering::Relaxed);
-        }
-        Some(AccessToken(Arc::clone(cached)))
-    }
-
-    fn lock_backoff(&self) -> std::sync::MutexGuard<'_, Backoff> {
-        self.backoff.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-type SubjectKey = (Box<str>, [u8; 32]);
-
-/// Tunables of a [`TokenSource`].
-#[derive(Debug, Clone)]
-struct Config {
-    requested_ttl: u32,
-    expiry_margin: u64,
-    renew_at: f64,
-    jitter: f64,
-    tick: Duration,
-    idle_timeout: u64,
-    backoff_base: Duration,
-    backoff_cap: Duration,
-    max_delegated: usize,
-    scopes: HashMap<String, Vec<String>>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            requested_ttl: 0,
-            expiry_margin: 5,
-            renew_at: 0.75,
-            jitter: 0.05,
-            tick: Duration::from_secs(1),
-            idle_timeout: 3600,
-            backoff_base: Duration::from_millis(100),
-            backoff_cap: Duration::from_secs(30),
-            max_delegated: 10_000,
-            scopes: HashMap::new(),
-        }
-    }
-}
-
 struct Inner {
-    auth: ArcSwap<AuthClient<Channel>>,
+    /// The exchange service with its layers.
+    exchange: ExchangeService,
+    /// The default inner service, kept to replace its channel.
+    grpc: Option<GrpcExchange>,
     creds: Arc<dyn Credentials>,
     clock: Arc<dyn Clock>,
     cfg: Config,
@@ -275,89 +106,6 @@ impl Drop for Inner {
         if let Some(h) = self.renewer.get_mut().ok().and_then(Option::take) {
             h.abort();
         }
-    }
-}
-
-/// Builds a [`TokenSource`].
-pub struct TokenSourceBuilder {
-    channel: Channel,
-    creds: Arc<dyn Credentials>,
-    clock: Arc<dyn Clock>,
-    cfg: Config,
-}
-
-impl std::fmt::Debug for TokenSourceBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSourceBuilder").field("cfg", &self.cfg).finish_non_exhaustive()
-    }
-}
-
-impl TokenSourceBuilder {
-    /// The clock (default: the system clock).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// Lifetime to ask for; `Duration::ZERO` (the default) takes the
-    /// server's default. Whole seconds, capped by the server.
-    pub fn requested_ttl(mut self, ttl: Duration) -> Self {
-        self.cfg.requested_ttl = u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX);
-        self
-    }
-
-    /// Scopes to ask for when calling `audience` (default: everything the
-    /// policy allows).
-    pub fn scopes(mut self, audience: impl Into<String>, scopes: impl IntoIterator<Item = impl Into<String>>) -> Self {
-        self.cfg.scopes.insert(audience.into(), scopes.into_iter().map(Into::into).collect());
-        self
-    }
-
-    /// A token is no longer served this many seconds before it expires
-    /// (default 5, and never more than a tenth of the token's life).
-    pub fn expiry_margin_secs(mut self, secs: u64) -> Self {
-        self.cfg.expiry_margin = secs;
-        self
-    }
-
-    /// How often the renewer looks for tokens due for renewal (default 1 s).
-    pub fn renew_check_interval(mut self, every: Duration) -> Self {
-        self.cfg.tick = every.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Stop renewing an audience nobody asked for during this long
-    /// (default one hour).
-    pub fn idle_timeout(mut self, idle: Duration) -> Self {
-        self.cfg.idle_timeout = idle.as_secs();
-        self
-    }
-
-    /// First retry delay after a failed exchange (default 100 ms) and the
-    /// cap of the doubling delay (default 30 s).
-    pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
-        self.cfg.backoff_base = base;
-        self.cfg.backoff_cap = cap.max(base);
-        self
-    }
-
-    /// Starts the source and its background renewer. Needs a Tokio runtime.
-    pub fn build(self) -> TokenSource {
-        let inner = Arc::new(Inner {
-            auth: ArcSwap::from_pointee(AuthClient::new(self.channel)),
-            creds: self.creds,
-            clock: self.clock,
-            cfg: self.cfg,
-            service: RwLock::new(HashMap::new()),
-            delegated: RwLock::new(HashMap::new()),
-            stats: Stats::default(),
-            renewer: Mutex::new(None),
-        });
-        let handle = tokio::spawn(renewer(Arc::downgrade(&inner), inner.cfg.tick));
-        if let Ok(mut slot) = inner.renewer.lock() {
-            *slot = Some(handle);
-        }
-        TokenSource { inner }
     }
 }
 
@@ -392,12 +140,21 @@ impl TokenSource {
 
     /// Like [`builder`](Self::builder) with a shared credentials source.
     pub fn builder_shared(auth_channel: Channel, credentials: Arc<dyn Credentials>) -> TokenSourceBuilder {
-        TokenSourceBuilder {
-            channel: auth_channel,
-            creds: credentials,
-            clock: Arc::new(SystemClock),
-            cfg: Config::default(),
-        }
+        let grpc = GrpcExchange::new(auth_channel);
+        TokenSourceBuilder::new(exchange::boxed(grpc.clone()), Some(grpc), credentials, Arc::new(SystemClock))
+    }
+
+    /// A builder over any exchange service instead of the `ExchangeToken`
+    /// RPC (e.g. one that reaches the auth service some other way, or a
+    /// scripted one in tests). [`set_auth_channel`](Self::set_auth_channel)
+    /// has no effect on such a source.
+    pub fn builder_with_exchange<S>(exchange: S, credentials: impl Credentials) -> TokenSourceBuilder
+    where
+        S: Service<ExchangeRequest, Response = ExchangeResponse> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        TokenSourceBuilder::new(exchange::boxed(exchange), None, Arc::new(credentials), Arc::new(SystemClock))
     }
 
     /// A valid token for `audience`, this service acting as itself. A cache
@@ -437,9 +194,11 @@ impl TokenSource {
 
     /// Replaces the channel to the auth service, e.g. after its client
     /// certificate was rotated (see [`MtlsFiles`](crate::MtlsFiles)). Cached
-    /// tokens stay valid.
+    /// tokens stay valid. Layers around the exchange stay in place.
     pub fn set_auth_channel(&self, channel: Channel) {
-        self.inner.auth.store(Arc::new(AuthClient::new(channel)));
+        if let Some(grpc) = &self.inner.grpc {
+            grpc.set_channel(channel);
+        }
     }
 
     /// The clock this source reads.
@@ -493,49 +252,7 @@ impl<'a> IntoFuture for TokenRequest<'a> {
     }
 }
 
-fn subject_digest(token: &str) -> [u8; 32] {
-    let d = digest::digest(&digest::SHA256, token.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// A random number in `[0, 1)`.
-fn unit_random() -> f64 {
-    let mut b = [0u8; 8];
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
-        return 0.5;
-    }
-    (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64
-}
-
 impl Inner {
-    fn slot_for(&self, audience: &str, subject: Option<&SubjectKey>) -> Option<Arc<Slot>> {
-        let now = self.clock.now_unix();
-        match subject {
-            None => {
-                if let Some(s) = self.service.read().unwrap_or_else(|e| e.into_inner()).get(audience) {
-                    return Some(Arc::clone(s));
-                }
-                let mut map = self.service.write().unwrap_or_else(|e| e.into_inner());
-                Some(Arc::clone(map.entry(audience.into()).or_insert_with(|| Arc::new(Slot::new(audience, now)))))
-            }
-            Some(key) => {
-                if let Some(s) = self.delegated.read().unwrap_or_else(|e| e.into_inner()).get(key) {
-                    return Some(Arc::clone(s));
-                }
-                let mut map = self.delegated.write().unwrap_or_else(|e| e.into_inner());
-                if map.len() >= self.cfg.max_delegated {
-                    map.retain(|_, s| s.current.load().as_ref().is_some_and(|c| c.valid(now)));
-                    if map.len() >= self.cfg.max_delegated {
-                        return None;
-                    }
-                }
-                Some(Arc::clone(map.entry(key.clone()).or_insert_with(|| Arc::new(Slot::new(audience, now)))))
-            }
-        }
-    }
-
     /// The slow path: no valid cached token.
     async fn miss(&self, audience: &str, subject: Option<(SubjectKey, &str)>) -> Result<AccessToken, TokenError> {
         self.stats.waited.fetch_add(1, Ordering::Relaxed);
@@ -545,7 +262,7 @@ impl Inner {
         };
         let Some(slot) = self.slot_for(audience, key) else {
             // Too many delegated tokens cached: exchange without caching.
-            let fresh = Slot::new(audience, self.clock.now_unix());
+            let fresh = Slot::new(audience, self.clock.now_unix(), &self.cfg.backoff);
             return self.exchange_into(&fresh, subject_token, false).await;
         };
         let _flight = slot.flight.lock().await;
@@ -553,226 +270,180 @@ impl Inner {
         if let Some(t) = slot.hit(now) {
             return Ok(t);
         }
-        {
-            let b = slot.lock_backoff();
-            if let (Some(at), Some(err)) = (b.retry_at, &b.last_error)
-                && Instant::now() < at
-            {
-                return Err(err.clone());
-            }
+        if let Some(err) = slot.lock_retry().pending(self.clock.now_millis()) {
+            return Err(err.clone());
         }
         self.exchange_into(&slot, subject_token, false).await
-    }
-
-    /// One exchange (plus one retry after a credentials refresh); stores the
-    /// result in `slot`. The caller holds the slot's flight lock.
-    async fn exchange_into(
-        &self,
-        slot: &Slot,
-        subject: Option<&str>,
-        renewal: bool,
-    ) -> Result<AccessToken, TokenError> {
-        let audience = &*slot.audience;
-        let result = self.exchange_with_refresh(audience, subject, renewal).await;
-        let mut b = slot.lock_backoff();
-        match result {
-            Ok(cached) => {
-                *b = Backoff::default();
-                let cached = Arc::new(cached);
-                slot.current.store(Some(Arc::clone(&cached)));
-                Ok(AccessToken(cached))
-            }
-            Err(e) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
-                b.failures = b.failures.saturating_add(1);
-                let exp = self.cfg.backoff_base.saturating_mul(1u32 << (b.failures - 1).min(20));
-                let delay = exp.min(self.cfg.backoff_cap).mul_f64(0.5 + unit_random() / 2.0);
-                b.retry_at = Some(Instant::now() + delay);
-                b.last_error = Some(e.clone());
-                tracing::warn!(audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token exchange failed");
-                Err(e)
-            }
-        }
-    }
-
-    async fn exchange_with_refresh(
-        &self,
-        audience: &str,
-        subject: Option<&str>,
-        renewal: bool,
-    ) -> Result<Cached, TokenError> {
-        let creds = self.creds.current().await.map_err(|e| TokenError::Credentials(e.to_string()))?;
-        match self.exchange_once(&creds, audience, subject, renewal).await {
-            Err(TokenError::Unauthenticated { .. }) => {
-                let fresh = self.creds.refresh().await.map_err(|e| TokenError::Credentials(e.to_string()))?;
-                if fresh == creds {
-                    return Err(TokenError::Unauthenticated { audience: audience.into() });
-                }
-                tracing::info!(audience, "credentials changed after a rejection; retrying the exchange");
-                self.exchange_once(&fresh, audience, subject, renewal).await
-            }
-            other => other,
-        }
-    }
-
-    async fn exchange_once(
-        &self,
-        creds: &ClientCredentials,
-        audience: &str,
-        subject: Option<&str>,
-        renewal: bool,
-    ) -> Result<Cached, TokenError> {
-        self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-        if renewal {
-            self.stats.renewals.fetch_add(1, Ordering::Relaxed);
-        }
-        let req = ExchangeTokenRequest {
-            client_id: creds.client_id.clone(),
-            client_secret: creds.client_secret.expose().to_owned(),
-            subject_token: subject.unwrap_or_default().to_owned(),
-            audience: audience.to_owned(),
-            scope: self.cfg.scopes.get(audience).cloned().unwrap_or_default(),
-            requested_ttl_seconds: self.cfg.requested_ttl,
-        };
-        let mut client = AuthClient::clone(&self.auth.load());
-        let resp = client.exchange_token(req).await.map_err(|s| status_error(audience, &s))?.into_inner();
-        let now = self.clock.now_unix();
-        let life = u64::from(resp.expires_in);
-        let bearer = HeaderValue::try_from(format!("Bearer {}", resp.access_token))
-            .map(|mut h| {
-                h.set_sensitive(true);
-                h
-            })
-            .map_err(|_| TokenError::Unavailable { audience: audience.into(), reason: "malformed token".into() })?;
-        let margin = self.cfg.expiry_margin.min(life / 10);
-        let fraction = self.cfg.renew_at + self.cfg.jitter * (2.0 * unit_random() - 1.0);
-        let renew_in = ((life as f64) * fraction.clamp(0.0, 1.0)) as u64;
-        Ok(Cached {
-            token: resp.access_token.into_boxed_str(),
-            bearer,
-            expires_at: now + life,
-            margin,
-            renew_at: now + renew_in.min(life.saturating_sub(margin + 1)),
-            scope: resp.scope,
-        })
-    }
-
-    /// Renews one service token in the background, unless a caller is
-    /// already fetching it.
-    async fn renew(&self, slot: &Slot) {
-        let Ok(_flight) = slot.flight.try_lock() else { return };
-        let now = self.clock.now_unix();
-        let due = slot.current.load().as_ref().is_some_and(|c| now >= c.renew_at);
-        if !due {
-            return;
-        }
-        if let Ok(t) = self.exchange_into(slot, None, true).await {
-            tracing::debug!(audience = %slot.audience, expires_at = t.expires_at(), "token renewed");
-        }
-    }
-}
-
-fn status_error(audience: &str, s: &tonic::Status) -> TokenError {
-    let audience = audience.to_owned();
-    match s.code() {
-        tonic::Code::Unauthenticated => TokenError::Unauthenticated { audience },
-        tonic::Code::PermissionDenied => TokenError::PermissionDenied { audience },
-        tonic::Code::InvalidArgument => TokenError::InvalidRequest { audience },
-        code => TokenError::Unavailable { audience, reason: format!("{code:?}") },
-    }
-}
-
-/// The background renewer: every `tick`, renews service tokens past their
-/// renewal point (whose backoff has elapsed) and drops idle and expired
-/// entries.
-async fn renewer(inner: Weak<Inner>, tick: Duration) {
-    loop {
-        tokio::time::sleep(tick).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let now = inner.clock.now_unix();
-        let instant = Instant::now();
-        let mut due = Vec::new();
-        let mut stale = Vec::new();
-        {
-            // A read lock: callers on the hot path are never blocked by the scan.
-            let map = inner.service.read().unwrap_or_else(|e| e.into_inner());
-            for (audience, s) in map.iter() {
-                let used = s.last_used.load(Ordering::Relaxed);
-                let idle = now.saturating_sub(used) > inner.cfg.idle_timeout;
-                let current = s.current.load();
-                if idle {
-                    // Drop an idle slot once its token is no longer valid.
-                    if !current.as_ref().is_some_and(|c| c.valid(now)) {
-                        stale.push(audience.clone());
-                    }
-                    continue;
-                }
-                let ready = s.lock_backoff().retry_at.is_none_or(|at| instant >= at);
-                let renew = current.as_ref().is_some_and(|c| now >= c.renew_at);
-                if ready && renew && s.renewing.load(Ordering::Relaxed) == 0 {
-                    due.push(Arc::clone(s));
-                }
-            }
-        }
-        if !stale.is_empty() {
-            let mut map = inner.service.write().unwrap_or_else(|e| e.into_inner());
-            for audience in stale {
-                map.remove(&audience);
-            }
-        }
-        let expired_delegated = {
-            let map = inner.delegated.read().unwrap_or_else(|e| e.into_inner());
-            map.values().any(|s| !s.current.load().as_ref().is_some_and(|c| c.valid(now)))
-        };
-        if expired_delegated {
-            let mut map = inner.delegated.write().unwrap_or_else(|e| e.into_inner());
-            map.retain(|_, s| s.current.load().as_ref().is_some_and(|c| c.valid(now)) || s.flight.try_lock().is_err());
-        }
-        for slot in due {
-            slot.renewing.fetch_add(1, Ordering::Relaxed);
-            let inner = Arc::clone(&inner);
-            tokio::spawn(async move {
-                inner.renew(&slot).await;
-                slot.renewing.fetch_sub(1, Ordering::Relaxed);
-            });
-        }
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use super::*;
+    //! The source's own logic over a scripted exchange service and a manual
+    //! clock (the real auth service is exercised in `tests/it/client.rs`).
 
-    #[test]
-    fn unit_random_stays_in_range() {
-        for _ in 0..1000 {
-            let r = unit_random();
-            assert!((0.0..1.0).contains(&r));
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{ClientCredentials, ManualClock};
+
+    const NOW: u64 = 1_700_000_000;
+
+    /// An exchange service that fails with `UNAVAILABLE` while `down` is set
+    /// and otherwise issues a numbered token valid for `life`; counts calls.
+    #[derive(Clone)]
+    struct Scripted {
+        down: Arc<AtomicBool>,
+        calls: Arc<AtomicU64>,
+        life: Duration,
+        seen: Arc<Mutex<Vec<ExchangeRequest>>>,
+    }
+
+    impl Scripted {
+        fn new(life: Duration) -> Self {
+            Self { down: Arc::default(), calls: Arc::default(), life, seen: Arc::default() }
+        }
+
+        fn service(
+            &self,
+        ) -> impl Service<
+            ExchangeRequest,
+            Response = ExchangeResponse,
+            Error = tonic::Status,
+            Future = impl Future<Output = Result<ExchangeResponse, tonic::Status>> + Send + 'static,
+        > + Clone
+        + Send
+        + Sync
+        + 'static {
+            let this = self.clone();
+            tower::service_fn(move |req: ExchangeRequest| {
+                let this = this.clone();
+                async move {
+                    let n = this.calls.fetch_add(1, Ordering::SeqCst);
+                    this.seen.lock().unwrap().push(req);
+                    if this.down.load(Ordering::SeqCst) {
+                        return Err(tonic::Status::unavailable("down"));
+                    }
+                    Ok(ExchangeResponse::new(format!("token-{n}"), this.life))
+                }
+            })
         }
     }
 
-    #[test]
-    fn token_errors_map_to_fixed_statuses() {
-        let s: tonic::Status = TokenError::Unavailable { audience: "x".into(), reason: "Unavailable".into() }.into();
-        assert_eq!(s.code(), tonic::Code::Unavailable);
-        assert_eq!(s.message(), "downstream token unavailable");
-        let s: tonic::Status = TokenError::PermissionDenied { audience: "x".into() }.into();
-        assert_eq!(s.code(), tonic::Code::PermissionDenied);
+    fn creds() -> ClientCredentials {
+        ClientCredentials::new("order", "secret")
     }
 
-    #[test]
-    fn expired_tokens_are_not_valid() {
-        let c = Cached {
-            token: "t".into(),
-            bearer: HeaderValue::from_static("Bearer t"),
-            expires_at: 100,
-            margin: 5,
-            renew_at: 75,
-            scope: vec![],
+    #[tokio::test]
+    async fn back_off_is_timed_on_the_injected_clock() {
+        let clock = ManualClock::new(NOW);
+        let script = Scripted::new(Duration::from_secs(300));
+        script.down.store(true, Ordering::SeqCst);
+        let source = TokenSource::builder_with_exchange(script.service(), creds())
+            .clock(Arc::new(clock.clone()))
+            .backoff(Duration::from_secs(2), Duration::from_secs(60))
+            .build();
+
+        let err = source.token("inventory").await.unwrap_err();
+        assert_eq!(err, TokenError::Unavailable { audience: "inventory".into(), reason: "Unavailable".into() });
+        script.down.store(false, Ordering::SeqCst);
+        // Real time passes, the source clock does not: still backing off
+        // (the first delay is in [1 s, 2 s]), with the last error, at once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(source.token("inventory").await.unwrap_err(), err);
+        assert_eq!(script.calls.load(Ordering::SeqCst), 1);
+
+        clock.advance_millis(999);
+        assert_eq!(source.token("inventory").await.unwrap_err(), err, "the delay is at least half the base");
+        clock.advance_millis(1_001);
+        let token = source.token("inventory").await.unwrap();
+        assert_eq!(token.as_str(), "token-1");
+        assert_eq!(token.expires_at(), NOW + 2 + 300);
+        let stats = source.stats();
+        assert_eq!((stats.exchanges, stats.failures), (2, 1), "{stats:?}");
+    }
+
+    #[tokio::test]
+    async fn renewal_follows_the_injected_clock() {
+        let clock = ManualClock::new(NOW);
+        let script = Scripted::new(Duration::from_secs(100));
+        let source = TokenSource::builder_with_exchange(script.service(), creds())
+            .clock(Arc::new(clock.clone()))
+            .renew_check_interval(Duration::from_millis(5))
+            .build();
+        let first = source.token("inventory").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(source.stats().renewals, 0, "not due before 70% of the life");
+
+        clock.advance(81);
+        for _ in 0..2_000 {
+            if source.cached("inventory").is_some_and(|t| t.as_str() != first.as_str()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let second = source.cached("inventory").unwrap();
+        assert_eq!(second.as_str(), "token-1");
+        assert_eq!(second.expires_at(), NOW + 81 + 100);
+        assert_eq!(source.stats().renewals, 1);
+        assert_eq!(source.stats().waited, 1);
+    }
+
+    #[tokio::test]
+    async fn layers_wrap_the_exchange_first_added_outermost() {
+        let script = Scripted::new(Duration::from_secs(300));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mark = |name: &'static str| {
+            let order = Arc::clone(&order);
+            tower::util::MapRequestLayer::new(move |mut req: ExchangeRequest| {
+                order.lock().unwrap().push(name);
+                req.metadata.insert("x-layer", tonic::metadata::MetadataValue::from_static(name));
+                req
+            })
         };
-        assert!(c.valid(94));
-        assert!(!c.valid(95));
-        assert!(!c.valid(200));
+        let source = TokenSource::builder_with_exchange(script.service(), creds())
+            .scopes("inventory", ["inventory:read"])
+            .requested_ttl(Duration::from_secs(120))
+            .layer(mark("outer"))
+            .layer(mark("inner"))
+            .build();
+        source.token("inventory").await.unwrap();
+        assert_eq!(*order.lock().unwrap(), ["outer", "inner"]);
+        let seen = script.seen.lock().unwrap();
+        let req = &seen[0];
+        assert_eq!(req.metadata.get("x-layer").unwrap(), "inner", "the inner layer ran last");
+        assert_eq!((req.audience.as_str(), req.scopes.as_slice()), ("inventory", &["inventory:read".to_owned()][..]));
+        assert_eq!(req.requested_ttl, Duration::from_secs(120));
+        assert_eq!(req.credentials, creds());
+        assert!(req.subject_token.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failing_layer_makes_the_token_unavailable() {
+        let script = Scripted::new(Duration::from_secs(300));
+        let refuse = tower::layer::layer_fn(|_inner: ExchangeService| {
+            tower::service_fn(|_req: ExchangeRequest| async {
+                Err::<ExchangeResponse, BoxError>("request timed out".into())
+            })
+        });
+        let source = TokenSource::builder_with_exchange(script.service(), creds()).layer(refuse).build();
+        let err = source.token("inventory").await.unwrap_err();
+        assert_eq!(err, TokenError::Unavailable { audience: "inventory".into(), reason: "request timed out".into() });
+        assert_eq!(script.calls.load(Ordering::SeqCst), 0, "the layer answered before the exchange");
+        assert_eq!(source.stats().failures, 1);
+    }
+
+    #[tokio::test]
+    async fn on_behalf_of_requests_carry_the_subject_token() {
+        let script = Scripted::new(Duration::from_secs(300));
+        let source = TokenSource::builder_with_exchange(script.service(), creds()).build();
+        let token = source.token_for("inventory").on_behalf_of("user.jwt").await.unwrap();
+        let again = source.token_for("inventory").on_behalf_of("user.jwt").await.unwrap();
+        assert_eq!(token.as_str(), again.as_str());
+        let seen = script.seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].subject_token.as_deref(), Some("user.jwt"));
     }
 }
