@@ -19,8 +19,8 @@ use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_server::testing::TestServer;
 use serde_json::json;
 use service_sdk::{
-    Audience, AuthChannel, Claims, ClientCredentials, Clock, FileCredentials, KeySet, MtlsFiles, RequireAuthLayer,
-    TokenError, TokenSource, Validator, Verifier,
+    Audience, AuthChannel, Claims, ClientCredentials, Clock, ExchangeRequest, FileCredentials, KeySet, MtlsFiles,
+    RequireAuthLayer, TokenError, TokenSource, Validator, Verifier,
 };
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -320,6 +320,58 @@ async fn audience_outside_the_policy_is_permission_denied() {
     let source = source(&srv, "order", &TestClock::at_now());
     let err = source.token("admin").await.unwrap_err();
     assert_eq!(err, TokenError::PermissionDenied { audience: "admin".into() });
+}
+
+#[tokio::test]
+async fn exchange_back_off_is_timed_on_the_source_clock() {
+    let clock = TestClock::at_now();
+    let srv = TestServer::builder().clock(clock.server()).start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("order.json");
+    let (id, secret) = srv.client_credentials("order");
+    write_json(&path, &id, "stale-secret-from-before-rotation");
+    let source = TokenSource::builder(channel_to(&srv.dir, "order", srv.grpc_addr), FileCredentials::document(&path))
+        .clock(clock.sdk())
+        .backoff(Duration::from_secs(4), Duration::from_secs(60))
+        .build();
+
+    let refused = TokenError::Unauthenticated { audience: "inventory".into() };
+    assert_eq!(source.token("inventory").await.unwrap_err(), refused);
+    replace_atomically(&path, &json!({ "client_id": id, "client_secret": secret }).to_string());
+    // The first delay is 2 to 4 s of the source clock, which stands still:
+    // the call fails at once with the last error, without an exchange.
+    let exchanges = source.stats().exchanges;
+    assert_eq!(source.token("inventory").await.unwrap_err(), refused);
+    assert_eq!(source.stats().exchanges, exchanges, "no exchange while backing off");
+
+    clock.advance(4);
+    let token = source.token("inventory").await.unwrap();
+    assert_eq!(verify(&srv, token.as_str(), "inventory", clock.now_unix()).await.sub, "svc:order");
+}
+
+#[tokio::test]
+async fn exchange_layers_see_every_call_to_the_auth_service() {
+    let srv = TestServer::start().await;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = {
+        let seen = Arc::clone(&seen);
+        tower::util::MapRequestLayer::new(move |mut req: ExchangeRequest| {
+            seen.lock().unwrap().push((req.audience.clone(), req.subject_token.is_some()));
+            req.metadata.insert("x-request-id", tonic::metadata::MetadataValue::from_static("exchange-1"));
+            req
+        })
+    };
+    let source =
+        TokenSource::builder(channel_to(&srv.dir, "order", srv.grpc_addr), creds(&srv, "order")).layer(record).build();
+    let user_token = login_alice(&srv).await;
+
+    let own = source.token("inventory").await.unwrap();
+    let delegated = source.token_for("inventory").on_behalf_of(&user_token).await.unwrap();
+    source.token("inventory").await.unwrap();
+    assert_eq!(verify(&srv, own.as_str(), "inventory", now()).await.sub, "svc:order");
+    assert_eq!(verify(&srv, delegated.as_str(), "inventory", now()).await.actor_chain(), vec!["svc:order"]);
+    assert_eq!(*seen.lock().unwrap(), [("inventory".to_owned(), false), ("inventory".to_owned(), true)]);
+    assert_eq!(source.stats().exchanges, 2);
 }
 
 // ---------------------------------------------------------------------------
