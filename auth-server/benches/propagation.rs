@@ -28,8 +28,8 @@ use auth_proto::auth::v1::{
     ExchangeTokenRequest, LoginRequest, PasswordGrant, RevokeRequest, WatchRevocationsRequest, login_request,
     revoke_request,
 };
-use auth_server::testing::{RedisProcess, RedisReply, TestServer};
 use base64::Engine;
+use testkit::{RedisProcess, RedisReply, TestServer};
 use tonic::transport::Channel;
 
 fn main() {

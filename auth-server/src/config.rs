@@ -1,7 +1,18 @@
 //! Configuration: a TOML file, `AUTH_*` environment overrides (nested keys
-//! joined by `__`, e.g. `AUTH_TLS__CERT`), then CLI flags. Validated once at
-//! start-up; every error names the key and the problem. Relative paths are
-//! resolved against the config file's directory.
+//! joined by `__`, e.g. `AUTH_TLS__CERT`), then CLI flags.
+//!
+//! What figment reads is a [`RawConfig`]: plain serde data, unknown keys
+//! refused. [`Config::from_raw`] turns it into a [`Config`], checking every
+//! value and collecting every problem into one [`ConfigErrors`] (each naming
+//! its key). Relative paths, including those of `[keys.transit]`, resolve
+//! against the config file's directory.
+//!
+//! A [`Config`] has two parts:
+//! - settings that need a restart ([`Config::RESTART_KEYS`]): the listen
+//!   addresses, `issuer`, TLS, the store, the log format, `watch`;
+//! - the reloadable policy: `tokens`, the users and accounts files and the
+//!   signing keys (`keys`). `Server::reload` re-reads the file and swaps the
+//!   policy built from them (see [`crate::core::Policy`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,39 +21,47 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::keys::KeyAlg;
+use crate::keys::{KeyAlg, TransitAuth, TransitConfig};
 
 /// The largest exchange TTL any configuration may allow (10 minutes).
 pub const EXCHANGE_TTL_HARD_CAP_SECS: u64 = 600;
 
-/// The whole server configuration. `Debug` redacts the password of a
-/// Redis URL.
+// ---------------------------------------------------------------------------
+// The raw form: what the file, the environment and the flags say.
+
+/// The configuration as read, before validation. Field names are the TOML
+/// keys. `Debug` redacts the password of a Redis URL.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct RawConfig {
     /// The `iss` of every token.
     #[serde(default = "default_issuer")]
     pub issuer: String,
     /// gRPC (mTLS) listen address.
     #[serde(default = "default_grpc_addr")]
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: String,
     /// HTTP side port: JWKS, health, readiness.
     #[serde(default = "default_http_addr")]
-    pub http_addr: SocketAddr,
-    /// `memory`, or a Redis URL (`redis://`, `rediss://`).
+    pub http_addr: String,
+    /// `memory`, or a Redis URL (`redis://`, `rediss://`,
+    /// `redis-sentinel://`, `redis-cluster://`).
     #[serde(default = "default_store")]
     pub store: String,
     /// Users file (password grant).
-    pub users_file: PathBuf,
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
     /// Service accounts file.
-    pub accounts_file: PathBuf,
+    #[serde(default)]
+    pub accounts_file: Option<PathBuf>,
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
     /// mTLS material.
-    pub tls: TlsConfig,
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Signing keys.
-    pub keys: KeysConfig,
+    #[serde(default)]
+    pub keys: RawKeysConfig,
     /// Token lifetimes and policy limits.
     #[serde(default)]
     pub tokens: TokensConfig,
@@ -54,8 +73,26 @@ pub struct Config {
     pub watch: WatchConfig,
 }
 
+/// `[keys]` as read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeysConfig {
+    /// `file` (default) or `transit`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// The active signing key (file source).
+    #[serde(default)]
+    pub signing: Option<KeyFile>,
+    /// Verify-only keys published ahead of a rotation (file source).
+    #[serde(default)]
+    pub publish: Vec<KeyFile>,
+    /// `[keys.transit]` (transit source), parsed by validation.
+    #[serde(default)]
+    pub transit: Option<toml::Table>,
+}
+
 /// mTLS files.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// Server certificate chain (PEM).
@@ -66,26 +103,8 @@ pub struct TlsConfig {
     pub client_ca: PathBuf,
 }
 
-/// Where signing keys come from.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeysConfig {
-    /// `file` (default) or `transit`.
-    #[serde(default = "default_key_source")]
-    pub source: String,
-    /// The active signing key (file source).
-    #[serde(default)]
-    pub signing: Option<KeyFile>,
-    /// Verify-only keys published ahead of a rotation (file source).
-    #[serde(default)]
-    pub publish: Vec<KeyFile>,
-    /// Vault Transit settings (transit source).
-    #[serde(default)]
-    pub transit: Option<toml::Table>,
-}
-
 /// One PKCS#8 PEM key file and its algorithm.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
     /// Path to the PEM file.
@@ -95,8 +114,8 @@ pub struct KeyFile {
     pub alg: KeyAlg,
 }
 
-/// Token lifetimes and policy limits.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Token lifetimes and policy limits (`[tokens]`; reloadable).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokensConfig {
     /// Lifetime of Login access tokens.
@@ -130,7 +149,7 @@ impl Default for TokensConfig {
 }
 
 /// Redis connection settings. `Debug` redacts the URL's password.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
     /// The Redis URL (filled from `store`).
@@ -151,7 +170,7 @@ impl Default for RedisConfig {
 }
 
 /// WatchRevocations settings.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchConfig {
     /// Heartbeat interval on idle streams.
@@ -164,61 +183,14 @@ impl Default for WatchConfig {
     }
 }
 
-/// A Redis URL with any userinfo password replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}:***@{host}")
-        }
-        None => authority.to_owned(),
-    };
-    match path {
-        Some(p) => format!("{scheme}://{authority}/{p}"),
-        None => format!("{scheme}://{authority}"),
-    }
-}
-
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("issuer", &self.issuer)
-            .field("grpc_addr", &self.grpc_addr)
-            .field("http_addr", &self.http_addr)
-            .field("store", &redact_url(&self.store))
-            .field("users_file", &self.users_file)
-            .field("accounts_file", &self.accounts_file)
-            .field("log_format", &self.log_format)
-            .field("tls", &self.tls)
-            .field("keys", &self.keys)
-            .field("tokens", &self.tokens)
-            .field("redis", &self.redis)
-            .field("watch", &self.watch)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("url", &redact_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("pool_size", &self.pool_size)
-            .field("command_timeout_ms", &self.command_timeout_ms)
-            .finish()
-    }
-}
-
 fn default_issuer() -> String {
     "auth-service".into()
 }
-fn default_grpc_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 50051))
+fn default_grpc_addr() -> String {
+    "127.0.0.1:50051".into()
 }
-fn default_http_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
+fn default_http_addr() -> String {
+    "127.0.0.1:8080".into()
 }
 fn default_store() -> String {
     "memory".into()
@@ -226,12 +198,80 @@ fn default_store() -> String {
 fn default_log_format() -> String {
     "text".into()
 }
-fn default_key_source() -> String {
-    "file".into()
+
+// ---------------------------------------------------------------------------
+// The validated form.
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// In process (one replica).
+    Memory,
+    /// Redis, shared by every replica.
+    Redis(RedisConfig),
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where signing keys come from (`[keys]`; reloadable).
+#[derive(Debug, Clone, PartialEq)]
+pub enum KeySource {
+    /// PKCS#8 PEM files.
+    File {
+        /// The active signing key.
+        signing: KeyFile,
+        /// Verify-only keys published ahead of a rotation.
+        publish: Vec<KeyFile>,
+    },
+    /// Vault (OpenBao) Transit: the private key never leaves Vault.
+    Transit(TransitConfig),
+}
+
+/// Where a [`Config`] was read from, so a reload can read it again.
+#[derive(Debug, Clone)]
+struct ConfigSource {
+    path: PathBuf,
+    overrides: Overrides,
+}
+
+/// The validated server configuration. `Debug` redacts the password of a
+/// Redis URL. See the [module docs](self) for which part reloads.
+#[derive(Clone)]
+pub struct Config {
+    /// The `iss` of every token (restart).
+    pub issuer: String,
+    /// gRPC (mTLS) listen address (restart).
+    pub grpc_addr: SocketAddr,
+    /// HTTP side-port listen address (restart).
+    pub http_addr: SocketAddr,
+    /// The state store (restart).
+    pub store: StoreConfig,
+    /// Log format (restart).
+    pub log_format: LogFormat,
+    /// mTLS files (restart).
+    pub tls: TlsConfig,
+    /// WatchRevocations settings (restart).
+    pub watch: WatchConfig,
+    /// Users file (reloadable).
+    pub users_file: PathBuf,
+    /// Service accounts file (reloadable).
+    pub accounts_file: PathBuf,
+    /// Signing keys (reloadable).
+    pub keys: KeySource,
+    /// Token lifetimes and limits (reloadable).
+    pub tokens: TokensConfig,
+    source: Option<ConfigSource>,
 }
 
 /// A configuration error, naming the key and the problem.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config: {key}: {problem}")]
 pub struct ConfigError {
     /// The offending key (dotted path) or file.
@@ -243,6 +283,50 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
         Self { key: key.into(), problem: problem.into() }
+    }
+}
+
+/// Every problem found in a configuration, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(Vec<ConfigError>);
+
+impl ConfigErrors {
+    /// The problems, in the order found.
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.0
+    }
+
+    /// The offending keys, in the order found.
+    pub fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|e| e.key.as_str()).collect()
+    }
+
+    /// The problem reported for `key`, if any.
+    pub fn get(&self, key: &str) -> Option<&ConfigError> {
+        self.0.iter().find(|e| e.key == key)
+    }
+}
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "{one}"),
+            many => {
+                write!(f, "config: {} problems", many.len())?;
+                for e in many {
+                    write!(f, "\n  {}: {}", e.key, e.problem)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        Self(vec![e])
     }
 }
 
@@ -263,133 +347,410 @@ pub struct Overrides {
     pub log_format: Option<String>,
 }
 
-impl Config {
-    /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
-    /// resolves relative paths and validates.
-    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigError> {
-        if !path.exists() {
-            return Err(ConfigError::new(path.display().to_string(), "config file not found"));
+/// A Redis URL with any userinfo password replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{user}:***@{host}")
+        }
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(p) => format!("{scheme}://{authority}/{p}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+impl std::fmt::Debug for RawConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawConfig")
+            .field("issuer", &self.issuer)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("store", &redact_url(&self.store))
+            .field("users_file", &self.users_file)
+            .field("accounts_file", &self.accounts_file)
+            .field("log_format", &self.log_format)
+            .field("tls", &self.tls)
+            .field("keys.source", &self.keys.source)
+            .field("keys.signing", &self.keys.signing)
+            .field("keys.publish", &self.keys.publish)
+            // The raw table is shown by its keys only.
+            .field("keys.transit", &self.keys.transit.as_ref().map(|t| t.keys().collect::<Vec<_>>()))
+            .field("tokens", &self.tokens)
+            .field("redis", &self.redis)
+            .field("watch", &self.watch)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("issuer", &self.issuer)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("http_addr", &self.http_addr)
+            .field("store", &self.store)
+            .field("log_format", &self.log_format)
+            .field("tls", &self.tls)
+            .field("watch", &self.watch)
+            .field("users_file", &self.users_file)
+            .field("accounts_file", &self.accounts_file)
+            .field("keys", &self.keys)
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("pool_size", &self.pool_size)
+            .field("command_timeout_ms", &self.command_timeout_ms)
+            .finish()
+    }
+}
+
+impl RawConfig {
+    /// Reads `path`, then `AUTH_*` environment overrides, then `overrides`.
+    /// Only the syntax and the types are checked here.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigErrors> {
+        if !path.is_file() {
+            return Err(ConfigError::new(path.display().to_string(), "config file not found").into());
         }
         let figment = Figment::new()
             .merge(Toml::file(path))
             .merge(Env::prefixed("AUTH_").split("__"))
             .merge(Serialized::defaults(overrides));
-        Self::from_figment(figment, path.parent().unwrap_or(Path::new(".")))
+        Self::extract(figment)
+    }
+
+    /// Parses TOML text (no environment).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigErrors> {
+        Self::extract(Figment::new().merge(Toml::string(text)))
+    }
+
+    fn extract(figment: Figment) -> Result<Self, ConfigErrors> {
+        figment.extract().map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| {
+                        let key = e.path.join(".");
+                        let key = if key.is_empty() { "config".to_owned() } else { key };
+                        ConfigError::new(key, e.kind.to_string())
+                    })
+                    .collect(),
+            )
+        })
+    }
+}
+
+impl Config {
+    /// The keys whose change needs a restart (a reload keeps their old
+    /// values and warns).
+    pub const RESTART_KEYS: [&'static str; 7] =
+        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch"];
+
+    /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
+    /// resolves relative paths against the file's directory and validates.
+    /// The result remembers where it came from, for [`Config::reread`].
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigErrors> {
+        let raw = RawConfig::load(path, overrides)?;
+        let mut config = Self::from_raw(raw, path.parent().unwrap_or(Path::new(".")))?;
+        config.source = Some(ConfigSource { path: path.to_owned(), overrides: overrides.clone() });
+        Ok(config)
     }
 
     /// Parses TOML text (no environment), resolving paths against `base`.
-    pub fn from_toml_str(text: &str, base: &Path) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::new().merge(Toml::string(text)), base)
+    pub fn from_toml_str(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
+        Self::from_raw(RawConfig::from_toml_str(text)?, base)
     }
 
-    fn from_figment(figment: Figment, base: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: Config = figment.extract().map_err(|e| {
-            let key = e.path.join(".");
-            let key = if key.is_empty() { "config".to_owned() } else { key };
-            ConfigError::new(key, e.kind.to_string())
-        })?;
-        cfg.resolve_paths(base);
-        cfg.validate()?;
-        Ok(cfg)
+    /// Like [`Config::load`] with the raw form adjusted by `adjust` before
+    /// validation (tests, tools).
+    pub fn load_with(
+        path: &Path,
+        overrides: &Overrides,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Self, ConfigErrors> {
+        let mut raw = RawConfig::load(path, overrides)?;
+        adjust(&mut raw);
+        let mut config = Self::from_raw(raw, path.parent().unwrap_or(Path::new(".")))?;
+        config.source = Some(ConfigSource { path: path.to_owned(), overrides: overrides.clone() });
+        Ok(config)
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
+    /// The file this configuration was loaded from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.source.as_ref().map(|s| s.path.as_path())
+    }
+
+    /// Reads the same file (and environment, and overrides) again.
+    pub fn reread(&self) -> Result<Self, ConfigErrors> {
+        let source = self
+            .source
+            .as_ref()
+            .ok_or_else(|| ConfigError::new("config", "not loaded from a file: nothing to re-read"))?;
+        Self::load(&source.path, &source.overrides)
+    }
+
+    /// The Redis settings, when the store is Redis.
+    pub fn redis(&self) -> Option<&RedisConfig> {
+        match &self.store {
+            StoreConfig::Redis(r) => Some(r),
+            StoreConfig::Memory => None,
+        }
+    }
+
+    /// The restart-only keys whose value differs in `other`.
+    pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
+        let [issuer, grpc, http, store, log, tls, watch] = Self::RESTART_KEYS;
+        let mut changed = Vec::new();
+        let mut check = |differs: bool, key| {
+            if differs {
+                changed.push(key);
             }
         };
-        fix(&mut self.users_file);
-        fix(&mut self.accounts_file);
-        fix(&mut self.tls.cert);
-        fix(&mut self.tls.key);
-        fix(&mut self.tls.client_ca);
-        if let Some(k) = &mut self.keys.signing {
-            fix(&mut k.path);
-        }
-        for k in &mut self.keys.publish {
-            fix(&mut k.path);
-        }
+        check(self.issuer != other.issuer, issuer);
+        check(self.grpc_addr != other.grpc_addr, grpc);
+        check(self.http_addr != other.http_addr, http);
+        check(self.store != other.store, store);
+        check(self.log_format != other.log_format, log);
+        check(self.tls != other.tls, tls);
+        check(self.watch != other.watch, watch);
+        changed
     }
 
-    /// Checks every value; the first problem found is returned.
-    pub fn validate(&mut self) -> Result<(), ConfigError> {
-        if self.issuer.trim().is_empty() {
-            return Err(ConfigError::new("issuer", "must not be empty"));
+    /// Validates `raw`, resolving relative paths against `base`. Every
+    /// problem is reported, each naming its key.
+    pub fn from_raw(raw: RawConfig, base: &Path) -> Result<Self, ConfigErrors> {
+        let mut v = Validation { base, errors: Vec::new() };
+
+        if raw.issuer.trim().is_empty() {
+            v.err("issuer", "must not be empty");
         }
-        if self.store != "memory" {
-            if !(self.store.starts_with("redis://")
-                || self.store.starts_with("rediss://")
-                || self.store.starts_with("redis-sentinel://")
-                || self.store.starts_with("redis-cluster://"))
-            {
-                return Err(ConfigError::new("store", "must be \"memory\" or a redis:// or rediss:// URL"));
+        let grpc_addr = v.addr("grpc_addr", &raw.grpc_addr);
+        let http_addr = v.addr("http_addr", &raw.http_addr);
+        let store = if raw.store == "memory" {
+            Some(StoreConfig::Memory)
+        } else if ["redis://", "rediss://", "redis-sentinel://", "redis-cluster://"]
+            .iter()
+            .any(|s| raw.store.starts_with(s))
+        {
+            Some(StoreConfig::Redis(RedisConfig { url: raw.store.clone(), ..raw.redis.clone() }))
+        } else {
+            v.err("store", "must be \"memory\" or a redis:// or rediss:// URL");
+            None
+        };
+        let log_format = match raw.log_format.as_str() {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => {
+                v.err("log_format", "must be \"text\" or \"json\"");
+                None
             }
-            self.redis.url = self.store.clone();
-        }
-        if !matches!(self.log_format.as_str(), "text" | "json") {
-            return Err(ConfigError::new("log_format", "must be \"text\" or \"json\""));
-        }
-        match self.keys.source.as_str() {
-            "file" => {
-                if self.keys.signing.is_none() {
-                    return Err(ConfigError::new("keys.signing", "required when keys.source = \"file\""));
+        };
+        let users_file = v.file("users_file", raw.users_file.as_deref());
+        let accounts_file = v.file("accounts_file", raw.accounts_file.as_deref());
+        let tls = match &raw.tls {
+            Some(t) => {
+                let cert = v.file("tls.cert", Some(&t.cert));
+                let key = v.file("tls.key", Some(&t.key));
+                let client_ca = v.file("tls.client_ca", Some(&t.client_ca));
+                match (cert, key, client_ca) {
+                    (Some(cert), Some(key), Some(client_ca)) => Some(TlsConfig { cert, key, client_ca }),
+                    _ => None,
                 }
             }
-            "transit" => {
-                if self.keys.transit.is_none() {
-                    return Err(ConfigError::new("keys.transit", "required when keys.source = \"transit\""));
-                }
+            None => {
+                v.err("tls", "required");
+                None
             }
-            _ => return Err(ConfigError::new("keys.source", "must be \"file\" or \"transit\"")),
-        }
-        let t = &self.tokens;
+        };
+        let keys = v.key_source(&raw.keys);
+
+        let t = &raw.tokens;
         if t.access_ttl_secs == 0 || t.access_ttl_secs > 86_400 {
-            return Err(ConfigError::new("tokens.access_ttl_secs", "must be between 1 and 86400"));
+            v.err("tokens.access_ttl_secs", "must be between 1 and 86400");
         }
         if t.refresh_ttl_secs < t.access_ttl_secs {
-            return Err(ConfigError::new("tokens.refresh_ttl_secs", "must be at least tokens.access_ttl_secs"));
+            v.err("tokens.refresh_ttl_secs", "must be at least tokens.access_ttl_secs");
         }
         if t.exchange_max_ttl_secs == 0 || t.exchange_max_ttl_secs > EXCHANGE_TTL_HARD_CAP_SECS {
-            return Err(ConfigError::new(
-                "tokens.exchange_max_ttl_secs",
-                format!("must be between 1 and {EXCHANGE_TTL_HARD_CAP_SECS}"),
-            ));
+            v.err("tokens.exchange_max_ttl_secs", format!("must be between 1 and {EXCHANGE_TTL_HARD_CAP_SECS}"));
         }
         if t.exchange_default_ttl_secs == 0 || t.exchange_default_ttl_secs > t.exchange_max_ttl_secs {
-            return Err(ConfigError::new(
-                "tokens.exchange_default_ttl_secs",
-                "must be between 1 and tokens.exchange_max_ttl_secs",
-            ));
+            v.err("tokens.exchange_default_ttl_secs", "must be between 1 and tokens.exchange_max_ttl_secs");
         }
         if t.max_act_depth == 0 || t.max_act_depth > 16 {
-            return Err(ConfigError::new("tokens.max_act_depth", "must be between 1 and 16"));
+            v.err("tokens.max_act_depth", "must be between 1 and 16");
         }
         if t.admin_perm.is_empty() {
-            return Err(ConfigError::new("tokens.admin_perm", "must not be empty"));
+            v.err("tokens.admin_perm", "must not be empty");
         }
-        if self.redis.pool_size == 0 || self.redis.pool_size > 128 {
-            return Err(ConfigError::new("redis.pool_size", "must be between 1 and 128"));
+        if raw.redis.pool_size == 0 || raw.redis.pool_size > 128 {
+            v.err("redis.pool_size", "must be between 1 and 128");
         }
-        if self.redis.command_timeout_ms == 0 {
-            return Err(ConfigError::new("redis.command_timeout_ms", "must be positive"));
+        if raw.redis.command_timeout_ms == 0 {
+            v.err("redis.command_timeout_ms", "must be positive");
         }
-        if self.watch.heartbeat_secs == 0 || self.watch.heartbeat_secs > 60 {
-            return Err(ConfigError::new("watch.heartbeat_secs", "must be between 1 and 60"));
+        if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > 60 {
+            v.err("watch.heartbeat_secs", "must be between 1 and 60");
         }
-        for (key, path) in [
-            ("users_file", &self.users_file),
-            ("accounts_file", &self.accounts_file),
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-            ("tls.client_ca", &self.tls.client_ca),
-        ] {
-            if !path.is_file() {
-                return Err(ConfigError::new(key, format!("file not found: {}", path.display())));
+
+        match (grpc_addr, http_addr, store, log_format, users_file, accounts_file, tls, keys) {
+            (
+                Some(grpc_addr),
+                Some(http_addr),
+                Some(store),
+                Some(log_format),
+                Some(users_file),
+                Some(accounts_file),
+                Some(tls),
+                Some(keys),
+            ) if v.errors.is_empty() => Ok(Self {
+                issuer: raw.issuer,
+                grpc_addr,
+                http_addr,
+                store,
+                log_format,
+                tls,
+                watch: raw.watch,
+                users_file,
+                accounts_file,
+                keys,
+                tokens: raw.tokens,
+                source: None,
+            }),
+            _ => Err(ConfigErrors(v.errors)),
+        }
+    }
+}
+
+/// Collects problems while checking a [`RawConfig`].
+struct Validation<'a> {
+    base: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Validation<'_> {
+    fn err(&mut self, key: &str, problem: impl Into<String>) {
+        self.errors.push(ConfigError::new(key, problem));
+    }
+
+    fn addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
+        let parsed = text.parse::<SocketAddr>().ok();
+        if parsed.is_none() {
+            self.err(key, format!("not a socket address (host:port): {text:?}"));
+        }
+        parsed
+    }
+
+    /// A required file, resolved against the config directory.
+    fn file(&mut self, key: &str, path: Option<&Path>) -> Option<PathBuf> {
+        let Some(path) = path else {
+            self.err(key, "required");
+            return None;
+        };
+        let path = if path.is_relative() { self.base.join(path) } else { path.to_owned() };
+        if !path.is_file() {
+            self.err(key, format!("file not found: {}", path.display()));
+            return None;
+        }
+        Some(path)
+    }
+
+    fn key_file(&mut self, key: &str, k: &KeyFile) -> Option<KeyFile> {
+        self.file(key, Some(&k.path)).map(|path| KeyFile { path, alg: k.alg })
+    }
+
+    /// `[keys]`.
+    fn key_source(&mut self, raw: &RawKeysConfig) -> Option<KeySource> {
+        match raw.source.as_deref().unwrap_or("file") {
+            "file" => {
+                if raw.transit.is_some() {
+                    self.err("keys.transit", "set, but keys.source is \"file\"");
+                }
+                let signing = match &raw.signing {
+                    Some(k) => self.key_file("keys.signing.path", k),
+                    None => {
+                        self.err("keys.signing", "required when keys.source = \"file\"");
+                        None
+                    }
+                };
+                let publish: Vec<Option<KeyFile>> = raw
+                    .publish
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| self.key_file(&format!("keys.publish[{i}].path"), k))
+                    .collect();
+                let publish: Option<Vec<KeyFile>> = publish.into_iter().collect();
+                Some(KeySource::File { signing: signing?, publish: publish? })
+            }
+            "transit" => {
+                if raw.signing.is_some() {
+                    self.err("keys.signing", "set, but keys.source is \"transit\"");
+                }
+                if !raw.publish.is_empty() {
+                    self.err("keys.publish", "only used when keys.source = \"file\"");
+                }
+                let Some(table) = &raw.transit else {
+                    self.err("keys.transit", "required when keys.source = \"transit\"");
+                    return None;
+                };
+                match transit_config(table, self.base) {
+                    Ok(cfg) => Some(KeySource::Transit(cfg)),
+                    Err(mut e) => {
+                        self.errors.append(&mut e);
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.err("keys.source", "must be \"file\" or \"transit\"");
+                None
             }
         }
-        Ok(())
     }
+}
+
+/// Parses `[keys.transit]` and resolves its paths against `base`.
+fn transit_config(table: &toml::Table, base: &Path) -> Result<TransitConfig, Vec<ConfigError>> {
+    let mut cfg: TransitConfig = table
+        .clone()
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![ConfigError::new("keys.transit", e.message().to_owned())])?;
+    let mut errors = Vec::new();
+    let scheme_ok = cfg.address.starts_with("http://") || cfg.address.starts_with("https://");
+    if !scheme_ok || cfg.address.contains(char::is_whitespace) || cfg.address.len() <= "https://".len() {
+        errors.push(ConfigError::new("keys.transit.address", format!("not an http(s) URL: {:?}", cfg.address)));
+    }
+    if cfg.key.is_empty() {
+        errors.push(ConfigError::new("keys.transit.key", "must not be empty"));
+    }
+    let resolve = |p: &mut Option<PathBuf>| {
+        if let Some(p) = p.as_mut().filter(|p| p.is_relative()) {
+            *p = base.join(&*p);
+        }
+    };
+    resolve(&mut cfg.ca_cert);
+    match &mut cfg.auth {
+        TransitAuth::Token { token_file, .. } => resolve(token_file),
+        TransitAuth::Approle { role_id_file, secret_id_file, .. } => {
+            resolve(role_id_file);
+            resolve(secret_id_file);
+        }
+    }
+    if let Some(ca) = cfg.ca_cert.as_ref().filter(|p| !p.is_file()) {
+        errors.push(ConfigError::new("keys.transit.ca_cert", format!("file not found: {}", ca.display())));
+    }
+    if errors.is_empty() { Ok(cfg) } else { Err(errors) }
 }
 
 #[cfg(test)]
@@ -413,6 +774,10 @@ signing = { path = "s.pem" }
         .to_owned()
     }
 
+    fn transit_base(dir: &Path, transit: &str) -> String {
+        base(dir).replace("signing = { path = \"s.pem\" }", &format!("source = \"transit\"\n[keys.transit]\n{transit}"))
+    }
+
     #[test]
     fn defaults_apply_and_paths_resolve_against_the_config_dir() {
         let dir = tempfile::tempdir().unwrap();
@@ -420,9 +785,17 @@ signing = { path = "s.pem" }
         assert_eq!(cfg.issuer, "auth-service");
         assert_eq!(cfg.grpc_addr.to_string(), "127.0.0.1:50051");
         assert_eq!(cfg.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(cfg.store, "memory");
+        assert_eq!(cfg.store, StoreConfig::Memory);
+        assert_eq!(cfg.log_format, LogFormat::Text);
         assert_eq!(cfg.tokens.exchange_default_ttl_secs, 300);
         assert_eq!(cfg.users_file, dir.path().join("u.toml"));
+        assert_eq!(
+            cfg.keys,
+            KeySource::File {
+                signing: KeyFile { path: dir.path().join("s.pem"), alg: KeyAlg::ES256 },
+                publish: vec![]
+            }
+        );
     }
 
     #[test]
@@ -433,7 +806,21 @@ signing = { path = "s.pem" }
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("redis://app:***@redis:6379/0"), "{shown}");
+        let raw = format!("{:?}", RawConfig::from_toml_str(&text).unwrap());
+        assert!(!raw.contains("hunter2"), "{raw}");
         assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+    }
+
+    #[test]
+    fn debug_never_shows_a_transit_token() {
+        let dir = tempfile::tempdir().unwrap();
+        // A token written into the table (a mistake: tokens belong in a file
+        // or a variable) is refused, and never echoed.
+        let text = transit_base(dir.path(), "address = \"http://v:8200\"\nkey = \"k\"\ntoken = \"s.hunter2\"\n");
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        let raw = format!("{:?}", RawConfig::from_toml_str(&text).unwrap());
+        assert!(!raw.contains("hunter2"), "{raw}");
     }
 
     #[test]
@@ -441,13 +828,97 @@ signing = { path = "s.pem" }
         let dir = tempfile::tempdir().unwrap();
         let text = base(dir.path()) + "[tokens]\nexchange_max_ttl_secs = 601\n";
         let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
-        assert_eq!(err.key, "tokens.exchange_max_ttl_secs");
+        assert_eq!(err.keys(), ["tokens.exchange_max_ttl_secs"]);
         let text = base(dir.path()).replace("users_file = \"u.toml\"", "users_file = \"missing.toml\"");
-        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().key, "users_file");
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["users_file"]);
         let text = base(dir.path()).replace("[tls]", "store = \"postgres://x\"\n[tls]");
-        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().key, "store");
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["store"]);
         let text = base(dir.path()).replace("[tls]", "stroe = 1\n[tls]");
         let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
         assert!(err.to_string().contains("stroe"), "{err}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path())
+            .replace("users_file = \"u.toml\"", "users_file = \"missing.toml\"\nlog_format = \"xml\"")
+            .replace("[tls]", "store = \"postgres://x\"\ngrpc_addr = \"nowhere\"\n[tls]")
+            + "[tokens]\nexchange_max_ttl_secs = 601\nmax_act_depth = 0\n[watch]\nheartbeat_secs = 0\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        let mut keys = err.keys();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "grpc_addr",
+                "log_format",
+                "store",
+                "tokens.exchange_max_ttl_secs",
+                "tokens.max_act_depth",
+                "users_file",
+                "watch.heartbeat_secs",
+            ]
+        );
+        let shown = err.to_string();
+        assert!(shown.contains("tokens.exchange_max_ttl_secs: must be between 1 and 600"), "{shown}");
+        assert!(shown.contains("users_file: file not found"), "{shown}");
+    }
+
+    #[test]
+    fn transit_paths_resolve_against_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("vault-ca.pem"), "").unwrap();
+        let text = transit_base(
+            dir.path(),
+            "address = \"https://vault:8200\"\nkey = \"auth-signing\"\nca_cert = \"vault-ca.pem\"\n\
+             [keys.transit.auth]\nmethod = \"approle\"\nrole_id_file = \"bao/role_id\"\nsecret_id_file = \"/abs/secret_id\"\n",
+        );
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        let KeySource::Transit(t) = &cfg.keys else { panic!("transit expected: {:?}", cfg.keys) };
+        assert_eq!(t.ca_cert.as_deref(), Some(dir.path().join("vault-ca.pem").as_path()));
+        let TransitAuth::Approle { role_id_file, secret_id_file, .. } = &t.auth else { panic!("{:?}", t.auth) };
+        assert_eq!(role_id_file.as_deref(), Some(dir.path().join("bao/role_id").as_path()));
+        assert_eq!(secret_id_file.as_deref(), Some(Path::new("/abs/secret_id")));
+
+        let text = transit_base(
+            dir.path(),
+            "address = \"http://vault:8200\"\nkey = \"k\"\n[keys.transit.auth]\nmethod = \"token\"\ntoken_file = \"t\"\n",
+        );
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        let KeySource::Transit(t) = &cfg.keys else { panic!("transit expected") };
+        assert_eq!(t.auth, TransitAuth::Token { token_file: Some(dir.path().join("t")), token_env: None });
+    }
+
+    #[test]
+    fn a_bad_transit_table_fails_at_config_load() {
+        let dir = tempfile::tempdir().unwrap();
+        // An unknown key (token_file belongs in [keys.transit.auth]).
+        let text = transit_base(dir.path(), "address = \"http://v:8200\"\nkey = \"k\"\ntoken_file = \"t\"\n");
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.transit"]);
+        assert!(err.to_string().contains("token_file"), "{err}");
+        // A missing key.
+        let text = transit_base(dir.path(), "address = \"http://v:8200\"\n");
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("key"), "{err}");
+        // A bad address and a missing CA file, reported together.
+        let text = transit_base(dir.path(), "address = \"vault:8200\"\nkey = \"k\"\nca_cert = \"nope.pem\"\n");
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.transit.address", "keys.transit.ca_cert"]);
+        // No table at all.
+        let text = base(dir.path()).replace("signing = { path = \"s.pem\" }", "source = \"transit\"");
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["keys.transit"]);
+    }
+
+    #[test]
+    fn restart_changes_name_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        let text = base(dir.path()).replace("[tls]", "issuer = \"other\"\nhttp_addr = \"127.0.0.1:1\"\n[tls]")
+            + "[tokens]\naccess_ttl_secs = 60\n";
+        let b = Config::from_toml_str(&text, dir.path()).unwrap();
+        assert_eq!(a.restart_changes(&b), ["issuer", "http_addr"]);
+        assert!(a.restart_changes(&a).is_empty());
     }
 }

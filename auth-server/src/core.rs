@@ -1,27 +1,76 @@
-//! What every flow shares: configuration, directory, keys, store, clock, and
-//! minting of access tokens.
+//! What every flow shares: the reloadable [`Policy`] (token settings,
+//! directory, signing keys), the store, the clock, and minting of access
+//! tokens.
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use service_sdk::{Audience, Claims, Validator};
 
 use crate::clock::SharedClock;
-use crate::config::Config;
+use crate::config::{Config, ConfigError, TokensConfig, WatchConfig};
 use crate::directory::{Directory, random_token};
 use crate::error::AuthError;
 use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
-use crate::keys::SigningKeys;
+use crate::keys::{KeyError, SigningKeys};
 use crate::password::PasswordPool;
 use crate::store::{IssuedToken, RefreshRecord, Store};
 
-/// The state the flows run against.
-pub struct AuthCore {
-    /// Validated configuration.
-    pub config: Config,
+/// What a reload may change, swapped whole: a request loads it once
+/// ([`AuthCore::policy`]) and sees one consistent value throughout.
+pub struct Policy {
+    /// Token lifetimes and limits.
+    pub tokens: TokensConfig,
     /// Users and service accounts.
     pub directory: Arc<Directory>,
     /// Signing keys.
     pub keys: Arc<dyn SigningKeys>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("tokens", &self.tokens)
+            .field("signing_kid", &self.keys.signing_kid())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`Policy`] could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The users or accounts file is unusable.
+    #[error(transparent)]
+    Directory(#[from] ConfigError),
+    /// The keys could not be opened.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+}
+
+impl Policy {
+    /// Reads the users and accounts files named by `config` and takes `keys`
+    /// as the signing keys.
+    pub fn load(config: &Config, keys: Arc<dyn SigningKeys>) -> Result<Self, PolicyError> {
+        let directory = Directory::load(&config.users_file, &config.accounts_file)?;
+        Ok(Self { tokens: config.tokens.clone(), directory: Arc::new(directory), keys })
+    }
+
+    /// The `kid`s in the published key set, sorted.
+    pub fn published_kids(&self) -> Vec<String> {
+        let mut kids: Vec<String> = self.keys.public_keys().keys.kids().map(str::to_owned).collect();
+        kids.sort_unstable();
+        kids
+    }
+}
+
+/// The state the flows run against.
+pub struct AuthCore {
+    /// The `iss` of every token (restart-only).
+    pub issuer: String,
+    /// WatchRevocations settings (restart-only).
+    pub watch: WatchConfig,
+    /// The reloadable part; see [`AuthCore::policy`].
+    policy: ArcSwap<Policy>,
     /// State store.
     pub store: Arc<dyn Store>,
     /// Time.
@@ -36,23 +85,39 @@ pub struct AuthCore {
 }
 
 impl AuthCore {
-    /// Builds the core; the validator follows `config.issuer`.
-    pub fn new(
-        config: Config,
-        directory: Arc<Directory>,
-        keys: Arc<dyn SigningKeys>,
-        store: Arc<dyn Store>,
-        clock: SharedClock,
-    ) -> Self {
+    /// Builds the core from the restart-only settings of `config` and a
+    /// first `policy`; the validator follows `config.issuer`.
+    pub fn new(config: &Config, policy: Policy, store: Arc<dyn Store>, clock: SharedClock) -> Self {
         let validator = Validator::new(config.issuer.clone(), String::new());
-        Self { config, directory, keys, store, clock, validator, passwords: PasswordPool::for_this_machine() }
+        Self {
+            issuer: config.issuer.clone(),
+            watch: config.watch.clone(),
+            policy: ArcSwap::from_pointee(policy),
+            store,
+            clock,
+            validator,
+            passwords: PasswordPool::for_this_machine(),
+        }
     }
 
-    /// Signs a token for `grant` and records its `jti` (one store write).
-    pub async fn mint(&self, grant: Grant) -> Result<Minted, AuthError> {
+    /// The current policy. Load it once per request and use that value
+    /// throughout, so one request never mixes two policies.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.load_full()
+    }
+
+    /// Replaces the policy atomically; returns the previous one. Requests
+    /// already running finish with the policy they loaded.
+    pub fn swap_policy(&self, policy: Policy) -> Arc<Policy> {
+        self.policy.swap(Arc::new(policy))
+    }
+
+    /// Signs a token for `grant` with `policy`'s keys and records its `jti`
+    /// (one store write).
+    pub async fn mint(&self, policy: &Policy, grant: Grant) -> Result<Minted, AuthError> {
         let now = self.clock.now_unix();
         let claims = Claims {
-            iss: self.config.issuer.clone(),
+            iss: self.issuer.clone(),
             sub: grant.sub,
             aud: Audience::from_list(grant.aud),
             exp: now + grant.ttl,
@@ -66,7 +131,7 @@ impl AuthCore {
             act: grant.act,
             cnf: None,
         };
-        let token = self.keys.sign(&claims).await?;
+        let token = policy.keys.sign(&claims).await?;
         let issued = IssuedToken { sub: claims.sub.clone(), sid: claims.sid.clone(), exp: claims.exp };
         self.store.record_issued(&claims.jti, &issued, now).await?;
         Ok(Minted { token, claims })
@@ -75,6 +140,7 @@ impl AuthCore {
     /// Starts a new refresh family for a login session (one store write).
     pub async fn start_refresh_family(
         &self,
+        policy: &Policy,
         sub: &str,
         sid: &str,
         audience: Vec<String>,
@@ -89,7 +155,7 @@ impl AuthCore {
             client_id: PASSWORD_CLIENT_ID.into(),
             audience,
             scope,
-            expires_at: now + self.config.tokens.refresh_ttl_secs,
+            expires_at: now + policy.tokens.refresh_ttl_secs,
         };
         self.store.put_refresh(&refresh_digest(&token), &record, now).await?;
         Ok(RefreshIssued { token })
@@ -97,10 +163,15 @@ impl AuthCore {
 
     /// Fully verifies a token of this issuer: signature, pinned alg, `typ`,
     /// issuer, times, then the deny list (`jti` and `sid`). `audience`, when
-    /// set, must be in `aud`.
-    pub async fn verify_presented(&self, token: &str, audience: Option<&str>) -> Result<Claims, AuthError> {
+    /// set, must be in `aud`. Keys come from `policy`.
+    pub async fn verify_presented(
+        &self,
+        policy: &Policy,
+        token: &str,
+        audience: Option<&str>,
+    ) -> Result<Claims, AuthError> {
         let now = self.clock.now_unix();
-        let keys = self.keys.public_keys();
+        let keys = policy.keys.public_keys();
         let claims =
             self.validator.validate_for(token, &keys.keys, now, audience).map_err(AuthError::token_rejected)?;
         if self.store.is_revoked(&claims.jti, claims.sid.as_deref(), now).await? {

@@ -31,15 +31,17 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
     if req.audience.is_empty() {
         return Err(AuthError::InvalidArgument("audience is required"));
     }
-    let account = core.directory.authenticate_service(&req.client_id, &req.client_secret.0, peer)?;
+    // One policy for the whole request (it may be swapped by a reload).
+    let current = core.policy();
+    let account = current.directory.authenticate_service(&req.client_id, &req.client_secret.0, peer)?;
     let subject = if req.subject_token.is_empty() {
         None
     } else {
         // The user's token must be addressed to the caller: a service may
         // only act for users who called it.
-        Some(core.verify_presented(&req.subject_token, Some(&account.client_id)).await?)
+        Some(core.verify_presented(&current, &req.subject_token, Some(&account.client_id)).await?)
     };
-    let t = &core.config.tokens;
+    let t = &current.tokens;
     let decision = policy::decide(&policy::Input {
         caller: &account.client_id,
         caller_role: account.role.as_deref(),
@@ -53,7 +55,7 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
         max_ttl: t.exchange_max_ttl_secs,
         max_act_depth: t.max_act_depth,
     })?;
-    let access = core.mint(decision.into_grant(req.audience, account.client_id.clone())).await?;
+    let access = core.mint(&current, decision.into_grant(req.audience, account.client_id.clone())).await?;
     Ok(Issued { kind: GrantKind::Exchange, access, refresh: None })
 }
 

@@ -23,7 +23,7 @@ pub fn router(core: Arc<AuthCore>) -> Router {
 async fn jwks(State(core): State<Arc<AuthCore>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/jwk-set+json"), (header::CACHE_CONTROL, "public, max-age=60")],
-        core.keys.public_keys().jwks_json.clone(),
+        core.policy().keys.public_keys().jwks_json.clone(),
     )
 }
 

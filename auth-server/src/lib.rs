@@ -9,22 +9,29 @@
 //! ports: [`keys`] (signing and JWKS), [`store`] (memory, Redis) and the
 //! account [`directory`].
 //!
+//! One builder assembles the server, for the binary, the tests and the
+//! examples alike: [`server::Server::builder`] takes a validated
+//! [`config::Config`] (keys and store are opened from it unless given), and
+//! [`server::Server::serve`] runs both ports on already-bound listeners.
+//! The token settings, the directory and the signing keys form the
+//! [`core::Policy`], which [`server::Server::reload`] swaps without a
+//! restart.
+//!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! use std::sync::Arc;
-//! use auth_server::{clock::SystemClock, config::{Config, Overrides}, server};
+//! use auth_server::config::{Config, Overrides};
+//! use auth_server::server::{Listeners, Server};
 //! let config = Config::load("auth-server.toml".as_ref(), &Overrides::default())?;
-//! let keys = Arc::new(server::load_file_keys(&config.keys)?);
-//! let store = server::open_store(&config).await?;
-//! let grpc = tokio::net::TcpListener::bind(config.grpc_addr).await?;
-//! let http = tokio::net::TcpListener::bind(config.http_addr).await?;
-//! let core = server::build_core(config, keys, store, Arc::new(SystemClock))?;
-//! server::serve(grpc, http, core, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! let listeners = Listeners::bind(&config).await?;
+//! let server = Server::builder(config).build().await?;
+//! let reloader = server.reloader(); // e.g. on SIGHUP: reloader.reload().await
+//! server.serve(listeners, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # drop(reloader);
 //! # Ok(()) }
 //! ```
 //!
-//! Feature flags: `testing` adds [`testing`] (a `TestServer` and process
-//! helpers for tests).
+//! Feature flags: none. Test support (a `TestServer`, Redis and OpenBao
+//! processes) lives in the separate `testkit` crate.
 
 pub mod clock;
 pub mod config;
@@ -44,7 +51,3 @@ pub mod revoke;
 pub mod server;
 pub mod store;
 pub mod tls;
-
-#[cfg(feature = "testing")]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-pub mod testing;

@@ -41,13 +41,14 @@ pub async fn login(
     scope: Vec<String>,
     peer: Option<&PeerIdentity>,
 ) -> Result<Issued, AuthError> {
-    let tokens = &core.config.tokens;
+    let current = core.policy();
+    let tokens = &current.tokens;
     match grant {
         LoginGrant::Password { username, password } => {
             if username.is_empty() || password.0.is_empty() {
                 return Err(AuthError::InvalidArgument("username and password are required"));
             }
-            let dir = Arc::clone(&core.directory);
+            let dir = Arc::clone(&current.directory);
             let user = core
                 .passwords
                 .run(move || dir.verify_password(&username, &password.0).cloned())
@@ -57,14 +58,14 @@ pub async fn login(
             let grant = policy::password(&user, tokens, audience, &scope, sid)?;
             let (sub, sid, aud, perms) =
                 (grant.sub.clone(), grant.sid.clone().unwrap_or_default(), grant.aud.clone(), grant.perms.clone());
-            let access = core.mint(grant).await?;
-            let refresh = core.start_refresh_family(&sub, &sid, aud, perms).await?;
+            let access = core.mint(&current, grant).await?;
+            let refresh = core.start_refresh_family(&current, &sub, &sid, aud, perms).await?;
             Ok(Issued { kind: GrantKind::Password, access, refresh: Some(refresh) })
         }
         LoginGrant::ClientCredentials { client_id, secret } => {
-            let account = core.directory.authenticate_service(&client_id, &secret.0, peer)?;
+            let account = current.directory.authenticate_service(&client_id, &secret.0, peer)?;
             let grant = policy::client_credentials(account, tokens, audience, &scope)?;
-            let access = core.mint(grant).await?;
+            let access = core.mint(&current, grant).await?;
             Ok(Issued { kind: GrantKind::ClientCredentials, access, refresh: None })
         }
     }

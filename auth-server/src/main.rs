@@ -1,15 +1,13 @@
 //! The `auth-server` binary.
 
+use auth_server::config::{Config, LogFormat, Overrides};
+use auth_server::keys::KeyAlg;
+use auth_server::server::{Listeners, Server};
+use auth_server::{dev, directory, keys};
+use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-
-use auth_server::clock::SystemClock;
-use auth_server::config::{Config, Overrides};
-use auth_server::keys::{KeyAlg, SigningKeys};
-use auth_server::{dev, directory, keys, server};
-use clap::{Parser, Subcommand};
 
 /// The auth.v1.Auth token service.
 #[derive(Parser)]
@@ -86,14 +84,13 @@ impl Flags {
     }
 }
 
-fn init_tracing(format: &str) {
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
     }
 }
 
@@ -124,13 +121,13 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve { config, flags } => {
             let cfg = Config::load(&config, &flags.overrides()).map_err(|e| e.to_string())?;
-            init_tracing(&cfg.log_format);
+            init_tracing(cfg.log_format);
             run_server(cfg, None).await
         }
         Command::Dev { dir, flags } => {
             let env = dev::ensure(&dir).map_err(|e| e.to_string())?;
             let cfg = Config::load(&env.config_path, &flags.overrides()).map_err(|e| e.to_string())?;
-            init_tracing(&cfg.log_format);
+            init_tracing(cfg.log_format);
             run_server(cfg, Some(env)).await
         }
         Command::HashPassword => {
@@ -170,42 +167,26 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn run_server(cfg: Config, dev_env: Option<dev::DevEnv>) -> Result<(), String> {
-    let file_keys = if cfg.keys.source == "file" {
-        Some(Arc::new(server::load_file_keys(&cfg.keys).map_err(|e| e.to_string())?))
-    } else {
-        None
-    };
-    let signing: Arc<dyn SigningKeys> = match &file_keys {
-        Some(k) => k.clone(),
-        None => server::open_transit_keys(&cfg).await.map_err(|e| e.to_string())?,
-    };
-    let store = server::open_store(&cfg).await.map_err(|e| e.to_string())?;
-    tracing::info!(store = store.name(), "state store selected");
-    let grpc =
-        tokio::net::TcpListener::bind(cfg.grpc_addr).await.map_err(|e| format!("bind {}: {e}", cfg.grpc_addr))?;
-    let http =
-        tokio::net::TcpListener::bind(cfg.http_addr).await.map_err(|e| format!("bind {}: {e}", cfg.http_addr))?;
-    let keys_cfg = cfg.keys.clone();
+    let server = Server::builder(cfg).build().await.map_err(|e| e.to_string())?;
+    tracing::info!(store = server.core().store.name(), "state store selected");
+    let listeners = Listeners::bind(server.config()).await.map_err(|e| e.to_string())?;
     if let Some(env) = &dev_env {
-        print_dev_banner(env, &cfg);
+        print_dev_banner(env, server.config());
     }
-    let core = server::build_core(cfg, signing, store, Arc::new(SystemClock)).map_err(|e| e.to_string())?;
 
-    // SIGHUP re-reads the key files (rotation without restart).
-    if let Some(keys) = file_keys {
-        tokio::spawn(async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-                return;
-            };
-            while hup.recv().await.is_some() {
-                match server::reload_file_keys(&keys, &keys_cfg) {
-                    Ok(()) => tracing::info!(kid = %keys.active_kid(), "signing keys reloaded"),
-                    Err(e) => tracing::error!(error = %e, "key reload failed; keeping the current keys"),
-                }
-            }
-        });
-    }
-    server::serve(grpc, http, core, shutdown_signal()).await.map_err(|e| e.to_string())
+    // SIGHUP re-reads the config file and swaps the policy (token settings,
+    // users and accounts, signing keys) without a restart.
+    let reloader = server.reloader();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            // The outcome is logged by reload itself.
+            let _ = reloader.reload().await;
+        }
+    });
+    server.serve(listeners, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {

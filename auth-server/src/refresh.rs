@@ -17,13 +17,14 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
     }
     let now = core.clock.now_unix();
     let next = random_token(32)?;
-    let t = &core.config.tokens;
+    let current = core.policy();
+    let t = &current.tokens;
     let outcome = core
         .store
         .consume_refresh(&refresh_digest(presented), &refresh_digest(&next), now + t.refresh_ttl_secs, now)
         .await?;
-    let grant = policy::decide(outcome, |sub| core.directory.user(sub), t.access_ttl_secs)?;
-    let access = core.mint(grant).await?;
+    let grant = policy::decide(outcome, |sub| current.directory.user(sub), t.access_ttl_secs)?;
+    let access = core.mint(&current, grant).await?;
     Ok(Issued { kind: GrantKind::Refresh, access, refresh: Some(RefreshIssued { token: next }) })
 }
 

@@ -9,7 +9,7 @@
 //! The decisions are the pure functions of [`policy`]; this module only
 //! verifies, looks up and writes.
 
-use crate::core::AuthCore;
+use crate::core::{AuthCore, Policy};
 use crate::error::AuthError;
 use crate::grant::refresh_digest;
 use crate::store::{Revocation, RevocationKind};
@@ -53,10 +53,11 @@ impl Revoked {
 /// the request, needed for `Jti` and `Sid`. Returns what was revoked.
 pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<&str>) -> Result<Revoked, AuthError> {
     let now = core.clock.now_unix();
-    let t = &core.config.tokens;
+    let current = core.policy();
+    let t = &current.tokens;
     let revocation = match target {
         RevokeTarget::AccessToken(token) => {
-            let keys = core.keys.public_keys();
+            let keys = current.keys.public_keys();
             let checked = core.validator.validate_for(&token, &keys.keys, now, None);
             match policy::access_token(checked)? {
                 Some(r) => r,
@@ -70,12 +71,12 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
             policy::family(record, now, t)
         }
         RevokeTarget::Jti(jti) => {
-            let caller = caller(core, caller_token).await?;
+            let caller = caller(core, &current, caller_token).await?;
             let issued = core.store.issued(&jti, now).await?;
             policy::jti(&caller, jti, issued.as_ref(), now, t)?
         }
         RevokeTarget::Sid(sid) => {
-            let caller = caller(core, caller_token).await?;
+            let caller = caller(core, &current, caller_token).await?;
             policy::sid(&caller, sid, now, t)?
         }
     };
@@ -83,9 +84,9 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
     Ok(Revoked::Recorded(revocation))
 }
 
-async fn caller(core: &AuthCore, token: Option<&str>) -> Result<service_sdk::Claims, AuthError> {
+async fn caller(core: &AuthCore, current: &Policy, token: Option<&str>) -> Result<service_sdk::Claims, AuthError> {
     let token = token.ok_or(AuthError::Unauthenticated("revoking by jti or sid needs the caller's bearer token"))?;
-    core.verify_presented(token, None).await
+    core.verify_presented(current, token, None).await
 }
 
 /// Who may revoke what, and until when the entry must live: free of I/O.

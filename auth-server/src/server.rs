@@ -1,28 +1,54 @@
-//! Start-up: build the parts from configuration and serve both ports.
+//! One way to build and serve: [`Server::builder`] takes a validated
+//! [`Config`], opens what it was not given (signing keys, store), loads the
+//! first [`Policy`] and builds the [`AuthCore`]; [`Server::serve`] runs the
+//! gRPC (mTLS) and HTTP ports on already-bound [`Listeners`] until shutdown.
+//! [`Server::reload`] (or a [`Reloader`] handle, e.g. for SIGHUP) re-reads the
+//! config file and swaps the policy.
+//!
+//! Extra tower layers for the gRPC stack (metrics, load shedding, rate
+//! limits) go in with [`ServerBuilder::layer`]; the first one added is the
+//! outermost, as with [`tower::ServiceBuilder`].
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::codegen::Bytes;
+use tower::layer::util::{Identity, Stack};
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 
-use crate::clock::SharedClock;
-use crate::config::{Config, ConfigError, KeysConfig};
-use crate::core::AuthCore;
-use crate::directory::Directory;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, ConfigError, ConfigErrors, KeySource, StoreConfig};
+use crate::core::{AuthCore, Policy, PolicyError};
 use crate::grpc::AuthService;
-use crate::keys::{FileKeys, KeyError, LoadedKey, SigningKeys};
+use crate::keys::{KeyError, SigningKeys};
 use crate::store::{MemoryStore, Store, StoreError};
+
+/// A boxed error, as tower and tonic use it.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A request as the gRPC layer stack sees it.
+pub type GrpcRequest = http::Request<tonic::body::Body>;
+/// A response as the gRPC layer stack sees it.
+pub type GrpcResponse = http::Response<tonic::body::Body>;
+/// The gRPC service (all routes) that added layers wrap.
+pub type GrpcService = BoxCloneService<GrpcRequest, GrpcResponse, BoxError>;
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad configuration.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] ConfigErrors),
     /// Unusable keys.
     #[error(transparent)]
     Keys(#[from] KeyError),
+    /// Unusable users or accounts.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -31,128 +57,374 @@ pub enum StartError {
     Transport(String),
 }
 
-/// Loads file keys as configured.
-pub fn load_file_keys(cfg: &KeysConfig) -> Result<FileKeys, KeyError> {
-    let (active, publish) = read_file_keys(cfg)?;
-    FileKeys::new(active, publish)
+impl From<ConfigError> for StartError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e.into())
+    }
 }
 
-/// Re-reads the configured key files into `keys` (rotation without restart,
-/// e.g. on SIGHUP).
-pub fn reload_file_keys(keys: &FileKeys, cfg: &KeysConfig) -> Result<(), KeyError> {
-    let (active, publish) = read_file_keys(cfg)?;
-    keys.replace(active, publish)
+/// The two already-bound listeners [`Server::serve`] runs on.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC (mTLS) port.
+    pub grpc: TcpListener,
+    /// The HTTP side port.
+    pub http: TcpListener,
 }
 
-fn read_file_keys(cfg: &KeysConfig) -> Result<(LoadedKey, Vec<LoadedKey>), KeyError> {
-    let signing = cfg.signing.as_ref().ok_or_else(|| KeyError::Config("keys.signing is required".into()))?;
-    let active = LoadedKey::from_pem_file(signing.alg, &signing.path)?;
-    let publish =
-        cfg.publish.iter().map(|k| LoadedKey::from_pem_file(k.alg, &k.path)).collect::<Result<Vec<_>, _>>()?;
-    Ok((active, publish))
+impl Listeners {
+    /// Binds the addresses `config` names.
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|e| StartError::Transport(format!("bind {addr}: {e}")))
+        };
+        Ok(Self { grpc: bind(config.grpc_addr).await?, http: bind(config.http_addr).await? })
+    }
+}
+
+/// The gRPC layer stack, type-erased once at build time.
+#[derive(Clone)]
+struct GrpcStack(Arc<dyn Fn(GrpcService) -> GrpcService + Send + Sync>);
+
+impl<S> Layer<S> for GrpcStack
+where
+    S: Service<GrpcRequest, Response = GrpcResponse, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Service = GrpcService;
+
+    fn layer(&self, inner: S) -> GrpcService {
+        (self.0)(BoxCloneService::new(inner.map_err(|never| match never {})))
+    }
+}
+
+/// Options for a [`Server`]; see [`Server::builder`].
+pub struct ServerBuilder<L = Identity> {
+    config: Config,
+    keys: Option<Arc<dyn SigningKeys>>,
+    store: Option<Arc<dyn Store>>,
+    clock: Option<SharedClock>,
+    layers: ServiceBuilder<L>,
+}
+
+impl<L> ServerBuilder<L> {
+    /// Signs with these keys instead of opening `config.keys`. A reload then
+    /// keeps them (their owner rotates them).
+    pub fn keys(mut self, keys: Arc<dyn SigningKeys>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    /// Uses this store instead of opening `config.store`.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses this clock (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Adds a tower layer around the gRPC services (every RPC passes
+    /// through it). Layers added first are outermost. The layer may change
+    /// the response body type; errors it returns end the HTTP/2 stream.
+    pub fn layer<N>(self, layer: N) -> ServerBuilder<Stack<N, L>> {
+        ServerBuilder {
+            config: self.config,
+            keys: self.keys,
+            store: self.store,
+            clock: self.clock,
+            layers: self.layers.layer(layer),
+        }
+    }
+
+    /// Opens what was not given (keys from `config.keys`, the store from
+    /// `config.store`), reads the users and accounts files, and builds the
+    /// server.
+    pub async fn build<ResBody>(self) -> Result<Server, StartError>
+    where
+        L: Layer<GrpcService> + Send + Sync + 'static,
+        L::Service: Service<GrpcRequest, Response = http::Response<ResBody>> + Clone + Send + 'static,
+        <L::Service as Service<GrpcRequest>>::Future: Send + 'static,
+        <L::Service as Service<GrpcRequest>>::Error: Into<BoxError>,
+        ResBody: http_body::Body<Data = Bytes> + Send + 'static,
+        ResBody::Error: Into<BoxError>,
+    {
+        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let fixed_keys = self.keys.is_some();
+        let keys = match self.keys {
+            Some(k) => k,
+            None => crate::keys::open(&self.config.keys, Arc::clone(&clock)).await?,
+        };
+        let store = match self.store {
+            Some(s) => s,
+            None => open_store(&self.config.store).await?,
+        };
+        let policy = Policy::load(&self.config, keys)?;
+        let core = Arc::new(AuthCore::new(&self.config, policy, store, Arc::clone(&clock)));
+        let layers = self.layers.into_inner();
+        let stack = GrpcStack(Arc::new(move |inner: GrpcService| {
+            BoxCloneService::new(
+                layers.layer(inner).map_response(|res| res.map(tonic::body::Body::new)).map_err(Into::into),
+            )
+        }));
+        let reloader = Reloader {
+            inner: Arc::new(ReloadState {
+                core: Arc::clone(&core),
+                started: self.config.clone(),
+                fixed_keys,
+                clock,
+                keys_source: tokio::sync::Mutex::new(self.config.keys.clone()),
+            }),
+        };
+        Ok(Server { config: self.config, core, stack, reloader })
+    }
+}
+
+/// A built auth-server, ready to [`serve`](Server::serve).
+pub struct Server {
+    config: Config,
+    core: Arc<AuthCore>,
+    stack: GrpcStack,
+    reloader: Reloader,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Starts building a server from a validated configuration.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use auth_server::config::{Config, Overrides};
+    /// use auth_server::server::{Listeners, Server};
+    /// let config = Config::load("auth-server.toml".as_ref(), &Overrides::default())?;
+    /// let listeners = Listeners::bind(&config).await?;
+    /// let server = Server::builder(config)
+    ///     // e.g. metrics, load shedding, rate limits:
+    ///     .layer(tower::ServiceBuilder::new().map_request(|req: http::Request<_>| req))
+    ///     .build()
+    ///     .await?;
+    /// server.serve(listeners, async { let _ = tokio::signal::ctrl_c().await; }).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn builder(config: Config) -> ServerBuilder {
+        ServerBuilder { config, keys: None, store: None, clock: None, layers: ServiceBuilder::new() }
+    }
+
+    /// The configuration the server started with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The flow core (policy, store, clock).
+    pub fn core(&self) -> &Arc<AuthCore> {
+        &self.core
+    }
+
+    /// A handle that reloads the policy, usable after `serve` took the
+    /// server (SIGHUP, file watches).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// Re-reads the config file and swaps the policy; see [`Reloader::reload`].
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        self.reloader.reload().await
+    }
+
+    /// Serves gRPC (mTLS) on `listeners.grpc` and the HTTP side port on
+    /// `listeners.http` until `shutdown` resolves, then drains both.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
+        let Server { config, core, stack, reloader: _ } = self;
+        let Listeners { grpc, http } = listeners;
+        let tls = crate::tls::server_tls(&config.tls)?;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(auth_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Transport(e.to_string()))?;
+
+        // Readiness follows the store: NOT_SERVING while it does not answer.
+        let store = Arc::clone(&core.store);
+        let health_task = tokio::spawn(async move {
+            let mut ready = true;
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let ok = store.ping().await.is_ok();
+                if ok != ready {
+                    ready = ok;
+                    if ok {
+                        tracing::info!("store reachable again: serving");
+                        health_reporter
+                            .set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>()
+                            .await;
+                    } else {
+                        tracing::warn!("store unreachable: not serving");
+                        health_reporter
+                            .set_not_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>()
+                            .await;
+                    }
+                }
+            }
+        });
+
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+
+        let grpc_addr = grpc.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
+        let http_addr = http.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
+        tracing::info!(%grpc_addr, %http_addr, store = core.store.name(), issuer = %core.issuer, "auth-server listening");
+
+        let http_server =
+            axum::serve(http, crate::http::router(Arc::clone(&core))).with_graceful_shutdown(wait(stop_rx.clone()));
+        let grpc_server = tonic::transport::Server::builder()
+            .tls_config(tls)
+            .map_err(|e| StartError::Transport(e.to_string()))?
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(stack)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::new(core))
+                    .max_decoding_message_size(64 * 1024),
+            )
+            .serve_with_incoming_shutdown(
+                // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
+                tonic::transport::server::TcpIncoming::from(grpc)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(Duration::from_secs(60))),
+                wait(stop_rx),
+            );
+        let (g, h) = tokio::join!(grpc_server, async { http_server.await });
+        health_task.abort();
+        g.map_err(|e| StartError::Transport(e.to_string()))?;
+        h.map_err(|e| StartError::Transport(e.to_string()))?;
+        tracing::info!("auth-server stopped");
+        Ok(())
+    }
 }
 
 /// Opens the configured store: in-memory, or Redis.
-pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    if config.store == "memory" {
-        return Ok(Arc::new(MemoryStore::new()));
+async fn open_store(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match config {
+        StoreConfig::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreConfig::Redis(redis) => crate::store::open_redis(redis).await,
     }
-    crate::store::open_redis(&config.redis).await
 }
 
-/// Opens Vault Transit signing keys as configured.
-pub async fn open_transit_keys(config: &Config) -> Result<Arc<dyn SigningKeys>, KeyError> {
-    let table = config.keys.transit.as_ref().ok_or_else(|| KeyError::Config("keys.transit is required".into()))?;
-    let keys: Arc<dyn SigningKeys> =
-        crate::keys::TransitKeys::open(crate::keys::TransitConfig::from_table(table)?).await?;
-    Ok(keys)
+/// Why a reload kept the old policy.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+    /// The keys could not be opened.
+    #[error(transparent)]
+    Keys(#[from] KeyError),
+    /// The users or accounts file is unusable.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
-/// Builds the flow core from configuration with the given keys and store.
-pub fn build_core(
-    config: Config,
-    keys: Arc<dyn SigningKeys>,
-    store: Arc<dyn Store>,
-    clock: SharedClock,
-) -> Result<Arc<AuthCore>, StartError> {
-    let directory = Arc::new(Directory::load(&config.users_file, &config.accounts_file)?);
-    Ok(Arc::new(AuthCore::new(config, directory, keys, store, clock)))
+/// What a successful reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Published `kid`s before, sorted.
+    pub old_kids: Vec<String>,
+    /// Published `kid`s after, sorted.
+    pub new_kids: Vec<String>,
+    /// The `kid` that signs from now on, when known.
+    pub signing_kid: Option<String>,
+    /// Restart-only keys that changed in the file; their old values stay in
+    /// force until a restart.
+    pub needs_restart: Vec<&'static str>,
 }
 
-/// Serves gRPC (mTLS) on `grpc` and the HTTP side port on `http` until
-/// `shutdown` resolves, then drains both.
-pub async fn serve(
-    grpc: TcpListener,
-    http: TcpListener,
+struct ReloadState {
     core: Arc<AuthCore>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
-    let tls = crate::tls::server_tls(&core.config.tls)?;
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(auth_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError::Transport(e.to_string()))?;
+    started: Config,
+    fixed_keys: bool,
+    clock: SharedClock,
+    /// The key source of the current policy; the lock also makes reloads
+    /// run one at a time.
+    keys_source: tokio::sync::Mutex<KeySource>,
+}
 
-    // Readiness follows the store: NOT_SERVING while it does not answer.
-    let store = Arc::clone(&core.store);
-    let health_task = tokio::spawn(async move {
-        let mut ready = true;
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let ok = store.ping().await.is_ok();
-            if ok != ready {
-                ready = ok;
-                if ok {
-                    tracing::info!("store reachable again: serving");
-                    health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
-                } else {
-                    tracing::warn!("store unreachable: not serving");
-                    health_reporter
-                        .set_not_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>()
-                        .await;
+/// Reloads a running server's [`Policy`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<ReloadState>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").field("config", &self.inner.started.path()).finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Re-reads the config file the server started from and validates all
+    /// of it; re-reads the users and accounts files and opens the `[keys]`
+    /// (key files at possibly new paths; an unchanged Transit key is kept),
+    /// then swaps the new policy in at once. On any error the old policy
+    /// stays and the error is logged and returned. Restart-only settings
+    /// that changed are logged as warnings and keep their running values.
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let result = self.try_reload().await;
+        match &result {
+            Ok(r) => {
+                for key in &r.needs_restart {
+                    tracing::warn!(key, "changed in the config file; takes effect at the next restart");
                 }
+                tracing::info!(
+                    old_kids = ?r.old_kids,
+                    new_kids = ?r.new_kids,
+                    signing_kid = ?r.signing_kid,
+                    "policy reloaded"
+                );
             }
+            Err(e) => tracing::error!(error = %e, "reload failed; keeping the current policy"),
         }
-    });
+        result
+    }
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-
-    let grpc_addr = grpc.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
-    let http_addr = http.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
-    tracing::info!(%grpc_addr, %http_addr, store = core.store.name(), issuer = %core.config.issuer, "auth-server listening");
-
-    let http_server =
-        axum::serve(http, crate::http::router(Arc::clone(&core))).with_graceful_shutdown(wait(stop_rx.clone()));
-    let grpc_server = tonic::transport::Server::builder()
-        .tls_config(tls)
-        .map_err(|e| StartError::Transport(e.to_string()))?
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(
-            auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::new(core))
-                .max_decoding_message_size(64 * 1024),
-        )
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
-            tonic::transport::server::TcpIncoming::from(grpc)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            wait(stop_rx),
-        );
-    let (g, h) = tokio::join!(grpc_server, async { http_server.await });
-    health_task.abort();
-    g.map_err(|e| StartError::Transport(e.to_string()))?;
-    h.map_err(|e| StartError::Transport(e.to_string()))?;
-    tracing::info!("auth-server stopped");
-    Ok(())
+    async fn try_reload(&self) -> Result<Reloaded, ReloadError> {
+        let s = &self.inner;
+        let mut source = s.keys_source.lock().await;
+        let config = s.started.reread()?;
+        let old = s.core.policy();
+        let keys = if s.fixed_keys || (config.keys == *source && matches!(config.keys, KeySource::Transit(_))) {
+            Arc::clone(&old.keys)
+        } else {
+            crate::keys::open(&config.keys, Arc::clone(&s.clock)).await?
+        };
+        let policy = Policy::load(&config, keys)?;
+        let reloaded = Reloaded {
+            old_kids: old.published_kids(),
+            new_kids: policy.published_kids(),
+            signing_kid: policy.keys.signing_kid(),
+            needs_restart: s.started.restart_changes(&config),
+        };
+        s.core.swap_policy(policy);
+        *source = config.keys;
+        Ok(reloaded)
+    }
 }

@@ -9,8 +9,8 @@ use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{
     ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest, login_request, revoke_request,
 };
-use auth_server::clock::SystemClock;
 use auth_server::config::{Config, Overrides};
+use auth_server::server::{Listeners, Server};
 use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -117,17 +117,15 @@ pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     let env = auth_server::dev::ensure(&dir).map_err(setup)?;
     let config = Config::load(&env.config_path, &Overrides::default()).map_err(setup)?;
     let issuer = config.issuer.clone();
-    let keys = std::sync::Arc::new(auth_server::server::load_file_keys(&config.keys).map_err(setup)?);
-    let store = auth_server::server::open_store(&config).await.map_err(setup)?;
+    let server = Server::builder(config).build().await.map_err(setup)?;
     let grpc = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let http = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let auth_uri = format!("https://{}", grpc.local_addr().map_err(setup)?);
-    let core = auth_server::server::build_core(config, keys, store, std::sync::Arc::new(SystemClock)).map_err(setup)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let auth_task = tokio::spawn(auth_server::server::serve(grpc, http, core, stopped(stop_rx.clone())));
+    let auth_task = tokio::spawn(server.serve(Listeners { grpc, http }, stopped(stop_rx.clone())));
 
     // 2. inventory (mTLS gRPC) and order (HTTP front).
     let inventory_env = ServiceEnv::new(&dir, "inventory", &auth_uri);

@@ -23,10 +23,10 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use auth_server::testing::TestServer;
 use criterion::{Criterion, black_box};
 use futures_util::FutureExt as _;
 use service_sdk::{AuthChannel, ClientCredentials, MtlsFiles, TokenSource};
+use testkit::TestServer;
 use tower::Service as _;
 
 fn source_for(srv: &TestServer, ttl: Duration) -> TokenSource {
@@ -151,8 +151,8 @@ fn load_run(rt: &tokio::runtime::Runtime, srv: &TestServer) {
 }
 
 fn transit_run(rt: &tokio::runtime::Runtime) {
-    use auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
-    use auth_server::testing::{OpenBao, ROOT_TOKEN};
+    use testkit::auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
+    use testkit::{OpenBao, ROOT_TOKEN};
     rt.block_on(async {
         let bao = OpenBao::start().await;
         bao.enable_transit().await;

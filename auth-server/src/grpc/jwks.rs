@@ -9,5 +9,5 @@ pub(super) fn handle(
     core: &AuthCore,
     _req: Request<pb::GetJwksRequest>,
 ) -> Result<Response<pb::GetJwksResponse>, Status> {
-    Ok(Response::new(pb::GetJwksResponse { jwks_json: core.keys.public_keys().jwks_json.clone() }))
+    Ok(Response::new(pb::GetJwksResponse { jwks_json: core.policy().keys.public_keys().jwks_json.clone() }))
 }

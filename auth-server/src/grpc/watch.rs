@@ -35,7 +35,7 @@ pub(super) async fn handle(
     let mut events = core.store.subscribe();
     let now = core.clock.now_unix();
     let snapshot = core.store.revoked_snapshot(now).await.map_err(|e| Status::from(AuthError::Store(e)))?;
-    let heartbeat = Duration::from_secs(core.config.watch.heartbeat_secs);
+    let heartbeat = Duration::from_secs(core.watch.heartbeat_secs);
     let stream = channel_stream(move |tx| async move {
         let first = pb::RevocationEvent {
             event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot {

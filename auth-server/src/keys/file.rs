@@ -245,6 +245,10 @@ impl SigningKeys for FileKeys {
     fn public_keys(&self) -> Arc<PublicKeys> {
         self.ring.load().public.clone()
     }
+
+    fn signing_kid(&self) -> Option<String> {
+        Some(self.active_kid())
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,9 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use service_sdk::{ACCESS_TOKEN_TYP, Claims, KeySet};
 
+use crate::clock::SharedClock;
+use crate::config::{KeyFile, KeySource};
+
 /// A signing-key failure. Messages never include key material.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -61,6 +64,30 @@ pub trait SigningKeys: Send + Sync + 'static {
 
     /// The current public keys (active and pre-published). Cheap to call.
     fn public_keys(&self) -> Arc<PublicKeys>;
+
+    /// The `kid` new tokens are signed with right now, when known.
+    fn signing_kid(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Opens the keys `source` names: reads the PEM files, or logs in to
+/// Transit and reads the key (with `clock` for its publish grace period).
+pub async fn open(source: &KeySource, clock: SharedClock) -> Result<Arc<dyn SigningKeys>, KeyError> {
+    Ok(match source {
+        KeySource::File { signing, publish } => Arc::new(FileKeys::open(signing, publish)?),
+        KeySource::Transit(cfg) => TransitKeys::open_with_clock(cfg.clone(), clock).await?,
+    })
+}
+
+impl FileKeys {
+    /// Reads the active key and the verify-only keys from their files.
+    pub fn open(signing: &KeyFile, publish: &[KeyFile]) -> Result<Self, KeyError> {
+        let active = LoadedKey::from_pem_file(signing.alg, &signing.path)?;
+        let publish =
+            publish.iter().map(|k| LoadedKey::from_pem_file(k.alg, &k.path)).collect::<Result<Vec<_>, _>>()?;
+        Self::new(active, publish)
+    }
 }
 
 /// The base64url JWS protected header for a key.

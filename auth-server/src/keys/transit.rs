@@ -76,7 +76,7 @@ use crate::clock::{SharedClock, SystemClock};
 /// role_id_file = "/vault/role_id"  # or role_id_env = "VAULT_ROLE_ID"
 /// secret_id_file = "/vault/secret_id"
 /// ```
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransitConfig {
     /// Vault address, `http(s)://host:port`.
@@ -129,7 +129,7 @@ impl TransitConfig {
 
 /// How [`TransitKeys`] logs in to Vault. Secrets are named by file or
 /// variable, never written in the config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
 pub enum TransitAuth {
     /// A Vault token from a file or a variable (default `VAULT_TOKEN`).
@@ -623,6 +623,10 @@ impl SigningKeys for TransitKeys {
 
     fn public_keys(&self) -> Arc<PublicKeys> {
         Arc::clone(&self.view.load().public)
+    }
+
+    fn signing_kid(&self) -> Option<String> {
+        self.signing_version().map(|(_, kid)| kid)
     }
 }
 

@@ -10,8 +10,8 @@ use auth_proto::auth::v1::{
     RevokeRequest, TokenResponse, login_request, revoke_request,
 };
 use auth_server::clock::{Clock, ManualClock, SystemClock};
-use auth_server::testing::TestServer;
 use service_sdk::{Claims, KeySet, Validator};
+use testkit::TestServer;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
 

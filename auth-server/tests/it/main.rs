@@ -2,4 +2,5 @@
 
 mod flows;
 mod redis;
+mod server;
 mod transport;

@@ -12,7 +12,7 @@ use auth_server::config::RedisConfig;
 use auth_server::store::{
     ConsumeOutcome, IssuedToken, MemoryStore, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
 };
-use auth_server::testing::RedisProcess;
+use testkit::RedisProcess;
 use tokio::sync::broadcast;
 
 /// The clock the store-level tests pass as `now` (Redis TTLs are relative
@@ -406,8 +406,8 @@ mod replicas {
         TokenResponse, WatchRevocationsRequest, login_request, revoke_request,
     };
     use auth_server::clock::{Clock, SystemClock};
-    use auth_server::testing::{RedisProcess, TestServer};
     use service_sdk::{Claims, KeySet, Validator};
+    use testkit::{RedisProcess, TestServer};
     use tonic::transport::Channel;
     use tonic::{Code, Streaming};
 

@@ -6,7 +6,7 @@
 use auth_proto::auth::v1::GetJwksRequest;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_server::dev::pki::Ca;
-use auth_server::testing::TestServer;
+use testkit::TestServer;
 use tonic::transport::{Certificate, Identity};
 
 #[tokio::test]

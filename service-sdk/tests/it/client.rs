@@ -16,12 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
-use auth_server::testing::TestServer;
 use serde_json::json;
 use service_sdk::{
     Audience, AuthChannel, Claims, ClientCredentials, Clock, ExchangeRequest, FileCredentials, KeySet, MtlsFiles,
     RequireAuthLayer, TokenError, TokenSource, Validator, Verifier,
 };
+use testkit::TestServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Channel, Identity, Server, ServerTlsConfig};
@@ -33,16 +33,16 @@ pub(crate) fn now() -> u64 {
 
 /// One manual clock read by the auth server and by the SDK.
 #[derive(Clone)]
-pub(crate) struct TestClock(pub(crate) auth_server::clock::ManualClock);
+pub(crate) struct TestClock(pub(crate) testkit::auth_server::clock::ManualClock);
 
 impl TestClock {
     pub(crate) fn at_now() -> Self {
-        Self(auth_server::clock::ManualClock::new(now()))
+        Self(testkit::auth_server::clock::ManualClock::new(now()))
     }
     pub(crate) fn advance(&self, secs: u64) {
         self.0.advance(secs);
     }
-    pub(crate) fn server(&self) -> auth_server::clock::SharedClock {
+    pub(crate) fn server(&self) -> testkit::auth_server::clock::SharedClock {
         Arc::new(self.0.clone())
     }
     pub(crate) fn sdk(&self) -> Arc<dyn Clock> {

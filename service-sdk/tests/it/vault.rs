@@ -4,14 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_server::clock::{Clock as _, ManualClock};
-use auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
-use auth_server::testing::{OpenBao, ROOT_TOKEN, TestServer};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
@@ -19,6 +15,9 @@ use service_sdk::{
     Audience, Claims, ClientCredentials, Credentials as _, SecretSource, TokenError, TokenSource, Validator, VaultAuth,
     VaultCredentials,
 };
+use testkit::auth_server::clock::{Clock as _, ManualClock};
+use testkit::auth_server::keys::{SigningKeys as _, TransitConfig, TransitKeys};
+use testkit::{OpenBao, ROOT_TOKEN, TestServer};
 
 use crate::client::{channel_to, creds, now, verify, verify_with};
 
@@ -210,46 +209,16 @@ fn claims(at: u64) -> Claims {
 
 /// An auth-server whose signing keys are the Transit key (configured with
 /// `[keys] source = "transit"`), on the dev environment in `dir`.
-struct TransitServer {
-    grpc_addr: SocketAddr,
-    issuer: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for TransitServer {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        self.task.abort();
-    }
-}
-
-async fn start_transit_server(dir: &Path, table: toml::Table) -> TransitServer {
-    use auth_server::config::{Config, Overrides};
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let env = auth_server::dev::ensure(dir).unwrap();
-    let mut config = Config::load(&env.config_path, &Overrides::default()).unwrap();
-    config.keys.source = "transit".into();
-    config.keys.transit = Some(table);
-    config.validate().unwrap();
-    let keys = auth_server::server::open_transit_keys(&config).await.unwrap();
-    let store = auth_server::server::open_store(&config).await.unwrap();
-    let issuer = config.issuer.clone();
-    let core = auth_server::server::build_core(config, keys, store, Arc::new(auth_server::clock::SystemClock)).unwrap();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        auth_server::server::serve(grpc, http, core, async move {
-            let _ = stopped.await;
+async fn start_transit_server(dir: &Path, table: toml::Table) -> TestServer {
+    TestServer::builder()
+        .dev_dir(dir)
+        .configure(move |c| {
+            c.keys.source = Some("transit".into());
+            c.keys.signing = None;
+            c.keys.transit = Some(table);
         })
+        .start()
         .await
-        .unwrap();
-    });
-    TransitServer { grpc_addr, issuer, stop: Some(stop), task }
 }
 
 #[tokio::test]
@@ -266,7 +235,7 @@ async fn transit_signed_tokens_verify_through_the_servers_jwks() {
     let source =
         TokenSource::builder(channel_to(&dev, "order", srv.grpc_addr), ClientCredentials::new(id, secret)).build();
     let token = source.token("inventory").await.unwrap();
-    let claims = verify_with(&dev, srv.grpc_addr, &srv.issuer, token.as_str(), "inventory", now()).await;
+    let claims = verify_with(&dev, srv.grpc_addr, &srv.config().issuer, token.as_str(), "inventory", now()).await;
     assert_eq!(claims.sub, "svc:order");
     assert_eq!(claims.aud, Audience::One("inventory".into()));
 

@@ -17,8 +17,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
-use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
-use auth_server::testing::TestServer;
 use aws_lc_rs::rand::SystemRandom;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -30,6 +28,8 @@ use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use service_sdk::verify::JwksError;
 use service_sdk::{BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError};
+use testkit::TestServer;
+use testkit::auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -822,11 +822,11 @@ async fn axum_route_is_protected_with_a_bearer_challenge() {
 
 #[tokio::test]
 async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
-    use auth_server::testing::RedisProcess;
     use service_sdk::verify::RedisRevocation;
+    use testkit::RedisProcess;
     let mut redis = RedisProcess::start();
     let srv = TestServer::builder().store_url(redis.url()).start().await;
-    let prefix = srv.config().redis.prefix.clone();
+    let prefix = srv.config().redis().unwrap().prefix.clone();
     let check = RedisRevocation::connect(&redis.url(), &prefix, Duration::from_millis(500)).unwrap();
     let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
         .jwks(JwksSource::grpc(srv.channel("inventory").await))

@@ -1,24 +1,17 @@
-//! Test helpers for this crate's and other crates' tests (feature
-//! `testing`): a real auth-server over mTLS on `127.0.0.1:0` with a fresh dev
-//! environment.
-
-mod bao;
-mod redis;
-
-pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
-pub use redis::{RedisProcess, RedisReply};
+//! [`TestServer`]: a real auth-server over mTLS on `127.0.0.1:0` with a
+//! fresh dev environment, built with [`Server::builder`] like the binary.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use auth_server::clock::SharedClock;
+use auth_server::config::{Config, KeySource, Overrides, RawConfig};
+use auth_server::core::AuthCore;
+use auth_server::keys::FileKeys;
+use auth_server::server::{Listeners, ReloadError, Reloaded, Reloader, Server};
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, Overrides};
-use crate::core::AuthCore;
-use crate::keys::FileKeys;
 
 /// A running auth-server. Dropping it stops the server.
 pub struct TestServer {
@@ -28,15 +21,17 @@ pub struct TestServer {
     pub http_addr: SocketAddr,
     /// The dev directory (certificates, credentials, config).
     pub dir: PathBuf,
+    config: Config,
     core: Arc<AuthCore>,
-    keys: Arc<FileKeys>,
+    keys: Option<Arc<FileKeys>>,
+    reloader: Reloader,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
-/// A configuration tweak applied before start.
-type ConfigureFn = Box<dyn FnOnce(&mut Config) + Send>;
+/// A tweak of the raw configuration, applied before validation.
+type ConfigureFn = Box<dyn FnOnce(&mut RawConfig) + Send>;
 
 /// Options for [`TestServer`].
 #[derive(Default)]
@@ -45,6 +40,7 @@ pub struct TestServerBuilder {
     clock: Option<SharedClock>,
     dir: Option<PathBuf>,
     configure: Option<ConfigureFn>,
+    keys_from_config: bool,
 }
 
 impl TestServerBuilder {
@@ -67,9 +63,19 @@ impl TestServerBuilder {
         self
     }
 
-    /// Adjust the configuration before start.
-    pub fn configure(mut self, f: impl FnOnce(&mut Config) + Send + 'static) -> Self {
+    /// Adjust the configuration (as read from the dev config file) before
+    /// it is validated.
+    pub fn configure(mut self, f: impl FnOnce(&mut RawConfig) + Send + 'static) -> Self {
         self.configure = Some(Box::new(f));
+        self
+    }
+
+    /// Let the server open its signing keys from the configuration (and a
+    /// reload re-open them), as the binary does. By default the test holds
+    /// the file keys ([`TestServer::keys`]) and rotates them itself. A
+    /// Transit key source always opens from the configuration.
+    pub fn keys_from_config(mut self) -> Self {
+        self.keys_from_config = true;
         self
     }
 
@@ -84,35 +90,59 @@ impl TestServerBuilder {
                 (Some(t), d)
             }
         };
-        let env = crate::dev::ensure(&dir).expect("dev environment");
-        let mut config = Config::load(&env.config_path, &Overrides::default()).expect("dev config");
-        if let Some(url) = self.store_url {
-            config.store = url;
-            config.validate().expect("store url");
+        let env = auth_server::dev::ensure(&dir).expect("dev environment");
+        let (store_url, configure) = (self.store_url, self.configure);
+        let config = Config::load_with(&env.config_path, &Overrides::default(), |raw| {
+            if let Some(url) = store_url {
+                raw.store = url;
+            }
+            if let Some(f) = configure {
+                f(raw);
+            }
+        })
+        .unwrap_or_else(|e| panic!("test server configuration: {e}"));
+        let keys = match &config.keys {
+            KeySource::File { signing, publish } if !self.keys_from_config => {
+                Some(Arc::new(FileKeys::open(signing, publish).expect("keys")))
+            }
+            _ => None,
+        };
+        let mut builder = Server::builder(config);
+        if let Some(k) = &keys {
+            builder = builder.keys(k.clone());
         }
-        if let Some(f) = self.configure {
-            f(&mut config);
-            config.validate().expect("configuration");
+        if let Some(clock) = self.clock {
+            builder = builder.clock(clock);
         }
+        let server = builder.build().await.unwrap_or_else(|e| panic!("test server: {e}"));
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");
         let http = TcpListener::bind("127.0.0.1:0").await.expect("bind HTTP");
         let grpc_addr = grpc.local_addr().expect("addr");
         let http_addr = http.local_addr().expect("addr");
-        let keys = Arc::new(crate::server::load_file_keys(&config.keys).expect("keys"));
-        let store = crate::server::open_store(&config).await.expect("store");
-        let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let core = crate::server::build_core(config, keys.clone(), store, clock).expect("core");
+        let config = server.config().clone();
+        let core = Arc::clone(server.core());
+        let reloader = server.reloader();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let serve_core = Arc::clone(&core);
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            if let Err(e) = crate::server::serve(grpc, http, serve_core, shutdown).await {
+            if let Err(e) = server.serve(Listeners { grpc, http }, shutdown).await {
                 panic!("test server failed: {e}");
             }
         });
-        TestServer { grpc_addr, http_addr, dir, core, keys, stop: Some(stop), task: Some(task), _tmp: tmp }
+        TestServer {
+            grpc_addr,
+            http_addr,
+            dir,
+            config,
+            core,
+            keys,
+            reloader,
+            stop: Some(stop),
+            task: Some(task),
+            _tmp: tmp,
+        }
     }
 }
 
@@ -178,19 +208,31 @@ impl TestServer {
         Channel::from_shared(format!("https://{}", self.grpc_addr)).expect("uri").tls_config(tls)?.connect().await
     }
 
-    /// The running configuration.
+    /// The configuration the server started with.
     pub fn config(&self) -> &Config {
-        &self.core.config
+        &self.config
     }
 
-    /// The flow core (store, keys, clock).
+    /// The dev config file the server was started from.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("auth-server.toml")
+    }
+
+    /// The flow core (policy, store, clock).
     pub fn core(&self) -> &Arc<AuthCore> {
         &self.core
     }
 
-    /// The file key set, to rotate keys at run time.
+    /// The file key set the test holds, to rotate keys at run time. Panics
+    /// when the server opened its keys from the configuration
+    /// ([`TestServerBuilder::keys_from_config`]).
     pub fn keys(&self) -> &Arc<FileKeys> {
-        &self.keys
+        self.keys.as_ref().expect("keys opened from the configuration: rotate them with reload()")
+    }
+
+    /// Re-reads the config file and swaps the policy, as SIGHUP does.
+    pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        self.reloader.reload().await
     }
 
     /// Stops the server and waits for it to drain.

@@ -13,7 +13,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// A `redis-server` child process. Killed on drop.
 ///
 /// ```no_run
-/// use auth_server::testing::RedisProcess;
+/// use testkit::RedisProcess;
 /// let redis = RedisProcess::start();
 /// let url = redis.url(); // redis://127.0.0.1:<port>
 /// ```

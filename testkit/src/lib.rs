@@ -1,0 +1,33 @@
+//! `testkit`: test support for the workspace's crates, kept out of the
+//! production libraries (a dev-dependency only).
+//!
+//! - [`TestServer`]: a real auth-server over mTLS on `127.0.0.1:0` with a
+//!   fresh dev environment, built with `auth_server::server::Server::builder`
+//!   like the binary;
+//! - [`RedisProcess`]: a real `redis-server` on a free port that a test can
+//!   kill and restart;
+//! - [`OpenBao`]: a real `bao server -dev` (Vault API).
+//!
+//! It re-exports [`auth_server`], so other crates' tests reach the server's
+//! types (keys, clock, config) through this one dev-dependency.
+//!
+//! ```no_run
+//! # async fn run() {
+//! let srv = testkit::TestServer::start().await;
+//! let channel = srv.channel("order").await; // mTLS as dev client `order`
+//! # drop(channel);
+//! # }
+//! ```
+//!
+//! Helpers panic with a clear message on failure: they run in tests only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod bao;
+mod redis;
+mod server;
+
+pub use auth_server;
+pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
+pub use redis::{RedisProcess, RedisReply};
+pub use server::{TestServer, TestServerBuilder};
