@@ -6,7 +6,10 @@
 //!   binding, pushed revocations, a verified-token cache), with keys from
 //!   `GetJwks` over mTLS or an HTTP(S) JWKS URL. [`RequireAuthLayer`] puts it
 //!   in front of a tonic server or an axum router and hands handlers typed
-//!   [`Claims`] and the raw [`BearerToken`] in request extensions.
+//!   [`Claims`] and the raw [`BearerToken`] in request extensions. The layer
+//!   takes any [`AuthorizeRequest`] (the verifier is the default one), and
+//!   the verifier reports every outcome to one [`VerifyObserver`], where
+//!   metrics attach.
 //!
 //! ```no_run
 //! # async fn demo(auth_channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
@@ -81,6 +84,7 @@ pub use client::{
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use verify::{
-    BearerToken, FeedOptions, JwksOptions, JwksSource, KeySet, PeerCertificate, RequireAuth, RequireAuthLayer,
-    RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyKey, parse_bearer,
+    AuthorizeRequest, BearerToken, FeedOptions, JwksOptions, JwksSource, KeySet, PeerCertificate, RequireAuth,
+    RequireAuthLayer, RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyEvent, VerifyKey,
+    VerifyObserver, parse_bearer,
 };

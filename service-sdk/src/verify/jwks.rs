@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use super::keys::KeySet;
+use super::observe::{JwksTrigger, VerifyEvent, VerifyObserver};
 use crate::backoff::Backoff;
 
 /// The largest JWK Set document accepted over HTTP.
@@ -52,6 +53,21 @@ pub enum JwksError {
     /// The document is not a JWK Set, or holds no usable key.
     #[error("JWK set unusable")]
     Unusable,
+}
+
+impl JwksError {
+    /// A short stable label, for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            JwksError::InvalidUrl => "invalid_url",
+            JwksError::BadCa(_) => "bad_ca",
+            JwksError::Transport(_) => "transport",
+            JwksError::HttpStatus(_) => "http_status",
+            JwksError::Grpc(_) => "grpc",
+            JwksError::Timeout => "timeout",
+            JwksError::Unusable => "unusable",
+        }
+    }
 }
 
 /// Where the verifier fetches its keys.
@@ -254,13 +270,15 @@ pub(crate) struct JwksCache {
     /// single-flight.
     last_refetch: Mutex<Option<Instant>>,
     loaded: watch::Sender<bool>,
+    observer: Arc<dyn VerifyObserver>,
     /// Dropped with the cache, which stops the background task.
     _stop: watch::Sender<()>,
 }
 
 impl JwksCache {
     /// Creates the cache and spawns its loader on the current tokio runtime.
-    pub(crate) fn start(source: JwksSource, opts: JwksOptions) -> Arc<Self> {
+    /// Fetches are reported to `observer`.
+    pub(crate) fn start(source: JwksSource, opts: JwksOptions, observer: Arc<dyn VerifyObserver>) -> Arc<Self> {
         let (stop, stopped) = watch::channel(());
         let (loaded, _) = watch::channel(false);
         let cache = Arc::new(Self {
@@ -269,6 +287,7 @@ impl JwksCache {
             keys: ArcSwapOption::empty(),
             last_refetch: Mutex::new(None),
             loaded,
+            observer,
             _stop: stop,
         });
         tokio::spawn(refresh_loop(Arc::downgrade(&cache), stopped));
@@ -280,9 +299,16 @@ impl JwksCache {
         self.keys.load_full()
     }
 
-    fn store(&self, keys: KeySet) {
+    /// Puts fetched keys in use.
+    fn store(&self, keys: KeySet, trigger: JwksTrigger) {
+        self.observer.on_event(&VerifyEvent::JwksRefreshed { keys: keys.len(), trigger });
         self.keys.store(Some(Arc::new(keys)));
         self.loaded.send_replace(true);
+    }
+
+    /// Reports a failed fetch (the last good keys stay in use).
+    fn failed(&self, error: &JwksError, trigger: JwksTrigger) {
+        self.observer.on_event(&VerifyEvent::JwksRefreshFailed { error, trigger });
     }
 
     /// Waits until keys are known.
@@ -314,11 +340,12 @@ impl JwksCache {
             Ok(keys) => {
                 let known = keys.get(kid).is_some();
                 tracing::info!(keys = keys.len(), "JWKS refetched for an unknown kid");
-                self.store(keys);
+                self.store(keys, JwksTrigger::UnknownKid);
                 known
             }
             Err(e) => {
                 tracing::warn!(error = %e, "JWKS refetch failed; keeping the last good keys");
+                self.failed(&e, JwksTrigger::UnknownKid);
                 false
             }
         }
@@ -333,6 +360,7 @@ async fn refresh_loop(cache: std::sync::Weak<JwksCache>, mut stopped: watch::Rec
     loop {
         let delay = {
             let Some(cache) = cache.upgrade() else { return };
+            let trigger = if cache.current().is_some() { JwksTrigger::Scheduled } else { JwksTrigger::Initial };
             let result = tokio::select! {
                 r = cache.fetch_once() => r,
                 _ = stopped.changed() => return,
@@ -340,11 +368,12 @@ async fn refresh_loop(cache: std::sync::Weak<JwksCache>, mut stopped: watch::Rec
             match result {
                 Ok(keys) => {
                     tracing::debug!(keys = keys.len(), "JWKS loaded");
-                    cache.store(keys);
+                    cache.store(keys, trigger);
                     backoff.reset();
                     cache.opts.refresh_interval
                 }
                 Err(e) => {
+                    cache.failed(&e, trigger);
                     let next = backoff.next_delay();
                     if cache.current().is_some() {
                         tracing::warn!(error = %e, "JWKS refresh failed; keeping the last good keys");
@@ -390,6 +419,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
+    use crate::verify::observe::Recorder;
     use crate::verify::test_keys::TestKey;
 
     fn scripted(answer: Result<String, JwksError>) -> Arc<Scripted> {
@@ -398,6 +428,12 @@ mod tests {
 
     fn set_answer(s: &Scripted, answer: Result<String, JwksError>) {
         *s.answer.lock().unwrap() = answer;
+    }
+
+    /// A cache on the scripted source, reporting to a recorder.
+    fn start(s: &Arc<Scripted>, opts: JwksOptions) -> (Arc<JwksCache>, Arc<Recorder>) {
+        let events = Arc::new(Recorder::default());
+        (JwksCache::start(JwksSource::scripted(s.clone()), opts, events.clone()), events)
     }
 
     #[test]
@@ -413,7 +449,7 @@ mod tests {
     async fn load_retries_with_backoff_until_keys_arrive() {
         let key = TestKey::es256();
         let s = scripted(Err(JwksError::Transport("refused".into())));
-        let cache = JwksCache::start(JwksSource::scripted(s.clone()), JwksOptions::default());
+        let cache = start(&s, JwksOptions::default()).0;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(cache.current().is_none());
         let failed = s.fetches.load(Ordering::SeqCst);
@@ -428,7 +464,7 @@ mod tests {
         let key = TestKey::es256();
         let s = scripted(Ok(key.jwks_json()));
         let opts = JwksOptions { refresh_interval: Duration::from_secs(10), ..JwksOptions::default() };
-        let cache = JwksCache::start(JwksSource::scripted(s.clone()), opts);
+        let cache = start(&s, opts).0;
         cache.wait_loaded().await;
         set_answer(&s, Err(JwksError::HttpStatus(503)));
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -444,7 +480,7 @@ mod tests {
         let old = TestKey::es256();
         let new = TestKey::es256();
         let s = scripted(Ok(old.jwks_json()));
-        let cache = JwksCache::start(JwksSource::scripted(s.clone()), JwksOptions::default());
+        let cache = start(&s, JwksOptions::default()).0;
         cache.wait_loaded().await;
         let base = s.fetches.load(Ordering::SeqCst);
         for i in 0..50 {
@@ -458,5 +494,36 @@ mod tests {
         assert_eq!(s.fetches.load(Ordering::SeqCst), base + 2);
         assert!(cache.refetch_for(&new.kid).await, "known now, no fetch needed");
         assert_eq!(s.fetches.load(Ordering::SeqCst), base + 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_fetch_is_reported_with_its_trigger() {
+        let (old, new) = (TestKey::es256(), TestKey::es256());
+        let s = scripted(Err(JwksError::Timeout));
+        let opts = JwksOptions { refresh_interval: Duration::from_secs(10), ..JwksOptions::default() };
+        let (cache, events) = start(&s, opts);
+        // Fetches at 0 and 100 ms fail; the one at 300 ms succeeds.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        set_answer(&s, Ok(old.jwks_json()));
+        cache.wait_loaded().await;
+        assert_eq!(
+            events.take(),
+            [
+                "JwksRefreshFailed { error: Timeout, trigger: Initial }",
+                "JwksRefreshFailed { error: Timeout, trigger: Initial }",
+                "JwksRefreshed { keys: 1, trigger: Initial }",
+            ]
+        );
+        // The scheduled refresh at 10.3 s fails; its retry is due at 10.4 s.
+        set_answer(&s, Err(JwksError::HttpStatus(503)));
+        tokio::time::sleep(Duration::from_millis(10_050)).await;
+        assert_eq!(events.take(), ["JwksRefreshFailed { error: HttpStatus(503), trigger: Scheduled }"]);
+        set_answer(&s, Ok(json_of(&[&old, &new])));
+        assert!(cache.refetch_for(&new.kid).await);
+        assert_eq!(events.take(), ["JwksRefreshed { keys: 2, trigger: UnknownKid }"]);
+    }
+
+    fn json_of(keys: &[&TestKey]) -> String {
+        serde_json::json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() }).to_string()
     }
 }

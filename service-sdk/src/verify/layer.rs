@@ -1,58 +1,29 @@
-//! [`RequireAuthLayer`] and [`RequireAuth`]: the tower middleware that
-//! verifies `authorization: Bearer …` on every `http::Request`, so the same
-//! layer sits in a tonic server and in an axum router.
+//! [`RequireAuthLayer`] and [`RequireAuth`]: the tower middleware that asks
+//! an [`AuthorizeRequest`] about every `http::Request` before it reaches the
+//! service, so the same layer sits in a tonic server and in an axum router.
+//! The decision is the authorizer's; the layer only routes it, the way
+//! tower-http's `AsyncRequireAuthorization` does.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use futures_util::future::{BoxFuture, Either, Ready, ready};
-use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use rustls_pki_types::CertificateDer;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use http::header::AUTHORIZATION;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::VerifyError;
-use super::bearer::parse_bearer;
-use super::verifier::{Step, Verifier};
-use crate::claims::Claims;
+use super::authorize::AuthorizeRequest;
+use super::verifier::Verifier;
 
-/// The raw access token of a verified request, in request extensions next
-/// to its [`Claims`], for on-behalf-of calls (`ExchangeToken`'s
-/// `subject_token`). Its `Debug` output is redacted.
-#[derive(Clone, PartialEq, Eq)]
-pub struct BearerToken(String);
-
-impl BearerToken {
-    /// The compact JWS.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("BearerToken(..)")
-    }
-}
-
-/// The caller's mTLS leaf certificate, for servers other than tonic: a TLS
-/// acceptor in front of an axum or hyper service inserts it into request
-/// extensions so certificate-bound tokens can be checked. (tonic servers
-/// need nothing: the layer reads tonic's own TLS connection info.)
-#[derive(Clone, Debug)]
-pub struct PeerCertificate(pub CertificateDer<'static>);
-
-/// Tower layer that refuses requests without a valid access token.
-///
-/// On success the request carries [`Claims`] and [`BearerToken`] in its
-/// extensions. On failure a gRPC request (content type `application/grpc…`)
-/// gets a trailers-only response with `UNAUTHENTICATED` (or `UNAVAILABLE`
-/// when no keys are known or the revocation feed is stale); any other
-/// request gets HTTP 401 with `WWW-Authenticate: Bearer
-/// error="invalid_token"` (or 503). The reason is logged at debug level,
-/// never with token content, and counted in [`Verifier::stats`]. The
-/// `authorization` header is marked sensitive.
+/// Tower layer that lets a request through only when its authorizer
+/// admits it; by default the authorizer is a [`Verifier`], which refuses
+/// requests without a valid access token and hands handlers typed
+/// [`Claims`](crate::Claims) and the raw [`BearerToken`](super::BearerToken)
+/// (the [`Verifier`]'s `AuthorizeRequest` implementation describes its
+/// refusals: gRPC statuses for gRPC requests, 401 or 503 otherwise).
+/// Whatever the authorizer, the `authorization` header is marked sensitive.
 ///
 /// ```no_run
 /// # async fn demo(verifier: service_sdk::Verifier) {
@@ -63,20 +34,25 @@ pub struct PeerCertificate(pub CertificateDer<'static>);
 /// # let _ = layer;
 /// # }
 /// ```
+///
+/// Any [`AuthorizeRequest`] plugs in the same way, for example one that
+/// verifies with the [`Verifier`] and then checks a permission:
+/// `RequireAuthLayer::new(my_authorizer)`.
 #[derive(Clone, Debug)]
-pub struct RequireAuthLayer {
-    verifier: Verifier,
+pub struct RequireAuthLayer<A = Verifier> {
+    authorizer: A,
     public: Arc<[String]>,
 }
 
-impl RequireAuthLayer {
-    /// A layer verifying with `verifier`.
-    pub fn new(verifier: Verifier) -> Self {
-        Self { verifier, public: Arc::from(Vec::new()) }
+impl<A> RequireAuthLayer<A> {
+    /// A layer asking `authorizer` (a [`Verifier`], or any
+    /// [`AuthorizeRequest`]).
+    pub fn new(authorizer: A) -> Self {
+        Self { authorizer, public: Arc::from(Vec::new()) }
     }
 
-    /// Lets requests whose path starts with `prefix` through without a
-    /// token (health checks, reflection).
+    /// Lets requests whose path starts with `prefix` through without asking
+    /// the authorizer (health checks, reflection).
     pub fn allow_unauthenticated(mut self, prefix: impl Into<String>) -> Self {
         let mut v = self.public.to_vec();
         v.push(prefix.into());
@@ -85,38 +61,30 @@ impl RequireAuthLayer {
     }
 }
 
-impl<S> Layer<S> for RequireAuthLayer {
-    type Service = RequireAuth<S>;
+impl<S, A: Clone> Layer<S> for RequireAuthLayer<A> {
+    type Service = RequireAuth<S, A>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireAuth { inner, verifier: self.verifier.clone(), public: Arc::clone(&self.public) }
+        RequireAuth { inner, authorizer: self.authorizer.clone(), public: Arc::clone(&self.public) }
     }
 }
 
 /// The service of [`RequireAuthLayer`].
 #[derive(Clone, Debug)]
-pub struct RequireAuth<S> {
+pub struct RequireAuth<S, A = Verifier> {
     inner: S,
-    verifier: Verifier,
+    authorizer: A,
     public: Arc<[String]>,
 }
 
-/// The future of [`RequireAuth`]: the inner service's future when the token
-/// was decided synchronously (the usual case), a ready refusal, or a boxed
-/// future when a key refetch or a revocation lookup needs I/O.
-pub type ResponseFuture<F, B, E> =
-    Either<F, Either<Ready<Result<Response<B>, E>>, BoxFuture<'static, Result<Response<B>, E>>>>;
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireAuth<S>
+impl<S, A, ReqBody, ResBody> Service<Request<ReqBody>> for RequireAuth<S, A>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    A: AuthorizeRequest<ReqBody, ResBody>,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<A::Future, S, ReqBody>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -130,252 +98,334 @@ where
         }
         let path = req.uri().path();
         if self.public.iter().any(|p| path.starts_with(p.as_str())) {
-            return Either::Left(self.inner.call(req));
+            return ResponseFuture { state: State::Inner { future: self.inner.call(req) } };
         }
-        let grpc = is_grpc(req.headers());
-        let (step, token, peer) = {
-            let token = match parse_bearer(req.headers()) {
-                Ok(t) => t,
-                Err(e) => {
-                    self.verifier.record(&Err::<(), _>(e.clone()));
-                    return refuse_now(e, grpc);
-                }
+        let authorize = self.authorizer.authorize(req);
+        // The service that was polled ready goes with the future; this one
+        // keeps a fresh clone (tower's usual hand-over).
+        let clone = self.inner.clone();
+        let service = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture { state: State::Authorize { authorize, service } }
+    }
+}
+
+pin_project! {
+    /// The future of [`RequireAuth`]: the authorizer's decision, then the
+    /// inner service's response (or the refusal). With the [`Verifier`] both
+    /// steps usually complete on the first poll.
+    pub struct ResponseFuture<F, S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<F, S, B>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        Authorize { #[pin] authorize: F, service: S },
+        Inner { #[pin] future: S::Future },
+    }
+}
+
+impl<F, S, B, R> Future for ResponseFuture<F, S, B>
+where
+    F: Future<Output = Result<Request<B>, Response<R>>>,
+    S: Service<Request<B>, Response = Response<R>>,
+{
+    type Output = Result<Response<R>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.project().state;
+        loop {
+            let future = match state.as_mut().project() {
+                StateProj::Authorize { authorize, service } => match ready!(authorize.poll(cx)) {
+                    Ok(request) => service.call(request),
+                    Err(refusal) => return Poll::Ready(Ok(refusal)),
+                },
+                StateProj::Inner { future } => return future.poll(cx),
             };
-            let tonic_certs =
-                req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>().and_then(TlsConnectInfo::peer_certs);
-            let peer: Option<&[u8]> = match &tonic_certs {
-                Some(certs) => certs.first().map(|c| c.as_ref()),
-                None => req.extensions().get::<PeerCertificate>().map(|p| p.0.as_ref()),
-            };
-            let step = self.verifier.step(token, peer, true);
-            let peer = match step {
-                Step::Done(_) => None,
-                _ => peer.map(<[u8]>::to_vec),
-            };
-            (step, token.to_owned(), peer)
-        };
-        match step {
-            Step::Done(Ok(claims)) => {
-                self.verifier.record(&Ok::<(), VerifyError>(()));
-                let ext = req.extensions_mut();
-                ext.insert(claims);
-                ext.insert(BearerToken(token));
-                Either::Left(self.inner.call(req))
-            }
-            Step::Done(Err(e)) => {
-                self.verifier.record(&Err::<(), _>(e.clone()));
-                refuse_now(e, grpc)
-            }
-            step => {
-                let verifier = self.verifier.clone();
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                Either::Right(Either::Right(Box::pin(async move {
-                    match verifier.resolve(&token, peer.as_deref(), step).await {
-                        Ok(claims) => {
-                            let ext = req.extensions_mut();
-                            ext.insert(claims);
-                            ext.insert(BearerToken(token));
-                            inner.call(req).await
-                        }
-                        Err(e) => Ok(refusal(&e, grpc)),
-                    }
-                })))
-            }
+            state.set(State::Inner { future });
         }
-    }
-}
-
-fn refuse_now<F, B: Default, E>(e: VerifyError, grpc: bool) -> ResponseFuture<F, B, E> {
-    Either::Right(Either::Left(ready(Ok(refusal(&e, grpc)))))
-}
-
-/// Whether the request is gRPC (any `application/grpc…` content type).
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// The response for a refused request.
-fn refusal<B: Default>(e: &VerifyError, grpc: bool) -> Response<B> {
-    tracing::debug!(reason = e.reason(), grpc, "request refused");
-    if grpc {
-        return tonic::Status::from(e.clone()).into_http();
-    }
-    let mut resp = Response::new(B::default());
-    if e.is_unavailable() {
-        *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        resp.headers_mut().insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    } else {
-        *resp.status_mut() = StatusCode::UNAUTHORIZED;
-        // RFC 6750 section 3.1: no error code when no credential was sent.
-        let challenge = if *e == VerifyError::Missing { "Bearer" } else { "Bearer error=\"invalid_token\"" };
-        resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-    }
-    resp
-}
-
-impl Claims {
-    /// `Ok` when the token grants `perm`, else `PermissionDenied`.
-    pub fn require_perm(&self, perm: &str) -> Result<(), tonic::Status> {
-        if self.has_perm(perm) {
-            Ok(())
-        } else {
-            Err(tonic::Status::permission_denied(format!("missing permission {perm}")))
-        }
-    }
-
-    /// The claims [`RequireAuthLayer`] put on a tonic request;
-    /// `Unauthenticated` when there are none (the layer is not installed).
-    pub fn from_request<T>(req: &tonic::Request<T>) -> Result<&Claims, tonic::Status> {
-        req.extensions().get::<Claims>().ok_or_else(|| tonic::Status::unauthenticated("not authenticated"))
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+
+    use futures_util::FutureExt as _;
+    use futures_util::future::BoxFuture;
+    use http::header::{CONTENT_TYPE, WWW_AUTHENTICATE};
+    use http::{HeaderValue, StatusCode};
+    use rustls_pki_types::CertificateDer;
+    use serde_json::json;
+    use tower::ServiceExt as _;
+
     use super::*;
+    use crate::ManualClock;
+    use crate::claims::Claims;
+    use crate::verify::observe::Recorder;
+    use crate::verify::test_keys::{TestKey, claims};
+    use crate::verify::{FeedOptions, JwksSource, PeerCertificate, RevocationFeed};
 
-    #[test]
-    fn http_refusals_carry_the_bearer_challenge() {
-        let r: Response<String> = refusal(&VerifyError::Expired, false);
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
-        assert_eq!(r.headers()[WWW_AUTHENTICATE], "Bearer error=\"invalid_token\"");
-        let r: Response<String> = refusal(&VerifyError::FeedStale, false);
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    const NOW: u64 = 1_700_000_000;
+
+    async fn verifier(key: &TestKey) -> Verifier {
+        observed_verifier(key, Arc::new(Recorder::default())).await
     }
 
-    #[test]
-    fn grpc_refusals_are_trailers_only_statuses() {
-        let r: Response<String> = refusal(&VerifyError::BadSignature, true);
-        assert_eq!(r.status(), StatusCode::OK);
-        assert_eq!(r.headers()["grpc-status"], "16");
-        let r: Response<String> = refusal(&VerifyError::NoKeys, true);
-        assert_eq!(r.headers()["grpc-status"], "14");
+    /// A verifier on `key` with a fresh feed, reporting to `events`.
+    async fn observed_verifier(key: &TestKey, events: Arc<Recorder>) -> Verifier {
+        let clock = ManualClock::new(NOW);
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+        feed.apply(auth_proto::auth::v1::RevocationEvent {
+            event: Some(auth_proto::auth::v1::revocation_event::Event::Snapshot(Default::default())),
+        });
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::fixed(key.key_set()))
+            .revocation(feed)
+            .clock(clock)
+            .observer(events)
+            .build()
+            .unwrap();
+        v.ready().await;
+        v
     }
 
-    #[test]
-    fn require_perm_denies_missing_permissions() {
-        let claims: Claims = serde_json::from_value(serde_json::json!({
-            "iss": "i", "sub": "alice", "aud": "inventory", "exp": 2, "nbf": 0, "iat": 0,
-            "jti": "j", "client_id": "c", "perms": ["inventory:read"],
-        }))
-        .unwrap();
-        assert!(claims.require_perm("inventory:read").is_ok());
-        assert_eq!(claims.require_perm("inventory:reserve").unwrap_err().code(), tonic::Code::PermissionDenied);
+    /// Echoes the subject and whether `authorization` was marked sensitive.
+    fn echo() -> impl Service<
+        Request<String>,
+        Response = Response<String>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<String>, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|req: Request<String>| async move {
+            let sub = req.extensions().get::<Claims>().map(|c| c.sub.clone()).unwrap_or_default();
+            let sensitive = req.headers().get(AUTHORIZATION).is_some_and(HeaderValue::is_sensitive);
+            Ok::<_, Infallible>(Response::new(format!("{sub} sensitive={sensitive}")))
+        })
     }
 
-    mod service {
-        use std::convert::Infallible;
-        use std::sync::Arc;
-
-        use futures_util::FutureExt as _;
-        use serde_json::json;
-        use tower::ServiceExt as _;
-
-        use super::*;
-        use crate::ManualClock;
-        use crate::verify::test_keys::{TestKey, claims};
-        use crate::verify::{FeedOptions, JwksSource, RevocationFeed};
-
-        const NOW: u64 = 1_700_000_000;
-
-        async fn verifier(key: &TestKey) -> Verifier {
-            let clock = ManualClock::new(NOW);
-            let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
-            feed.apply(auth_proto::auth::v1::RevocationEvent {
-                event: Some(auth_proto::auth::v1::revocation_event::Event::Snapshot(Default::default())),
-            });
-            let v = Verifier::builder("auth-service", "inventory")
-                .jwks(JwksSource::fixed(key.key_set()))
-                .revocation(feed)
-                .clock(clock)
-                .build()
-                .unwrap();
-            v.ready().await;
-            v
+    fn request(path: &str, token: Option<&str>, peer: Option<&[u8]>) -> Request<String> {
+        let mut req = Request::builder().uri(path);
+        if let Some(t) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
         }
+        let mut req = req.body(String::new()).unwrap();
+        if let Some(der) = peer {
+            req.extensions_mut().insert(PeerCertificate(CertificateDer::from(der.to_vec())));
+        }
+        req
+    }
 
-        /// Echoes the subject and whether `authorization` was marked sensitive.
-        fn echo() -> impl Service<
-            Request<String>,
-            Response = Response<String>,
-            Error = Infallible,
-            Future = impl std::future::Future<Output = Result<Response<String>, Infallible>> + Send + 'static,
-        > + Clone
-        + Send
-        + 'static {
-            tower::service_fn(|req: Request<String>| async move {
-                let sub = req.extensions().get::<Claims>().map(|c| c.sub.clone()).unwrap_or_default();
-                let sensitive = req.headers().get(AUTHORIZATION).is_some_and(HeaderValue::is_sensitive);
-                Ok::<_, Infallible>(Response::new(format!("{sub} sensitive={sensitive}")))
+    #[tokio::test]
+    async fn verified_request_reaches_the_service_with_claims_and_a_sensitive_header() {
+        let key = TestKey::es256();
+        let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+        let token = key.sign(&claims(NOW, "j"));
+        let resp = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.body(), "alice sensitive=true");
+    }
+
+    #[tokio::test]
+    async fn peer_certificate_extension_serves_certificate_bound_tokens() {
+        let key = TestKey::es256();
+        let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+        let der = b"the caller's certificate".as_slice();
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+        let mut c = claims(NOW, "j");
+        c["cnf"] = json!({ "x5t#S256": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, digest.as_ref()) });
+        let token = key.sign(&c);
+        let ok = svc.clone().oneshot(request("/x", Some(&token), Some(der))).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let other = svc.clone().oneshot(request("/x", Some(&token), Some(b"another"))).await.unwrap();
+        assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
+        let none = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
+        assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn unauthenticated_prefixes_pass_without_a_token_and_nothing_else_does() {
+        let key = TestKey::es256();
+        let svc = RequireAuthLayer::new(verifier(&key).await).allow_unauthenticated("/health").layer(echo());
+        let open = svc.clone().oneshot(request("/healthz", None, None)).await.unwrap();
+        assert_eq!((open.status(), open.body().as_str()), (StatusCode::OK, " sensitive=false"));
+        let closed = svc.oneshot(request("/x", None, None)).await.unwrap();
+        assert_eq!(closed.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(closed.headers()[WWW_AUTHENTICATE], "Bearer");
+    }
+
+    #[tokio::test]
+    async fn requests_with_known_keys_complete_on_the_first_poll() {
+        let key = TestKey::es256();
+        let mut svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
+        let token = key.sign(&claims(NOW, "j"));
+        for _ in 0..2 {
+            let resp = svc.call(request("/x", Some(&token), None)).now_or_never().unwrap().unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn each_checked_request_is_reported_once_with_its_outcome() {
+        let key = TestKey::es256();
+        let events = Arc::new(Recorder::default());
+        let v = observed_verifier(&key, events.clone()).await;
+        assert_eq!(events.take(), ["JwksRefreshed { keys: 1, trigger: Initial }"]);
+        let svc = RequireAuthLayer::new(v.clone()).allow_unauthenticated("/health").layer(echo());
+        let token = key.sign(&claims(NOW, "j"));
+        let mut expired = claims(NOW, "j2");
+        expired["exp"] = json!(NOW - 3_600);
+        for (req, status) in [
+            (request("/x", None, None), StatusCode::UNAUTHORIZED),
+            (request("/x", Some(&token), None), StatusCode::OK),
+            (request("/x", Some(&token), None), StatusCode::OK),
+            (request("/x", Some(&key.sign(&expired)), None), StatusCode::UNAUTHORIZED),
+            (request("/x", Some("a.b.c"), None), StatusCode::UNAUTHORIZED),
+            (request("/healthz", None, None), StatusCode::OK),
+        ] {
+            assert_eq!(svc.clone().oneshot(req).await.unwrap().status(), status);
+        }
+        assert_eq!(
+            events.take(),
+            [
+                "Verified { result: Err(Missing), cache: Bypassed }",
+                "Verified { result: Ok(()), cache: Miss }",
+                "Verified { result: Ok(()), cache: Hit }",
+                "Verified { result: Err(Expired), cache: Miss }",
+                "Verified { result: Err(Malformed), cache: Miss }",
+            ],
+            "one event per checked request; none for the open path"
+        );
+        let stats = v.stats();
+        assert_eq!((stats.accepted, stats.cache_hits, stats.cache_misses), (2, 1, 3));
+        assert_eq!((stats.rejected("missing"), stats.rejected("expired"), stats.rejected("malformed")), (1, 1, 1));
+    }
+
+    /// A custom authorizer: the verifier's decision, then a permission.
+    /// Refuses with `PermissionDenied` (gRPC) or 403 (HTTP).
+    #[derive(Clone)]
+    struct RequirePerm {
+        verifier: Verifier,
+        perm: &'static str,
+    }
+
+    impl<B: Send + 'static, R: Default + Send + 'static> AuthorizeRequest<B, R> for RequirePerm {
+        type Future = BoxFuture<'static, Result<Request<B>, Response<R>>>;
+
+        fn authorize(&mut self, request: Request<B>) -> Self::Future {
+            let grpc =
+                request.headers().get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            let verified = AuthorizeRequest::<B, R>::authorize(&mut self.verifier, request);
+            let perm = self.perm;
+            Box::pin(async move {
+                let request = verified.await?;
+                if request.extensions().get::<Claims>().is_some_and(|c| c.has_perm(perm)) {
+                    return Ok(request);
+                }
+                if grpc {
+                    return Err(tonic::Status::permission_denied("missing permission").into_http());
+                }
+                let mut forbidden = Response::new(R::default());
+                *forbidden.status_mut() = StatusCode::FORBIDDEN;
+                Err(forbidden)
             })
         }
+    }
 
-        fn request(path: &str, token: Option<&str>, peer: Option<&[u8]>) -> Request<String> {
+    fn grpc_request(token: Option<&str>) -> Request<tonic::body::Body> {
+        let mut req = Request::builder().uri("/auth.v1.Auth/GetJwks").header(CONTENT_TYPE, "application/grpc");
+        if let Some(t) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        req.body(tonic::body::Body::default()).unwrap()
+    }
+
+    fn grpc_status(resp: &Response<tonic::body::Body>) -> Option<&str> {
+        resp.headers().get("grpc-status").map(|v| v.to_str().unwrap())
+    }
+
+    #[tokio::test]
+    async fn custom_authorizer_serves_tonic_shaped_requests() {
+        let key = TestKey::es256();
+        let v = verifier(&key).await;
+        let grpc_ok = tower::service_fn(|req: Request<tonic::body::Body>| async move {
+            let mut resp = Response::new(tonic::body::Body::default());
+            let sub = req.extensions().get::<Claims>().map(|c| c.sub.clone()).unwrap_or_default();
+            resp.headers_mut().insert("grpc-status", HeaderValue::from_static("0"));
+            resp.headers_mut().insert("x-sub", HeaderValue::from_str(&sub).unwrap());
+            Ok::<_, Infallible>(resp)
+        });
+        let reader = RequireAuthLayer::new(RequirePerm { verifier: v.clone(), perm: "inventory:read" }).layer(grpc_ok);
+        let writer = RequireAuthLayer::new(RequirePerm { verifier: v, perm: "inventory:reserve" }).layer(grpc_ok);
+        let token = key.sign(&claims(NOW, "j"));
+
+        let ok = reader.clone().oneshot(grpc_request(Some(&token))).await.unwrap();
+        assert_eq!((grpc_status(&ok), ok.headers()["x-sub"].to_str().unwrap()), (Some("0"), "alice"));
+        let denied = writer.oneshot(grpc_request(Some(&token))).await.unwrap();
+        assert_eq!(grpc_status(&denied), Some("7"), "PermissionDenied");
+        let unauthenticated = reader.oneshot(grpc_request(None)).await.unwrap();
+        assert_eq!(grpc_status(&unauthenticated), Some("16"), "the verifier's refusal passes through");
+    }
+
+    #[tokio::test]
+    async fn custom_authorizers_serve_axum_routers() {
+        use axum::body::Body;
+        use axum::routing::get;
+        let key = TestKey::es256();
+        let v = verifier(&key).await;
+        let whoami = || get(|axum::Extension(c): axum::Extension<Claims>| async move { c.sub });
+        let app = axum::Router::new()
+            .route(
+                "/read",
+                whoami().layer(RequireAuthLayer::new(RequirePerm { verifier: v.clone(), perm: "inventory:read" })),
+            )
+            .route(
+                "/reserve",
+                whoami().layer(RequireAuthLayer::new(RequirePerm { verifier: v, perm: "inventory:reserve" })),
+            );
+        let request_to = |path: &str, token: Option<&str>| {
             let mut req = Request::builder().uri(path);
             if let Some(t) = token {
                 req = req.header(AUTHORIZATION, format!("Bearer {t}"));
             }
-            let mut req = req.body(String::new()).unwrap();
-            if let Some(der) = peer {
-                req.extensions_mut().insert(PeerCertificate(CertificateDer::from(der.to_vec())));
+            req.body(Body::empty()).unwrap()
+        };
+        let token = key.sign(&claims(NOW, "j"));
+        let ok = app.clone().oneshot(request_to("/read", Some(&token))).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(axum::body::to_bytes(ok.into_body(), 64).await.unwrap(), "alice");
+        assert_eq!(
+            app.clone().oneshot(request_to("/reserve", Some(&token))).await.unwrap().status(),
+            StatusCode::FORBIDDEN
+        );
+        let missing = app.clone().oneshot(request_to("/read", None)).await.unwrap();
+        assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(missing.headers()[WWW_AUTHENTICATE], "Bearer");
+
+        // A closure is an authorizer too.
+        let api_key = |req: Request<Body>| async move {
+            if req.headers().get("x-api-key").is_some_and(|k| k == "k-1") {
+                return Ok(req);
             }
-            req
-        }
-
-        #[tokio::test]
-        async fn verified_request_reaches_the_service_with_claims_and_a_sensitive_header() {
-            let key = TestKey::es256();
-            let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
-            let token = key.sign(&claims(NOW, "j"));
-            let resp = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
-            assert_eq!(resp.status(), StatusCode::OK);
-            assert_eq!(resp.body(), "alice sensitive=true");
-        }
-
-        #[tokio::test]
-        async fn peer_certificate_extension_serves_certificate_bound_tokens() {
-            let key = TestKey::es256();
-            let svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
-            let der = b"the caller's certificate".as_slice();
-            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
-            let mut c = claims(NOW, "j");
-            c["cnf"] = json!({ "x5t#S256": base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, digest.as_ref()) });
-            let token = key.sign(&c);
-            let ok = svc.clone().oneshot(request("/x", Some(&token), Some(der))).await.unwrap();
-            assert_eq!(ok.status(), StatusCode::OK);
-            let other = svc.clone().oneshot(request("/x", Some(&token), Some(b"another"))).await.unwrap();
-            assert_eq!(other.status(), StatusCode::UNAUTHORIZED);
-            let none = svc.oneshot(request("/x", Some(&token), None)).await.unwrap();
-            assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
-        }
-
-        #[tokio::test]
-        async fn unauthenticated_prefixes_pass_without_a_token_and_nothing_else_does() {
-            let key = TestKey::es256();
-            let svc = RequireAuthLayer::new(verifier(&key).await).allow_unauthenticated("/health").layer(echo());
-            let open = svc.clone().oneshot(request("/healthz", None, None)).await.unwrap();
-            assert_eq!((open.status(), open.body().as_str()), (StatusCode::OK, " sensitive=false"));
-            let closed = svc.oneshot(request("/x", None, None)).await.unwrap();
-            assert_eq!(closed.status(), StatusCode::UNAUTHORIZED);
-            assert_eq!(closed.headers()[WWW_AUTHENTICATE], "Bearer");
-        }
-
-        #[tokio::test]
-        async fn requests_with_known_keys_complete_on_the_first_poll() {
-            let key = TestKey::es256();
-            let mut svc = RequireAuthLayer::new(verifier(&key).await).layer(echo());
-            let token = key.sign(&claims(NOW, "j"));
-            for _ in 0..2 {
-                let resp = svc.call(request("/x", Some(&token), None)).now_or_never().unwrap().unwrap();
-                assert_eq!(resp.status(), StatusCode::OK);
-            }
-        }
-    }
-
-    #[test]
-    fn bearer_token_debug_is_redacted() {
-        assert_eq!(format!("{:?}", BearerToken("secret.token.value".into())), "BearerToken(..)");
+            let mut refusal = Response::new(Body::empty());
+            *refusal.status_mut() = StatusCode::UNAUTHORIZED;
+            Err(refusal)
+        };
+        let app = axum::Router::new().route("/", get(|| async { "in" })).layer(RequireAuthLayer::new(api_key));
+        let with_key = Request::builder().uri("/").header("x-api-key", "k-1").body(Body::empty()).unwrap();
+        assert_eq!(app.clone().oneshot(with_key).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(app.oneshot(request_to("/", None)).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     }
 }

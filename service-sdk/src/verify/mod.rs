@@ -10,15 +10,22 @@
 //!   `redis` feature a per-request Redis lookup); an injected
 //!   [`Clock`](crate::Clock).
 //! - [`RequireAuthLayer`] / [`RequireAuth`]: the tower middleware for tonic
-//!   servers and axum routers that puts the verified [`Claims`](crate::Claims)
+//!   servers and axum routers, generic over an [`AuthorizeRequest`] (the
+//!   shape of tower-http's `AsyncAuthorizeRequest`). The default authorizer
+//!   is the [`Verifier`], which puts the verified [`Claims`](crate::Claims)
 //!   and the raw [`BearerToken`] into request extensions.
+//! - [`VerifyObserver`]: where a verifier reports every outcome (each
+//!   verification, key refreshes, the revocation feed's state), for
+//!   metrics and logs.
 
+mod authorize;
 mod bearer;
 mod cache;
 mod compact;
 mod jwks;
 mod keys;
 mod layer;
+mod observe;
 #[cfg(feature = "redis")]
 pub mod redis;
 mod revocation;
@@ -27,21 +34,23 @@ mod test_keys;
 mod validator;
 mod verifier;
 
+pub use authorize::{AuthorizeRequest, BearerToken, PeerCertificate, VerifyRequest};
 pub use bearer::parse_bearer;
 pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
-pub use layer::{BearerToken, PeerCertificate, RequireAuth, RequireAuthLayer, ResponseFuture};
+pub use layer::{RequireAuth, RequireAuthLayer, ResponseFuture};
+pub use observe::{CacheUse, JwksTrigger, VerifierStats, VerifyEvent, VerifyObserver};
 #[cfg(feature = "redis")]
 pub use redis::{RedisRevocation, RedisSetupError};
 pub use revocation::{
     FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup, RevokedId, RevokedKind,
 };
 pub use validator::{DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, MAX_LEEWAY_SECS, Validator};
-pub use verifier::{BuildError, DEFAULT_CACHE_CAPACITY, Verifier, VerifierBuilder, VerifierStats};
+pub use verifier::{BuildError, DEFAULT_CACHE_CAPACITY, Verifier, VerifierBuilder};
 
 /// Why a token was refused. Messages are fixed and never contain token
 /// content, so they are safe to log.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
 pub enum VerifyError {
     /// No `authorization: Bearer` credential on the request.
@@ -176,9 +185,9 @@ impl VerifyError {
         VerifyError::RevocationUnavailable,
     ];
 
-    /// Position in [`VerifyError::ALL`].
-    pub(crate) fn index(&self) -> usize {
-        Self::ALL.iter().position(|e| e == self).unwrap_or(0)
+    /// Position in [`VerifyError::ALL`] (the declaration order).
+    pub(crate) fn index(self) -> usize {
+        self as usize
     }
 }
 

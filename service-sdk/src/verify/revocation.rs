@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use auth_proto::auth::v1::auth_client::AuthClient;
@@ -17,6 +17,7 @@ use auth_proto::auth::v1::{self as pb, WatchRevocationsRequest, revocation_event
 use tokio::sync::{broadcast, watch};
 use tonic::transport::Channel;
 
+use super::observe::{VerifyEvent, VerifyObserver};
 use super::{MAX_LEEWAY_SECS, VerifyError};
 use crate::Clock;
 use crate::backoff::Backoff;
@@ -79,6 +80,13 @@ pub trait RevocationCheck: Send + Sync + 'static {
     /// has arrived).
     fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(std::future::ready(()))
+    }
+
+    /// Where to report this check's own events (a feed's connection,
+    /// snapshots and staleness): the verifier it is built into calls this
+    /// once, from `build`. The default reports nothing.
+    fn report_to(&self, observer: Arc<dyn VerifyObserver>) {
+        let _ = observer;
     }
 }
 
@@ -154,6 +162,10 @@ impl DenySet {
 /// When nothing has been heard for longer than
 /// [`FeedOptions::stale_after`] (or before the first snapshot), every
 /// check fails closed with [`VerifyError::FeedStale`].
+///
+/// A feed reports its connection, snapshots, messages and staleness to
+/// the observer of the first verifier built with it (see
+/// [`VerifyEvent`]).
 #[derive(Clone)]
 pub struct RevocationFeed {
     state: Arc<FeedState>,
@@ -173,8 +185,20 @@ struct FeedState {
     stale_after: u64,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<RevokedId>,
+    observer: OnceLock<Arc<dyn VerifyObserver>>,
+    /// Whether [`VerifyEvent::FeedStale`] was reported since the feed was
+    /// last heard from.
+    stale_reported: AtomicBool,
     /// Dropped with the state, which ends the stream task.
     _stop: watch::Sender<()>,
+}
+
+impl FeedState {
+    fn report(&self, event: VerifyEvent<'_>) {
+        if let Some(observer) = self.observer.get() {
+            observer.on_event(&event);
+        }
+    }
 }
 
 impl RevocationFeed {
@@ -183,6 +207,19 @@ impl RevocationFeed {
     /// runtime.
     pub fn connect(channel: Channel, clock: Arc<dyn Clock>, opts: FeedOptions) -> Self {
         let (feed, stopped) = Self::new(clock, &opts);
+        tokio::spawn(watch_loop(channel, Arc::downgrade(&feed.state), stopped, opts));
+        feed
+    }
+
+    /// [`RevocationFeed::connect`], reporting to `observer` from the start.
+    pub(crate) fn connect_reporting(
+        channel: Channel,
+        clock: Arc<dyn Clock>,
+        opts: FeedOptions,
+        observer: Arc<dyn VerifyObserver>,
+    ) -> Self {
+        let (feed, stopped) = Self::new(clock, &opts);
+        feed.report_to(observer);
         tokio::spawn(watch_loop(channel, Arc::downgrade(&feed.state), stopped, opts));
         feed
     }
@@ -204,6 +241,8 @@ impl RevocationFeed {
             stale_after: opts.stale_after.as_secs(),
             clock,
             events: broadcast::channel(1024).0,
+            observer: OnceLock::new(),
+            stale_reported: AtomicBool::new(false),
             _stop: stop,
         };
         (Self { state: Arc::new(state) }, stopped)
@@ -213,6 +252,7 @@ impl RevocationFeed {
     pub fn apply(&self, event: pb::RevocationEvent) {
         let now = self.state.clock.now_unix();
         let mut new = Vec::new();
+        let mut snapshot = None;
         {
             let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
             match event.event {
@@ -224,7 +264,7 @@ impl RevocationFeed {
                             new.push(RevokedId { kind, id: r.id.clone() });
                         }
                     }
-                    self.state.synced.send_replace(true);
+                    snapshot = Some(snap.entries.len());
                     tracing::debug!(entries = snap.entries.len(), "revocation snapshot applied");
                 }
                 Some(Event::Revoked(r)) => {
@@ -239,6 +279,15 @@ impl RevocationFeed {
             deny.prune(now);
         }
         self.state.last_heard.store(now, Ordering::Release);
+        if snapshot.is_some() {
+            self.state.synced.send_replace(true);
+        }
+        // Fresh from here on: the next silence is reported anew.
+        self.state.stale_reported.store(false, Ordering::Relaxed);
+        if let Some(entries) = snapshot {
+            self.state.report(VerifyEvent::FeedSnapshot { entries });
+        }
+        self.state.report(VerifyEvent::FeedHeard { at: now });
         for id in new {
             let _ = self.state.events.send(id);
         }
@@ -284,6 +333,9 @@ impl RevocationCheck for RevocationFeed {
             }
         }
         if !self.fresh_at(now) {
+            if !self.state.stale_reported.swap(true, Ordering::Relaxed) {
+                self.state.report(VerifyEvent::FeedStale);
+            }
             return RevocationLookup::Ready(Err(VerifyError::FeedStale));
         }
         RevocationLookup::Ready(Ok(()))
@@ -295,6 +347,12 @@ impl RevocationCheck for RevocationFeed {
 
     fn ready(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(self.wait_synced())
+    }
+
+    /// Only the first observer is kept: a feed shared by several verifiers
+    /// reports to the first one built.
+    fn report_to(&self, observer: Arc<dyn VerifyObserver>) {
+        let _ = self.state.observer.set(observer);
     }
 }
 
@@ -309,6 +367,9 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
         };
         match opened {
             Ok(resp) => {
+                if let Some(state) = state.upgrade() {
+                    state.report(VerifyEvent::FeedConnected);
+                }
                 let mut stream = resp.into_inner();
                 loop {
                     let msg = tokio::select! {
@@ -333,6 +394,9 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
                         }
                     }
                 }
+                if let Some(state) = state.upgrade() {
+                    state.report(VerifyEvent::FeedDisconnected);
+                }
             }
             Err(status) => {
                 open_failed = Some(status.code());
@@ -354,6 +418,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
 mod tests {
     use super::*;
     use crate::ManualClock;
+    use crate::verify::observe::Recorder;
 
     fn revoked(kind: pb::RevocationKind, id: &str, expires_at: u64) -> pb::Revocation {
         pb::Revocation { kind: kind as i32, id: id.into(), expires_at }
@@ -435,6 +500,29 @@ mod tests {
         f.apply(heartbeat());
         assert_eq!(f.revoked_count(), 1);
         assert_eq!(ready(f.check("long", None, clock.now_unix())), Err(VerifyError::Revoked));
+    }
+
+    #[test]
+    fn feed_reports_snapshots_messages_and_each_silence_once() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        let events = Arc::new(Recorder::default());
+        f.report_to(events.clone());
+        f.report_to(Arc::new(Recorder::default()));
+        for _ in 0..2 {
+            assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        }
+        assert_eq!(events.take(), ["FeedStale"], "no snapshot yet: stale, reported once");
+        f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "j1", 2_000)]));
+        assert_eq!(events.take(), ["FeedSnapshot { entries: 1 }", "FeedHeard { at: 1000 }"]);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        clock.advance(31);
+        for _ in 0..2 {
+            assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        }
+        f.apply(heartbeat());
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(events.take(), ["FeedStale", "FeedHeard { at: 1031 }"]);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! cache, with an injected clock.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,9 +9,12 @@ use jsonwebtoken::Algorithm;
 use subtle::ConstantTimeEq as _;
 use tonic::transport::Channel;
 
+use futures_util::future::BoxFuture;
+
 use super::cache::{TokenCache, token_digest};
 use super::compact;
 use super::jwks::{JwksCache, JwksOptions, JwksSource};
+use super::observe::{CacheUse, Reporter, VerifierStats, VerifyEvent, VerifyObserver};
 use super::revocation::{FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup};
 use super::{Validator, VerifyError};
 use crate::claims::{Claims, Confirmation};
@@ -40,6 +42,15 @@ pub enum BuildError {
 /// checks, with keys from a [`JwksSource`] kept fresh in the background, a
 /// [`RevocationCheck`] (push feed by default), RFC 8705 certificate binding,
 /// and a bounded cache of verified tokens. Cheap to clone.
+///
+/// Each verification runs one state machine, here: a synchronous part (the
+/// cache, or the signature and claims against the current keys, then the
+/// binding and the revocation check) that decides most requests at once,
+/// and an asynchronous rest only for a key refetch on an unknown `kid` or a
+/// revocation lookup that needs I/O. Its outcome is reported once, to the
+/// [`VerifyObserver`] (see [`VerifierBuilder::observer`]) and to
+/// [`Verifier::stats`]. As an [`AuthorizeRequest`](super::AuthorizeRequest)
+/// it is the default authorizer of [`RequireAuthLayer`](super::RequireAuthLayer).
 ///
 /// ```no_run
 /// # async fn demo(channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
@@ -71,7 +82,7 @@ struct Inner {
     revocation: Arc<dyn RevocationCheck>,
     cache: Option<Arc<TokenCache>>,
     clock: Arc<dyn Clock>,
-    stats: Stats,
+    reporter: Arc<Reporter>,
     _evictor: Option<AbortOnDrop>,
 }
 
@@ -83,36 +94,8 @@ impl Drop for AbortOnDrop {
     }
 }
 
-#[derive(Default)]
-struct Stats {
-    accepted: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    rejected: [AtomicU64; VerifyError::ALL.len()],
-}
-
-/// Counters of a [`Verifier`] since it was built.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct VerifierStats {
-    /// Tokens accepted.
-    pub accepted: u64,
-    /// Verifications answered from the verified-token cache.
-    pub cache_hits: u64,
-    /// Verifications that checked a signature.
-    pub cache_misses: u64,
-    /// Refusals by [`VerifyError::reason`], only reasons seen at least once.
-    pub rejected: Vec<(&'static str, u64)>,
-}
-
-impl VerifierStats {
-    /// Refusals for one reason label.
-    pub fn rejected(&self, reason: &str) -> u64 {
-        self.rejected.iter().find(|(r, _)| *r == reason).map_or(0, |(_, n)| *n)
-    }
-}
-
 /// Where one verification stands after its synchronous part.
-pub(crate) enum Step {
+enum Step {
     /// Decided without I/O.
     Done(Result<Claims, VerifyError>),
     /// The token names a `kid` the cache does not hold: refetch, then retry.
@@ -136,6 +119,20 @@ impl From<Miss> for Step {
     }
 }
 
+/// A verification begun by [`Verifier::start`]: decided at once (the usual
+/// case), or pending on a key refetch or a revocation lookup. Either way its
+/// outcome has been or will be reported exactly once.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the claims are the hot path's result; boxing them would allocate per request"
+)]
+pub(crate) enum Verification {
+    /// Decided without I/O.
+    Done(Result<Claims, VerifyError>),
+    /// Needs I/O to finish.
+    Pending(BoxFuture<'static, Result<Claims, VerifyError>>),
+}
+
 impl Verifier {
     /// Starts building a verifier for tokens from `issuer` meant for
     /// `audience` (this service's own name).
@@ -149,6 +146,7 @@ impl Verifier {
             feed_options: FeedOptions::default(),
             clock: Arc::new(SystemClock),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
+            observer: None,
         }
     }
 
@@ -162,8 +160,10 @@ impl Verifier {
     /// Verifies a token; `peer_cert` is the DER of the caller's mTLS
     /// certificate, needed for certificate-bound (`cnf`) tokens.
     pub async fn verify(&self, token: &str, peer_cert: Option<&[u8]>) -> Result<Claims, VerifyError> {
-        let step = self.step(token, peer_cert, true);
-        self.resolve(token, peer_cert, step).await
+        match self.start(Ok(token), peer_cert) {
+            Verification::Done(result) => result,
+            Verification::Pending(rest) => rest.await,
+        }
     }
 
     /// The rules this verifier applies.
@@ -173,19 +173,7 @@ impl Verifier {
 
     /// Counters since the verifier was built.
     pub fn stats(&self) -> VerifierStats {
-        let s = &self.inner.stats;
-        let rejected = VerifyError::ALL
-            .iter()
-            .zip(s.rejected.iter())
-            .map(|(e, n)| (e.reason(), n.load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n > 0)
-            .collect();
-        VerifierStats {
-            accepted: s.accepted.load(Ordering::Relaxed),
-            cache_hits: s.hits.load(Ordering::Relaxed),
-            cache_misses: s.misses.load(Ordering::Relaxed),
-            rejected,
-        }
+        self.inner.reporter.stats()
     }
 
     /// Number of tokens in the verified-token cache (approximate).
@@ -193,62 +181,74 @@ impl Verifier {
         self.inner.cache.as_ref().map_or(0, |c| c.len())
     }
 
+    /// Begins verifying what the request presented: its bearer token, or
+    /// why none could be read (then it is refused as such). The outcome is
+    /// reported when it is known, here or at the end of the pending part.
+    pub(crate) fn start(&self, presented: Result<&str, VerifyError>, peer_cert: Option<&[u8]>) -> Verification {
+        let token = match presented {
+            Ok(token) => token,
+            Err(e) => return Verification::Done(self.finish(Err(e), CacheUse::Bypassed)),
+        };
+        match self.step(token, peer_cert, true) {
+            (Step::Done(result), cache) => Verification::Done(self.finish(result, cache)),
+            (step, cache) => {
+                let (this, token, peer) = (self.clone(), token.to_owned(), peer_cert.map(<[u8]>::to_vec));
+                Verification::Pending(Box::pin(async move { this.resolve(&token, peer.as_deref(), step, cache).await }))
+            }
+        }
+    }
+
     /// The synchronous part of a verification: everything but a key
-    /// refetch and an I/O revocation lookup.
-    pub(crate) fn step(&self, token: &str, peer_cert: Option<&[u8]>, may_refetch: bool) -> Step {
+    /// refetch and an I/O revocation lookup; and how the cache was used.
+    fn step(&self, token: &str, peer_cert: Option<&[u8]>, may_refetch: bool) -> (Step, CacheUse) {
         let inner = &*self.inner;
         let v = &inner.validator;
         if token.len() > v.token_limit() {
-            return Step::Done(Err(VerifyError::TooLarge));
+            return (Step::Done(Err(VerifyError::TooLarge)), CacheUse::Bypassed);
         }
         let now = inner.clock.now_unix();
-        let claims = match &inner.cache {
+        let (claims, cache_use) = match &inner.cache {
             Some(cache) => {
                 let key = token_digest(token);
                 match cache.get(&key, now) {
                     Some(payload) => {
-                        inner.stats.hits.fetch_add(1, Ordering::Relaxed);
                         let Some(claims) = compact::decode(&payload) else {
-                            return Step::Done(Err(VerifyError::BadClaims));
+                            return (Step::Done(Err(VerifyError::BadClaims)), CacheUse::Hit);
                         };
                         if let Err(e) = v.check_claims(&claims, now, Some(v.audience())) {
-                            return Step::Done(Err(e));
+                            return (Step::Done(Err(e)), CacheUse::Hit);
                         }
-                        claims
+                        (claims, CacheUse::Hit)
                     }
-                    None => {
-                        inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-                        match self.validate_fresh(token, now, may_refetch) {
-                            Ok(claims) => {
-                                if let Some(compact) = compact::encode(&claims) {
-                                    let until = claims.exp.saturating_add(v.leeway());
-                                    cache.insert(key, compact, &claims.jti, claims.sid.as_deref(), now, until);
-                                }
-                                claims
+                    None => match self.validate_fresh(token, now, may_refetch) {
+                        Ok(claims) => {
+                            if let Some(compact) = compact::encode(&claims) {
+                                let until = claims.exp.saturating_add(v.leeway());
+                                cache.insert(key, compact, &claims.jti, claims.sid.as_deref(), now, until);
                             }
-                            Err(miss) => return miss.into(),
+                            (claims, CacheUse::Miss)
                         }
-                    }
+                        Err(miss) => return (miss.into(), CacheUse::Miss),
+                    },
                 }
             }
-            None => {
-                inner.stats.misses.fetch_add(1, Ordering::Relaxed);
-                match self.validate_fresh(token, now, may_refetch) {
-                    Ok(claims) => claims,
-                    Err(miss) => return miss.into(),
-                }
-            }
+            None => match self.validate_fresh(token, now, may_refetch) {
+                Ok(claims) => (claims, CacheUse::Miss),
+                Err(miss) => return (miss.into(), CacheUse::Miss),
+            },
         };
-        if let Some(cnf) = &claims.cnf
+        let step = if let Some(cnf) = &claims.cnf
             && let Err(e) = check_binding(cnf, peer_cert)
         {
-            return Step::Done(Err(e));
-        }
-        match inner.revocation.check(&claims.jti, claims.sid.as_deref(), now) {
-            RevocationLookup::Ready(Ok(())) => Step::Done(Ok(claims)),
-            RevocationLookup::Ready(Err(e)) => Step::Done(Err(e)),
-            RevocationLookup::Pending(lookup) => Step::Lookup(claims, lookup),
-        }
+            Step::Done(Err(e))
+        } else {
+            match inner.revocation.check(&claims.jti, claims.sid.as_deref(), now) {
+                RevocationLookup::Ready(Ok(())) => Step::Done(Ok(claims)),
+                RevocationLookup::Ready(Err(e)) => Step::Done(Err(e)),
+                RevocationLookup::Pending(lookup) => Step::Lookup(claims, lookup),
+            }
+        };
+        (step, cache_use)
     }
 
     /// Signature and claims, against the current keys.
@@ -266,34 +266,35 @@ impl Verifier {
         }
     }
 
-    /// Finishes a verification begun by [`Verifier::step`] and counts it.
-    pub(crate) async fn resolve(
+    /// The pending part of a verification begun by [`Verifier::start`].
+    async fn resolve(
         &self,
         token: &str,
         peer_cert: Option<&[u8]>,
         mut step: Step,
+        mut cache: CacheUse,
     ) -> Result<Claims, VerifyError> {
         let result = loop {
             match step {
                 Step::Done(r) => break r,
                 Step::Refetch(kid) => {
                     self.inner.jwks.refetch_for(&kid).await;
-                    step = self.step(token, peer_cert, false);
+                    (step, cache) = self.step(token, peer_cert, false);
                 }
                 Step::Lookup(claims, lookup) => break lookup.await.map(|()| claims),
             }
         };
-        self.record(&result);
-        result
+        self.finish(result, cache)
     }
 
-    /// Counts an outcome.
-    pub(crate) fn record<T>(&self, result: &Result<T, VerifyError>) {
-        let stats = &self.inner.stats;
-        match result {
-            Ok(_) => stats.accepted.fetch_add(1, Ordering::Relaxed),
-            Err(e) => stats.rejected[e.index()].fetch_add(1, Ordering::Relaxed),
+    /// The one place a verification's outcome is reported.
+    fn finish(&self, result: Result<Claims, VerifyError>, cache: CacheUse) -> Result<Claims, VerifyError> {
+        let outcome = match &result {
+            Ok(_) => Ok(()),
+            Err(e) => Err(*e),
         };
+        self.inner.reporter.on_event(&VerifyEvent::Verified { result: outcome, cache });
+        result
     }
 }
 
@@ -340,6 +341,7 @@ pub struct VerifierBuilder {
     feed_options: FeedOptions,
     clock: Arc<dyn Clock>,
     cache_capacity: u64,
+    observer: Option<Box<dyn VerifyObserver>>,
 }
 
 impl std::fmt::Debug for VerifierBuilder {
@@ -413,6 +415,16 @@ impl VerifierBuilder {
         self
     }
 
+    /// Where every outcome is reported: each verification, key refreshes,
+    /// and the revocation feed's connection, snapshots and staleness (see
+    /// [`VerifyEvent`]). Default: none, beyond the counters of
+    /// [`Verifier::stats`]. A revocation check given with
+    /// [`revocation`](Self::revocation) reports to it from [`build`](Self::build) on.
+    pub fn observer(mut self, observer: impl VerifyObserver) -> Self {
+        self.observer = Some(Box::new(observer));
+        self
+    }
+
     /// Builds the verifier and starts loading keys and revocations in the
     /// background on the current tokio runtime.
     pub fn build(self) -> Result<Verifier, BuildError> {
@@ -424,9 +436,19 @@ impl VerifierBuilder {
             (None, Some(ch)) => JwksSource::grpc(ch.clone()),
             (None, None) => return Err(BuildError::NoJwksSource),
         };
+        let reporter = Arc::new(Reporter::new(self.observer));
+        let report_to: Arc<dyn VerifyObserver> = reporter.clone();
         let revocation: Arc<dyn RevocationCheck> = match (self.revocation, self.channel) {
-            (Some(r), _) => r,
-            (None, Some(ch)) => Arc::new(RevocationFeed::connect(ch, Arc::clone(&self.clock), self.feed_options)),
+            (Some(r), _) => {
+                r.report_to(Arc::clone(&report_to));
+                r
+            }
+            (None, Some(ch)) => Arc::new(RevocationFeed::connect_reporting(
+                ch,
+                Arc::clone(&self.clock),
+                self.feed_options,
+                Arc::clone(&report_to),
+            )),
             (None, None) => return Err(BuildError::NoRevocation),
         };
         let cache = (self.cache_capacity > 0).then(|| Arc::new(TokenCache::new(self.cache_capacity)));
@@ -450,7 +472,7 @@ impl VerifierBuilder {
             }
             _ => None,
         };
-        let jwks = JwksCache::start(source, self.jwks_options);
+        let jwks = JwksCache::start(source, self.jwks_options, report_to);
         Ok(Verifier {
             inner: Arc::new(Inner {
                 validator: self.validator,
@@ -458,7 +480,7 @@ impl VerifierBuilder {
                 revocation,
                 cache,
                 clock: self.clock,
-                stats: Stats::default(),
+                reporter,
                 _evictor: evictor,
             }),
         })
@@ -468,13 +490,14 @@ impl VerifierBuilder {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use serde_json::json;
 
     use super::*;
     use crate::ManualClock;
     use crate::verify::jwks::Scripted;
+    use crate::verify::observe::Recorder;
     use crate::verify::test_keys::{TestKey, claims};
 
     const NOW: u64 = 1_700_000_000;
@@ -680,5 +703,127 @@ mod tests {
         let big = "a".repeat(8 * 1024 + 1);
         assert_eq!(v.verify(&big, None).await.unwrap_err(), VerifyError::TooLarge);
         assert_eq!(v.stats().cache_misses, 0);
+    }
+
+    #[tokio::test]
+    async fn observer_sees_one_event_per_verification_with_its_reason() {
+        let (old, new) = (TestKey::es256(), TestKey::es256());
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(old.jwks_json())) });
+        let feed = fresh_feed(&clock);
+        let events = Arc::new(Recorder::default());
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s.clone()))
+            .revocation(feed.clone())
+            .clock(clock.clone())
+            .observer(events.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        assert_eq!(events.take(), ["JwksRefreshed { keys: 1, trigger: Initial }"]);
+
+        let t1 = old.sign(&claims(NOW, "j1"));
+        v.verify(&t1, None).await.unwrap();
+        v.verify(&t1, None).await.unwrap();
+        assert_eq!(v.verify(&"a".repeat(9 * 1024), None).await.unwrap_err(), VerifyError::TooLarge);
+        assert_eq!(
+            events.take(),
+            [
+                "Verified { result: Ok(()), cache: Miss }",
+                "Verified { result: Ok(()), cache: Hit }",
+                "Verified { result: Err(TooLarge), cache: Bypassed }",
+            ]
+        );
+
+        revoke(&feed, auth_proto::auth::v1::RevocationKind::Jti, "j3");
+        assert_eq!(v.verify(&old.sign(&claims(NOW, "j3")), None).await.unwrap_err(), VerifyError::Revoked);
+        assert_eq!(events.take(), ["FeedHeard { at: 1700000000 }", "Verified { result: Err(Revoked), cache: Miss }"]);
+
+        // The pending path (a refetch for a new kid) reports once, at its end.
+        *s.answer.lock().unwrap() = Ok(json!({ "keys": [old.jwk(), new.jwk()] }).to_string());
+        v.verify(&new.sign(&claims(NOW, "j2")), None).await.unwrap();
+        assert_eq!(
+            events.take(),
+            ["JwksRefreshed { keys: 2, trigger: UnknownKid }", "Verified { result: Ok(()), cache: Miss }"]
+        );
+
+        // A refusal after a cache hit: the binding is checked on every request.
+        let cert = b"the caller's certificate".as_slice();
+        let mut bound = claims(NOW, "j5");
+        let thumb = URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert).as_ref());
+        bound["cnf"] = json!({ "x5t#S256": thumb });
+        let bound = old.sign(&bound);
+        v.verify(&bound, Some(cert)).await.unwrap();
+        assert_eq!(v.verify(&bound, Some(b"another")).await.unwrap_err(), VerifyError::CnfMismatch);
+        assert_eq!(
+            events.take(),
+            ["Verified { result: Ok(()), cache: Miss }", "Verified { result: Err(CnfMismatch), cache: Hit }"]
+        );
+
+        clock.advance(31);
+        assert_eq!(v.verify(&new.sign(&claims(NOW, "j4")), None).await.unwrap_err(), VerifyError::FeedStale);
+        clock.advance(300);
+        assert_eq!(v.verify(&t1, None).await.unwrap_err(), VerifyError::Expired);
+        assert_eq!(
+            events.take(),
+            [
+                "FeedStale",
+                "Verified { result: Err(FeedStale), cache: Miss }",
+                "Verified { result: Err(Expired), cache: Miss }",
+            ]
+        );
+        let stats = v.stats();
+        assert_eq!((stats.accepted, stats.cache_hits, stats.cache_misses), (4, 2, 6));
+        assert_eq!(
+            stats.rejected,
+            [("too_large", 1), ("expired", 1), ("revoked", 1), ("cnf_mismatch", 1), ("feed_stale", 1)]
+        );
+    }
+
+    /// A revocation check that always answers after I/O (as redis mode does).
+    struct Remote;
+
+    impl RevocationCheck for Remote {
+        fn check(&self, jti: &str, _: Option<&str>, _: u64) -> RevocationLookup {
+            let revoked = jti == "revoked";
+            RevocationLookup::Pending(Box::pin(async move {
+                tokio::task::yield_now().await;
+                if revoked { Err(VerifyError::Revoked) } else { Ok(()) }
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn lookups_that_need_io_are_reported_once_when_they_finish() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let events = Arc::new(Recorder::default());
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::fixed(key.key_set()))
+            .revocation(Remote)
+            .clock(clock)
+            .observer(events.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        events.take();
+        let live = key.sign(&claims(NOW, "live"));
+        match v.start(Ok(&live), None) {
+            Verification::Pending(rest) => {
+                assert!(events.take().is_empty(), "nothing is reported before the lookup answers");
+                rest.await.unwrap();
+            }
+            Verification::Done(r) => panic!("decided without the lookup: {r:?}"),
+        }
+        v.verify(&live, None).await.unwrap();
+        assert_eq!(v.verify(&key.sign(&claims(NOW, "revoked")), None).await.unwrap_err(), VerifyError::Revoked);
+        assert_eq!(
+            events.take(),
+            [
+                "Verified { result: Ok(()), cache: Miss }",
+                "Verified { result: Ok(()), cache: Hit }",
+                "Verified { result: Err(Revoked), cache: Miss }",
+            ]
+        );
     }
 }

@@ -27,7 +27,10 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use service_sdk::verify::JwksError;
-use service_sdk::{BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier, VerifyError};
+use service_sdk::{
+    AuthorizeRequest, BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier,
+    VerifyError, VerifyEvent, VerifyObserver,
+};
 use testkit::TestServer;
 use testkit::auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use tokio::net::{TcpListener, TcpStream};
@@ -132,9 +135,13 @@ fn lazy_channel(srv: &TestServer, addr: SocketAddr) -> Channel {
     Channel::from_shared(format!("https://{addr}")).unwrap().tls_config(tls_to(srv, "order")).unwrap().connect_lazy()
 }
 
-/// Serves the probe behind the layer on 127.0.0.1:0 over mTLS with the dev
-/// server certificate.
-async fn serve_probe(srv: &TestServer, verifier: Verifier) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// Serves the probe behind the layer (asking `authorizer`, usually a
+/// [`Verifier`]) on 127.0.0.1:0 over mTLS with the dev server certificate.
+async fn serve_probe<A>(srv: &TestServer, authorizer: A) -> (SocketAddr, tokio::task::JoinHandle<()>)
+where
+    A: AuthorizeRequest<tonic::body::Body, tonic::body::Body> + Clone + Send + 'static,
+    A::Future: Send + 'static,
+{
     let read = |p: &str| std::fs::read_to_string(srv.dir.join(p)).unwrap();
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(read("server.pem"), read("server-key.pem")))
@@ -144,7 +151,7 @@ async fn serve_probe(srv: &TestServer, verifier: Verifier) -> (SocketAddr, tokio
     let router = Server::builder()
         .tls_config(tls)
         .unwrap()
-        .layer(RequireAuthLayer::new(verifier))
+        .layer(RequireAuthLayer::new(authorizer))
         .add_service(stub::server(Probe));
     let task = tokio::spawn(async move {
         router.serve_with_incoming(TcpListenerStream::new(listener)).await.unwrap();
@@ -770,6 +777,116 @@ async fn keys_load_from_an_https_jwks_url_trusting_only_the_configured_ca() {
     let token = env.service_token().await;
     env.call(&mut client, &token).await.unwrap();
     https.abort();
+}
+
+// ---------------------------------------------------------------------------
+// Pluggable authorization and the observer
+
+/// A custom authorizer: the verifier's decision, then `inventory:admin`.
+#[derive(Clone)]
+struct AdminOnly(Verifier);
+
+impl AuthorizeRequest<tonic::body::Body, tonic::body::Body> for AdminOnly {
+    type Future = futures_util::future::BoxFuture<
+        'static,
+        Result<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>>,
+    >;
+
+    fn authorize(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let verified = self.0.authorize(request);
+        Box::pin(async move {
+            let request = verified.await?;
+            match request.extensions().get::<Claims>() {
+                Some(claims) if claims.has_perm("inventory:admin") => Ok(request),
+                _ => Err(Status::permission_denied("needs inventory:admin").into_http()),
+            }
+        })
+    }
+}
+
+#[tokio::test]
+async fn custom_authorizer_around_the_verifier_guards_a_tonic_server() {
+    let env = Env::start().await;
+    env.verifier.ready().await;
+    let (addr, task) = serve_probe(&env.srv, AdminOnly(env.verifier.clone())).await;
+    let ch = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls_to(&env.srv, "order"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AuthClient::new(ch);
+
+    let mut admin = env.claims();
+    admin["perms"] = json!(["inventory:admin"]);
+    let echo = env.call(&mut client, &env.forge_claims(&admin)).await.unwrap();
+    assert_eq!(echo["sub"], "alice");
+    let denied = env.call(&mut client, &env.forge_claims(&env.claims())).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let missing = client.get_jwks(pb::GetJwksRequest {}).await.unwrap_err();
+    assert_eq!(missing.code(), Code::Unauthenticated, "the verifier's own refusal passes through");
+    let stats = env.verifier.stats();
+    assert_eq!((stats.accepted, stats.rejected("missing")), (2, 1));
+    task.abort();
+}
+
+/// Keeps every event's `Debug` text.
+#[derive(Clone, Default)]
+struct Events(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl VerifyObserver for Events {
+    fn on_event(&self, event: &VerifyEvent<'_>) {
+        self.0.lock().unwrap().push(format!("{event:?}"));
+    }
+}
+
+impl Events {
+    fn count(&self, prefix: &str) -> usize {
+        self.0.lock().unwrap().iter().filter(|e| e.starts_with(prefix)).count()
+    }
+
+    async fn wait_for(&self, prefix: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.count(prefix) < n {
+            assert!(Instant::now() < deadline, "no {n} x {prefix} in {:?}", self.0.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn observer_sees_keys_the_feed_coming_and_going_and_each_verification() {
+    let srv = TestServer::start().await;
+    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let events = Events::default();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(lazy_channel(&srv, proxy.addr))
+        .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
+        .observer(events.clone())
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    events.wait_for("FeedSnapshot", 1).await;
+    assert_eq!(events.count("JwksRefreshed { keys: 1, trigger: Initial }"), 1);
+    assert_eq!((events.count("FeedConnected"), events.count("FeedSnapshot")), (1, 1));
+
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    env.call(&mut client, &token).await.unwrap();
+    client.get_jwks(pb::GetJwksRequest {}).await.unwrap_err();
+    assert_eq!(events.count("Verified { result: Ok(()), cache: Miss }"), 1);
+    assert_eq!(events.count("Verified { result: Ok(()), cache: Hit }"), 1);
+    assert_eq!(events.count("Verified { result: Err(Missing), cache: Bypassed }"), 1);
+    assert_eq!(events.count("Verified"), 3, "one event per request");
+
+    proxy.set_up(false);
+    events.wait_for("FeedDisconnected", 1).await;
+    proxy.set_up(true);
+    events.wait_for("FeedConnected", 2).await;
+    events.wait_for("FeedSnapshot", 2).await;
 }
 
 // ---------------------------------------------------------------------------
