@@ -912,6 +912,27 @@ signing = { path = "s.pem" }
     }
 
     #[test]
+    fn the_deploy_configs_are_valid_apart_from_their_files() {
+        // Their paths point into containers; everything else must validate.
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let configs = [
+            "config/auth-server.toml",
+            "config/auth-server.ha.toml",
+            "compose/auth-server.toml",
+            "k8s/base/auth-server/config/auth-server.toml",
+            "k8s/overlays/production/auth-server.toml",
+        ];
+        for rel in configs {
+            let text = std::fs::read_to_string(deploy.join(rel)).unwrap();
+            let raw = RawConfig::from_toml_str(&text).unwrap_or_else(|e| panic!("{rel}: {e}"));
+            if let Err(e) = Config::from_raw(raw, &deploy) {
+                let other: Vec<_> = e.errors().iter().filter(|e| !e.problem.starts_with("file not found")).collect();
+                assert!(other.is_empty(), "{rel}: {other:?}");
+            }
+        }
+    }
+
+    #[test]
     fn restart_changes_name_the_keys() {
         let dir = tempfile::tempdir().unwrap();
         let a = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();

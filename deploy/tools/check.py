@@ -112,10 +112,19 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
                     fail(where, f"[keys.transit] missing {k!r}")
             if not re.match(r"^https?://", str(transit.get("address", ""))):
                 fail(where, "[keys.transit] address must be an http(s) URL")
-            if "token_file" in transit:
-                paths.append(transit["token_file"])
-            elif "approle" not in transit:
-                fail(where, "[keys.transit] needs token_file or approle")
+            auth = transit.get("auth", {})
+            method = auth.get("method", "token")
+            if method == "token":
+                if "token_file" in auth:
+                    paths.append(auth["token_file"])
+            elif method == "approle":
+                for k in ("role_id_file", "secret_id_file"):
+                    if k in auth:
+                        paths.append(auth[k])
+            else:
+                fail(where, "[keys.transit.auth] method must be 'token' or 'approle'")
+            if "token_file" in transit or "approle" in transit:
+                fail(where, "[keys.transit] login settings belong in [keys.transit.auth]")
         if "signing" in keys:
             fail(where, "[keys] signing is set but source = 'transit'")
     else:
