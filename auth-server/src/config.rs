@@ -461,10 +461,7 @@ impl Config {
     /// resolves relative paths against the file's directory and validates.
     /// The result remembers where it came from, for [`Config::reread`].
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigErrors> {
-        let raw = RawConfig::load(path, overrides)?;
-        let mut config = Self::from_raw(raw, path.parent().unwrap_or(Path::new(".")))?;
-        config.source = Some(ConfigSource { path: path.to_owned(), overrides: overrides.clone() });
-        Ok(config)
+        Self::load_with(path, overrides, |_| {})
     }
 
     /// Parses TOML text (no environment), resolving paths against `base`.
