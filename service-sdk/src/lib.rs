@@ -67,11 +67,15 @@
 //! - `vault` (default): `VaultCredentials`, service credentials read from
 //!   a Vault KV v2 secret after an AppRole, Kubernetes or token login.
 //! - `redis`: `verify::RedisRevocation`, revocation by a per-request Redis
-//!   lookup instead of the pushed [`RevocationFeed`].
+//!   lookup instead of the pushed [`RevocationFeed`], and `redis_layout`,
+//!   the auth server's Redis key layout and read script, shared with its
+//!   Redis store.
 
 pub mod backoff;
 mod claims;
 mod client;
+#[cfg(feature = "redis")]
+pub mod redis_layout;
 pub mod verify;
 
 pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};

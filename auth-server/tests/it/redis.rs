@@ -12,6 +12,7 @@ use auth_server::config::RedisConfig;
 use auth_server::store::{
     ConsumeOutcome, IssuedToken, MemoryStore, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
 };
+use service_sdk::redis_layout::KeyLayout;
 use testkit::RedisProcess;
 use tokio::sync::broadcast;
 
@@ -382,13 +383,15 @@ async fn revoked_live_token_costs_at_most_200_bytes_of_redis_memory() {
         store.record_issued(&id("J-", i), &token, NOW).await.unwrap();
     }
     let usage = |key: &str| redis.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).int();
-    let registry: i64 = (0..TOKENS).map(|i| usage(&format!("{{auth}}:i:{}", id("J-", i)))).sum();
+    let layout = KeyLayout::new(&redis_config(&redis).prefix);
+    let registry: i64 = (0..TOKENS).map(|i| usage(&layout.issued(&id("J-", i)))).sum();
     for i in 0..TOKENS {
         store.revoke(revocation(RevocationKind::Jti, &id("J-", i), NOW + 900), NOW).await.unwrap();
     }
-    let revoked_registry: i64 = (0..TOKENS).map(|i| usage(&format!("{{auth}}:i:{}", id("J-", i)))).sum();
+    let revoked_registry: i64 = (0..TOKENS).map(|i| usage(&layout.issued(&id("J-", i)))).sum();
     let minute = (NOW + 900) / 60;
-    let buckets = usage(&format!("{{auth}}:rv:jti:{minute}")) + usage("{auth}:rv:jti:idx");
+    let buckets: i64 =
+        layout.deny_shards().iter().map(|shard| usage(&shard.jti_bucket(minute)) + usage(shard.jti_index())).sum();
     let live = registry as f64 / TOKENS as f64;
     let revoked = (revoked_registry + buckets) as f64 / TOKENS as f64;
     println!("redis memory per live token: {live:.0} B; per revoked live token: {revoked:.0} B");

@@ -27,7 +27,7 @@ mod keys;
 mod layer;
 mod observe;
 #[cfg(feature = "redis")]
-pub mod redis;
+mod redis;
 mod revocation;
 #[cfg(test)]
 mod test_keys;

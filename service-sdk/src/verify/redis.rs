@@ -4,15 +4,13 @@
 //!
 //! # Key layout
 //!
-//! This reads the auth server's Redis store (`auth-server/src/store/redis.rs`
-//! is the authority) and must agree with it; the integration tests run this
-//! check against a real auth-server on a real Redis to keep the two in step.
-//! With `P` the configured prefix (default `auth`):
-//!
-//! - `{P}:i:<jti>`: the issued-`jti` registry entry, whose first field is the
-//!   deny mark: `0` (not revoked), `=` (revoked until the token's `exp`, the
-//!   second field) or the deny-until time;
-//! - `{P}:rv:sid`: sorted set of revoked sessions scored by deny-until.
+//! This reads the auth server's Redis store through the one
+//! [`KeyLayout`](crate::redis_layout::KeyLayout) and the one is-revoked
+//! script ([`redis_layout::is_revoked`](crate::redis_layout::is_revoked))
+//! that the store itself uses, so the two cannot drift; the integration
+//! tests also run this check against a real auth-server on a real Redis.
+//! It reads the `jti`'s deny mark and, for a token with a `sid`, the set of
+//! revoked sessions.
 //!
 //! One Lua script reads both atomically (`EVALSHA`, falling back to `EVAL`
 //! after a script-cache flush). Any failure or timeout fails closed with
@@ -21,33 +19,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::{Builder, ClientLike as _, Config, LuaInterface as _, Pool, ReconnectPolicy};
+use fred::prelude::{Builder, ClientLike as _, Config, Pool, ReconnectPolicy};
 
 use super::VerifyError;
 use super::revocation::{RevocationCheck, RevocationLookup};
-
-/// Lua helper shared with the auth server's store: the deny-until time of
-/// a registry value (`0` if none).
-pub const LUA_DENY_OF: &str = r"
-local function deny_of(v)
-  if not v then return 0 end
-  local mark, exp = string.match(v, '^([^|]*)|([^|]*)')
-  if mark == '=' then return tonumber(exp) or 0 end
-  return tonumber(mark) or 0
-end
-";
-
-/// Lua body shared with the auth server's store (prefix it with
-/// [`LUA_DENY_OF`]). KEYS: registry key, sid set. ARGV: now, has_sid, sid.
-pub const LUA_IS_REVOKED: &str = r"
-local now = tonumber(ARGV[1])
-if deny_of(redis.call('GET', KEYS[1])) > now then return 1 end
-if ARGV[2] == '1' then
-  local s = redis.call('ZSCORE', KEYS[2], ARGV[3])
-  if s and tonumber(s) > now then return 1 end
-end
-return 0
-";
+use crate::redis_layout::{self, KeyLayout};
 
 /// Why [`RedisRevocation::connect`] failed. Never includes the URL (it may
 /// hold a password).
@@ -64,9 +40,7 @@ pub enum RedisSetupError {
 
 struct Shared {
     pool: Pool,
-    tag: String,
-    lua: String,
-    sha: String,
+    layout: KeyLayout,
     timeout: Duration,
     connection: tokio::task::JoinHandle<Result<(), fred::error::Error>>,
 }
@@ -87,7 +61,7 @@ pub struct RedisRevocation {
 impl std::fmt::Debug for RedisRevocation {
     // The URL may hold a password: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisRevocation").field("prefix", &self.shared.tag).finish_non_exhaustive()
+        f.debug_struct("RedisRevocation").field("prefix", &self.shared.layout.prefix()).finish_non_exhaustive()
     }
 }
 
@@ -110,27 +84,14 @@ impl RedisRevocation {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool = builder.build_pool(2).map_err(|e| RedisSetupError::Client(e.kind().to_str().to_owned()))?;
         let connection = pool.connect();
-        let lua = [LUA_DENY_OF, LUA_IS_REVOKED].concat();
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY, lua.as_bytes());
-        let sha = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        let shared = Shared { pool, tag: format!("{{{prefix}}}:"), lua, sha, timeout, connection };
+        let shared = Shared { pool, layout: KeyLayout::new(prefix), timeout, connection };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
 
 impl Shared {
     async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, VerifyError> {
-        let keys = vec![format!("{}i:{jti}", self.tag), format!("{}rv:sid", self.tag)];
-        let args =
-            vec![now.to_string(), if sid.is_some() { "1" } else { "0" }.to_owned(), sid.unwrap_or("").to_owned()];
-        let call = async {
-            match self.pool.evalsha::<i64, _, _, _>(self.sha.as_str(), keys.clone(), args.clone()).await {
-                Err(e) if e.details().starts_with("NOSCRIPT") => {
-                    self.pool.eval::<i64, _, _, _>(self.lua.as_str(), keys, args).await
-                }
-                other => other,
-            }
-        };
+        let call = redis_layout::is_revoked(&self.layout, jti, sid, now).run::<i64>(&self.pool);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(n)) => Ok(n == 1),
             Ok(Err(e)) => {

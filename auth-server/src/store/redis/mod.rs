@@ -1,0 +1,274 @@
+//! The Redis store (via `fred`): state shared by any number of replicas, and
+//! revocations pushed to all of them over pub/sub.
+//!
+//! # Parts
+//!
+//! - `keys`: where entries live. Key names come from the
+//!   [`KeyLayout`](service_sdk::redis_layout::KeyLayout) shared with the
+//!   SDK's Redis revocation mode; its docs hold the table of keys, values and
+//!   expiries, and the channel. Every key of the default layout carries the
+//!   hash tag `{P}` (`P` the configured prefix), so each script may touch all
+//!   the keys it needs atomically.
+//! - `scripts`: the Lua scripts and the one function per script that builds
+//!   its KEYS and ARGV; a unit test checks every script's KEYS share a slot.
+//! - `codec`: how records, bucket entries and channel messages are written
+//!   and read back, and the scripts' replies.
+//! - `subscriber`: the pub/sub subscription's lifecycle (connect,
+//!   subscribe, retry, replay, liveness).
+//!
+//! Memory: an access token costs its one registry key (136 bytes by `MEMORY
+//! USAGE` while the value fits Redis's 44-byte embedded string). Revoking it
+//! rewrites the mark in place and adds a list entry of about 28 bytes to its
+//! minute's bucket, where a second key or a sorted-set member would cost 80
+//! to 120 bytes: a revoked live token costs about 162 bytes, under the 200
+//! budget. `docs/REDIS.md` has the measured figures.
+//!
+//! # Atomicity and durability
+//!
+//! Every write is one Lua script (`EVALSHA`, falling back to `EVAL` after a
+//! script-cache flush), so it is one atomic step and one round trip:
+//! issuing a token writes one key; spending a refresh token checks its
+//! family and session, marks it spent and stores its successor, or on reuse
+//! revokes the family, all in one script. A revocation script writes the
+//! deny entry and then `PUBLISH`es it; Redis writes replies and pub/sub
+//! messages only after the script's effects are in the AOF (and fsynced, with
+//! `appendfsync always`), so no replica hears of a revocation that is not
+//! durable, and the caller's `Ok` means the same.
+//!
+//! # Failures
+//!
+//! Every command carries the configured timeout and is never retried by the
+//! client (a retried refresh could pass for a reuse); a down, slow or
+//! refusing Redis is [`StoreError::Unavailable`] (a reply the store cannot
+//! read is [`StoreError::Corrupt`]). `fred` reconnects by itself. The subscriber
+//! re-subscribes after a reconnect and then re-publishes the whole snapshot
+//! to [`Store::subscribe`]rs, since messages sent while it was away are lost.
+//!
+//! Expiry is checked against the caller's clock (`now`); Redis TTLs are set
+//! relative to it and only bound memory.
+
+mod codec;
+mod keys;
+mod scripts;
+mod subscriber;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as RedisError, ErrorKind, FromValue, HashesInterface, KeysInterface, Pool,
+    ReconnectPolicy,
+};
+use fred::types::config::UnresponsiveConfig;
+use service_sdk::redis_layout::ScriptCall;
+use tokio::sync::broadcast;
+
+use self::codec::{REFRESH_FIELDS, Snapshot, parse_consume_reply, parse_issued, parse_refresh_fields};
+use self::keys::KeyLayout;
+use self::subscriber::{EVENT_CAPACITY, Subscriber};
+use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, Store, StoreError};
+use crate::config::RedisConfig;
+
+/// What both the store and its subscriber task use.
+struct Shared {
+    pool: Pool,
+    layout: KeyLayout,
+    timeout: Duration,
+}
+
+impl Shared {
+    /// Runs a script call: one round trip, bounded by the command timeout.
+    async fn eval<R: FromValue>(&self, call: ScriptCall<'_>) -> Result<R, StoreError> {
+        self.bounded(call.run(&self.pool)).await
+    }
+
+    /// Bounds any fred call by the command timeout and maps its error.
+    async fn bounded<R>(&self, call: impl Future<Output = Result<R, RedisError>>) -> Result<R, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result.map_err(map_error),
+            Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+        }
+    }
+
+    /// Every revocation in force at `now`, from every deny shard.
+    async fn snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
+        let mut snapshot = Snapshot::default();
+        for shard in self.layout.deny_shards() {
+            let flat: Vec<String> = self.eval(scripts::snapshot(shard, now)).await?;
+            snapshot.add_reply(&flat, now)?;
+        }
+        Ok(snapshot.into_revocations())
+    }
+}
+
+/// The Redis store. Cheap to share behind an `Arc`; dropping it stops its
+/// subscriber and closes its connections.
+pub struct RedisStore {
+    shared: Arc<Shared>,
+    subscriber: Subscriber,
+}
+
+impl std::fmt::Debug for RedisStore {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore").field("channel", &self.shared.layout.channel()).finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis and subscribes to the revocation channel.
+    ///
+    /// Waits up to the command timeout for the first connection; if Redis is
+    /// down it still returns the store, which keeps reconnecting in the
+    /// background and answers [`StoreError::Unavailable`] (and fails
+    /// [`Store::ping`]) until Redis is back. Fails only on a URL `fred`
+    /// cannot parse.
+    pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
+        let timeout = Duration::from_millis(config.command_timeout_ms.max(1));
+        let mut redis_config = Config::from_url(&config.url)
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL ({:?})", e.kind())))?;
+        // Keep reconnecting when Redis is down at start-up, too.
+        redis_config.fail_fast = false;
+        let mut builder = Builder::from_config(redis_config);
+        builder
+            .with_performance_config(|perf| {
+                perf.default_command_timeout = timeout;
+                perf.broadcast_channel_capacity = EVENT_CAPACITY;
+            })
+            .with_connection_config(|conn| {
+                conn.connection_timeout = timeout;
+                conn.internal_command_timeout = timeout;
+                // Never replay a command after a broken connection: a
+                // refresh that ran but lost its reply would look like reuse.
+                conn.max_command_attempts = 1;
+                // Drop a connection whose replies stop (a half-open socket)
+                // rather than timing out every command on it forever.
+                conn.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(timeout),
+                    interval: (timeout / 4).max(Duration::from_millis(10)),
+                };
+            })
+            .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+        let pool_size = config.pool_size.max(1);
+        let pool = builder.build_pool(pool_size).map_err(map_error)?;
+
+        let shared = Arc::new(Shared { pool, layout: KeyLayout::new(&config.prefix), timeout });
+        // It spawns its connection tasks; the handle is not needed.
+        drop(shared.pool.connect());
+        let subscriber = Subscriber::start(&builder, Arc::clone(&shared))?;
+
+        let ready = async {
+            let _ = shared.pool.wait_for_connect().await;
+            subscriber.subscribed().await;
+        };
+        if tokio::time::timeout(timeout, ready).await.is_err() {
+            tracing::warn!(prefix = %config.prefix, "redis not reachable yet; the store reconnects in the background");
+        } else {
+            tracing::info!(prefix = %config.prefix, pool_size, "redis store connected");
+        }
+        Ok(Self { shared, subscriber })
+    }
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        // The subscriber closes its own connection when dropped.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let pool = self.shared.pool.clone();
+            handle.spawn(async move {
+                let _ = pool.quit().await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
+        let _: i64 = self.shared.eval(scripts::issue(&self.shared.layout, jti, token, now)).await?;
+        Ok(())
+    }
+
+    async fn issued(&self, jti: &str, now: u64) -> Result<Option<IssuedToken>, StoreError> {
+        let value: Option<String> = self.shared.bounded(self.shared.pool.get(self.shared.layout.issued(jti))).await?;
+        let Some(value) = value else { return Ok(None) };
+        let token = parse_issued(&value)?;
+        Ok(token.filter(|t| t.exp > now))
+    }
+
+    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError> {
+        let revoked: i64 = self.shared.eval(scripts::is_revoked(&self.shared.layout, jti, sid, now)).await?;
+        Ok(revoked == 1)
+    }
+
+    async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
+        let _: i64 = self.shared.eval(scripts::revoke(&self.shared.layout, &revocation, now)).await?;
+        Ok(())
+    }
+
+    async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
+        let _: i64 = self.shared.eval(scripts::put_refresh(&self.shared.layout, digest, record, now)?).await?;
+        Ok(())
+    }
+
+    async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
+        let fields: Vec<Option<String>> = self
+            .shared
+            .bounded(self.shared.pool.hmget(self.shared.layout.refresh(digest), REFRESH_FIELDS.to_vec()))
+            .await?;
+        Ok(parse_refresh_fields(fields)?.filter(|r| r.expires_at > now))
+    }
+
+    async fn consume_refresh(
+        &self,
+        digest: &str,
+        next_digest: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let call = scripts::consume(&self.shared.layout, digest, next_digest, next_expires_at, now);
+        let reply: Vec<String> = self.shared.eval(call).await?;
+        parse_consume_reply(&reply)
+    }
+
+    async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
+        self.shared.snapshot(now).await
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
+        self.subscriber.subscribe()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // Every pooled connection, not just one: commands are never retried,
+        // so "ready" must mean the next command lands on a live connection,
+        // whichever connection the pool picks.
+        for client in self.shared.pool.clients() {
+            let _: String = self.shared.bounded(client.ping(None)).await?;
+        }
+        if !self.subscriber.is_live() {
+            return Err(StoreError::Unavailable("redis revocation subscriber disconnected".into()));
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}
+
+/// Maps a fred error to a store error. The text names the error class and
+/// Redis's error code only, never keys or arguments.
+fn map_error(e: RedisError) -> StoreError {
+    let code = e.details().split_whitespace().next().unwrap_or("").to_owned();
+    match e.kind() {
+        ErrorKind::InvalidArgument | ErrorKind::Parse | ErrorKind::Protocol => {
+            StoreError::Corrupt(format!("redis replied {:?} {code}", e.kind()))
+        }
+        ErrorKind::Unknown if code == "ERR" => StoreError::Corrupt("redis script failed".into()),
+        // IO, timeouts, cancellation, TLS, auth, cluster and server states
+        // such as LOADING, MISCONF, OOM, READONLY, BUSY.
+        kind => StoreError::Unavailable(format!("redis {kind:?} {code}").trim_end().to_owned()),
+    }
+}

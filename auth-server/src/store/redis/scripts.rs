@@ -1,0 +1,314 @@
+//! The store's Lua scripts, and for each one the function that builds its
+//! call (KEYS from the [`KeyLayout`], ARGV from the codec). The store runs
+//! only these calls, so the unit test below checks exactly the keys each
+//! script is sent with: every script's KEYS share one hash slot.
+//!
+//! The read script (is the `jti` or the session revoked) is the SDK's
+//! [`is_revoked`], which the SDK's Redis revocation mode runs as well.
+
+use std::sync::LazyLock;
+
+pub(super) use service_sdk::redis_layout::is_revoked;
+use service_sdk::redis_layout::{DenyShard, LUA_DENY_OF, Script, ScriptCall};
+
+use super::codec::{encode_bucket_entry, encode_issued, encode_list, encode_message, kind_code};
+use super::keys::{BUCKET_SECS, Bucket, ISSUED_SLACK_SECS, KeyLayout};
+use crate::store::{IssuedToken, RefreshRecord, Revocation, RevocationKind, StoreError};
+
+/// Shared helper: extend a key's TTL so it lives at least until `until`.
+const LUA_KEEP_UNTIL: &str = r"
+local function keep_until(key, until_, now)
+  local want = until_ - now
+  if want < 1 then want = 1 end
+  if redis.call('TTL', key) < want then redis.call('EXPIRE', key, want) end
+end
+";
+
+/// KEYS: registry key. ARGV: now, exp, body, slack.
+const LUA_ISSUE: &str = r"
+local now = tonumber(ARGV[1])
+local deny = deny_of(redis.call('GET', KEYS[1]))
+local mark = '0'
+if deny > 0 then
+  if deny == tonumber(ARGV[2]) then mark = '=' else mark = string.format('%d', deny) end
+end
+local until_ = tonumber(ARGV[2]) + tonumber(ARGV[4])
+if deny > until_ then until_ = deny end
+local ttl = until_ - now
+if ttl < 1 then ttl = 1 end
+redis.call('SET', KEYS[1], mark .. '|' .. ARGV[3], 'EX', ttl)
+return 1
+";
+
+/// jti: KEYS registry key, bucket, bucket index; sid/family: KEYS set.
+/// ARGV: now, kind, id, deny_until, channel, message, bucket, bucket_end,
+/// bucket entry.
+const LUA_REVOKE: &str = r"
+local now = tonumber(ARGV[1])
+local until_ = tonumber(ARGV[4])
+if ARGV[2] == 'j' then
+  local v = redis.call('GET', KEYS[1])
+  if v then
+    local rest = string.match(v, '^[^|]*|(.*)$')
+    if not rest then return redis.error_reply('ERR corrupt registry entry') end
+    if until_ > deny_of(v) then
+      local mark = ARGV[4]
+      if string.match(rest, '^([^|]*)') == ARGV[4] then mark = '=' end
+      redis.call('SET', KEYS[1], mark .. '|' .. rest, 'KEEPTTL')
+    end
+  else
+    redis.call('SET', KEYS[1], ARGV[4] .. '|')
+  end
+  keep_until(KEYS[1], until_, now)
+  redis.call('RPUSH', KEYS[2], ARGV[9])
+  keep_until(KEYS[2], tonumber(ARGV[8]), now)
+  redis.call('ZADD', KEYS[3], ARGV[7], ARGV[7])
+  keep_until(KEYS[3], tonumber(ARGV[8]), now)
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+  redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[3])
+  keep_until(KEYS[1], until_, now)
+end
+redis.call('PUBLISH', ARGV[5], ARGV[6])
+return 1
+";
+
+/// KEYS: refresh key. ARGV: now, family, sid, sub, client_id, audience,
+/// scope, expires_at.
+const LUA_PUT_REFRESH: &str = r"
+local ttl = tonumber(ARGV[8]) - tonumber(ARGV[1])
+if ttl < 1 then ttl = 1 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'family', ARGV[2], 'sid', ARGV[3], 'sub', ARGV[4], 'client_id', ARGV[5],
+  'audience', ARGV[6], 'scope', ARGV[7], 'expires_at', ARGV[8], 'spent', '0')
+redis.call('EXPIRE', KEYS[1], ttl)
+return 1
+";
+
+/// KEYS: refresh key, successor key, family set, sid set.
+/// ARGV: now, next_expires_at, channel.
+const LUA_CONSUME: &str = r"
+local now = tonumber(ARGV[1])
+local nexp = tonumber(ARGV[2])
+local h = redis.call('HMGET', KEYS[1], 'family', 'sid', 'sub', 'client_id', 'audience', 'scope', 'expires_at', 'spent')
+if not h[1] or not h[2] or not h[7] then return {'invalid'} end
+local exp = tonumber(h[7])
+if not exp or exp <= now then return {'invalid'} end
+local fs = redis.call('ZSCORE', KEYS[3], h[1])
+if fs and tonumber(fs) > now then return {'invalid'} end
+local ss = redis.call('ZSCORE', KEYS[4], h[2])
+if ss and tonumber(ss) > now then return {'invalid'} end
+if h[8] ~= '1' then
+  redis.call('HSET', KEYS[1], 'spent', '1')
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'family', h[1], 'sid', h[2], 'sub', h[3], 'client_id', h[4],
+    'audience', h[5], 'scope', h[6], 'expires_at', ARGV[2], 'spent', '0')
+  local ttl = nexp - now
+  if ttl < 1 then ttl = 1 end
+  redis.call('EXPIRE', KEYS[2], ttl)
+  return {'rotated', h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
+end
+local until_s = h[7]
+if nexp > exp then until_s = ARGV[2] end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[3], 'GT', until_s, h[1])
+keep_until(KEYS[3], tonumber(until_s), now)
+redis.call('PUBLISH', ARGV[3], 'f|' .. until_s .. '|' .. h[1])
+return {'reused', until_s}
+";
+
+/// KEYS: sid set, family set, bucket index. ARGV: now, bucket key prefix,
+/// bucket width. Returns triples: `s`/`f`, id, deny_until for sessions and
+/// families, `b`, minute, bucket entry for `jti`s (parsed by the caller).
+/// Bucket keys are derived in the script; they share the hash tag of the
+/// declared keys, so they live in the same cluster slot.
+const LUA_SNAPSHOT: &str = r"
+local now = tonumber(ARGV[1])
+local out = {}
+local kinds = {'s', 'f'}
+for i = 1, 2 do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
+  local r = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  for j = 1, #r, 2 do
+    out[#out + 1] = kinds[i]; out[#out + 1] = r[j]; out[#out + 1] = r[j + 1]
+  end
+end
+local first = math.floor(now / tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', first))
+local buckets = redis.call('ZRANGE', KEYS[3], 0, -1)
+for _, b in ipairs(buckets) do
+  local entries = redis.call('LRANGE', ARGV[2] .. b, 0, -1)
+  for _, e in ipairs(entries) do
+    out[#out + 1] = 'b'; out[#out + 1] = b; out[#out + 1] = e
+  end
+end
+return out
+";
+
+static ISSUE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_ISSUE]));
+static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_REVOKE]));
+static PUT_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_PUT_REFRESH]));
+static CONSUME: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_CONSUME]));
+static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT]));
+
+/// Records an issued token, keeping any deny mark already on its `jti`.
+/// Replies `1`.
+pub(super) fn issue(layout: &KeyLayout, jti: &str, token: &IssuedToken, now: u64) -> ScriptCall<'static> {
+    ISSUE.call(
+        vec![layout.issued(jti)],
+        vec![now.to_string(), token.exp.to_string(), encode_issued(token), ISSUED_SLACK_SECS.to_string()],
+    )
+}
+
+/// Writes a deny entry (never shortening one), then publishes it. Replies
+/// `1`.
+pub(super) fn revoke(layout: &KeyLayout, revocation: &Revocation, now: u64) -> ScriptCall<'static> {
+    let id = revocation.id.as_str();
+    let bucket = Bucket::of(revocation.expires_at);
+    let keys = match revocation.kind {
+        RevocationKind::Jti => {
+            let shard = layout.jti_shard(id);
+            vec![layout.deny_jti(id), shard.jti_bucket(bucket.minute), shard.jti_index().to_owned()]
+        }
+        RevocationKind::Sid => vec![layout.deny_sid(id)],
+        RevocationKind::Family => vec![layout.deny_family(id)],
+    };
+    let args = vec![
+        now.to_string(),
+        kind_code(revocation.kind).to_owned(),
+        revocation.id.clone(),
+        revocation.expires_at.to_string(),
+        layout.channel().to_owned(),
+        encode_message(revocation),
+        bucket.minute.to_string(),
+        bucket.end.to_string(),
+        encode_bucket_entry(revocation),
+    ];
+    REVOKE.call(keys, args)
+}
+
+/// Stores a new refresh token, unspent. Replies `1`.
+pub(super) fn put_refresh(
+    layout: &KeyLayout,
+    digest: &str,
+    record: &RefreshRecord,
+    now: u64,
+) -> Result<ScriptCall<'static>, StoreError> {
+    Ok(PUT_REFRESH.call(
+        vec![layout.refresh(digest)],
+        vec![
+            now.to_string(),
+            record.family.clone(),
+            record.sid.clone(),
+            record.sub.clone(),
+            record.client_id.clone(),
+            encode_list(&record.audience)?,
+            encode_list(&record.scope)?,
+            record.expires_at.to_string(),
+        ],
+    ))
+}
+
+/// Spends `digest` and stores `next_digest`, or on reuse revokes and
+/// publishes the family. The reply is read by
+/// [`parse_consume_reply`](super::codec::parse_consume_reply).
+pub(super) fn consume(
+    layout: &KeyLayout,
+    digest: &str,
+    next_digest: &str,
+    next_expires_at: u64,
+    now: u64,
+) -> ScriptCall<'static> {
+    let [families, sessions] = layout.refresh_guards(digest);
+    CONSUME.call(
+        vec![layout.refresh(digest), layout.refresh(next_digest), families, sessions],
+        vec![now.to_string(), next_expires_at.to_string(), layout.channel().to_owned()],
+    )
+}
+
+/// Reads (and prunes) one deny shard. The reply is read by
+/// [`Snapshot::add_reply`](super::codec::Snapshot::add_reply).
+pub(super) fn snapshot(shard: &DenyShard, now: u64) -> ScriptCall<'_> {
+    SNAPSHOT.call(
+        vec![shard.sessions().to_owned(), shard.families().to_owned(), shard.jti_index().to_owned()],
+        vec![now.to_string(), shard.jti_bucket_prefix().to_owned(), BUCKET_SECS.to_string()],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use service_sdk::redis_layout::common_slot;
+
+    use super::*;
+
+    /// Every layout the store can run with.
+    fn layouts() -> Vec<KeyLayout> {
+        vec![KeyLayout::new("auth"), KeyLayout::new("green"), KeyLayout::new("a{b}c")]
+    }
+
+    /// Every script call the store makes, over a spread of ids, with the
+    /// keys a script derives itself (the snapshot's buckets) added.
+    fn calls(layout: &KeyLayout) -> Vec<(&'static str, Vec<String>)> {
+        let now = 1_800_000_000;
+        let mut out = Vec::new();
+        for i in 0..64 {
+            let (jti, sid, family, digest) =
+                (format!("jti-{i}"), format!("sid-{i}"), format!("fam-{i}"), format!("d{i}"));
+            let token = IssuedToken { sub: "alice".into(), sid: Some(sid.clone()), exp: now + 600 };
+            let record = RefreshRecord {
+                family: family.clone(),
+                sid: sid.clone(),
+                sub: "alice".into(),
+                client_id: "order".into(),
+                audience: vec!["order".into()],
+                scope: vec![],
+                expires_at: now + 3600,
+            };
+            let at = |kind, id: &str| Revocation { kind, id: id.into(), expires_at: now + 60 * i };
+            out.push(("issue", issue(layout, &jti, &token, now).keys().to_vec()));
+            out.push(("is_revoked", is_revoked(layout, &jti, Some(&sid), now).keys().to_vec()));
+            out.push(("is_revoked", is_revoked(layout, &jti, None, now).keys().to_vec()));
+            for (kind, id) in
+                [(RevocationKind::Jti, &jti), (RevocationKind::Sid, &sid), (RevocationKind::Family, &family)]
+            {
+                out.push(("revoke", revoke(layout, &at(kind, id), now).keys().to_vec()));
+            }
+            out.push(("put_refresh", put_refresh(layout, &digest, &record, now).unwrap().keys().to_vec()));
+            out.push(("consume", consume(layout, &digest, &format!("n{i}"), now + 7200, now).keys().to_vec()));
+        }
+        for shard in layout.deny_shards() {
+            let mut keys = snapshot(shard, now).keys().to_vec();
+            keys.push(shard.jti_bucket(now / BUCKET_SECS));
+            out.push(("snapshot", keys));
+        }
+        out
+    }
+
+    #[test]
+    fn every_script_keeps_its_keys_in_one_slot() {
+        for layout in layouts() {
+            let calls = calls(&layout);
+            assert!(calls.len() > 64 * 8);
+            for (script, keys) in calls {
+                assert!(!keys.is_empty(), "{script} is called without KEYS");
+                assert!(
+                    common_slot(&keys).is_some(),
+                    "{script} under prefix {:?} crosses slots: {keys:?}",
+                    layout.prefix()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_slot_check_catches_a_script_that_crosses_slots() {
+        // Keys without a shared hash tag, as a careless layout would name
+        // them, spread over slots: the check above would refuse them.
+        let untagged: Vec<String> = calls(&KeyLayout::new("auth"))
+            .into_iter()
+            .find(|(script, _)| *script == "consume")
+            .map(|(_, keys)| keys.iter().map(|k| k.replace(['{', '}'], "")).collect())
+            .unwrap();
+        assert_eq!(common_slot(&untagged), None, "{untagged:?}");
+    }
+}
