@@ -169,3 +169,13 @@ impl Store for MemoryStore {
         "memory"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_passes_the_conformance_suite() {
+        crate::store::conformance::run_all(&MemoryStore::new()).await.unwrap();
+    }
+}

@@ -10,7 +10,11 @@
 //!
 //! Times are Unix seconds; every entry carries the time after which it may be
 //! forgotten, so the store never grows past the live tokens.
+//!
+//! [`conformance`] checks all of this against any implementation: the
+//! in-memory store and the Redis store both pass it.
 
+pub mod conformance;
 mod memory;
 mod redis;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use auth_server::config::RedisConfig;
 use auth_server::store::{
-    ConsumeOutcome, IssuedToken, MemoryStore, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+    ConsumeOutcome, IssuedToken, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError, conformance,
 };
 use service_sdk::redis_layout::KeyLayout;
 use testkit::RedisProcess;
@@ -70,121 +70,17 @@ fn as_set(revocations: Vec<Revocation>) -> HashSet<Revocation> {
     revocations.into_iter().collect()
 }
 
-/// One script of store operations with the outcomes the in-memory store
-/// (the reference) gives; run against both stores.
-async fn reference_scenario(store: &dyn Store) {
-    use RevocationKind::{Family, Jti, Sid};
-    let now = NOW;
-
-    // The issued-jti registry.
-    let token = IssuedToken { sub: "alice".into(), sid: Some("sid-1".into()), exp: now + 600 };
-    store.record_issued("jti-1", &token, now).await.unwrap();
-    let service = IssuedToken { sub: "svc:order".into(), sid: None, exp: now + 300 };
-    store.record_issued("jti-2", &service, now).await.unwrap();
-    assert_eq!(store.issued("jti-1", now).await.unwrap(), Some(token.clone()));
-    assert_eq!(store.issued("jti-2", now).await.unwrap(), Some(service.clone()));
-    assert_eq!(store.issued("jti-1", now + 600).await.unwrap(), None, "expired");
-    assert_eq!(store.issued("unknown", now).await.unwrap(), None);
-    assert!(!store.is_revoked("jti-1", Some("sid-1"), now).await.unwrap());
-
-    // Deny list by jti, for the token's remaining life.
-    store.revoke(revocation(Jti, "jti-1", now + 600), now).await.unwrap();
-    assert!(store.is_revoked("jti-1", None, now).await.unwrap());
-    assert!(store.is_revoked("jti-1", Some("sid-other"), now + 599).await.unwrap());
-    assert!(!store.is_revoked("jti-1", None, now + 600).await.unwrap(), "forgotten at expiry");
-    assert_eq!(store.issued("jti-1", now).await.unwrap(), Some(token.clone()), "still known once revoked");
-    assert!(!store.is_revoked("jti-2", None, now).await.unwrap());
-
-    // A jti never recorded can be denied, and stays denied if recorded later.
-    store.revoke(revocation(Jti, "ghost", now + 120), now).await.unwrap();
-    assert!(store.is_revoked("ghost", None, now).await.unwrap());
-    assert_eq!(store.issued("ghost", now).await.unwrap(), None);
-    let late = IssuedToken { sub: "bob".into(), sid: None, exp: now + 60 };
-    store.record_issued("ghost", &late, now).await.unwrap();
-    assert_eq!(store.issued("ghost", now).await.unwrap(), Some(late));
-    assert!(store.is_revoked("ghost", None, now + 100).await.unwrap());
-
-    // Revoking again with a shorter life never shortens the deny entry.
-    store.revoke(revocation(Jti, "jti-1", now + 10), now).await.unwrap();
-    assert!(store.is_revoked("jti-1", None, now + 500).await.unwrap());
-
-    // Refresh tokens: rotation, successor, reuse, family.
-    store.put_refresh("rt-a1", &refresh_record("fam-a", "sid-a", now + 3600), now).await.unwrap();
-    assert_eq!(store.refresh_record("rt-a1", now).await.unwrap(), Some(refresh_record("fam-a", "sid-a", now + 3600)));
-    assert_eq!(store.refresh_record("rt-a1", now + 3600).await.unwrap(), None, "expired");
-    assert_eq!(store.refresh_record("unknown", now).await.unwrap(), None);
-    assert_eq!(
-        store.consume_refresh("rt-a1", "rt-a2", now + 7200, now).await.unwrap(),
-        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 3600))
-    );
-    assert_eq!(
-        store.refresh_record("rt-a2", now).await.unwrap(),
-        Some(refresh_record("fam-a", "sid-a", now + 7200)),
-        "the successor keeps the grant with its own expiry"
-    );
-    assert_eq!(
-        store.refresh_record("rt-a1", now).await.unwrap(),
-        Some(refresh_record("fam-a", "sid-a", now + 3600)),
-        "a spent token is still on record"
-    );
-    assert_eq!(
-        store.consume_refresh("rt-a2", "rt-a3", now + 7300, now + 10).await.unwrap(),
-        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 7200))
-    );
-    assert_eq!(store.consume_refresh("rt-a1", "rt-x", now + 7400, now + 20).await.unwrap(), ConsumeOutcome::Reused);
-    assert_eq!(
-        store.consume_refresh("rt-a3", "rt-a4", now + 7500, now + 30).await.unwrap(),
-        ConsumeOutcome::Invalid,
-        "the family is revoked"
-    );
-    assert_eq!(store.consume_refresh("rt-x", "rt-y", now + 7500, now + 30).await.unwrap(), ConsumeOutcome::Invalid);
-    assert_eq!(store.consume_refresh("unknown", "rt-z", now + 7500, now).await.unwrap(), ConsumeOutcome::Invalid);
-
-    // An expired refresh token is invalid, not reused.
-    store.put_refresh("rt-b1", &refresh_record("fam-b", "sid-b", now + 50), now).await.unwrap();
-    assert_eq!(store.consume_refresh("rt-b1", "rt-b2", now + 500, now + 50).await.unwrap(), ConsumeOutcome::Invalid);
-
-    // Logout: the session's tokens and refresh tokens die.
-    store.put_refresh("rt-c1", &refresh_record("fam-c", "sid-1", now + 3600), now).await.unwrap();
-    store.revoke(revocation(Sid, "sid-1", now + 3600), now).await.unwrap();
-    assert!(store.is_revoked("any-jti", Some("sid-1"), now).await.unwrap());
-    assert!(!store.is_revoked("any-jti", None, now).await.unwrap());
-    assert_eq!(store.consume_refresh("rt-c1", "rt-c2", now + 7200, now).await.unwrap(), ConsumeOutcome::Invalid);
-
-    // Revoking a family by hand.
-    store.put_refresh("rt-d1", &refresh_record("fam-d", "sid-d", now + 3600), now).await.unwrap();
-    store.revoke(revocation(Family, "fam-d", now + 3600), now).await.unwrap();
-    assert_eq!(store.consume_refresh("rt-d1", "rt-d2", now + 7200, now).await.unwrap(), ConsumeOutcome::Invalid);
-
-    // The snapshot: everything still in force, nothing expired.
-    let expected = as_set(vec![
-        revocation(Jti, "jti-1", now + 600),
-        revocation(Jti, "ghost", now + 120),
-        revocation(Family, "fam-a", now + 7400),
-        revocation(Sid, "sid-1", now + 3600),
-        revocation(Family, "fam-d", now + 3600),
-    ]);
-    assert_eq!(as_set(store.revoked_snapshot(now + 30).await.unwrap()), expected);
-    let later = as_set(vec![
-        revocation(Family, "fam-a", now + 7400),
-        revocation(Sid, "sid-1", now + 3600),
-        revocation(Family, "fam-d", now + 3600),
-    ]);
-    assert_eq!(as_set(store.revoked_snapshot(now + 600).await.unwrap()), later);
-    assert_eq!(
-        as_set(store.revoked_snapshot(now + 3600).await.unwrap()),
-        as_set(vec![revocation(Family, "fam-a", now + 7400)])
-    );
-}
-
 #[tokio::test]
-async fn redis_store_matches_the_memory_store_semantics() {
-    reference_scenario(&MemoryStore::new()).await;
+async fn redis_store_passes_the_store_conformance_suite() {
     let redis = RedisProcess::start();
     let store = connect(&redis).await;
     assert_eq!(store.name(), "redis");
     store.ping().await.unwrap();
-    reference_scenario(&store).await;
+    conformance::run_all(&store).await.unwrap();
+    // A second deployment on the same Redis passes it too, untouched by the
+    // first one's entries.
+    let green = RedisStore::connect(&RedisConfig { prefix: "green".into(), ..redis_config(&redis) }).await.unwrap();
+    conformance::run_all(&green).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

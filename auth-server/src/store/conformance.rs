@@ -1,0 +1,306 @@
+//! The store conformance suite: what every [`Store`] must do, whatever keeps
+//! its state. The in-memory store is the reference; the Redis store passes
+//! the same suite against a real `redis-server`, and so must any other store
+//! or key layout.
+//!
+//! [`run_all`] plays one story of operations on an empty store and checks
+//! every outcome, as a sequence of named checks: a failure names the check
+//! and what differed. It covers the issued-`jti` registry, deny entries by
+//! `jti`, session and family (never shortened, forgotten at expiry),
+//! refresh rotation, reuse and expiry, the snapshot at several times, and
+//! the events subscribers hear.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), auth_server::store::conformance::Failure> {
+//! use auth_server::store::{MemoryStore, conformance};
+//! conformance::run_all(&MemoryStore::new()).await
+//! # }
+//! ```
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+
+/// The time (Unix seconds) the suite passes as `now`, and moves forward from.
+/// Stores judge expiry by the caller's clock, so any value works.
+pub const NOW: u64 = 1_800_000_000;
+
+/// How long an event may take to reach a subscriber before the check fails.
+/// A bound on waiting, never a performance target.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A check the store failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("store conformance check `{check}` failed: {detail}")]
+pub struct Failure {
+    /// The check's name.
+    pub check: &'static str,
+    /// What the store did, and what it should have done.
+    pub detail: String,
+}
+
+type Check = Result<(), String>;
+
+/// Awaits a store call; a store error fails the check, naming the call.
+macro_rules! call {
+    ($store:ident . $method:ident ( $($arg:expr),* $(,)? )) => {
+        $store.$method($($arg),*).await.map_err(|e: StoreError| format!("{} failed: {e}", stringify!($method)))?
+    };
+}
+
+/// Fails the check unless `left == right`.
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr, $($what:tt)+) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            return Err(format!("{}: got {left:?}, expected {right:?}", format!($($what)+)));
+        }
+    }};
+}
+
+/// Fails the check unless `cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($what:tt)+) => {
+        if !$cond {
+            return Err(format!($($what)+));
+        }
+    };
+}
+
+/// Runs every check, in order, on `store`, which must start empty (a fresh
+/// store, or a fresh prefix of a shared backend).
+pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
+    let named = |check: &'static str| move |detail: String| Failure { check, detail };
+    let mut events = store.subscribe();
+    issued_registry(store).await.map_err(named("issued_registry"))?;
+    deny_by_jti(store).await.map_err(named("deny_by_jti"))?;
+    deny_unrecorded_jti(store).await.map_err(named("deny_unrecorded_jti"))?;
+    deny_never_shortens(store).await.map_err(named("deny_never_shortens"))?;
+    refresh_rotation_and_reuse(store).await.map_err(named("refresh_rotation_and_reuse"))?;
+    expired_refresh_is_invalid(store).await.map_err(named("expired_refresh_is_invalid"))?;
+    logout_revokes_the_session(store).await.map_err(named("logout_revokes_the_session"))?;
+    family_revocation(store).await.map_err(named("family_revocation"))?;
+    snapshot_holds_what_is_in_force(store).await.map_err(named("snapshot_holds_what_is_in_force"))?;
+    subscribers_hear_every_revocation(&mut events).await.map_err(named("subscribers_hear_every_revocation"))?;
+    Ok(())
+}
+
+fn revocation(kind: RevocationKind, id: &str, expires_at: u64) -> Revocation {
+    Revocation { kind, id: id.into(), expires_at }
+}
+
+fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
+    RefreshRecord {
+        family: family.into(),
+        sid: sid.into(),
+        sub: "alice".into(),
+        client_id: "order".into(),
+        // Separators and spaces survive the round trip.
+        audience: vec!["order".into(), "a b|c".into()],
+        scope: vec!["inventory:read".into()],
+        expires_at,
+    }
+}
+
+fn alice() -> IssuedToken {
+    IssuedToken { sub: "alice".into(), sid: Some("sid-1".into()), exp: NOW + 600 }
+}
+
+/// The issued-jti registry: recorded, found until expiry, unknown is `None`.
+async fn issued_registry(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.record_issued("jti-1", &alice(), now));
+    let service = IssuedToken { sub: "svc:order".into(), sid: None, exp: now + 300 };
+    call!(store.record_issued("jti-2", &service, now));
+    ensure_eq!(call!(store.issued("jti-1", now)), Some(alice()), "a user's token");
+    ensure_eq!(call!(store.issued("jti-2", now)), Some(service), "a service's token (no sid)");
+    ensure_eq!(call!(store.issued("jti-1", now + 600)), None, "an expired token");
+    ensure_eq!(call!(store.issued("unknown", now)), None, "an unknown jti");
+    ensure!(!call!(store.is_revoked("jti-1", Some("sid-1"), now)), "a fresh token is revoked");
+    Ok(())
+}
+
+/// The deny list by jti, for the token's remaining life.
+async fn deny_by_jti(store: &dyn Store) -> Check {
+    use RevocationKind::Jti;
+    let now = NOW;
+    call!(store.revoke(revocation(Jti, "jti-1", now + 600), now));
+    ensure!(call!(store.is_revoked("jti-1", None, now)), "a revoked jti is not revoked");
+    ensure!(call!(store.is_revoked("jti-1", Some("sid-other"), now + 599)), "not revoked until its expiry");
+    ensure!(!call!(store.is_revoked("jti-1", None, now + 600)), "not forgotten at expiry");
+    ensure_eq!(call!(store.issued("jti-1", now)), Some(alice()), "a revoked token is still on record");
+    ensure!(!call!(store.is_revoked("jti-2", None, now)), "revoking one jti revoked another");
+    Ok(())
+}
+
+/// A jti never recorded can be denied, and stays denied if recorded later.
+async fn deny_unrecorded_jti(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.revoke(revocation(RevocationKind::Jti, "ghost", now + 120), now));
+    ensure!(call!(store.is_revoked("ghost", None, now)), "an unrecorded jti is not denied");
+    ensure_eq!(call!(store.issued("ghost", now)), None, "a deny entry is not an issued token");
+    let late = IssuedToken { sub: "bob".into(), sid: None, exp: now + 60 };
+    call!(store.record_issued("ghost", &late, now));
+    ensure_eq!(call!(store.issued("ghost", now)), Some(late), "recorded after its revocation");
+    ensure!(call!(store.is_revoked("ghost", None, now + 100)), "recording a denied jti lifted its deny entry");
+    Ok(())
+}
+
+/// Revoking again with a shorter life never shortens the deny entry.
+async fn deny_never_shortens(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.revoke(revocation(RevocationKind::Jti, "jti-1", now + 10), now));
+    ensure!(call!(store.is_revoked("jti-1", None, now + 500)), "a shorter revocation shortened the deny entry");
+    Ok(())
+}
+
+/// Refresh tokens: rotation, successor, reuse revoking the family.
+async fn refresh_rotation_and_reuse(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-a1", &refresh_record("fam-a", "sid-a", now + 3600), now));
+    ensure_eq!(
+        call!(store.refresh_record("rt-a1", now)),
+        Some(refresh_record("fam-a", "sid-a", now + 3600)),
+        "a stored refresh token"
+    );
+    ensure_eq!(call!(store.refresh_record("rt-a1", now + 3600)), None, "an expired refresh token");
+    ensure_eq!(call!(store.refresh_record("unknown", now)), None, "an unknown refresh token");
+    ensure_eq!(
+        call!(store.consume_refresh("rt-a1", "rt-a2", now + 7200, now)),
+        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 3600)),
+        "spending a live token"
+    );
+    ensure_eq!(
+        call!(store.refresh_record("rt-a2", now)),
+        Some(refresh_record("fam-a", "sid-a", now + 7200)),
+        "the successor keeps the grant with its own expiry"
+    );
+    ensure_eq!(
+        call!(store.refresh_record("rt-a1", now)),
+        Some(refresh_record("fam-a", "sid-a", now + 3600)),
+        "a spent token is still on record"
+    );
+    ensure_eq!(
+        call!(store.consume_refresh("rt-a2", "rt-a3", now + 7300, now + 10)),
+        ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 7200)),
+        "spending the successor"
+    );
+    ensure_eq!(
+        call!(store.consume_refresh("rt-a1", "rt-x", now + 7400, now + 20)),
+        ConsumeOutcome::Reused,
+        "presenting a spent token again"
+    );
+    ensure_eq!(
+        call!(store.consume_refresh("rt-a3", "rt-a4", now + 7500, now + 30)),
+        ConsumeOutcome::Invalid,
+        "the family is revoked"
+    );
+    ensure_eq!(
+        call!(store.consume_refresh("rt-x", "rt-y", now + 7500, now + 30)),
+        ConsumeOutcome::Invalid,
+        "a reuse stores no successor"
+    );
+    ensure_eq!(
+        call!(store.consume_refresh("unknown", "rt-z", now + 7500, now)),
+        ConsumeOutcome::Invalid,
+        "an unknown refresh token"
+    );
+    Ok(())
+}
+
+/// An expired refresh token is invalid, not reused.
+async fn expired_refresh_is_invalid(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-b1", &refresh_record("fam-b", "sid-b", now + 50), now));
+    ensure_eq!(
+        call!(store.consume_refresh("rt-b1", "rt-b2", now + 500, now + 50)),
+        ConsumeOutcome::Invalid,
+        "spending an expired token"
+    );
+    Ok(())
+}
+
+/// Logout: the session's tokens and refresh tokens die.
+async fn logout_revokes_the_session(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-c1", &refresh_record("fam-c", "sid-1", now + 3600), now));
+    call!(store.revoke(revocation(RevocationKind::Sid, "sid-1", now + 3600), now));
+    ensure!(call!(store.is_revoked("any-jti", Some("sid-1"), now)), "a token of a revoked session is not revoked");
+    ensure!(!call!(store.is_revoked("any-jti", None, now)), "a token without a session is revoked");
+    ensure_eq!(
+        call!(store.consume_refresh("rt-c1", "rt-c2", now + 7200, now)),
+        ConsumeOutcome::Invalid,
+        "a refresh token of a revoked session"
+    );
+    Ok(())
+}
+
+/// Revoking a family by hand.
+async fn family_revocation(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-d1", &refresh_record("fam-d", "sid-d", now + 3600), now));
+    call!(store.revoke(revocation(RevocationKind::Family, "fam-d", now + 3600), now));
+    ensure_eq!(
+        call!(store.consume_refresh("rt-d1", "rt-d2", now + 7200, now)),
+        ConsumeOutcome::Invalid,
+        "a refresh token of a revoked family"
+    );
+    Ok(())
+}
+
+fn as_set(revocations: Vec<Revocation>) -> HashSet<Revocation> {
+    revocations.into_iter().collect()
+}
+
+/// The snapshot: everything still in force, nothing expired.
+async fn snapshot_holds_what_is_in_force(store: &dyn Store) -> Check {
+    use RevocationKind::{Family, Jti, Sid};
+    let now = NOW;
+    let expected = as_set(vec![
+        revocation(Jti, "jti-1", now + 600),
+        revocation(Jti, "ghost", now + 120),
+        revocation(Family, "fam-a", now + 7400),
+        revocation(Sid, "sid-1", now + 3600),
+        revocation(Family, "fam-d", now + 3600),
+    ]);
+    ensure_eq!(as_set(call!(store.revoked_snapshot(now + 30))), expected, "the snapshot after 30 s");
+    let later = as_set(vec![
+        revocation(Family, "fam-a", now + 7400),
+        revocation(Sid, "sid-1", now + 3600),
+        revocation(Family, "fam-d", now + 3600),
+    ]);
+    ensure_eq!(as_set(call!(store.revoked_snapshot(now + 600))), later, "the snapshot once the jtis expired");
+    ensure_eq!(
+        as_set(call!(store.revoked_snapshot(now + 3600))),
+        as_set(vec![revocation(Family, "fam-a", now + 7400)]),
+        "the snapshot after an hour"
+    );
+    Ok(())
+}
+
+/// Every revocation made above reached a subscriber taken before them, in
+/// order, as it was made (a reuse publishes its family's).
+async fn subscribers_hear_every_revocation(events: &mut broadcast::Receiver<Revocation>) -> Check {
+    use RevocationKind::{Family, Jti, Sid};
+    let now = NOW;
+    let expected = [
+        revocation(Jti, "jti-1", now + 600),
+        revocation(Jti, "ghost", now + 120),
+        revocation(Jti, "jti-1", now + 10),
+        revocation(Family, "fam-a", now + 7400),
+        revocation(Sid, "sid-1", now + 3600),
+        revocation(Family, "fam-d", now + 3600),
+    ];
+    for (i, want) in expected.iter().enumerate() {
+        let got = match tokio::time::timeout(PATIENCE, events.recv()).await {
+            Ok(Ok(got)) => got,
+            Ok(Err(e)) => return Err(format!("event {i}: the subscription failed: {e}")),
+            Err(_) => return Err(format!("event {i} ({want:?}) never arrived")),
+        };
+        ensure_eq!(got, *want, "event {i}");
+    }
+    Ok(())
+}
