@@ -3,15 +3,19 @@
 //! never stored), holding the verified claims in their compact encoding
 //! (see `compact`) until the token expires. A revocation evicts the entry.
 //!
-//! A hit skips only the signature: the claim checks (times, issuer,
-//! audience), the certificate binding and the revocation check still run
-//! on every request.
+//! A hit skips only the signature, and only while the key that checked it
+//! is still published: each entry keeps that key's fingerprint, and the
+//! verifier compares it with the current key set on every hit (a key
+//! removed from the JWKS, or replaced under its `kid`, sends its tokens
+//! back through full verification, which refuses them). The claim checks
+//! (times, issuer, audience), the certificate binding and the revocation
+//! check still run on every request.
 //!
 //! Why not `moka` holding parsed `Claims`: per entry that is about 500 bytes
 //! of cache bookkeeping plus about 700 bytes of parsed claims (a dozen small
 //! allocations), 119 MB for 100,000 tokens against a 64 MB budget that also
 //! covers the deny set. Here an entry is the 32-byte digest, the compact
-//! claims (about 200 bytes, one allocation) and three integers, in sharded
+//! claims (about 200 bytes, one allocation) and four integers, in sharded
 //! hash maps. Decoding the compact form on a hit costs about what cloning
 //! parsed claims into the request did.
 
@@ -22,6 +26,7 @@ use std::sync::{Arc, RwLock};
 use aws_lc_rs::digest;
 
 use super::RevokedKind;
+use super::keys::KeyFingerprint;
 
 /// Number of independently locked shards.
 const SHARDS: usize = 32;
@@ -80,6 +85,8 @@ struct Entry {
     jti: u64,
     /// `0` when the token has no `sid`.
     sid: u64,
+    /// The key that checked the signature.
+    key: KeyFingerprint,
 }
 
 type Shard = HashMap<TokenDigest, Entry, BuildHasherDefault<DigestHasher>>;
@@ -105,27 +112,31 @@ impl TokenCache {
         &self.shards[usize::from(key.0[31]) % SHARDS]
     }
 
-    /// The compact claims of a token, if cached and not past `now`.
-    pub(crate) fn get(&self, key: &TokenDigest, now: u64) -> Option<Arc<[u8]>> {
+    /// The compact claims of a token, if cached and not past `now`, and the
+    /// fingerprint of the key that checked its signature.
+    pub(crate) fn get(&self, key: &TokenDigest, now: u64) -> Option<(Arc<[u8]>, KeyFingerprint)> {
         let shard = self.shard(key).read().unwrap_or_else(|p| p.into_inner());
-        shard.get(key).filter(|e| e.until > now).map(|e| Arc::clone(&e.payload))
+        shard.get(key).filter(|e| e.until > now).map(|e| (Arc::clone(&e.payload), e.key))
     }
 
-    /// Keeps the compact claims `payload` until `until` (the token's `exp`
-    /// plus leeway).
+    /// Keeps the compact claims `payload`, whose signature the key
+    /// `signed_by` checked, until `until` (the token's `exp` plus leeway).
+    #[allow(clippy::too_many_arguments, reason = "one entry's fields, each named at the call site")]
     pub(crate) fn insert(
         &self,
         key: TokenDigest,
         payload: Vec<u8>,
         jti: &str,
         sid: Option<&str>,
+        signed_by: KeyFingerprint,
         now: u64,
         until: u64,
     ) {
         if until <= now {
             return;
         }
-        let entry = Entry { payload: Arc::from(payload), until, jti: id_tag(jti), sid: sid.map_or(0, id_tag) };
+        let entry =
+            Entry { payload: Arc::from(payload), until, jti: id_tag(jti), sid: sid.map_or(0, id_tag), key: signed_by };
         let mut shard = self.shard(&key).write().unwrap_or_else(|p| p.into_inner());
         if shard.len() >= self.per_shard && !shard.contains_key(&key) {
             shard.retain(|_, e| e.until > now);
@@ -139,6 +150,11 @@ impl TokenCache {
             }
         }
         shard.insert(key, entry);
+    }
+
+    /// Forgets one token.
+    pub(crate) fn remove(&self, key: &TokenDigest) {
+        self.shard(key).write().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
 
     /// Evicts every entry of a revoked `jti` or `sid`.
@@ -172,7 +188,15 @@ mod tests {
     use super::*;
 
     fn put(cache: &TokenCache, token: &str, jti: &str, sid: &str, until: u64) {
-        cache.insert(token_digest(token), token.as_bytes().to_vec(), jti, Some(sid), 1_000, until);
+        cache.insert(
+            token_digest(token),
+            token.as_bytes().to_vec(),
+            jti,
+            Some(sid),
+            KeyFingerprint::TEST,
+            1_000,
+            until,
+        );
     }
 
     #[test]
@@ -185,7 +209,7 @@ mod tests {
     fn hit_returns_the_payload_until_expiry() {
         let cache = TokenCache::new(100);
         put(&cache, "t", "j", "s", 2_000);
-        assert_eq!(&*cache.get(&token_digest("t"), 1_999).unwrap(), b"t");
+        assert_eq!(cache.get(&token_digest("t"), 1_999).unwrap(), (Arc::from(&b"t"[..]), KeyFingerprint::TEST));
         assert!(cache.get(&token_digest("t"), 2_000).is_none());
         assert!(cache.get(&token_digest("u"), 1_000).is_none());
     }
@@ -224,7 +248,7 @@ mod tests {
         put(&cache, "old", "j0", "s", 1_001);
         // Fill every shard once more at a later time: expired entries make room.
         for i in 0..10_000 {
-            cache.insert(token_digest(&format!("n{i}")), vec![], "j", None, 1_500, 2_000);
+            cache.insert(token_digest(&format!("n{i}")), vec![], "j", None, KeyFingerprint::TEST, 1_500, 2_000);
         }
         assert!(cache.get(&token_digest("old"), 1_000).is_none());
     }

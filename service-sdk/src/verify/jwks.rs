@@ -21,7 +21,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
-use super::keys::KeySet;
+use super::keys::{KeyFingerprint, KeySet};
 use super::observe::{JwksTrigger, VerifyEvent, VerifyObserver};
 use crate::backoff::Backoff;
 
@@ -297,6 +297,12 @@ impl JwksCache {
     /// The current keys, if any were ever loaded.
     pub(crate) fn current(&self) -> Option<Arc<KeySet>> {
         self.keys.load_full()
+    }
+
+    /// Whether the current key set holds the key with this fingerprint
+    /// (the hit path of the verified-token cache: no reference count taken).
+    pub(crate) fn holds(&self, fingerprint: KeyFingerprint) -> bool {
+        self.keys.load().as_ref().is_some_and(|keys| keys.holds(fingerprint))
     }
 
     /// Puts fetched keys in use.

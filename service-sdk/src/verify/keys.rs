@@ -2,8 +2,9 @@
 
 use std::collections::HashMap;
 
+use aws_lc_rs::digest;
 use jsonwebtoken::jwk::{JwkSet, KeyAlgorithm};
-use jsonwebtoken::{Algorithm, DecodingKey};
+use jsonwebtoken::{Algorithm, DecodingKey, DecodingKeyKind};
 
 use super::VerifyError;
 
@@ -22,13 +23,58 @@ impl std::fmt::Debug for VerifyKey {
     }
 }
 
+/// Names one published key exactly: a digest of its `kid`, its algorithm
+/// and its public key material. The verified-token cache keeps the
+/// fingerprint of the key that checked each cached signature, and a hit
+/// counts only while the current key set still holds that fingerprint: a
+/// key removed from the JWKS, or another key published under the same
+/// `kid`, takes its cached tokens with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct KeyFingerprint(u64);
+
+impl KeyFingerprint {
+    fn of(kid: &str, key: &VerifyKey) -> Self {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        let mut field = |bytes: &[u8]| {
+            // Length-prefixed, so no two field lists digest alike.
+            ctx.update(&(bytes.len() as u64).to_be_bytes());
+            ctx.update(bytes);
+        };
+        field(kid.as_bytes());
+        field(format!("{:?}", key.alg).as_bytes());
+        match key.key.kind() {
+            DecodingKeyKind::SecretOrDer(der) => field(der),
+            DecodingKeyKind::RsaModulusExponent { n, e } => {
+                field(n);
+                field(e);
+            }
+        }
+        let d = ctx.finish();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d.as_ref()[..8]);
+        Self(u64::from_be_bytes(first))
+    }
+}
+
+#[cfg(test)]
+impl KeyFingerprint {
+    /// A fingerprint of no real key.
+    pub(crate) const TEST: Self = Self(1);
+}
+
+#[derive(Clone, Debug)]
+struct Slot {
+    key: VerifyKey,
+    fingerprint: KeyFingerprint,
+}
+
 /// Public keys by `kid`. Built from a JWK Set; keys without a `kid`, without
 /// an `alg`, with a symmetric or unknown `alg`, or with `use` other than `sig`
 /// are left out, so a key can never verify with an algorithm it was not
 /// published for.
 #[derive(Clone, Debug, Default)]
 pub struct KeySet {
-    keys: HashMap<String, VerifyKey>,
+    keys: HashMap<String, Slot>,
 }
 
 impl KeySet {
@@ -57,19 +103,34 @@ impl KeySet {
                     continue;
                 }
             };
-            keys.insert(kid, VerifyKey { alg, key });
+            let key = VerifyKey { alg, key };
+            let fingerprint = KeyFingerprint::of(&kid, &key);
+            keys.insert(kid, Slot { key, fingerprint });
         }
         Ok(Self { keys })
     }
 
     /// Adds or replaces one key.
     pub fn insert(&mut self, kid: impl Into<String>, key: VerifyKey) {
-        self.keys.insert(kid.into(), key);
+        let kid = kid.into();
+        let fingerprint = KeyFingerprint::of(&kid, &key);
+        self.keys.insert(kid, Slot { key, fingerprint });
     }
 
     /// The key with this `kid`.
     pub fn get(&self, kid: &str) -> Option<&VerifyKey> {
-        self.keys.get(kid)
+        self.keys.get(kid).map(|s| &s.key)
+    }
+
+    /// The key with this `kid`, and its fingerprint.
+    pub(crate) fn get_with_fingerprint(&self, kid: &str) -> Option<(&VerifyKey, KeyFingerprint)> {
+        self.keys.get(kid).map(|s| (&s.key, s.fingerprint))
+    }
+
+    /// Whether the key with this fingerprint is in the set (a scan: key
+    /// sets hold a handful of keys).
+    pub(crate) fn holds(&self, fingerprint: KeyFingerprint) -> bool {
+        self.keys.values().any(|s| s.fingerprint == fingerprint)
     }
 
     /// Whether the set holds no key.
@@ -118,4 +179,37 @@ pub(crate) fn parse_header_alg(alg: &str) -> Result<Algorithm, VerifyError> {
         "PS512" => Algorithm::PS512,
         _ => return Err(VerifyError::ForbiddenAlg),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::verify::test_keys::TestKey;
+
+    fn fingerprint(set: &KeySet, kid: &str) -> KeyFingerprint {
+        set.get_with_fingerprint(kid).unwrap().1
+    }
+
+    #[test]
+    fn fingerprints_name_kid_and_key_material() {
+        let (a, b) = (TestKey::es256(), TestKey::es256());
+        let set = KeySet::from_jwks_json(&json!({ "keys": [a.jwk(), b.jwk()] }).to_string()).unwrap();
+        let (fa, fb) = (fingerprint(&set, &a.kid), fingerprint(&set, &b.kid));
+        assert_ne!(fa, fb);
+        assert!(set.holds(fa) && set.holds(fb));
+        // The same key parsed again has the same fingerprint.
+        assert_eq!(fingerprint(&a.key_set(), &a.kid), fa);
+        // b's material under a's kid is another key.
+        let mut swapped = b.jwk();
+        swapped["kid"] = json!(a.kid);
+        let other = KeySet::from_jwks_json(&json!({ "keys": [swapped] }).to_string()).unwrap();
+        assert!(!other.holds(fa) && !other.holds(fb));
+        // Replacing a key by insert drops the old fingerprint.
+        let mut set = set;
+        set.insert(a.kid.clone(), other.get(&a.kid).unwrap().clone());
+        assert!(!set.holds(fa) && set.holds(fb));
+    }
 }

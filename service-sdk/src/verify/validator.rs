@@ -8,7 +8,7 @@ use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
 use super::VerifyError;
-use super::keys::{KeySet, parse_header_alg};
+use super::keys::{KeyFingerprint, KeySet, parse_header_alg};
 use crate::claims::{ACCESS_TOKEN_TYP, Claims};
 
 /// Default largest accepted token, in bytes.
@@ -117,6 +117,18 @@ impl Validator {
         now: u64,
         audience: Option<&str>,
     ) -> Result<Claims, VerifyError> {
+        self.validate_keyed(token, keys, now, audience).map(|(claims, _)| claims)
+    }
+
+    /// Like [`validate_for`](Self::validate_for), also naming the key that
+    /// checked the signature.
+    pub(crate) fn validate_keyed(
+        &self,
+        token: &str,
+        keys: &KeySet,
+        now: u64,
+        audience: Option<&str>,
+    ) -> Result<(Claims, KeyFingerprint), VerifyError> {
         if token.len() > self.max_token_bytes {
             return Err(VerifyError::TooLarge);
         }
@@ -140,7 +152,7 @@ impl Validator {
         }
         let alg = parse_header_alg(&header.alg)?;
         let kid = header.kid.ok_or(VerifyError::UnknownKid)?;
-        let key = keys.get(&kid).ok_or(VerifyError::UnknownKid)?;
+        let (key, fingerprint) = keys.get_with_fingerprint(&kid).ok_or(VerifyError::UnknownKid)?;
         if key.alg != alg || !self.allowed_algs.contains(&alg) {
             return Err(VerifyError::AlgMismatch);
         }
@@ -153,7 +165,7 @@ impl Validator {
         let payload = URL_SAFE_NO_PAD.decode(p64).map_err(|_| VerifyError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| VerifyError::BadClaims)?;
         self.check_claims(&claims, now, audience)?;
-        Ok(claims)
+        Ok((claims, fingerprint))
     }
 
     /// The claim checks alone (issuer, audience, times, jti), for a token

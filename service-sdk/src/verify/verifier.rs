@@ -14,6 +14,7 @@ use futures_util::future::BoxFuture;
 use super::cache::{TokenCache, token_digest};
 use super::compact;
 use super::jwks::{JwksCache, JwksOptions, JwksSource};
+use super::keys::KeyFingerprint;
 use super::observe::{CacheUse, Reporter, VerifierStats, VerifyEvent, VerifyObserver};
 use super::revocation::{FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup};
 use super::{Validator, VerifyError};
@@ -210,7 +211,18 @@ impl Verifier {
         let (claims, cache_use) = match &inner.cache {
             Some(cache) => {
                 let key = token_digest(token);
-                match cache.get(&key, now) {
+                // A hit counts only while the key that checked the signature
+                // is still published; otherwise the token is verified afresh,
+                // as if never seen (and refused like any token of that key).
+                let hit = cache.get(&key, now).and_then(|(payload, signed_by)| {
+                    if inner.jwks.holds(signed_by) {
+                        Some(payload)
+                    } else {
+                        cache.remove(&key);
+                        None
+                    }
+                });
+                match hit {
                     Some(payload) => {
                         let Some(claims) = compact::decode(&payload) else {
                             return (Step::Done(Err(VerifyError::BadClaims)), CacheUse::Hit);
@@ -221,10 +233,11 @@ impl Verifier {
                         (claims, CacheUse::Hit)
                     }
                     None => match self.validate_fresh(token, now, may_refetch) {
-                        Ok(claims) => {
+                        Ok((claims, signed_by)) => {
                             if let Some(compact) = compact::encode(&claims) {
                                 let until = claims.exp.saturating_add(v.leeway());
-                                cache.insert(key, compact, &claims.jti, claims.sid.as_deref(), now, until);
+                                let sid = claims.sid.as_deref();
+                                cache.insert(key, compact, &claims.jti, sid, signed_by, now, until);
                             }
                             (claims, CacheUse::Miss)
                         }
@@ -233,7 +246,7 @@ impl Verifier {
                 }
             }
             None => match self.validate_fresh(token, now, may_refetch) {
-                Ok(claims) => (claims, CacheUse::Miss),
+                Ok((claims, _)) => (claims, CacheUse::Miss),
                 Err(miss) => return (miss.into(), CacheUse::Miss),
             },
         };
@@ -251,12 +264,14 @@ impl Verifier {
         (step, cache_use)
     }
 
-    /// Signature and claims, against the current keys.
-    fn validate_fresh(&self, token: &str, now: u64, may_refetch: bool) -> Result<Claims, Miss> {
+    /// Signature and claims, against the current keys; and the key that
+    /// checked the signature.
+    fn validate_fresh(&self, token: &str, now: u64, may_refetch: bool) -> Result<(Claims, KeyFingerprint), Miss> {
         let Some(keys) = self.inner.jwks.current() else {
             return Err(Miss::Refused(VerifyError::NoKeys));
         };
-        match self.inner.validator.validate(token, &keys, now) {
+        let v = &self.inner.validator;
+        match v.validate_keyed(token, &keys, now, Some(v.audience())) {
             Ok(verified) => Ok(verified),
             Err(VerifyError::UnknownKid) if may_refetch => match header_kid(token) {
                 Some(kid) if plausible_kid(&kid) => Err(Miss::Refetch(kid)),
@@ -663,6 +678,85 @@ mod tests {
         *s.answer.lock().unwrap() = Ok(json!({ "keys": [old.jwk(), new.jwk()] }).to_string());
         v.verify(&new.sign(&claims(NOW, "j")), None).await.unwrap();
         assert_eq!(s.fetches.load(Ordering::SeqCst), 2);
+    }
+
+    /// A verifier on scripted keys refreshed every 10 ms (real time).
+    fn refreshing_verifier(s: Arc<Scripted>, clock: &ManualClock) -> Verifier {
+        Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::scripted(s))
+            .jwks_options(JwksOptions {
+                refresh_interval: std::time::Duration::from_millis(10),
+                ..JwksOptions::default()
+            })
+            .revocation(fresh_feed(clock))
+            .clock(clock.clone())
+            .build()
+            .unwrap()
+    }
+
+    /// Answers `json` from now on, and waits until a refresh has stored it.
+    async fn publish(s: &Scripted, json: String) {
+        *s.answer.lock().unwrap() = Ok(json);
+        // Fetches run one after another: once the second fetch from here
+        // has begun, the first one (which read `json`) has been stored.
+        let base = s.fetches.load(Ordering::SeqCst);
+        while s.fetches.load(Ordering::SeqCst) < base + 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn cached_token_is_refused_once_its_key_leaves_the_jwks() {
+        let (old, new) = (TestKey::es256(), TestKey::es256());
+        let clock = ManualClock::new(NOW);
+        let both = json!({ "keys": [old.jwk(), new.jwk()] }).to_string();
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(both)) });
+        let v = refreshing_verifier(s.clone(), &clock);
+        v.ready().await;
+        let token = old.sign(&claims(NOW, "j-old"));
+        v.verify(&token, None).await.unwrap();
+        v.verify(&token, None).await.unwrap();
+        assert_eq!(v.stats().cache_hits, 1, "the token is cached");
+
+        publish(&s, new.jwks_json()).await;
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::UnknownKid, "cached, key gone");
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::UnknownKid, "and stays refused");
+        v.verify(&new.sign(&claims(NOW, "j-new")), None).await.unwrap();
+        assert_eq!(v.cached_tokens(), 1, "only the live key's token is cached");
+    }
+
+    #[tokio::test]
+    async fn cached_token_is_refused_once_its_kid_names_another_key() {
+        let (old, new) = (TestKey::es256(), TestKey::es256());
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(old.jwks_json())) });
+        let v = refreshing_verifier(s.clone(), &clock);
+        v.ready().await;
+        let token = old.sign(&claims(NOW, "j"));
+        v.verify(&token, None).await.unwrap();
+        v.verify(&token, None).await.unwrap();
+        assert_eq!(v.stats().cache_hits, 1, "the token is cached");
+
+        // Another key published under the same kid.
+        let mut jwk = new.jwk();
+        jwk["kid"] = json!(old.kid);
+        publish(&s, json!({ "keys": [jwk] }).to_string()).await;
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::BadSignature);
+    }
+
+    #[tokio::test]
+    async fn cache_hits_survive_a_refresh_that_keeps_the_key() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let s = Arc::new(Scripted { fetches: AtomicUsize::new(0), answer: std::sync::Mutex::new(Ok(key.jwks_json())) });
+        let v = refreshing_verifier(s.clone(), &clock);
+        v.ready().await;
+        let token = key.sign(&claims(NOW, "j"));
+        v.verify(&token, None).await.unwrap();
+        publish(&s, key.jwks_json()).await;
+        v.verify(&token, None).await.unwrap();
+        let stats = v.stats();
+        assert_eq!((stats.cache_misses, stats.cache_hits), (1, 1), "a refetched, unchanged key keeps its entries");
     }
 
     #[tokio::test]

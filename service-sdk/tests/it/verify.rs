@@ -28,8 +28,8 @@ use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use service_sdk::verify::JwksError;
 use service_sdk::{
-    AuthorizeRequest, BearerToken, Claims, FeedOptions, JwksSource, ManualClock, RequireAuthLayer, Verifier,
-    VerifyError, VerifyEvent, VerifyObserver,
+    AuthorizeRequest, BearerToken, Claims, FeedOptions, JwksOptions, JwksSource, ManualClock, RequireAuthLayer,
+    Verifier, VerifyError, VerifyEvent, VerifyObserver,
 };
 use testkit::TestServer;
 use testkit::auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
@@ -422,6 +422,39 @@ async fn key_rotation_under_load_fails_no_verification() {
         failed.load(Ordering::SeqCst)
     );
     assert_eq!(failed.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn cached_token_is_refused_once_its_key_leaves_the_jwks() {
+    let srv = TestServer::start().await;
+    let events = Events::default();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(srv.channel("inventory").await)
+        .jwks_options(JwksOptions { refresh_interval: Duration::from_millis(50), ..JwksOptions::default() })
+        .observer(events.clone())
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    env.call(&mut client, &token).await.unwrap();
+    assert_eq!(env.verifier.stats().cache_hits, 1, "the token is cached");
+
+    // The compromise drill: sign with a new key and drop the old one from
+    // the JWKS. Two refreshes later the verifier surely holds the new set.
+    let new = LoadedKey::from_pem(KeyAlg::ES256, generate_pkcs8_pem(KeyAlg::ES256).unwrap().as_bytes()).unwrap();
+    env.srv.keys().replace(new, vec![]).unwrap();
+    let seen = events.count("JwksRefreshed");
+    events.wait_for("JwksRefreshed", seen + 2).await;
+    assert_refused(
+        env.call(&mut client, &token).await,
+        Code::Unauthenticated,
+        VerifyError::UnknownKid,
+        "cached, key gone",
+    );
+    env.call(&mut client, &env.service_token().await).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
