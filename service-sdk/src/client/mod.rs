@@ -33,4 +33,5 @@ pub use source::{
     AccessToken, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, TokenError, TokenRequest,
     TokenSource, TokenSourceBuilder, TokenSourceStats,
 };
+pub(crate) use tls::shown_uri;
 pub use tls::{MtlsFiles, TlsError};

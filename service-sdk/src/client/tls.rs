@@ -27,8 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// Why a TLS channel could not be built. Messages name files, never their
-/// contents.
+/// Why a TLS channel could not be built. Messages name files and URIs,
+/// never file contents.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
@@ -40,9 +40,48 @@ pub enum TlsError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The URI is not `https://` with a host. There is no plaintext mode:
+    /// given an `http://` URI, tonic would speak cleartext HTTP/2.
+    #[error("refusing {uri:?}: only https:// URIs with a host are accepted (there is no plaintext mode)")]
+    NotHttps {
+        /// The URI, without any `user:password@` part.
+        uri: String,
+    },
     /// The endpoint URI or the TLS material was refused.
     #[error("tls channel: {0}")]
     Channel(String),
+}
+
+/// A tonic endpoint for `uri`, which must be `https://` with a host: every
+/// channel the SDK builds goes through here.
+pub(crate) fn https_endpoint(uri: &str) -> Result<Endpoint, TlsError> {
+    if !is_https_with_host(uri) {
+        return Err(TlsError::NotHttps { uri: shown_uri(uri) });
+    }
+    Endpoint::from_shared(uri.to_owned()).map_err(|e| TlsError::Channel(e.to_string()))
+}
+
+/// Whether `uri` parses as `https://host…`.
+pub(crate) fn is_https_with_host(uri: &str) -> bool {
+    uri.parse::<http::Uri>().is_ok_and(|u| u.scheme_str() == Some("https") && u.host().is_some_and(|h| !h.is_empty()))
+}
+
+/// `uri` as an error may show it: a `user:password@` part is cut.
+pub(crate) fn shown_uri(uri: &str) -> String {
+    let (scheme, rest) = match uri.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, uri),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((_, host)) => format!("…@{host}"),
+        None => authority.to_owned(),
+    };
+    match scheme {
+        Some(scheme) => format!("{scheme}://{authority}{tail}"),
+        None => format!("{authority}{tail}"),
+    }
 }
 
 /// The CA, client certificate and client key files of an mTLS client.
@@ -91,15 +130,14 @@ impl MtlsFiles {
             .domain_name(domain))
     }
 
-    /// A lazily connecting channel to `uri` (e.g. `https://auth:50051`) for
-    /// a server whose certificate names `domain`. The TLS material is parsed
-    /// here, so bad files fail now rather than at the first call.
+    /// A lazily connecting channel to `uri` (e.g. `https://inventory:50051`)
+    /// for a server whose certificate names `domain`. Only `https://` URIs
+    /// are accepted ([`TlsError::NotHttps`] otherwise). The TLS material is
+    /// parsed here, so bad files fail now rather than at the first call.
     pub fn channel(&self, uri: &str, domain: &str) -> Result<Channel, TlsError> {
+        let endpoint = https_endpoint(uri)?;
         let tls = self.tls_config(domain)?;
-        let endpoint = Endpoint::from_shared(uri.to_owned())
-            .map_err(|e| TlsError::Channel(e.to_string()))?
-            .tls_config(tls)
-            .map_err(|e| TlsError::Channel(e.to_string()))?;
+        let endpoint = endpoint.tls_config(tls).map_err(|e| TlsError::Channel(e.to_string()))?;
         Ok(endpoint.connect_lazy())
     }
 
@@ -109,20 +147,21 @@ impl MtlsFiles {
 
     /// Polls the files every `every` and, after a change, builds a new
     /// channel and passes it to `on_change`. See the [module docs](self).
-    /// The task stops when the handle is aborted or dropped with the
-    /// runtime.
+    /// Fails at once, starting nothing, when `uri` is not `https://`. The
+    /// task stops when the handle is aborted or dropped with the runtime.
     pub fn watch(
         &self,
         uri: &str,
         domain: &str,
         every: Duration,
         on_change: impl Fn(Channel) + Send + 'static,
-    ) -> tokio::task::JoinHandle<()> {
+    ) -> Result<tokio::task::JoinHandle<()>, TlsError> {
+        https_endpoint(uri)?;
         let files = self.clone();
         let (uri, domain) = (uri.to_owned(), domain.to_owned());
         // The files as they are now: changes from here on count.
         let mut seen = files.stamps();
-        tokio::spawn(async move {
+        Ok(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let now = files.stamps();
@@ -140,6 +179,31 @@ impl MtlsFiles {
                     }
                 }
             }
-        })
+        }))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_https_uris_with_a_host_pass() {
+        for ok in ["https://auth:50051", "https://127.0.0.1:50051", "https://[::1]:50051", "HTTPS://auth"] {
+            assert!(https_endpoint(ok).is_ok(), "{ok}");
+        }
+        for bad in ["http://auth:50051", "grpc://auth", "auth:50051", "https://", "https:///path", "", "unix:/x"] {
+            assert!(matches!(https_endpoint(bad), Err(TlsError::NotHttps { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refusals_name_the_uri_without_its_credentials() {
+        let err = https_endpoint("http://auth:50051/x").unwrap_err().to_string();
+        assert!(err.contains("\"http://auth:50051/x\""), "{err}");
+        let err = https_endpoint("http://svc:hunter2@auth:50051/x").unwrap_err().to_string();
+        assert!(err.contains("http://…@auth:50051/x") && !err.contains("hunter2"), "{err}");
+        assert_eq!(shown_uri("unix:/run/a@b"), "unix:/run/a@b");
     }
 }

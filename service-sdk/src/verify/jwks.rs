@@ -1,5 +1,9 @@
 //! Where verification keys come from, and the cache that holds them.
 //!
+//! Sources: `GetJwks` over the mTLS channel to the auth service (the
+//! default), an `https://` URL, or a fixed set. There is no plaintext
+//! source.
+//!
 //! The cache loads at start-up, retrying with backoff until the auth
 //! service answers; refreshes in the background; refetches on an unknown
 //! `kid` at most once per [`JwksOptions::min_refetch_interval`]; and keeps
@@ -32,9 +36,13 @@ const MAX_JWKS_BYTES: usize = 1 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum JwksError {
-    /// The JWKS URL is not an `http://` or `https://` URL with a host.
+    /// The JWKS URL is not a valid `https://` URL with a host.
     #[error("invalid JWKS URL")]
     InvalidUrl,
+    /// The JWKS URL is not `https://`. There is no plaintext mode: whoever
+    /// can rewrite a JWKS in transit can mint tokens.
+    #[error("refusing {0:?}: a JWKS URL must be https:// (there is no plaintext mode)")]
+    NotHttps(String),
     /// The CA certificate for an `https://` source could not be parsed.
     #[error("invalid CA certificate: {0}")]
     BadCa(String),
@@ -60,6 +68,7 @@ impl JwksError {
     pub fn reason(&self) -> &'static str {
         match self {
             JwksError::InvalidUrl => "invalid_url",
+            JwksError::NotHttps(_) => "not_https",
             JwksError::BadCa(_) => "bad_ca",
             JwksError::Transport(_) => "transport",
             JwksError::HttpStatus(_) => "http_status",
@@ -77,7 +86,7 @@ pub struct JwksSource(Source);
 #[derive(Clone)]
 enum Source {
     Grpc(Channel),
-    Http(Arc<HttpJwks>),
+    Https(Arc<HttpsJwks>),
     Fixed(Arc<KeySet>),
     #[cfg(test)]
     Scripted(Arc<Scripted>),
@@ -87,9 +96,7 @@ impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::Grpc(_) => f.write_str("Grpc"),
-            Source::Http(h) => {
-                write!(f, "Http({}://{}:{}{})", if h.tls.is_some() { "https" } else { "http" }, h.host, h.port, h.path)
-            }
+            Source::Https(h) => write!(f, "Https(https://{}:{}{})", h.host, h.port, h.path),
             Source::Fixed(k) => write!(f, "Fixed({} keys)", k.len()),
             #[cfg(test)]
             Source::Scripted(_) => f.write_str("Scripted"),
@@ -97,12 +104,13 @@ impl std::fmt::Debug for Source {
     }
 }
 
-struct HttpJwks {
+struct HttpsJwks {
     host: String,
     port: u16,
     path: String,
     authority: String,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    connector: tokio_rustls::TlsConnector,
+    name: ServerName<'static>,
 }
 
 impl JwksSource {
@@ -112,8 +120,14 @@ impl JwksSource {
         Self(Source::Grpc(channel))
     }
 
-    /// An HTTPS JWKS URL, trusting only the CA certificates in `ca_pem`.
+    /// An HTTPS JWKS URL, trusting only the CA certificates in `ca_pem` (and
+    /// checking the URL's host name against the certificate). Any other
+    /// scheme is refused with [`JwksError::NotHttps`]: there is no plaintext
+    /// JWKS source.
     pub fn https(url: &str, ca_pem: &str) -> Result<Self, JwksError> {
+        if !url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://")) {
+            return Err(JwksError::NotHttps(crate::client::shown_uri(url)));
+        }
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
             let cert = cert.map_err(|e| JwksError::BadCa(e.to_string()))?;
@@ -128,14 +142,7 @@ impl JwksSource {
             .map_err(|e| JwksError::BadCa(e.to_string()))?
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Self::parse_http(url, Some(tokio_rustls::TlsConnector::from(Arc::new(config))))
-    }
-
-    /// A plain `http://` JWKS URL. Whoever can rewrite this document in
-    /// transit can mint tokens, so use it only on a trusted hop (loopback,
-    /// a sidecar); prefer [`JwksSource::grpc`] or [`JwksSource::https`].
-    pub fn http(url: &str) -> Result<Self, JwksError> {
-        Self::parse_http(url, None)
+        Self::parse_https(url, tokio_rustls::TlsConnector::from(Arc::new(config)))
     }
 
     /// A fixed key set that never changes (tests, benchmarks, air-gapped
@@ -144,28 +151,20 @@ impl JwksSource {
         Self(Source::Fixed(Arc::new(keys)))
     }
 
-    fn parse_http(url: &str, tls: Option<tokio_rustls::TlsConnector>) -> Result<Self, JwksError> {
+    fn parse_https(url: &str, connector: tokio_rustls::TlsConnector) -> Result<Self, JwksError> {
         let uri: http::Uri = url.parse().map_err(|_| JwksError::InvalidUrl)?;
-        let https = match uri.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err(JwksError::InvalidUrl),
-        };
-        if https != tls.is_some() {
-            return Err(JwksError::InvalidUrl);
+        if uri.scheme_str() != Some("https") {
+            return Err(JwksError::NotHttps(crate::client::shown_uri(url)));
         }
         let host = uri.host().ok_or(JwksError::InvalidUrl)?.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        if host.is_empty() {
+            return Err(JwksError::InvalidUrl);
+        }
+        let port = uri.port_u16().unwrap_or(443);
         let authority = uri.authority().map(|a| a.as_str().to_owned()).ok_or(JwksError::InvalidUrl)?;
         let path = uri.path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
-        let tls = match tls {
-            Some(connector) => {
-                let name = ServerName::try_from(host.clone()).map_err(|_| JwksError::InvalidUrl)?;
-                Some((connector, name))
-            }
-            None => None,
-        };
-        Ok(Self(Source::Http(Arc::new(HttpJwks { host, port, path, authority, tls }))))
+        let name = ServerName::try_from(host.clone()).map_err(|_| JwksError::InvalidUrl)?;
+        Ok(Self(Source::Https(Arc::new(HttpsJwks { host, port, path, authority, connector, name }))))
     }
 
     /// Fetches and parses the key set once.
@@ -175,7 +174,7 @@ impl JwksSource {
                 let mut client = AuthClient::new(channel.clone());
                 client.get_jwks(GetJwksRequest {}).await.map_err(|s| JwksError::Grpc(s.code()))?.into_inner().jwks_json
             }
-            Source::Http(h) => h.get().await?,
+            Source::Https(h) => h.get().await?,
             Source::Fixed(keys) => return Ok(KeySet::clone(keys)),
             #[cfg(test)]
             Source::Scripted(s) => s.next()?,
@@ -188,20 +187,15 @@ impl JwksSource {
     }
 }
 
-impl HttpJwks {
+impl HttpsJwks {
     async fn get(&self) -> Result<String, JwksError> {
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|e| JwksError::Transport(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
-            Some((connector, name)) => {
-                let tls =
-                    connector.connect(name.clone(), tcp).await.map_err(|e| JwksError::Transport(e.to_string()))?;
-                self.request(tls).await
-            }
-            None => self.request(tcp).await,
-        }
+        let tls =
+            self.connector.connect(self.name.clone(), tcp).await.map_err(|e| JwksError::Transport(e.to_string()))?;
+        self.request(tls).await
     }
 
     async fn request<IO>(&self, io: IO) -> Result<String, JwksError>
@@ -443,11 +437,14 @@ mod tests {
     }
 
     #[test]
-    fn urls_must_be_http_or_https_with_a_host() {
-        assert_eq!(JwksSource::http("ftp://x/jwks").unwrap_err(), JwksError::InvalidUrl);
-        assert_eq!(JwksSource::http("/jwks").unwrap_err(), JwksError::InvalidUrl);
-        assert_eq!(JwksSource::http("https://x/jwks").unwrap_err(), JwksError::InvalidUrl);
-        assert!(JwksSource::http("http://127.0.0.1:8080/.well-known/jwks.json").is_ok());
+    fn urls_must_be_https_with_a_host() {
+        let ca = rcgen::generate_simple_self_signed(vec!["x".to_owned()]).unwrap().cert.pem();
+        let url = "http://127.0.0.1:8080/.well-known/jwks.json";
+        assert_eq!(JwksSource::https(url, &ca).unwrap_err(), JwksError::NotHttps(url.into()));
+        assert_eq!(JwksSource::https("ftp://x/jwks", &ca).unwrap_err(), JwksError::NotHttps("ftp://x/jwks".into()));
+        assert_eq!(JwksSource::https("/jwks", &ca).unwrap_err(), JwksError::NotHttps("/jwks".into()));
+        assert_eq!(JwksSource::https("https:///jwks", &ca).unwrap_err(), JwksError::InvalidUrl);
+        assert!(JwksSource::https("https://127.0.0.1:8443/.well-known/jwks.json", &ca).is_ok());
         assert!(matches!(JwksSource::https("https://x/jwks", "not pem"), Err(JwksError::BadCa(_))));
     }
 

@@ -17,9 +17,10 @@ use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use serde_json::json;
+use service_sdk::verify::JwksError;
 use service_sdk::{
-    Audience, AuthChannel, Claims, ClientCredentials, Clock, ExchangeRequest, FileCredentials, KeySet, MtlsFiles,
-    RequireAuthLayer, TokenError, TokenSource, Validator, Verifier,
+    Audience, AuthChannel, Claims, ClientCredentials, Clock, ExchangeRequest, FileCredentials, JwksSource, KeySet,
+    MtlsFiles, RequireAuthLayer, TlsError, TokenError, TokenSource, Validator, Verifier,
 };
 use testkit::TestServer;
 use tokio::net::TcpListener;
@@ -378,6 +379,37 @@ async fn exchange_layers_see_every_call_to_the_auth_service() {
 // mTLS files
 
 #[tokio::test]
+async fn channels_refuse_every_scheme_but_https_naming_the_uri() {
+    let dev = tempfile::tempdir().unwrap();
+    testkit::auth_server::dev::ensure(dev.path()).unwrap();
+    let files = mtls(dev.path(), "order");
+    // A listener that would see tonic's cleartext HTTP/2 if it were allowed.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    for uri in [
+        format!("http://{addr}"),
+        format!("HTTP://{addr}"),
+        format!("grpc://{addr}"),
+        format!("{addr}"),
+        "unix:/run/auth.sock".to_owned(),
+        "https://".to_owned(),
+    ] {
+        let err = files.channel(&uri, "localhost").map(|_| ()).unwrap_err();
+        assert!(matches!(err, TlsError::NotHttps { .. }), "{uri}: {err:?}");
+        assert!(err.to_string().contains(&format!("{uri:?}")), "{uri}: {err}");
+        let err = files.watch(&uri, "localhost", Duration::from_millis(10), |_| {}).map(|_| ()).unwrap_err();
+        assert!(matches!(err, TlsError::NotHttps { .. }), "{uri}: {err:?}");
+    }
+    let plain = format!("http://{addr}/.well-known/jwks.json");
+    let err = JwksSource::https(&plain, &std::fs::read_to_string(dev.path().join("ca.pem")).unwrap()).unwrap_err();
+    assert_eq!(err, JwksError::NotHttps(plain.clone()));
+    assert!(err.to_string().contains(&plain), "{err}");
+    // Nothing was sent anywhere.
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "a connection was opened");
+}
+
+#[tokio::test]
 async fn mtls_watch_builds_a_new_channel_after_rotation_on_disk() {
     let srv = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -396,9 +428,11 @@ async fn mtls_watch_builds_a_new_channel_after_rotation_on_disk() {
     assert!(err.is_unavailable(), "{err:?}");
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let watcher = files.watch(&uri, "localhost", Duration::from_millis(10), move |ch| {
-        let _ = tx.send(ch);
-    });
+    let watcher = files
+        .watch(&uri, "localhost", Duration::from_millis(10), move |ch| {
+            let _ = tx.send(ch);
+        })
+        .unwrap();
     // Rotate to order's real identity, each file replaced by rename.
     for (from, to) in [("clients/order-key.pem", &key), ("clients/order.pem", &cert)] {
         let tmp = dir.path().join("next.tmp");

@@ -716,21 +716,6 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
     );
 }
 
-#[tokio::test]
-async fn keys_load_from_the_http_jwks_endpoint() {
-    let srv = TestServer::start().await;
-    let url = format!("http://{}/.well-known/jwks.json", srv.http_addr);
-    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
-        .jwks(JwksSource::http(&url).unwrap())
-        .channel(srv.channel("inventory").await)
-        .build()
-        .unwrap();
-    let env = Env::with_verifier(srv, verifier).await;
-    env.verifier.ready().await;
-    let mut client = env.client("order").await;
-    env.call(&mut client, &env.service_token().await).await.unwrap();
-}
-
 /// Serves `body` as the answer to every HTTP/1.1 request, over TLS with the
 /// dev server certificate (SAN `localhost`).
 async fn serve_https_once_per_connection(srv: &TestServer, body: String) -> (u16, tokio::task::JoinHandle<()>) {
