@@ -38,6 +38,7 @@ pub mod config;
 pub mod core;
 pub mod dev;
 pub mod directory;
+pub mod edge;
 pub mod error;
 pub mod exchange;
 pub mod grant;

@@ -248,7 +248,7 @@ impl Server {
     ) -> Result<(), StartError> {
         let Server { config, core, stack, reloader: _ } = self;
         let Listeners { grpc, http } = listeners;
-        let tls = crate::tls::server_tls(&config.tls)?;
+        let tls = crate::tls::server_config(&config.tls)?;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
@@ -296,9 +296,10 @@ impl Server {
         let http_server =
             axum::serve(http, crate::http::router(Arc::clone(&core))).with_graceful_shutdown(wait(stop_rx.clone()));
         let grpc_server = tonic::transport::Server::builder()
-            .tls_config(tls)
-            .map_err(|e| StartError::Transport(e.to_string()))?
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // Outermost: every RPC's span and code, whatever the layers
+            // inside decide.
+            .layer(crate::edge::rpc_trace())
             .layer(stack)
             .add_service(health_service)
             .add_service(reflection)
@@ -307,10 +308,9 @@ impl Server {
                     .max_decoding_message_size(64 * 1024),
             )
             .serve_with_incoming_shutdown(
-                // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
-                tonic::transport::server::TcpIncoming::from(grpc)
-                    .with_nodelay(Some(true))
-                    .with_keepalive(Some(Duration::from_secs(60))),
+                // mTLS per connection: the caller's identity is read once,
+                // at the handshake.
+                crate::edge::TlsIncoming::new(grpc, tls),
                 wait(stop_rx),
             );
         let (g, h) = tokio::join!(grpc_server, async { http_server.await });

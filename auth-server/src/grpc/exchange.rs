@@ -4,7 +4,7 @@ use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::wire::{check_field, check_list};
-use super::{token_response, traced};
+use super::{note_caller, reply, token_response};
 use crate::core::AuthCore;
 use crate::exchange::{ExchangeRequest, exchange};
 use crate::grant::Secret;
@@ -16,22 +16,24 @@ pub(super) async fn handle(
 ) -> Result<Response<pb::TokenResponse>, Status> {
     let peer = PeerIdentity::of(&req);
     let r = req.into_inner();
-    let span = tracing::info_span!("rpc", method = "ExchangeToken", client_id = %r.client_id, audience = %r.audience, peer = ?peer.as_ref().map(|p| &p.id));
-    traced(span, async move {
-        check_field(&r.client_id, "client_id too long")?;
-        check_field(&r.client_secret, "client_secret too long")?;
-        check_field(&r.subject_token, "subject_token too long")?;
-        check_field(&r.audience, "audience too long")?;
-        check_list(&r.scope, "scope: at most 64 non-empty scopes")?;
-        let request = ExchangeRequest {
-            client_id: r.client_id,
-            client_secret: Secret(r.client_secret),
-            subject_token: r.subject_token,
-            audience: r.audience,
-            scope: r.scope,
-            requested_ttl: u64::from(r.requested_ttl_seconds),
-        };
-        Ok(token_response(exchange(core, request, peer.as_ref()).await?))
-    })
-    .await
+    note_caller(&r.client_id, std::slice::from_ref(&r.audience));
+    reply(
+        async {
+            check_field(&r.client_id, "client_id too long")?;
+            check_field(&r.client_secret, "client_secret too long")?;
+            check_field(&r.subject_token, "subject_token too long")?;
+            check_field(&r.audience, "audience too long")?;
+            check_list(&r.scope, "scope: at most 64 non-empty scopes")?;
+            let request = ExchangeRequest {
+                client_id: r.client_id,
+                client_secret: Secret(r.client_secret),
+                subject_token: r.subject_token,
+                audience: r.audience,
+                scope: r.scope,
+                requested_ttl: u64::from(r.requested_ttl_seconds),
+            };
+            Ok(token_response(exchange(core, request, peer.as_deref()).await?))
+        }
+        .await,
+    )
 }

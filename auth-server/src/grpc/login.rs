@@ -4,7 +4,7 @@ use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::wire::{check_field, check_list};
-use super::{token_response, traced};
+use super::{note_caller, reply, token_response};
 use crate::core::AuthCore;
 use crate::error::AuthError;
 use crate::grant::Secret;
@@ -17,31 +17,36 @@ pub(super) async fn handle(
 ) -> Result<Response<pb::TokenResponse>, Status> {
     let peer = PeerIdentity::of(&req);
     let r = req.into_inner();
-    let (grant, client_id) = match r.grant {
+    let grant = match r.grant {
         Some(pb::login_request::Grant::Password(p)) => {
-            (LoginGrant::Password { username: p.username, password: Secret(p.password) }, String::new())
+            LoginGrant::Password { username: p.username, password: Secret(p.password) }
         }
-        Some(pb::login_request::Grant::ClientCredentials(c)) => (
-            LoginGrant::ClientCredentials { client_id: c.client_id.clone(), secret: Secret(c.client_secret) },
-            c.client_id,
-        ),
+        Some(pb::login_request::Grant::ClientCredentials(c)) => {
+            LoginGrant::ClientCredentials { client_id: c.client_id, secret: Secret(c.client_secret) }
+        }
         None => return Err(AuthError::InvalidArgument("a grant is required").into()),
     };
-    let span = tracing::info_span!("rpc", method = "Login", client_id = %client_id, audience = ?r.audience, peer = ?peer.as_ref().map(|p| &p.id));
-    traced(span, async move {
-        check_list(&r.audience, "audience: at most 64 non-empty names")?;
-        check_list(&r.scope, "scope: at most 64 non-empty scopes")?;
-        match &grant {
-            LoginGrant::Password { username, password } => {
-                check_field(username, "username too long")?;
-                check_field(&password.0, "password too long")?;
+    let client_id = match &grant {
+        LoginGrant::ClientCredentials { client_id, .. } => client_id.as_str(),
+        LoginGrant::Password { .. } => "",
+    };
+    note_caller(client_id, &r.audience);
+    reply(
+        async {
+            check_list(&r.audience, "audience: at most 64 non-empty names")?;
+            check_list(&r.scope, "scope: at most 64 non-empty scopes")?;
+            match &grant {
+                LoginGrant::Password { username, password } => {
+                    check_field(username, "username too long")?;
+                    check_field(&password.0, "password too long")?;
+                }
+                LoginGrant::ClientCredentials { client_id, secret } => {
+                    check_field(client_id, "client_id too long")?;
+                    check_field(&secret.0, "client_secret too long")?;
+                }
             }
-            LoginGrant::ClientCredentials { client_id, secret } => {
-                check_field(client_id, "client_id too long")?;
-                check_field(&secret.0, "client_secret too long")?;
-            }
+            Ok(token_response(login(core, grant, r.audience, r.scope, peer.as_deref()).await?))
         }
-        Ok(token_response(login(core, grant, r.audience, r.scope, peer.as_ref()).await?))
-    })
-    .await
+        .await,
+    )
 }

@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
-use tracing::Instrument as _;
 
 use crate::core::AuthCore;
+use crate::edge::Capped;
 use crate::error::AuthError;
 use crate::grant::Issued;
 
@@ -47,27 +47,22 @@ fn token_response(issued: Issued) -> pb::TokenResponse {
     }
 }
 
-/// Runs `fut` in a span named after the RPC and records the outcome.
-async fn traced<T>(
-    span: tracing::Span,
-    fut: impl std::future::Future<Output = Result<T, AuthError>>,
-) -> Result<Response<T>, Status> {
-    let result = fut.instrument(span.clone()).await;
-    let _g = span.enter();
-    match result {
-        Ok(v) => {
-            // Successes are routine: debug, so a busy server does not spend
-            // its time formatting log lines. Failures are logged where the
-            // error maps to a status.
-            tracing::debug!(outcome = "ok", "rpc done");
-            Ok(Response::new(v))
-        }
-        Err(e) => {
-            let status = Status::from(e);
-            tracing::debug!(outcome = ?status.code(), "rpc done");
-            Err(status)
-        }
+/// Adds what only the handler knows to the RPC's span, opened by the edge's
+/// trace layer (a no-op without it). Client-chosen strings are capped.
+fn note_caller(client_id: &str, audience: &[String]) {
+    let span = tracing::Span::current();
+    if !client_id.is_empty() {
+        span.record("client_id", tracing::field::debug(Capped(client_id)));
     }
+    if !audience.is_empty() {
+        let shown: Vec<Capped<'_>> = audience.iter().take(8).map(|a| Capped(a)).collect();
+        span.record("audience", tracing::field::debug(shown));
+    }
+}
+
+/// The handlers' result: a flow's error becomes its one `Status`.
+fn reply<T>(result: Result<T, AuthError>) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(Status::from)
 }
 
 #[tonic::async_trait]

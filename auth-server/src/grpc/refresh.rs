@@ -4,7 +4,7 @@ use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::wire::check_field;
-use super::{token_response, traced};
+use super::{reply, token_response};
 use crate::core::AuthCore;
 use crate::refresh::refresh;
 
@@ -13,10 +13,11 @@ pub(super) async fn handle(
     req: Request<pb::RefreshRequest>,
 ) -> Result<Response<pb::TokenResponse>, Status> {
     let r = req.into_inner();
-    let span = tracing::info_span!("rpc", method = "Refresh");
-    traced(span, async move {
-        check_field(&r.refresh_token, "refresh_token too long")?;
-        Ok(token_response(refresh(core, &r.refresh_token).await?))
-    })
-    .await
+    reply(
+        async {
+            check_field(&r.refresh_token, "refresh_token too long")?;
+            Ok(token_response(refresh(core, &r.refresh_token).await?))
+        }
+        .await,
+    )
 }

@@ -4,7 +4,7 @@
 use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::traced;
+use super::reply;
 use super::wire::check_field;
 use crate::core::AuthCore;
 use crate::error::AuthError;
@@ -29,32 +29,34 @@ pub(super) async fn handle(
         RevokeTarget::RefreshToken(_) => "refresh_token",
         RevokeTarget::Sid(_) => "sid",
     };
-    let span = tracing::info_span!("rpc", method = "Revoke", target = kind);
-    traced(span, async move {
-        // Only revoking by jti or sid needs (and reads) the caller's token.
-        let caller = match &target {
-            RevokeTarget::AccessToken(t) => {
-                check_field(t, "access_token too long")?;
-                None
+    tracing::Span::current().record("target", kind);
+    reply(
+        async {
+            // Only revoking by jti or sid needs (and reads) the caller's token.
+            let caller = match &target {
+                RevokeTarget::AccessToken(t) => {
+                    check_field(t, "access_token too long")?;
+                    None
+                }
+                RevokeTarget::RefreshToken(t) => {
+                    check_field(t, "refresh_token too long")?;
+                    None
+                }
+                RevokeTarget::Jti(t) => {
+                    check_field(t, "jti too long")?;
+                    caller
+                }
+                RevokeTarget::Sid(t) => {
+                    check_field(t, "sid too long")?;
+                    caller
+                }
+            };
+            if let Some(token) = &caller {
+                check_field(token, "authorization too long")?;
             }
-            RevokeTarget::RefreshToken(t) => {
-                check_field(t, "refresh_token too long")?;
-                None
-            }
-            RevokeTarget::Jti(t) => {
-                check_field(t, "jti too long")?;
-                caller
-            }
-            RevokeTarget::Sid(t) => {
-                check_field(t, "sid too long")?;
-                caller
-            }
-        };
-        if let Some(token) = &caller {
-            check_field(token, "authorization too long")?;
+            let revoked = revoke(core, target, caller.as_deref()).await?;
+            Ok(pb::RevokeResponse { revoked: revoked.label().into() })
         }
-        let revoked = revoke(core, target, caller.as_deref()).await?;
-        Ok(pb::RevokeResponse { revoked: revoked.label().into() })
-    })
-    .await
+        .await,
+    )
 }

@@ -1,5 +1,6 @@
 //! Integration tests of auth-server over real mTLS.
 
+mod edge;
 mod flows;
 mod redis;
 mod server;

@@ -1,0 +1,137 @@
+//! Tracing per RPC, as a tower layer: tower-http's [`TraceLayer`] with gRPC
+//! classification, opening one `rpc` span per request (method, peer) and
+//! recording the gRPC code when the call ends, whether the code comes in
+//! the response headers (a trailers-only refusal) or in the trailers (a
+//! unary success, the end of a stream).
+//!
+//! Handlers add what only they know (the client id, the audience) to the
+//! span's empty fields with [`Span::current`]. Routine outcomes are logged
+//! at debug level; refusals and failures are logged where
+//! [`AuthError`](crate::error::AuthError) becomes a `Status`.
+
+use std::fmt;
+use std::time::Duration;
+
+use http::HeaderMap;
+use tower_http::classify::GrpcErrorsAsFailures;
+use tower_http::classify::SharedClassifier;
+use tower_http::trace::{MakeSpan, OnEos, OnResponse, TraceLayer};
+use tracing::Span;
+use tracing::field::Empty;
+
+use super::incoming::ConnInfo;
+
+/// The gRPC server's tracing layer.
+pub type RpcTraceLayer = TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, RpcSpan, (), RpcDone, (), RpcDone, ()>;
+
+/// The tracing layer for the gRPC server's stack.
+pub fn rpc_trace() -> RpcTraceLayer {
+    TraceLayer::new_for_grpc()
+        .make_span_with(RpcSpan)
+        .on_request(())
+        .on_response(RpcDone)
+        .on_body_chunk(())
+        .on_eos(RpcDone)
+        .on_failure(())
+}
+
+/// Opens the `rpc` span of a request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcSpan;
+
+impl<B> MakeSpan<B> for RpcSpan {
+    fn make_span(&mut self, req: &http::Request<B>) -> Span {
+        // The path is the client's: shown escaped and capped, like every
+        // string a client chose.
+        let path = req.uri().path();
+        let method = path.strip_prefix("/auth.v1.Auth/").unwrap_or(path);
+        let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.peer.as_deref()).map(|p| Capped(&p.id));
+        tracing::info_span!(
+            "rpc",
+            method = ?Capped(method),
+            peer = ?peer,
+            client_id = Empty,
+            audience = Empty,
+            target = Empty,
+            code = Empty,
+        )
+    }
+}
+
+/// Records the gRPC code of a finished call.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcDone;
+
+fn grpc_code(headers: &HeaderMap) -> Option<tonic::Code> {
+    headers.get("grpc-status").map(|v| tonic::Code::from_bytes(v.as_bytes()))
+}
+
+fn done(span: &Span, code: tonic::Code) {
+    span.record("code", tracing::field::debug(code));
+    // Successes are routine: debug, so a busy server does not spend its
+    // time formatting log lines.
+    tracing::debug!(parent: span, code = ?code, "rpc done");
+}
+
+impl<B> OnResponse<B> for RpcDone {
+    fn on_response(self, res: &http::Response<B>, _latency: Duration, span: &Span) {
+        // A trailers-only response (a refusal) carries its code here.
+        if let Some(code) = grpc_code(res.headers()) {
+            done(span, code);
+        }
+    }
+}
+
+impl OnEos for RpcDone {
+    fn on_eos(self, trailers: Option<&HeaderMap>, _stream_duration: Duration, span: &Span) {
+        // Without trailers the code was in the headers (or the call broke
+        // off): recorded already, or unknown.
+        if let Some(code) = trailers.and_then(grpc_code) {
+            done(span, code);
+        }
+    }
+}
+
+/// A client-chosen string for logs: `Debug`-escaped and cut at 64 bytes.
+#[derive(Clone, Copy)]
+pub struct Capped<'a>(pub &'a str);
+
+/// Most bytes of a [`Capped`] string shown.
+const CAP: usize = 64;
+
+impl fmt::Debug for Capped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.len() <= CAP {
+            return fmt::Debug::fmt(self.0, f);
+        }
+        let mut end = CAP;
+        while !self.0.is_char_boundary(end) {
+            end -= 1;
+        }
+        fmt::Debug::fmt(&self.0[..end], f)?;
+        f.write_str("…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capped_strings_are_escaped_and_cut() {
+        assert_eq!(format!("{:?}", Capped("order")), "\"order\"");
+        assert_eq!(format!("{:?}", Capped("a\nb")), "\"a\\nb\"");
+        let long = "é".repeat(100);
+        let shown = format!("{:?}", Capped(&long));
+        assert!(shown.ends_with('…'));
+        assert_eq!(shown.chars().filter(|c| *c == 'é').count(), 32);
+    }
+
+    #[test]
+    fn the_code_is_read_from_grpc_status() {
+        let mut h = HeaderMap::new();
+        assert_eq!(grpc_code(&h), None);
+        h.insert("grpc-status", http::HeaderValue::from_static("16"));
+        assert_eq!(grpc_code(&h), Some(tonic::Code::Unauthenticated));
+    }
+}
