@@ -77,7 +77,7 @@ impl Signer {
 fn fresh_feed(clock: &ManualClock) -> RevocationFeed {
     let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
     feed.apply(pb::RevocationEvent {
-        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries: vec![] })),
+        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries: vec![], more: false })),
     });
     feed
 }
@@ -217,7 +217,7 @@ fn memory(_c: &mut Criterion) {
         })
         .collect();
     feed.apply(pb::RevocationEvent {
-        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })),
+        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries, more: false })),
     });
     let after = rss_bytes().unwrap_or(0);
     let mb = |b: u64| b as f64 / 1e6;

@@ -26,12 +26,13 @@ pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_tok
 #[derive(Clone)]
 pub struct AuthService {
     core: Arc<AuthCore>,
+    snapshots: Arc<watch::Snapshots>,
 }
 
 impl AuthService {
     /// Wraps the core.
     pub fn new(core: Arc<AuthCore>) -> Self {
-        Self { core }
+        Self { core, snapshots: Arc::default() }
     }
 }
 
@@ -96,6 +97,6 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         req: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        watch::handle(Arc::clone(&self.core), req).await
+        watch::handle(Arc::clone(&self.core), Arc::clone(&self.snapshots), req).await
     }
 }

@@ -89,9 +89,11 @@ pub enum VerifyEvent<'a> {
     /// The `WatchRevocations` stream ended or failed; it is reopened with
     /// back-off.
     FeedDisconnected,
-    /// A revocation snapshot (sent on every connect) was applied.
+    /// A complete revocation snapshot (sent on every connect, possibly in
+    /// chunks, and again when the server re-reads its store) replaced the
+    /// deny set.
     FeedSnapshot {
-        /// Entries in the snapshot.
+        /// `jti`s and `sid`s held after it.
         entries: usize,
     },
     /// The feed heard from the auth service (snapshot, revocation or

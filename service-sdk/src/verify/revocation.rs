@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use auth_proto::auth::v1::auth_client::AuthClient;
@@ -143,6 +143,17 @@ impl DenySet {
 
     /// Forgets entries whose tokens cannot be valid any more, even with the
     /// largest leeway a validator allows. Runs at most every 30 s.
+    fn len(&self) -> usize {
+        self.jti.len() + self.sid.len()
+    }
+
+    /// The ids in `self` that `old` does not hold.
+    fn added_since(&self, old: &DenySet) -> Vec<RevokedId> {
+        let jti = self.jti.keys().filter(|id| !old.jti.contains_key(*id)).map(|id| (RevokedKind::Jti, id));
+        let sid = self.sid.keys().filter(|id| !old.sid.contains_key(*id)).map(|id| (RevokedKind::Sid, id));
+        jti.chain(sid).map(|(kind, id)| RevokedId { kind, id: id.clone() }).collect()
+    }
+
     fn prune(&mut self, now: u64) {
         if now < self.next_prune {
             return;
@@ -156,7 +167,9 @@ impl DenySet {
 
 /// The push-mode revocation check: a local deny set of `jti`s and `sid`s,
 /// kept current by a `WatchRevocations` stream (snapshot, then events and
-/// heartbeats), reconnecting with backoff. Clones share one feed; the
+/// heartbeats), reconnecting with backoff. A snapshot may come in chunks;
+/// the feed is ready only once a snapshot's last chunk is in, and each new
+/// snapshot replaces the whole set at once. Clones share one feed; the
 /// stream closes when the last clone is dropped.
 ///
 /// When nothing has been heard for longer than
@@ -179,6 +192,9 @@ impl std::fmt::Debug for RevocationFeed {
 
 struct FeedState {
     deny: RwLock<DenySet>,
+    /// A snapshot being received chunk by chunk; it replaces `deny` whole
+    /// when its last chunk arrives.
+    assembling: Mutex<Option<DenySet>>,
     /// Unix seconds of the last message; meaningful once `synced`.
     last_heard: AtomicU64,
     synced: watch::Sender<bool>,
@@ -236,6 +252,7 @@ impl RevocationFeed {
         let (synced, _) = watch::channel(false);
         let state = FeedState {
             deny: RwLock::new(DenySet::default()),
+            assembling: Mutex::new(None),
             last_heard: AtomicU64::new(0),
             synced,
             stale_after: opts.stale_after.as_secs(),
@@ -249,34 +266,56 @@ impl RevocationFeed {
     }
 
     /// Applies one message of the stream.
+    ///
+    /// A snapshot arrives in chunks (each but the last marked `more`); the
+    /// chunks are gathered aside and replace the whole deny set at once
+    /// with the last one. Until then nothing changes: the feed is neither
+    /// synced nor heard from, so a feed that was stale stays stale until
+    /// the whole snapshot is in.
     pub fn apply(&self, event: pb::RevocationEvent) {
         let now = self.state.clock.now_unix();
         let mut new = Vec::new();
         let mut snapshot = None;
-        {
-            let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
-            match event.event {
-                Some(Event::Snapshot(snap)) => {
-                    for r in &snap.entries {
-                        if let Some(kind) = kind_of(r)
-                            && deny.insert(kind, &r.id, r.expires_at)
-                        {
-                            new.push(RevokedId { kind, id: r.id.clone() });
-                        }
+        match event.event {
+            Some(Event::Snapshot(snap)) => {
+                let mut assembling = self.state.assembling.lock().unwrap_or_else(|p| p.into_inner());
+                let set = assembling.get_or_insert_with(DenySet::default);
+                for r in &snap.entries {
+                    if let Some(kind) = kind_of(r) {
+                        set.insert(kind, &r.id, r.expires_at);
                     }
-                    snapshot = Some(snap.entries.len());
-                    tracing::debug!(entries = snap.entries.len(), "revocation snapshot applied");
                 }
-                Some(Event::Revoked(r)) => {
-                    if let Some(kind) = kind_of(&r)
-                        && deny.insert(kind, &r.id, r.expires_at)
-                    {
+                if snap.more {
+                    return;
+                }
+                let mut complete = assembling.take().unwrap_or_default();
+                drop(assembling);
+                let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
+                new = complete.added_since(&deny);
+                complete.next_prune = deny.next_prune;
+                let old = std::mem::replace(&mut *deny, complete);
+                deny.prune(now);
+                snapshot = Some(deny.len());
+                drop(deny);
+                // Freed outside the lock.
+                drop(old);
+                tracing::debug!(entries = snapshot, "revocation snapshot applied");
+            }
+            Some(Event::Revoked(r)) => {
+                if let Some(kind) = kind_of(&r) {
+                    if let Some(set) = self.state.assembling.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        set.insert(kind, &r.id, r.expires_at);
+                    }
+                    let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
+                    if deny.insert(kind, &r.id, r.expires_at) {
                         new.push(RevokedId { kind, id: r.id });
                     }
+                    deny.prune(now);
                 }
-                Some(Event::Heartbeat(_)) | None => {}
             }
-            deny.prune(now);
+            Some(Event::Heartbeat(_)) | None => {
+                self.state.deny.write().unwrap_or_else(|p| p.into_inner()).prune(now);
+            }
         }
         self.state.last_heard.store(now, Ordering::Release);
         if snapshot.is_some() {
@@ -293,6 +332,11 @@ impl RevocationFeed {
         }
     }
 
+    /// Forgets a partly received snapshot (its stream ended).
+    fn discard_partial_snapshot(&self) {
+        *self.state.assembling.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Whether the feed has been heard from within the stale bound.
     pub fn is_fresh(&self) -> bool {
         self.fresh_at(self.state.clock.now_unix())
@@ -305,11 +349,10 @@ impl RevocationFeed {
 
     /// Number of revoked `jti`s and `sid`s held.
     pub fn revoked_count(&self) -> usize {
-        let deny = self.state.deny.read().unwrap_or_else(|p| p.into_inner());
-        deny.jti.len() + deny.sid.len()
+        self.state.deny.read().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Resolves once the first snapshot has arrived.
+    /// Resolves once the first complete snapshot has arrived.
     pub async fn wait_synced(&self) {
         let mut rx = self.state.synced.subscribe();
         let _ = rx.wait_for(|s| *s).await;
@@ -368,6 +411,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
         match opened {
             Ok(resp) => {
                 if let Some(state) = state.upgrade() {
+                    RevocationFeed { state: Arc::clone(&state) }.discard_partial_snapshot();
                     state.report(VerifyEvent::FeedConnected);
                 }
                 let mut stream = resp.into_inner();
@@ -379,7 +423,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
                     match msg {
                         Ok(Some(event)) => {
                             let Some(state) = state.upgrade() else { return };
-                            if matches!(event.event, Some(Event::Snapshot(_))) {
+                            if matches!(&event.event, Some(Event::Snapshot(s)) if !s.more) {
                                 backoff.reset();
                             }
                             RevocationFeed { state }.apply(event);
@@ -425,7 +469,11 @@ mod tests {
     }
 
     fn snapshot(entries: Vec<pb::Revocation>) -> pb::RevocationEvent {
-        pb::RevocationEvent { event: Some(Event::Snapshot(pb::RevocationSnapshot { entries })) }
+        chunk(entries, false)
+    }
+
+    fn chunk(entries: Vec<pb::Revocation>, more: bool) -> pb::RevocationEvent {
+        pb::RevocationEvent { event: Some(Event::Snapshot(pb::RevocationSnapshot { entries, more })) }
     }
 
     fn event(r: pb::Revocation) -> pb::RevocationEvent {
@@ -523,6 +571,64 @@ mod tests {
         f.apply(heartbeat());
         assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
         assert_eq!(events.take(), ["FeedStale", "FeedHeard { at: 1031 }"]);
+    }
+
+    #[test]
+    fn a_chunked_snapshot_counts_only_once_its_last_chunk_is_in() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "j1", 2_000)], true));
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Sid, "s1", 2_000)], true));
+        assert!(!f.is_fresh());
+        assert_eq!(ready(f.check("j2", None, 1_000)), Err(VerifyError::FeedStale), "not ready mid-snapshot");
+        assert_eq!(f.revoked_count(), 0, "nothing applied before the last chunk");
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "j3", 2_000)], false));
+        assert!(f.is_fresh());
+        assert_eq!(f.revoked_count(), 3);
+        assert_eq!(ready(f.check("j1", None, 1_000)), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("j2", Some("s1"), 1_000)), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("j3", None, 1_000)), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("j2", None, 1_000)), Ok(()));
+    }
+
+    #[test]
+    fn a_new_snapshot_replaces_the_set_whole_after_its_last_chunk() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "old", 2_000)]));
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "gap", 2_000)], true));
+        assert_eq!(ready(f.check("old", None, 1_000)), Err(VerifyError::Revoked), "old set intact meanwhile");
+        // A revocation heard mid-snapshot lands in both sets.
+        f.apply(event(revoked(pb::RevocationKind::Sid, "s1", 2_000)));
+        f.apply(chunk(vec![], false));
+        assert_eq!(ready(f.check("old", None, 1_000)), Ok(()), "replaced, not merged");
+        assert_eq!(ready(f.check("gap", None, 1_000)), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("x", Some("s1"), 1_000)), Err(VerifyError::Revoked));
+        assert_eq!(f.revoked_count(), 2);
+    }
+
+    #[test]
+    fn a_stale_feed_stays_stale_until_a_resnapshot_is_complete() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        f.apply(snapshot(vec![]));
+        clock.advance(31);
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "gap", 2_000)], true));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        f.apply(chunk(vec![], false));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(ready(f.check("gap", None, clock.now_unix())), Err(VerifyError::Revoked));
+    }
+
+    #[test]
+    fn a_partial_snapshot_from_a_broken_stream_is_discarded() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "half", 2_000)], true));
+        f.discard_partial_snapshot();
+        f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "whole", 2_000)]));
+        assert_eq!(ready(f.check("half", None, 1_000)), Ok(()));
+        assert_eq!(ready(f.check("whole", None, 1_000)), Err(VerifyError::Revoked));
     }
 
     #[test]

@@ -535,7 +535,9 @@ mod tests {
 
     fn snapshot(entries: Vec<auth_proto::auth::v1::Revocation>) -> auth_proto::auth::v1::RevocationEvent {
         use auth_proto::auth::v1 as pb;
-        pb::RevocationEvent { event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries })) }
+        pb::RevocationEvent {
+            event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries, more: false })),
+        }
     }
 
     fn revoke(feed: &RevocationFeed, kind: auth_proto::auth::v1::RevocationKind, id: &str) {

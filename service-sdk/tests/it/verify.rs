@@ -997,3 +997,61 @@ async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
         "redis down",
     );
 }
+
+// ---------------------------------------------------------------------------
+// A large deny list
+
+/// Live revocations in the store before the verifier connects: far more
+/// than one 4 MiB message can carry, so the snapshot must come in chunks.
+const LARGE_DENY_LIST: usize = 500_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_verifier_facing_500k_revocations_is_ready_and_correct() {
+    use testkit::auth_server::store::{Revocation, RevocationKind};
+    let srv = TestServer::start().await;
+    let store = Arc::clone(&srv.core().store);
+    let now = now();
+    for i in 0..LARGE_DENY_LIST {
+        // 22 characters, the length of a real jti; families too, which a
+        // verifier never needs.
+        let kind = if i % 10 == 0 { RevocationKind::Family } else { RevocationKind::Jti };
+        let revocation = Revocation { kind, id: format!("{i:022}"), expires_at: now + 3_600 };
+        store.revoke(revocation, now).await.unwrap();
+    }
+    let (id, secret) = srv.client_credentials("order");
+    let mut auth = AuthClient::new(srv.channel("order").await);
+    let login = || pb::LoginRequest {
+        grant: Some(pb::login_request::Grant::ClientCredentials(pb::ClientCredentialsGrant {
+            client_id: id.clone(),
+            client_secret: secret.clone(),
+        })),
+        audience: vec![AUDIENCE.into()],
+        scope: vec![],
+    };
+    let revoked = auth.login(login()).await.unwrap().into_inner().access_token;
+    let target = pb::revoke_request::Target::AccessToken(revoked.clone());
+    auth.revoke(pb::RevokeRequest { target: Some(target) }).await.unwrap();
+    let live = auth.login(login()).await.unwrap().into_inner().access_token;
+
+    let events = Events::default();
+    let started = Instant::now();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(srv.channel("inventory").await)
+        .observer(events.clone())
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    tokio::time::timeout(Duration::from_secs(60), env.verifier.ready())
+        .await
+        .expect("the verifier never became ready: the snapshot did not arrive");
+    println!("{LARGE_DENY_LIST} revocations: verifier ready in {:?}", started.elapsed());
+
+    let mut client = env.client("order").await;
+    assert_refused(env.call(&mut client, &revoked).await, Code::Unauthenticated, VerifyError::Revoked, "revoked jti");
+    env.call(&mut client, &live).await.unwrap();
+    // One complete snapshot: every jti of the list and the revoked token,
+    // and none of the families.
+    let jtis = LARGE_DENY_LIST - LARGE_DENY_LIST / 10 + 1;
+    assert_eq!(events.count("FeedSnapshot"), 1);
+    assert_eq!(events.count(&format!("FeedSnapshot {{ entries: {jtis} }}")), 1);
+}
