@@ -71,6 +71,9 @@ pub struct RawConfig {
     /// WatchRevocations settings.
     #[serde(default)]
     pub watch: WatchConfig,
+    /// Connection, stream and time limits of both ports.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[keys]` as read.
@@ -183,6 +186,70 @@ impl Default for WatchConfig {
     }
 }
 
+/// Connection, stream and time limits (`[limits]`; restart). Each port has
+/// its own connection budget, so one port's clients can never use up the
+/// file descriptors the other needs. See docs/OPERATIONS.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// HTTP side port: time to receive a whole request head, counted from
+    /// when the server starts waiting for it (so it also closes idle
+    /// keep-alive connections).
+    pub http_header_timeout_ms: u64,
+    /// HTTP side port: a connection that sends nothing for this long is
+    /// closed.
+    pub http_idle_timeout_secs: u64,
+    /// HTTP side port: open connections at most; more are accepted and
+    /// closed at once.
+    pub http_max_connections: usize,
+    /// How long `/readyz` reuses its last store ping.
+    pub readyz_cache_ms: u64,
+    /// gRPC port: concurrent HTTP/2 streams per connection.
+    pub grpc_max_concurrent_streams: u32,
+    /// gRPC port: deadline of a unary call (not of the WatchRevocations
+    /// stream once open); a shorter `grpc-timeout` from the client wins.
+    pub grpc_request_timeout_ms: u64,
+    /// gRPC port: streams the server may reset for protocol errors on one
+    /// connection before it sends GOAWAY.
+    pub grpc_max_local_error_reset_streams: usize,
+    /// How long shutdown waits for open calls and streams before closing
+    /// them.
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            http_header_timeout_ms: 5_000,
+            http_idle_timeout_secs: 30,
+            http_max_connections: 64,
+            readyz_cache_ms: 1_000,
+            grpc_max_concurrent_streams: 256,
+            grpc_request_timeout_ms: 30_000,
+            grpc_max_local_error_reset_streams: 1_024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, v: &mut Validation<'_>) {
+        let mut range = |key: &str, value: u64, min: u64, max: u64| {
+            if value < min || value > max {
+                v.err(&format!("limits.{key}"), format!("must be between {min} and {max}"));
+            }
+        };
+        range("http_header_timeout_ms", self.http_header_timeout_ms, 100, 600_000);
+        range("http_idle_timeout_secs", self.http_idle_timeout_secs, 1, 3_600);
+        range("http_max_connections", self.http_max_connections as u64, 1, 100_000);
+        range("readyz_cache_ms", self.readyz_cache_ms, 0, 60_000);
+        range("grpc_max_concurrent_streams", u64::from(self.grpc_max_concurrent_streams), 1, 65_536);
+        range("grpc_request_timeout_ms", self.grpc_request_timeout_ms, 100, 3_600_000);
+        range("grpc_max_local_error_reset_streams", self.grpc_max_local_error_reset_streams as u64, 1, 1_000_000);
+        range("shutdown_grace_secs", self.shutdown_grace_secs, 1, 600);
+    }
+}
+
 fn default_issuer() -> String {
     "auth-service".into()
 }
@@ -259,6 +326,8 @@ pub struct Config {
     pub tls: TlsConfig,
     /// WatchRevocations settings (restart).
     pub watch: WatchConfig,
+    /// Connection, stream and time limits (restart).
+    pub limits: LimitsConfig,
     /// Users file (reloadable).
     pub users_file: PathBuf,
     /// Service accounts file (reloadable).
@@ -383,6 +452,7 @@ impl std::fmt::Debug for RawConfig {
             .field("tokens", &self.tokens)
             .field("redis", &self.redis)
             .field("watch", &self.watch)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -397,6 +467,7 @@ impl std::fmt::Debug for Config {
             .field("log_format", &self.log_format)
             .field("tls", &self.tls)
             .field("watch", &self.watch)
+            .field("limits", &self.limits)
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
             .field("keys", &self.keys)
@@ -454,8 +525,8 @@ impl RawConfig {
 impl Config {
     /// The keys whose change needs a restart (a reload keeps their old
     /// values and warns).
-    pub const RESTART_KEYS: [&'static str; 7] =
-        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch"];
+    pub const RESTART_KEYS: [&'static str; 8] =
+        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch", "limits"];
 
     /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
     /// resolves relative paths against the file's directory and validates.
@@ -507,7 +578,7 @@ impl Config {
 
     /// The restart-only keys whose value differs in `other`.
     pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
-        let [issuer, grpc, http, store, log, tls, watch] = Self::RESTART_KEYS;
+        let [issuer, grpc, http, store, log, tls, watch, limits] = Self::RESTART_KEYS;
         let mut changed = Vec::new();
         let mut check = |differs: bool, key| {
             if differs {
@@ -521,6 +592,7 @@ impl Config {
         check(self.log_format != other.log_format, log);
         check(self.tls != other.tls, tls);
         check(self.watch != other.watch, watch);
+        check(self.limits != other.limits, limits);
         changed
     }
 
@@ -600,6 +672,7 @@ impl Config {
         if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > 60 {
             v.err("watch.heartbeat_secs", "must be between 1 and 60");
         }
+        raw.limits.validate(&mut v);
 
         match (grpc_addr, http_addr, store, log_format, users_file, accounts_file, tls, keys) {
             (
@@ -619,6 +692,7 @@ impl Config {
                 log_format,
                 tls,
                 watch: raw.watch,
+                limits: raw.limits,
                 users_file,
                 accounts_file,
                 keys,

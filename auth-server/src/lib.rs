@@ -45,6 +45,7 @@ pub mod grant;
 pub mod grpc;
 pub mod http;
 pub mod keys;
+pub mod limits;
 pub mod login;
 pub mod password;
 pub mod refresh;

@@ -293,10 +293,15 @@ impl Server {
         let http_addr = http.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!(%grpc_addr, %http_addr, store = core.store.name(), issuer = %core.issuer, "auth-server listening");
 
-        let http_server =
-            axum::serve(http, crate::http::router(Arc::clone(&core))).with_graceful_shutdown(wait(stop_rx.clone()));
+        let limits = config.limits.clone();
+        let grace = Duration::from_secs(limits.shutdown_grace_secs);
+        let http_router = crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms));
+        let http_server = crate::http::serve(http, http_router, &limits, wait(stop_rx.clone()));
         let grpc_server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(limits.grpc_max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(limits.grpc_max_local_error_reset_streams))
+            .timeout(Duration::from_millis(limits.grpc_request_timeout_ms))
             // Outermost: every RPC's span and code, whatever the layers
             // inside decide.
             .layer(crate::edge::rpc_trace())
@@ -311,12 +316,30 @@ impl Server {
                 // mTLS per connection: the caller's identity is read once,
                 // at the handshake.
                 crate::edge::TlsIncoming::new(grpc, tls),
-                wait(stop_rx),
+                wait(stop_rx.clone()),
             );
-        let (g, h) = tokio::join!(grpc_server, async { http_server.await });
+        // Shutdown drains open calls and streams for at most the grace
+        // period, then drops what is left.
+        let grpc_server = async move {
+            tokio::pin!(grpc_server);
+            tokio::select! {
+                res = &mut grpc_server => return res,
+                () = wait(stop_rx) => {}
+            }
+            match tokio::time::timeout(grace, grpc_server).await {
+                Ok(res) => res,
+                Err(_) => {
+                    tracing::info!(
+                        grace_secs = grace.as_secs(),
+                        "gRPC connections still open after the grace period; closing them"
+                    );
+                    Ok(())
+                }
+            }
+        };
+        let (g, ()) = tokio::join!(grpc_server, http_server);
         health_task.abort();
         g.map_err(|e| StartError::Transport(e.to_string()))?;
-        h.map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!("auth-server stopped");
         Ok(())
     }

@@ -10,6 +10,7 @@ use auth_server::config::{Config, KeySource, Overrides, RawConfig};
 use auth_server::core::AuthCore;
 use auth_server::keys::FileKeys;
 use auth_server::server::{Listeners, ReloadError, Reloaded, Reloader, Server};
+use auth_server::store::Store;
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -41,12 +42,20 @@ pub struct TestServerBuilder {
     dir: Option<PathBuf>,
     configure: Option<ConfigureFn>,
     keys_from_config: bool,
+    store: Option<Arc<dyn Store>>,
 }
 
 impl TestServerBuilder {
     /// Use a Redis store at `url` instead of the in-memory one.
     pub fn store_url(mut self, url: impl Into<String>) -> Self {
         self.store_url = Some(url.into());
+        self
+    }
+
+    /// Use this store (e.g. a wrapper that counts or fails calls) instead
+    /// of opening the configured one.
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -113,6 +122,9 @@ impl TestServerBuilder {
         }
         if let Some(clock) = self.clock {
             builder = builder.clock(clock);
+        }
+        if let Some(store) = self.store {
+            builder = builder.store(store);
         }
         let server = builder.build().await.unwrap_or_else(|e| panic!("test server: {e}"));
         let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind gRPC");

@@ -2,6 +2,7 @@
 
 mod edge;
 mod flows;
+mod limits;
 mod redis;
 mod server;
 mod transport;
