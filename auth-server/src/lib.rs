@@ -9,6 +9,15 @@
 //! ports: [`keys`] (signing and JWKS), [`store`] (memory, Redis) and the
 //! account [`directory`].
 //!
+//! Dependencies run one way: [`edge`] (the mTLS incoming, reading the
+//! caller's identity once per connection, and the per-RPC trace layer) →
+//! [`grpc`] (a thin handler per RPC: wire checks, then a flow, then
+//! protobuf) → the flows → [`core`] and the ports. No flow imports another:
+//! what they share ([`grant::Grant`], [`grant::Issued`], the scope-narrowing
+//! rule) is in the leaf module [`grant`], and each decides in a pure
+//! `policy` function. [`error::AuthError`] becomes a `tonic::Status` in one
+//! place.
+//!
 //! One builder assembles the server, for the binary, the tests and the
 //! examples alike: [`server::Server::builder`] takes a validated
 //! [`config::Config`] (keys and store are opened from it unless given), and
