@@ -20,11 +20,22 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+use service_sdk::FeedOptions;
+use service_sdk::verify::MAX_LEEWAY_SECS;
 
 use crate::keys::{KeyAlg, TransitAuth, TransitConfig};
 
 /// The largest exchange TTL any configuration may allow (10 minutes).
 pub const EXCHANGE_TTL_HARD_CAP_SECS: u64 = 600;
+/// The longest refresh-reuse grace window a configuration may set.
+pub const MAX_REFRESH_REUSE_GRACE_SECS: u64 = 300;
+
+/// The longest `watch.heartbeat_secs`: a third of the SDK's default stale
+/// bound, so an idle stream is heard from at least three times before a
+/// verifier with default options gives up on it.
+pub fn max_heartbeat_secs() -> u64 {
+    FeedOptions::default().stale_after.as_secs() / 3
+}
 
 // ---------------------------------------------------------------------------
 // The raw form: what the file, the environment and the flags say.
@@ -135,6 +146,22 @@ pub struct TokensConfig {
     pub user_audiences: Vec<String>,
     /// The permission that allows revoking anyone's tokens.
     pub admin_perm: String,
+    /// The audience that addresses the auth service itself (empty: the
+    /// `issuer`). Only a token for this audience alone, without `act`, may
+    /// end a session or revoke another token of its subject (or, with
+    /// `admin_perm`, anyone's). Users may always log in for it, alone;
+    /// services need it on their allow-list.
+    pub self_audience: String,
+    /// How long after a refresh token was spent a retry with it still gets
+    /// a new pair instead of revoking the family (0 = off, the default). A
+    /// retry in the window replaces the successor issued moments before,
+    /// which stops working; a reuse after the window revokes the family.
+    pub refresh_reuse_grace_secs: u64,
+    /// The largest clock leeway any verifier applies to `exp` (the SDK's
+    /// default is 30 s, its maximum 300 s). A revoked token stays on the
+    /// deny list this long past its `exp`, since verifiers accept it until
+    /// then.
+    pub verifier_leeway_secs: u64,
 }
 
 impl Default for TokensConfig {
@@ -147,6 +174,9 @@ impl Default for TokensConfig {
             max_act_depth: 4,
             user_audiences: Vec::new(),
             admin_perm: "auth:admin".into(),
+            self_audience: String::new(),
+            refresh_reuse_grace_secs: 0,
+            verifier_leeway_secs: service_sdk::verify::DEFAULT_LEEWAY_SECS,
         }
     }
 }
@@ -663,14 +693,38 @@ impl Config {
         if t.admin_perm.is_empty() {
             v.err("tokens.admin_perm", "must not be empty");
         }
+        let self_audience = if t.self_audience.is_empty() { raw.issuer.clone() } else { t.self_audience.clone() };
+        if t.user_audiences.contains(&self_audience) {
+            v.err(
+                "tokens.user_audiences",
+                format!("must not hold the auth service's own audience {self_audience:?} (users may always log in for it alone)"),
+            );
+        }
+        if t.refresh_reuse_grace_secs > MAX_REFRESH_REUSE_GRACE_SECS {
+            v.err("tokens.refresh_reuse_grace_secs", format!("must be at most {MAX_REFRESH_REUSE_GRACE_SECS}"));
+        }
+        if t.verifier_leeway_secs > MAX_LEEWAY_SECS {
+            v.err(
+                "tokens.verifier_leeway_secs",
+                format!("must be at most {MAX_LEEWAY_SECS} (the SDK's largest leeway)"),
+            );
+        }
         if raw.redis.pool_size == 0 || raw.redis.pool_size > 128 {
             v.err("redis.pool_size", "must be between 1 and 128");
         }
         if raw.redis.command_timeout_ms == 0 {
             v.err("redis.command_timeout_ms", "must be positive");
         }
-        if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > 60 {
-            v.err("watch.heartbeat_secs", "must be between 1 and 60");
+        let max_heartbeat = max_heartbeat_secs();
+        if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > max_heartbeat {
+            v.err(
+                "watch.heartbeat_secs",
+                format!(
+                    "must be between 1 and {max_heartbeat}: at most a third of the {} s after which a verifier \
+                     with the SDK's default feed options counts an idle stream as stale",
+                    FeedOptions::default().stale_after.as_secs()
+                ),
+            );
         }
         raw.limits.validate(&mut v);
 
@@ -696,7 +750,7 @@ impl Config {
                 users_file,
                 accounts_file,
                 keys,
-                tokens: raw.tokens,
+                tokens: TokensConfig { self_audience, ..raw.tokens },
                 source: None,
             }),
             _ => Err(ConfigErrors(v.errors)),

@@ -52,6 +52,18 @@ impl Policy {
     /// as the signing keys.
     pub fn load(config: &Config, keys: Arc<dyn SigningKeys>) -> Result<Self, PolicyError> {
         let directory = Directory::load(&config.users_file, &config.accounts_file)?;
+        if directory.account(&config.tokens.self_audience).is_some() {
+            // Tokens for the auth service may end sessions: no service may
+            // receive them as its own.
+            return Err(ConfigError {
+                key: "accounts_file".into(),
+                problem: format!(
+                    "client_id {:?} is the auth service's own audience (tokens.self_audience)",
+                    config.tokens.self_audience
+                ),
+            }
+            .into());
+        }
         Ok(Self { tokens: config.tokens.clone(), directory: Arc::new(directory), keys })
     }
 
@@ -112,10 +124,21 @@ impl AuthCore {
         self.policy.swap(Arc::new(policy))
     }
 
-    /// Signs a token for `grant` with `policy`'s keys and records its `jti`
-    /// (one store write).
-    pub async fn mint(&self, policy: &Policy, grant: Grant) -> Result<Minted, AuthError> {
-        let now = self.clock.now_unix();
+    /// Signs a token for `grant` with `policy`'s keys, issued at `now`, and
+    /// records its `jti` (one store write). A flow reads the clock once and
+    /// passes that `now` to every step, so the token's `exp` is exactly the
+    /// lifetime the flow decided on (never past a subject token's `exp`).
+    pub async fn mint(&self, policy: &Policy, grant: Grant, now: u64) -> Result<Minted, AuthError> {
+        let minted = self.sign(policy, grant, now).await?;
+        self.store.record_issued(&minted.claims.jti, &issued_record(&minted.claims), now).await?;
+        Ok(minted)
+    }
+
+    /// Signs a token for `grant`, issued at `now`, without recording it:
+    /// for a flow that records it in the same store step as its other
+    /// effects (refresh). A token that is never recorded is never handed
+    /// out.
+    pub async fn sign(&self, policy: &Policy, grant: Grant, now: u64) -> Result<Minted, AuthError> {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: grant.sub,
@@ -132,8 +155,6 @@ impl AuthCore {
             cnf: None,
         };
         let token = policy.keys.sign(&claims).await?;
-        let issued = IssuedToken { sub: claims.sub.clone(), sid: claims.sid.clone(), exp: claims.exp };
-        self.store.record_issued(&claims.jti, &issued, now).await?;
         Ok(Minted { token, claims })
     }
 
@@ -170,7 +191,17 @@ impl AuthCore {
         token: &str,
         audience: Option<&str>,
     ) -> Result<Claims, AuthError> {
-        let now = self.clock.now_unix();
+        self.verify_presented_at(policy, token, audience, self.clock.now_unix()).await
+    }
+
+    /// [`AuthCore::verify_presented`] at time `now`.
+    pub async fn verify_presented_at(
+        &self,
+        policy: &Policy,
+        token: &str,
+        audience: Option<&str>,
+        now: u64,
+    ) -> Result<Claims, AuthError> {
         let keys = policy.keys.public_keys();
         let claims =
             self.validator.validate_for(token, &keys.keys, now, audience).map_err(AuthError::token_rejected)?;
@@ -179,4 +210,9 @@ impl AuthCore {
         }
         Ok(claims)
     }
+}
+
+/// What the store records of an issued access token.
+pub fn issued_record(claims: &Claims) -> IssuedToken {
+    IssuedToken { sub: claims.sub.clone(), sid: claims.sid.clone(), exp: claims.exp }
 }

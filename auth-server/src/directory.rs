@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine as _;
@@ -50,7 +50,8 @@ pub struct Account {
     pub secret_sha256: String,
     /// When set, the caller must present a client certificate with this
     /// identity (URI SAN, else DNS SAN); a right secret from the wrong
-    /// certificate is refused.
+    /// certificate is refused. The certificate alone also authenticates the
+    /// account (an empty secret), so no two accounts may share an identity.
     #[serde(default)]
     pub mtls_identity: Option<String>,
     /// Role claim of the service's own tokens.
@@ -98,7 +99,8 @@ struct LoadedAccount {
 pub struct Directory {
     users: HashMap<String, User>,
     accounts: HashMap<String, LoadedAccount>,
-    /// A real argon2id hash that nobody's password matches, verified for
+    /// A real argon2 hash that nobody's password matches, with the
+    /// parameters of the costliest configured user hash, verified for
     /// unknown users so they cost the same time as a wrong password.
     decoy_hash: String,
 }
@@ -131,13 +133,36 @@ pub fn random_token(n: usize) -> Result<String, AuthError> {
 
 /// An argon2id PHC hash of `password` (default parameters).
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
+    hash_password_with(password, &Argon2::default())
+}
+
+/// A PHC hash of `password` with `hasher`'s algorithm, version and
+/// parameters.
+pub fn hash_password_with(password: &str, hasher: &Argon2<'_>) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
     SystemRandom::new().fill(&mut salt).map_err(|_| AuthError::Internal("random generator failed"))?;
     let salt = SaltString::encode_b64(&salt).map_err(|_| AuthError::Internal("salt encoding failed"))?;
-    Argon2::default()
+    hasher
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|_| AuthError::Internal("password hashing failed"))
+}
+
+/// The hasher of an argon2 PHC string: its algorithm, version and
+/// parameters (the cost of verifying a password against it).
+fn hasher_of(phc: &str) -> Option<Argon2<'static>> {
+    let hash = PasswordHash::new(phc).ok()?;
+    let algorithm = Algorithm::try_from(hash.algorithm).ok()?;
+    let version = hash.version.map_or(Ok(Version::default()), Version::try_from).ok()?;
+    let params = Params::try_from(&hash).ok()?;
+    Some(Argon2::new(algorithm, version, params))
+}
+
+/// The work one verification against `hasher` does: memory × passes
+/// (lanes split the memory; without threads they run one after another).
+fn cost_of(hasher: &Argon2<'_>) -> (u64, u32) {
+    let p = hasher.params();
+    (u64::from(p.m_cost()) * u64::from(p.t_cost()), p.p_cost())
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -169,12 +194,18 @@ impl Directory {
     /// Builds a directory from values, checking each entry.
     pub fn new(users: Vec<User>, accounts: Vec<Account>) -> Result<Self, ConfigError> {
         let mut u = HashMap::new();
+        // The decoy for unknown users costs as much as the costliest real
+        // hash, so their answer is never faster than a wrong password's.
+        let mut decoy = Argon2::default();
         for user in users {
-            if PasswordHash::new(&user.password_hash).is_err() {
+            let Some(hasher) = hasher_of(&user.password_hash) else {
                 return Err(ConfigError {
                     key: format!("users_file: user {}", user.username),
-                    problem: "password_hash is not a PHC string".into(),
+                    problem: "password_hash is not an argon2 PHC string".into(),
                 });
+            };
+            if cost_of(&hasher) > cost_of(&decoy) {
+                decoy = hasher;
             }
             if u.insert(user.username.clone(), user).is_some() {
                 return Err(ConfigError { key: "users_file".into(), problem: "duplicate username".into() });
@@ -189,11 +220,26 @@ impl Directory {
                 });
             };
             let id = account.client_id.clone();
+            if let Some(identity) = &account.mtls_identity
+                && let Some(other) =
+                    a.values().find(|o: &&LoadedAccount| o.account.mtls_identity.as_ref() == Some(identity))
+            {
+                // Certificate-only authentication picks the account by its
+                // identity: two accounts sharing one would make the choice
+                // arbitrary.
+                return Err(ConfigError {
+                    key: "accounts_file".into(),
+                    problem: format!(
+                        "accounts {:?} and {id:?} have the same mtls_identity {identity:?}",
+                        other.account.client_id
+                    ),
+                });
+            }
             if a.insert(id.clone(), LoadedAccount { account, digest }).is_some() {
                 return Err(ConfigError { key: "accounts_file".into(), problem: format!("duplicate client_id {id}") });
             }
         }
-        let decoy_hash = hash_password("decoy password nobody has")
+        let decoy_hash = hash_password_with("decoy password nobody has", &decoy)
             .map_err(|e| ConfigError { key: "users_file".into(), problem: e.to_string() })?;
         Ok(Self { users: u, accounts: a, decoy_hash })
     }
@@ -208,6 +254,11 @@ impl Directory {
             .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
             .unwrap_or(false);
         if ok { user } else { None }
+    }
+
+    /// A service account by client id.
+    pub fn account(&self, client_id: &str) -> Option<&Account> {
+        self.accounts.get(client_id).map(|a| &a.account)
     }
 
     /// A user by name (refresh re-reads the current role and perms).
@@ -241,7 +292,10 @@ impl Directory {
             if let Some(bound) = &acc.account.mtls_identity
                 && peer.map(|p| &p.id) != Some(bound)
             {
-                return Err(AuthError::Unauthenticated("client certificate does not match the account"));
+                // The same answer as a wrong secret: a distinct one would
+                // tell whoever holds a stolen secret that it is right.
+                tracing::info!(client_id = ?acc.account.client_id, "right secret from the wrong certificate");
+                return Err(BAD);
             }
             return Ok(&acc.account);
         }

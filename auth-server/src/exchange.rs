@@ -31,15 +31,18 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
     if req.audience.is_empty() {
         return Err(AuthError::InvalidArgument("audience is required"));
     }
-    // One policy for the whole request (it may be swapped by a reload).
+    // One policy and one clock reading for the whole request: the policy
+    // may be swapped by a reload, and a second reading of the clock could
+    // put the minted `exp` past the subject token's.
     let current = core.policy();
+    let now = core.clock.now_unix();
     let account = current.directory.authenticate_service(&req.client_id, &req.client_secret.0, peer)?;
     let subject = if req.subject_token.is_empty() {
         None
     } else {
         // The user's token must be addressed to the caller: a service may
         // only act for users who called it.
-        Some(core.verify_presented(&current, &req.subject_token, Some(&account.client_id)).await?)
+        Some(core.verify_presented_at(&current, &req.subject_token, Some(&account.client_id), now).await?)
     };
     let t = &current.tokens;
     let decision = policy::decide(&policy::Input {
@@ -50,12 +53,12 @@ pub async fn exchange(core: &AuthCore, req: ExchangeRequest, peer: Option<&PeerI
         requested_scope: &req.scope,
         requested_ttl: req.requested_ttl,
         subject: subject.as_ref(),
-        now: core.clock.now_unix(),
+        now,
         default_ttl: t.exchange_default_ttl_secs,
         max_ttl: t.exchange_max_ttl_secs,
         max_act_depth: t.max_act_depth,
     })?;
-    let access = core.mint(&current, decision.into_grant(req.audience, account.client_id.clone())).await?;
+    let access = core.mint(&current, decision.into_grant(req.audience, account.client_id.clone()), now).await?;
     Ok(Issued { kind: GrantKind::Exchange, access, refresh: None })
 }
 

@@ -58,14 +58,14 @@ pub async fn login(
             let grant = policy::password(&user, tokens, audience, &scope, sid)?;
             let (sub, sid, aud, perms) =
                 (grant.sub.clone(), grant.sid.clone().unwrap_or_default(), grant.aud.clone(), grant.perms.clone());
-            let access = core.mint(&current, grant).await?;
+            let access = core.mint(&current, grant, core.clock.now_unix()).await?;
             let refresh = core.start_refresh_family(&current, &sub, &sid, aud, perms).await?;
             Ok(Issued { kind: GrantKind::Password, access, refresh: Some(refresh) })
         }
         LoginGrant::ClientCredentials { client_id, secret } => {
             let account = current.directory.authenticate_service(&client_id, &secret.0, peer)?;
             let grant = policy::client_credentials(account, tokens, audience, &scope)?;
-            let access = core.mint(&current, grant).await?;
+            let access = core.mint(&current, grant, core.clock.now_unix()).await?;
             Ok(Issued { kind: GrantKind::ClientCredentials, access, refresh: None })
         }
     }
@@ -79,8 +79,10 @@ pub mod policy {
     use crate::grant::{Grant, PASSWORD_CLIENT_ID, narrow};
 
     /// What an authenticated user's token says: the requested audiences
-    /// (default: every user audience) must all be user audiences; scopes
-    /// narrow the user's perms; the token opens session `sid`.
+    /// (default: every user audience) must all be user audiences, or be the
+    /// auth service's own audience alone (a token to manage the user's own
+    /// session); scopes narrow the user's perms; the token opens session
+    /// `sid`.
     pub fn password(
         user: &User,
         tokens: &TokensConfig,
@@ -93,7 +95,8 @@ pub mod policy {
         if aud.is_empty() {
             return Err(AuthError::InvalidArgument("audience is required"));
         }
-        if aud.iter().any(|a| !allowed.contains(a)) {
+        let for_self = self_alone(&aud, tokens)?;
+        if !for_self && aud.iter().any(|a| !allowed.contains(a)) {
             return Err(AuthError::PermissionDenied("audience not allowed for users"));
         }
         Ok(Grant {
@@ -108,9 +111,15 @@ pub mod policy {
         })
     }
 
-    /// What an authenticated service's own token says: every requested
-    /// audience must be on its allow-list; scopes narrow the union of those
-    /// audiences' scopes and the account's own perms.
+    /// What an authenticated service's own token says, granted per audience
+    /// as ExchangeToken grants: every requested audience must be on the
+    /// account's allow-list, and the token's scopes are that audience's
+    /// scopes narrowed by the request. The account's own `perms` (such as
+    /// the admin permission) are granted only in a token for the auth
+    /// service itself. One token for several audiences carries one scope
+    /// set, so every audience must grant the same set; when they differ
+    /// the request is refused (ask for one token per audience, or narrow
+    /// the scopes to a set they share).
     pub fn client_credentials(
         account: &Account,
         tokens: &TokensConfig,
@@ -120,16 +129,28 @@ pub mod policy {
         if audience.is_empty() {
             return Err(AuthError::InvalidArgument("audience is required"));
         }
-        let mut allowed_scopes: Vec<String> = Vec::new();
+        let for_self = self_alone(&audience, tokens)?;
+        let mut granted: Option<Vec<String>> = None;
         for a in &audience {
             let Some(scopes) = account.audiences.get(a) else {
                 return Err(AuthError::PermissionDenied("audience not allowed for this account"));
             };
-            allowed_scopes.extend(scopes.iter().cloned());
+            let mut have = scopes.clone();
+            if for_self {
+                have.extend(account.perms.iter().cloned());
+            }
+            let mut this = narrow(&have, scope, None);
+            this.sort();
+            match &granted {
+                Some(first) if *first != this => {
+                    return Err(AuthError::InvalidArgument(
+                        "these audiences grant different scopes: request one token per audience",
+                    ));
+                }
+                Some(_) => {}
+                None => granted = Some(this),
+            }
         }
-        allowed_scopes.extend(account.perms.iter().cloned());
-        allowed_scopes.sort();
-        allowed_scopes.dedup();
         Ok(Grant {
             sub: format!("svc:{}", account.client_id),
             aud: audience,
@@ -137,9 +158,20 @@ pub mod policy {
             sid: None,
             client_id: account.client_id.clone(),
             role: account.role.clone(),
-            perms: narrow(&allowed_scopes, scope, None),
+            perms: granted.unwrap_or_default(),
             act: None,
         })
+    }
+
+    /// Whether `aud` asks for the auth service itself; it must then be
+    /// alone, so that no other service ever holds a token the auth service
+    /// accepts for session and revocation actions.
+    fn self_alone(aud: &[String], tokens: &TokensConfig) -> Result<bool, AuthError> {
+        let mentions_self = aud.contains(&tokens.self_audience);
+        if mentions_self && aud.len() > 1 {
+            return Err(AuthError::InvalidArgument("the auth service's audience must be requested alone"));
+        }
+        Ok(mentions_self)
     }
 
     #[cfg(test)]
@@ -153,7 +185,11 @@ pub mod policy {
         }
 
         fn tokens() -> TokensConfig {
-            TokensConfig { user_audiences: strings(&["order", "web"]), ..TokensConfig::default() }
+            TokensConfig {
+                user_audiences: strings(&["order", "web"]),
+                self_audience: "auth-service".into(),
+                ..TokensConfig::default()
+            }
         }
 
         fn alice() -> User {
@@ -214,6 +250,47 @@ pub mod policy {
             let g = client_credentials(&order(), &tokens(), strings(&["inventory"]), &strings(&["inventory:reserve"]))
                 .unwrap();
             assert_eq!(g.perms, strings(&["inventory:reserve"]));
+        }
+
+        #[test]
+        fn a_user_may_log_in_for_the_auth_service_alone() {
+            let g = password(&alice(), &tokens(), strings(&["auth-service"]), &[], "s".into()).unwrap();
+            assert_eq!(g.aud, strings(&["auth-service"]));
+            let err = password(&alice(), &tokens(), strings(&["order", "auth-service"]), &[], "s".into()).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidArgument("the auth service's audience must be requested alone")));
+        }
+
+        #[test]
+        fn a_service_token_for_several_audiences_needs_one_scope_set() {
+            let mut account = order();
+            account.audiences.insert("ledger".into(), strings(&["inventory:read"]));
+            // inventory grants {read, reserve}, billing {charge}: refused.
+            let err = client_credentials(&account, &tokens(), strings(&["inventory", "billing"]), &[]).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidArgument(_)));
+            // Narrowed to a set both grant, it is one token.
+            let g = client_credentials(
+                &account,
+                &tokens(),
+                strings(&["inventory", "ledger"]),
+                &strings(&["inventory:read"]),
+            )
+            .unwrap();
+            assert_eq!(g.aud, strings(&["inventory", "ledger"]));
+            assert_eq!(g.perms, strings(&["inventory:read"]));
+        }
+
+        #[test]
+        fn the_account_perms_go_only_into_a_token_for_the_auth_service() {
+            let mut account = order();
+            account.perms = strings(&["auth:admin"]);
+            account.audiences.insert("auth-service".into(), vec![]);
+            let g = client_credentials(&account, &tokens(), strings(&["inventory"]), &[]).unwrap();
+            assert!(!g.perms.contains(&"auth:admin".to_string()), "{:?}", g.perms);
+            let g = client_credentials(&account, &tokens(), strings(&["auth-service"]), &[]).unwrap();
+            assert_eq!(g.perms, strings(&["auth:admin"]));
+            let err =
+                client_credentials(&account, &tokens(), strings(&["auth-service", "inventory"]), &[]).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidArgument(_)));
         }
 
         #[test]

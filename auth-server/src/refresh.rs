@@ -24,7 +24,7 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
         .consume_refresh(&refresh_digest(presented), &refresh_digest(&next), now + t.refresh_ttl_secs, now)
         .await?;
     let grant = policy::decide(outcome, |sub| current.directory.user(sub), t.access_ttl_secs)?;
-    let access = core.mint(&current, grant).await?;
+    let access = core.mint(&current, grant, now).await?;
     Ok(Issued { kind: GrantKind::Refresh, access, refresh: Some(RefreshIssued { token: next }) })
 }
 

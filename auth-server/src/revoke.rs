@@ -1,10 +1,23 @@
 //! Revoke: an access token, a `jti`, a refresh-token family or a session.
 //!
-//! Presenting the token itself (access or refresh) is proof of possession.
-//! Revoking by `jti` or `sid` needs the caller's own access token: the jti
-//! must be the caller's (same `sub`), the sid the caller's own session,
-//! unless the caller holds the admin permission. Every revocation is
-//! acknowledged only after the store has made it durable.
+//! The rule (see docs/SECURITY.md):
+//! - Presenting the token itself is proof of possession: an access token
+//!   revokes its own `jti`, a refresh token its family, and a refresh token
+//!   given as `session_refresh_token` its whole login session (logout,
+//!   RFC 7009 style).
+//! - A bearer token addressed to another service, or one that carries
+//!   `act` (a service acting for the user), can revoke at most itself: such
+//!   tokens are in other services' hands, and must not let them log the
+//!   user out or revoke the user's other tokens.
+//! - Ending a session by `sid`, or revoking another token by `jti`, needs a
+//!   bearer token addressed to the auth service alone
+//!   (`tokens.self_audience`) without `act`: for the caller's own session
+//!   and the caller's own tokens (same `sub`), or anyone's when it also
+//!   carries `tokens.admin_perm`.
+//!
+//! Every revocation is acknowledged only after the store has made it
+//! durable, and is kept until the revoked tokens' `exp` plus
+//! `tokens.verifier_leeway_secs`, since verifiers accept a token until then.
 //!
 //! The decisions are the pure functions of [`policy`]; this module only
 //! verifies, looks up and writes.
@@ -21,8 +34,13 @@ pub enum RevokeTarget {
     AccessToken(String),
     /// A jti.
     Jti(String),
-    /// A refresh token (its family).
-    RefreshToken(String),
+    /// A refresh token: its family, or with `end_session` its session.
+    RefreshToken {
+        /// The refresh token (proof of possession).
+        token: String,
+        /// End the whole login session the token belongs to (logout).
+        end_session: bool,
+    },
     /// A session (logout).
     Sid(String),
 }
@@ -58,21 +76,24 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
     let revocation = match target {
         RevokeTarget::AccessToken(token) => {
             let keys = current.keys.public_keys();
-            let checked = core.validator.validate_for(&token, &keys.keys, now, None);
-            match policy::access_token(checked)? {
+            // Judge expiry with the verifiers' leeway: a token they still
+            // accept must still be deny-listed.
+            let validator = core.validator.clone().leeway_secs(t.verifier_leeway_secs);
+            let checked = validator.validate_for(&token, &keys.keys, now, None);
+            match policy::access_token(checked, t)? {
                 Some(r) => r,
                 None => return Ok(Revoked::AlreadyExpired),
             }
         }
-        RevokeTarget::RefreshToken(token) => {
+        RevokeTarget::RefreshToken { token, end_session } => {
             let Some(record) = core.store.refresh_record(&refresh_digest(&token), now).await? else {
                 return Err(AuthError::Unauthenticated("invalid refresh token"));
             };
-            policy::family(record, now, t)
+            if end_session { policy::session_of(record, now, t) } else { policy::family(record, now, t) }
         }
         RevokeTarget::Jti(jti) => {
             let caller = caller(core, &current, caller_token).await?;
-            let issued = core.store.issued(&jti, now).await?;
+            let issued = if jti == caller.jti { None } else { core.store.issued(&jti, now).await? };
             policy::jti(&caller, jti, issued.as_ref(), now, t)?
         }
         RevokeTarget::Sid(sid) => {
@@ -86,6 +107,8 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
 
 async fn caller(core: &AuthCore, current: &Policy, token: Option<&str>) -> Result<service_sdk::Claims, AuthError> {
     let token = token.ok_or(AuthError::Unauthenticated("revoking by jti or sid needs the caller's bearer token"))?;
+    // Any audience verifies here; what the token may revoke depends on its
+    // audience, and the policy decides that.
     core.verify_presented(current, token, None).await
 }
 
@@ -97,12 +120,37 @@ pub mod policy {
     use crate::error::AuthError;
     use crate::store::{IssuedToken, RefreshRecord, Revocation, RevocationKind};
 
-    /// A presented access token, as validated: its jti until its `exp`;
-    /// nothing when it has already expired; refused when it is not a valid
-    /// token of this issuer.
-    pub fn access_token(checked: Result<Claims, VerifyError>) -> Result<Option<Revocation>, AuthError> {
+    /// Until when a deny entry for tokens that expire at `exp` must live:
+    /// verifiers accept a token until `exp` plus their leeway.
+    pub fn deny_until(exp: u64, t: &TokensConfig) -> u64 {
+        exp.saturating_add(t.verifier_leeway_secs)
+    }
+
+    /// Whether `caller` is a token for the auth service itself: addressed to
+    /// `tokens.self_audience` alone and carrying no `act`. Only such a token
+    /// may act on its subject's session and other tokens; any other token
+    /// is in some service's hands and can revoke at most itself.
+    pub fn speaks_for_its_subject(caller: &Claims, t: &TokensConfig) -> bool {
+        let mut aud = caller.aud.iter();
+        caller.act.is_none() && aud.next() == Some(t.self_audience.as_str()) && aud.next().is_none()
+    }
+
+    /// Whether `caller` may revoke anyone's tokens: the admin permission in
+    /// a token for the auth service itself.
+    pub fn is_admin(caller: &Claims, t: &TokensConfig) -> bool {
+        speaks_for_its_subject(caller, t) && caller.has_perm(&t.admin_perm)
+    }
+
+    /// A presented access token, as validated (with the verifiers' leeway):
+    /// its jti until its `exp` plus that leeway; nothing when it has expired
+    /// even for the verifiers; refused when it is not a valid token of this
+    /// issuer.
+    pub fn access_token(
+        checked: Result<Claims, VerifyError>,
+        t: &TokensConfig,
+    ) -> Result<Option<Revocation>, AuthError> {
         match checked {
-            Ok(c) => Ok(Some(Revocation { kind: RevocationKind::Jti, id: c.jti, expires_at: c.exp })),
+            Ok(c) => Ok(Some(Revocation { kind: RevocationKind::Jti, id: c.jti, expires_at: deny_until(c.exp, t) })),
             Err(VerifyError::Expired) => Ok(None),
             Err(e) => Err(AuthError::token_rejected(e)),
         }
@@ -115,10 +163,17 @@ pub mod policy {
         Revocation { kind: RevocationKind::Family, id: record.family, expires_at: until }
     }
 
-    /// A jti: the caller's own (as the store recorded it at issue), or
-    /// anyone's for an admin. An unknown jti is either expired or not ours;
-    /// only an admin may deny-list it blindly, for the longest a token can
-    /// live.
+    /// The session of a presented refresh token (logout by proof of
+    /// possession), for as long as [`sid`] would keep it.
+    pub fn session_of(record: RefreshRecord, now: u64, t: &TokensConfig) -> Revocation {
+        session(record.sid, now, t)
+    }
+
+    /// A jti. A token may always revoke itself. Another jti needs a token
+    /// for the auth service ([`speaks_for_its_subject`]): the caller's own
+    /// (the same `sub`, as the store recorded it at issue), or anyone's for
+    /// an admin. An unknown jti is either expired or not ours; only an admin
+    /// may deny-list it blindly, for the longest a token can live.
     pub fn jti(
         caller: &Claims,
         jti: String,
@@ -126,36 +181,56 @@ pub mod policy {
         now: u64,
         t: &TokensConfig,
     ) -> Result<Revocation, AuthError> {
-        let admin = caller.has_perm(&t.admin_perm);
-        let expires_at = match issued {
+        if jti == caller.jti {
+            return Ok(Revocation { kind: RevocationKind::Jti, id: jti, expires_at: deny_until(caller.exp, t) });
+        }
+        if !speaks_for_its_subject(caller, t) {
+            return Err(AuthError::PermissionDenied("a token for another service can revoke only itself"));
+        }
+        let admin = is_admin(caller, t);
+        let exp = match issued {
             Some(rec) if admin || rec.sub == caller.sub => rec.exp,
             None if admin => now + t.access_ttl_secs.max(t.exchange_max_ttl_secs),
             _ => return Err(AuthError::PermissionDenied("not your token")),
         };
-        Ok(Revocation { kind: RevocationKind::Jti, id: jti, expires_at })
+        Ok(Revocation { kind: RevocationKind::Jti, id: jti, expires_at: deny_until(exp, t) })
     }
 
-    /// A session (logout): the caller's own, or anyone's for an admin,
+    /// A session (logout) by `sid`: needs a token for the auth service
+    /// ([`speaks_for_its_subject`]) of that session, or an admin's. Kept
     /// until every token and refresh token of the session has expired.
     pub fn sid(caller: &Claims, sid: String, now: u64, t: &TokensConfig) -> Result<Revocation, AuthError> {
-        if caller.sid.as_deref() != Some(sid.as_str()) && !caller.has_perm(&t.admin_perm) {
+        if !speaks_for_its_subject(caller, t) {
+            return Err(AuthError::PermissionDenied("a token for another service can revoke only itself"));
+        }
+        if caller.sid.as_deref() != Some(sid.as_str()) && !is_admin(caller, t) {
             return Err(AuthError::PermissionDenied("not your session"));
         }
-        let until = now + t.refresh_ttl_secs.max(t.access_ttl_secs);
-        Ok(Revocation { kind: RevocationKind::Sid, id: sid, expires_at: until })
+        Ok(session(sid, now, t))
+    }
+
+    fn session(sid: String, now: u64, t: &TokensConfig) -> Revocation {
+        let until = deny_until(now + t.refresh_ttl_secs.max(t.access_ttl_secs), t);
+        Revocation { kind: RevocationKind::Sid, id: sid, expires_at: until }
     }
 
     #[cfg(test)]
     mod tests {
-        use service_sdk::Audience;
+        use service_sdk::{Actor, Audience};
 
         use super::*;
 
-        fn claims(sub: &str, sid: Option<&str>, perms: &[&str]) -> Claims {
+        const SELF: &str = "auth-service";
+
+        fn tokens() -> TokensConfig {
+            TokensConfig { self_audience: SELF.into(), ..TokensConfig::default() }
+        }
+
+        fn claims(sub: &str, aud: &str, sid: Option<&str>, perms: &[&str]) -> Claims {
             Claims {
                 iss: "auth-service".into(),
                 sub: sub.into(),
-                aud: Audience::One("order".into()),
+                aud: Audience::One(aud.into()),
                 exp: 2_000,
                 nbf: 0,
                 iat: 0,
@@ -174,17 +249,19 @@ pub mod policy {
         }
 
         #[test]
-        fn a_live_access_token_is_revoked_until_its_expiry_and_an_expired_one_is_a_no_op() {
-            let r = access_token(Ok(claims("alice", None, &[]))).unwrap().unwrap();
-            assert_eq!(r, Revocation { kind: RevocationKind::Jti, id: "j-own".into(), expires_at: 2_000 });
-            assert_eq!(access_token(Err(VerifyError::Expired)).unwrap(), None);
-            let err = access_token(Err(VerifyError::BadSignature)).unwrap_err();
+        fn a_live_access_token_is_revoked_until_its_expiry_plus_the_leeway() {
+            let t = tokens();
+            let r = access_token(Ok(claims("alice", "order", None, &[])), &t).unwrap().unwrap();
+            let until = 2_000 + t.verifier_leeway_secs;
+            assert_eq!(r, Revocation { kind: RevocationKind::Jti, id: "j-own".into(), expires_at: until });
+            assert_eq!(access_token(Err(VerifyError::Expired), &t).unwrap(), None);
+            let err = access_token(Err(VerifyError::BadSignature), &t).unwrap_err();
             assert!(matches!(err, AuthError::Unauthenticated("invalid token")));
         }
 
         #[test]
         fn a_family_lives_as_long_as_its_last_possible_member() {
-            let t = TokensConfig::default();
+            let t = tokens();
             let record = RefreshRecord {
                 family: "f1".into(),
                 sid: "s".into(),
@@ -194,40 +271,76 @@ pub mod policy {
                 scope: vec![],
                 expires_at: 10,
             };
-            let r = family(record, 1_000, &t);
+            let r = family(record.clone(), 1_000, &t);
             assert_eq!(
                 r,
                 Revocation { kind: RevocationKind::Family, id: "f1".into(), expires_at: 1_000 + t.refresh_ttl_secs }
             );
+            let r = session_of(record, 1_000, &t);
+            assert_eq!((r.kind, r.id.as_str()), (RevocationKind::Sid, "s"));
+        }
+
+        #[test]
+        fn only_a_token_for_the_auth_service_alone_without_act_speaks_for_its_subject() {
+            let t = tokens();
+            assert!(speaks_for_its_subject(&claims("alice", SELF, Some("s1"), &[]), &t));
+            assert!(!speaks_for_its_subject(&claims("alice", "order", Some("s1"), &[]), &t));
+            let mut both = claims("alice", SELF, Some("s1"), &[]);
+            both.aud = Audience::Many(vec![SELF.into(), "order".into()]);
+            assert!(!speaks_for_its_subject(&both, &t));
+            let mut acted = claims("alice", SELF, Some("s1"), &[]);
+            acted.act = Some(Actor { sub: "svc:order".into(), act: None });
+            assert!(!speaks_for_its_subject(&acted, &t));
+            assert!(!is_admin(&claims("svc:admin", "inventory", None, &["auth:admin"]), &t));
+            assert!(is_admin(&claims("svc:admin", SELF, None, &["auth:admin"]), &t));
+        }
+
+        #[test]
+        fn a_token_for_another_service_revokes_only_itself() {
+            let t = tokens();
+            let held_by_inventory = claims("alice", "inventory", Some("s1"), &[]);
+            let r = jti(&held_by_inventory, "j-own".into(), None, 1_000, &t).unwrap();
+            assert_eq!(r.expires_at, 2_000 + t.verifier_leeway_secs);
+            let err = jti(&held_by_inventory, "j1".into(), Some(&issued("alice")), 1_000, &t).unwrap_err();
+            assert!(matches!(err, AuthError::PermissionDenied("a token for another service can revoke only itself")));
+            let err = sid(&held_by_inventory, "s1".into(), 1_000, &t).unwrap_err();
+            assert!(matches!(err, AuthError::PermissionDenied(_)));
+            // Even with the admin permission.
+            let admin_elsewhere = claims("svc:admin", "inventory", None, &["auth:admin"]);
+            assert!(jti(&admin_elsewhere, "j1".into(), Some(&issued("bob")), 1_000, &t).is_err());
+            assert!(sid(&admin_elsewhere, "s2".into(), 1_000, &t).is_err());
         }
 
         #[test]
         fn a_jti_is_revocable_by_its_owner_or_an_admin_only() {
-            let t = TokensConfig::default();
-            let alice = claims("alice", None, &[]);
+            let t = tokens();
+            let alice = claims("alice", SELF, None, &[]);
             let r = jti(&alice, "j1".into(), Some(&issued("alice")), 1_000, &t).unwrap();
-            assert_eq!(r, Revocation { kind: RevocationKind::Jti, id: "j1".into(), expires_at: 1_500 });
+            let until = 1_500 + t.verifier_leeway_secs;
+            assert_eq!(r, Revocation { kind: RevocationKind::Jti, id: "j1".into(), expires_at: until });
             let err = jti(&alice, "j1".into(), Some(&issued("bob")), 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied("not your token")));
             let err = jti(&alice, "j1".into(), None, 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied(_)));
 
-            let admin = claims("svc:admin", None, &["auth:admin"]);
-            assert_eq!(jti(&admin, "j1".into(), Some(&issued("bob")), 1_000, &t).unwrap().expires_at, 1_500);
+            let admin = claims("svc:admin", SELF, None, &["auth:admin"]);
+            assert_eq!(jti(&admin, "j1".into(), Some(&issued("bob")), 1_000, &t).unwrap().expires_at, until);
             let blind = jti(&admin, "j2".into(), None, 1_000, &t).unwrap();
-            assert_eq!(blind.expires_at, 1_000 + t.access_ttl_secs.max(t.exchange_max_ttl_secs));
+            let longest = 1_000 + t.access_ttl_secs.max(t.exchange_max_ttl_secs) + t.verifier_leeway_secs;
+            assert_eq!(blind.expires_at, longest);
         }
 
         #[test]
         fn a_session_is_revocable_by_its_owner_or_an_admin_only() {
-            let t = TokensConfig::default();
-            let alice = claims("alice", Some("s1"), &[]);
+            let t = tokens();
+            let alice = claims("alice", SELF, Some("s1"), &[]);
             let r = sid(&alice, "s1".into(), 1_000, &t).unwrap();
             assert_eq!(r.kind, RevocationKind::Sid);
-            assert_eq!(r.expires_at, 1_000 + t.refresh_ttl_secs.max(t.access_ttl_secs));
+            let until = 1_000 + t.refresh_ttl_secs.max(t.access_ttl_secs) + t.verifier_leeway_secs;
+            assert_eq!(r.expires_at, until);
             let err = sid(&alice, "s2".into(), 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied("not your session")));
-            let admin = claims("svc:admin", None, &["auth:admin"]);
+            let admin = claims("svc:admin", SELF, None, &["auth:admin"]);
             assert_eq!(sid(&admin, "s2".into(), 1_000, &t).unwrap().id, "s2");
         }
 

@@ -62,6 +62,7 @@ TLS_KEYS = {"cert", "key", "client_ca"}
 TOKEN_KEYS = {
     "access_ttl_secs", "refresh_ttl_secs", "exchange_default_ttl_secs",
     "exchange_max_ttl_secs", "max_act_depth", "user_audiences", "admin_perm",
+    "self_audience", "refresh_reuse_grace_secs", "verifier_leeway_secs",
 }
 REDIS_KEYS = {"prefix", "pool_size", "command_timeout_ms"}
 ALGS = {"ES256", "EdDSA", "RS256", "PS256"}
@@ -152,6 +153,11 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
     for key in cfg.get("watch", {}):
         if key != "heartbeat_secs":
             fail(where, f"unknown key [watch] {key!r}")
+    # At most a third of the SDK's default stale bound (30 s).
+    if not 1 <= cfg.get("watch", {}).get("heartbeat_secs", 5) <= 10:
+        fail(where, "[watch] heartbeat_secs must be between 1 and 10")
+    if tokens.get("verifier_leeway_secs", 30) > 300:
+        fail(where, "[tokens] verifier_leeway_secs above the SDK's 300 s maximum")
     return paths
 
 

@@ -102,14 +102,6 @@ async fn login(
     Ok((res.access_token, res.refresh_token))
 }
 
-fn sid_of(token: &str) -> Option<String> {
-    use base64::Engine as _;
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    v["sid"].as_str().map(str::to_owned)
-}
-
 /// Runs the demo in `dir` (a dev directory, created when missing).
 pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -167,7 +159,7 @@ async fn steps(
     let mut auth = AuthClient::new(ServiceEnv::new(dir, "admin", auth_uri).auth_channel()?);
 
     // 1. Log in.
-    let (token, _) = login(&mut auth, dir, "alice").await?;
+    let (token, refresh) = login(&mut auth, dir, "alice").await?;
     println!("[1/5] alice logged in: access token for aud=order");
 
     // 2. Place an order; inventory sees the user, acted for by order.
@@ -225,11 +217,14 @@ async fn steps(
         other => return Err(fail(3, format!("expected PERMISSION_DENIED, got {other:?}"))),
     }
 
-    // 4. Log out; the next order is refused within milliseconds.
-    let sid = sid_of(&token).ok_or_else(|| fail(4, "token has no sid"))?;
-    let mut req = tonic::Request::new(RevokeRequest { target: Some(revoke_request::Target::Sid(sid)) });
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(4, "bad metadata"))?);
-    auth.revoke(req).await.map_err(|s| fail(4, format!("logout refused: {s}")))?;
+    // 4. Log out; the next order is refused within milliseconds. The
+    // session's refresh token proves it is alice's (the access token is
+    // addressed to order, which may only revoke that token itself).
+    let logout = RevokeRequest { target: Some(revoke_request::Target::SessionRefreshToken(refresh)) };
+    let revoked = auth.revoke(logout).await.map_err(|s| fail(4, format!("logout refused: {s}")))?.into_inner();
+    if revoked.revoked != "session" {
+        return Err(fail(4, format!("logout revoked {:?}, not the session", revoked.revoked)));
+    }
     let revoked_at = Instant::now();
     let delay = loop {
         let (status, _) = order.order(&token).await?;

@@ -3,7 +3,7 @@
 use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::wire::{check_field, check_list};
+use super::wire::{MAX_LOGIN_AUDIENCES, check_field, check_list, check_list_of};
 use super::{note_caller, reply, token_response};
 use crate::core::AuthCore;
 use crate::error::AuthError;
@@ -33,7 +33,9 @@ pub(super) async fn handle(
     note_caller(client_id, &r.audience);
     reply(
         async {
-            check_list(&r.audience, "audience: at most 64 non-empty names")?;
+            // Counts and sizes first: an oversized request is malformed,
+            // whatever the allow-lists would say.
+            check_list_of(&r.audience, MAX_LOGIN_AUDIENCES, "audience: at most 16 non-empty names")?;
             check_list(&r.scope, "scope: at most 64 non-empty scopes")?;
             match &grant {
                 LoginGrant::Password { username, password } => {

@@ -19,14 +19,20 @@ pub(super) async fn handle(
     let target = match req.into_inner().target {
         Some(pb::revoke_request::Target::AccessToken(t)) => RevokeTarget::AccessToken(t),
         Some(pb::revoke_request::Target::Jti(t)) => RevokeTarget::Jti(t),
-        Some(pb::revoke_request::Target::RefreshToken(t)) => RevokeTarget::RefreshToken(t),
+        Some(pb::revoke_request::Target::RefreshToken(token)) => {
+            RevokeTarget::RefreshToken { token, end_session: false }
+        }
         Some(pb::revoke_request::Target::Sid(t)) => RevokeTarget::Sid(t),
+        Some(pb::revoke_request::Target::SessionRefreshToken(token)) => {
+            RevokeTarget::RefreshToken { token, end_session: true }
+        }
         None => return Err(AuthError::InvalidArgument("a revocation target is required").into()),
     };
     let kind = match &target {
         RevokeTarget::AccessToken(_) => "access_token",
         RevokeTarget::Jti(_) => "jti",
-        RevokeTarget::RefreshToken(_) => "refresh_token",
+        RevokeTarget::RefreshToken { end_session: false, .. } => "refresh_token",
+        RevokeTarget::RefreshToken { end_session: true, .. } => "session_refresh_token",
         RevokeTarget::Sid(_) => "sid",
     };
     tracing::Span::current().record("target", kind);
@@ -38,7 +44,7 @@ pub(super) async fn handle(
                     check_field(t, "access_token too long")?;
                     None
                 }
-                RevokeTarget::RefreshToken(t) => {
+                RevokeTarget::RefreshToken { token: t, .. } => {
                     check_field(t, "refresh_token too long")?;
                     None
                 }

@@ -5,8 +5,10 @@ use crate::error::AuthError;
 
 /// Largest accepted string field (bytes).
 pub const MAX_FIELD_BYTES: usize = 8 * 1024;
-/// Largest accepted list (audiences, scopes).
+/// Largest accepted list (scopes).
 pub const MAX_LIST_LEN: usize = 64;
+/// Most audiences one Login may ask for (as the proto says).
+pub const MAX_LOGIN_AUDIENCES: usize = 16;
 /// Largest accepted list item (bytes).
 pub const MAX_ITEM_BYTES: usize = 256;
 
@@ -15,9 +17,14 @@ pub(crate) fn check_field(value: &str, what: &'static str) -> Result<(), AuthErr
     if value.len() > MAX_FIELD_BYTES { Err(AuthError::InvalidArgument(what)) } else { Ok(()) }
 }
 
-/// Checks a list's length and each item's size.
+/// Checks a list's length (at most [`MAX_LIST_LEN`]) and each item's size.
 pub(crate) fn check_list(values: &[String], what: &'static str) -> Result<(), AuthError> {
-    if values.len() > MAX_LIST_LEN || values.iter().any(|v| v.is_empty() || v.len() > MAX_ITEM_BYTES) {
+    check_list_of(values, MAX_LIST_LEN, what)
+}
+
+/// Checks a list's length (at most `max`) and each item's size.
+pub(crate) fn check_list_of(values: &[String], max: usize, what: &'static str) -> Result<(), AuthError> {
+    if values.len() > max || values.iter().any(|v| v.is_empty() || v.len() > MAX_ITEM_BYTES) {
         Err(AuthError::InvalidArgument(what))
     } else {
         Ok(())
@@ -42,5 +49,8 @@ mod tests {
         assert!(check_list(&long, "l").is_err());
         assert!(check_list(&[String::new()], "l").is_err());
         assert!(check_list(&["a".repeat(MAX_ITEM_BYTES + 1)], "l").is_err());
+        let audiences: Vec<String> = (0..=MAX_LOGIN_AUDIENCES).map(|i| i.to_string()).collect();
+        assert!(check_list_of(&audiences[..MAX_LOGIN_AUDIENCES], MAX_LOGIN_AUDIENCES, "a").is_ok());
+        assert!(check_list_of(&audiences, MAX_LOGIN_AUDIENCES, "a").is_err());
     }
 }

@@ -1,8 +1,12 @@
 //! Integration tests of auth-server over real mTLS.
 
+mod authz;
 mod edge;
+mod enumeration;
+mod expiry;
 mod flows;
 mod limits;
+mod logs;
 mod redis;
 mod server;
 mod transport;

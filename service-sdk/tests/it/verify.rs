@@ -618,11 +618,12 @@ async fn revoked_jti_and_revoked_sid_are_refused() {
     wait_refused(&env, &mut client, &token).await;
     assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, VerifyError::Revoked, "revoked jti");
 
-    let (alice, _) = env.alice_login().await;
+    let (alice, refresh) = env.alice_login().await;
     let obo = env.on_behalf_of(&alice).await;
     env.call(&mut client, &obo).await.unwrap();
-    let sid = sid_of(&alice);
-    env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
+    assert_eq!(sid_of(&obo), sid_of(&alice), "the exchanged token carries alice's session");
+    // Logout by the session's refresh token: revokes alice's sid.
+    env.revoke(pb::revoke_request::Target::SessionRefreshToken(refresh), None).await;
     wait_refused(&env, &mut client, &obo).await;
     assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "revoked sid");
 }
@@ -979,11 +980,12 @@ async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
     assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, VerifyError::Revoked, "jti");
 
     // By sid (a cached token: the lookup runs on every request).
-    let (alice, _) = env.alice_login().await;
+    let (alice, refresh) = env.alice_login().await;
     let obo = env.on_behalf_of(&alice).await;
     env.call(&mut client, &obo).await.unwrap();
-    let sid = sid_of(&alice);
-    env.revoke(pb::revoke_request::Target::Sid(sid), Some(&alice)).await;
+    assert_eq!(sid_of(&obo), sid_of(&alice), "the exchanged token carries alice's session");
+    // Logout by the session's refresh token: revokes alice's sid.
+    env.revoke(pb::revoke_request::Target::SessionRefreshToken(refresh), None).await;
     assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "sid");
 
     // Redis gone: fail closed.

@@ -1,0 +1,109 @@
+//! Log injection: strings a client chose (client id, audience, username)
+//! reach the logs escaped and capped, so a request cannot forge a log line
+//! or flood the log with one huge line.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use auth_proto::auth::v1::{ClientCredentialsGrant, ExchangeTokenRequest, LoginRequest, PasswordGrant, login_request};
+use testkit::TestServer;
+use tracing_subscriber::fmt::MakeWriter;
+
+use crate::flows::client;
+
+/// Every log line written while the test runs, in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// A forged log line, and enough bulk to make one line huge.
+fn hostile(bulk: usize) -> String {
+    format!("evil\nFORGED level=ERROR admin logged in\r\n{}", "A".repeat(bulk))
+}
+
+// The server runs on this test's (single-threaded) runtime, so a
+// subscriber set as this thread's default sees every event it logs.
+#[tokio::test(flavor = "current_thread")]
+async fn client_chosen_strings_cannot_forge_or_flood_log_lines() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(captured.clone())
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let srv = TestServer::start().await;
+    let mut c = client(&srv, "order").await;
+    // Under the 8 KiB field limit, so the flows see them (and refuse them).
+    let (_, secret) = srv.client_credentials("order");
+    for bulk in [7_000, 10_000] {
+        let evil = hostile(bulk);
+        let err = c
+            .exchange_token(ExchangeTokenRequest {
+                client_id: evil.clone(),
+                client_secret: secret.clone(),
+                audience: evil.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err.code(), tonic::Code::Unauthenticated | tonic::Code::InvalidArgument), "{err:?}");
+        let err = c
+            .login(LoginRequest {
+                grant: Some(login_request::Grant::ClientCredentials(ClientCredentialsGrant {
+                    client_id: evil.clone(),
+                    client_secret: secret.clone(),
+                })),
+                audience: vec![hostile(100)],
+                scope: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err.code(), tonic::Code::Unauthenticated | tonic::Code::InvalidArgument), "{err:?}");
+        let err = c
+            .login(LoginRequest {
+                grant: Some(login_request::Grant::Password(PasswordGrant {
+                    username: evil.clone(),
+                    password: "wrong".into(),
+                })),
+                audience: vec![],
+                scope: vec![],
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(err.code(), tonic::Code::Unauthenticated | tonic::Code::InvalidArgument), "{err:?}");
+    }
+    drop(srv);
+
+    let logs = captured.text();
+    assert!(logs.contains("evil"), "the requests were logged at all:\n{logs}");
+    for line in logs.lines() {
+        assert!(!line.trim_start().starts_with("FORGED"), "a forged log line: {line}");
+        assert!(line.len() <= 2_048, "a {}-byte log line: {}…", line.len(), &line[..200]);
+    }
+}
