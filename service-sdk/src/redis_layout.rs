@@ -21,7 +21,7 @@
 //! | [`DenyShard::jti_index`] | `{P}:rv:jti:idx` | sorted set | the minutes `m` that have a bucket (score `m`) | latest bucket end |
 //! | [`deny_sid`](KeyLayout::deny_sid) | `{P}:rv:sid` | sorted set | revoked sessions: `sid` scored by deny-until | latest deny-until |
 //! | [`deny_family`](KeyLayout::deny_family) | `{P}:rv:family` | sorted set | revoked refresh families: family id scored by deny-until | latest deny-until |
-//! | [`refresh`](KeyLayout::refresh) | `{P}:rt:<digest>` | hash | a refresh token by SHA-256 digest: `family`, `sid`, `sub`, `client_id`, `audience` and `scope` (JSON arrays), `expires_at`, `spent` (`0`/`1`) | `expires_at` |
+//! | [`refresh`](KeyLayout::refresh) | `{P}:rt:<digest>` | hash | a refresh token by SHA-256 digest: `family`, `sid`, `sub`, `client_id`, `audience` and `scope` (JSON arrays), `expires_at`, `spent` (`0` live, `1` spent, or `<spent at>\|<successor digest>` when spent while a reuse grace window is set) | `expires_at` |
 //!
 //! Revocations are published on [`channel`](KeyLayout::channel)
 //! `P:revocations` (no braces) as `<kind>|<deny_until>|<id>` with kind `j`,

@@ -38,11 +38,11 @@ type ConfigureFn = Box<dyn FnOnce(&mut RawConfig) + Send>;
 #[derive(Default)]
 pub struct TestServerBuilder {
     store_url: Option<String>,
+    store: Option<Arc<dyn Store>>,
     clock: Option<SharedClock>,
     dir: Option<PathBuf>,
     configure: Option<ConfigureFn>,
     keys_from_config: bool,
-    store: Option<Arc<dyn Store>>,
 }
 
 impl TestServerBuilder {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
 
 /// The time (Unix seconds) the suite passes as `now`, and moves forward from.
 /// Stores judge expiry by the caller's clock, so any value works.
@@ -85,7 +85,63 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
     family_revocation(store).await.map_err(named("family_revocation"))?;
     snapshot_holds_what_is_in_force(store).await.map_err(named("snapshot_holds_what_is_in_force"))?;
     subscribers_hear_every_revocation(&mut events).await.map_err(named("subscribers_hear_every_revocation"))?;
+    // Last: its reuses add revocations the two checks above do not expect.
+    refresh_retry_within_the_grace_window(store).await.map_err(named("refresh_retry_within_the_grace_window"))?;
     Ok(())
+}
+
+/// Refresh commits as the refresh flow makes them: the successor `next`
+/// and a new access token `jti-<next>`, with a reuse grace window of
+/// `grace` seconds.
+trait Rotate {
+    async fn rotate(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+    async fn rotate_with_grace(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+        grace: u64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+}
+
+impl Rotate for dyn Store + '_ {
+    async fn rotate(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        self.rotate_with_grace(digest, next, next_expires_at, now, 0).await
+    }
+
+    async fn rotate_with_grace(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+        grace: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let jti = format!("jti-{next}");
+        let issued = IssuedToken { sub: "alice".into(), sid: Some("sid-r".into()), exp: now + 900 };
+        let commit = RefreshCommit {
+            digest,
+            next_digest: next,
+            next_expires_at,
+            jti: &jti,
+            issued: &issued,
+            reuse_grace_secs: grace,
+        };
+        self.commit_refresh(&commit, now).await
+    }
 }
 
 fn revocation(kind: RevocationKind, id: &str, expires_at: u64) -> Revocation {
@@ -169,7 +225,7 @@ async fn refresh_rotation_and_reuse(store: &dyn Store) -> Check {
     ensure_eq!(call!(store.refresh_record("rt-a1", now + 3600)), None, "an expired refresh token");
     ensure_eq!(call!(store.refresh_record("unknown", now)), None, "an unknown refresh token");
     ensure_eq!(
-        call!(store.consume_refresh("rt-a1", "rt-a2", now + 7200, now)),
+        call!(store.rotate("rt-a1", "rt-a2", now + 7200, now)),
         ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 3600)),
         "spending a live token"
     );
@@ -184,30 +240,36 @@ async fn refresh_rotation_and_reuse(store: &dyn Store) -> Check {
         "a spent token is still on record"
     );
     ensure_eq!(
-        call!(store.consume_refresh("rt-a2", "rt-a3", now + 7300, now + 10)),
+        call!(store.rotate("rt-a2", "rt-a3", now + 7300, now + 10)),
         ConsumeOutcome::Rotated(refresh_record("fam-a", "sid-a", now + 7200)),
         "spending the successor"
     );
     ensure_eq!(
-        call!(store.consume_refresh("rt-a1", "rt-x", now + 7400, now + 20)),
+        call!(store.rotate("rt-a1", "rt-x", now + 7400, now + 20)),
         ConsumeOutcome::Reused,
         "presenting a spent token again"
     );
     ensure_eq!(
-        call!(store.consume_refresh("rt-a3", "rt-a4", now + 7500, now + 30)),
+        call!(store.rotate("rt-a3", "rt-a4", now + 7500, now + 30)),
         ConsumeOutcome::Invalid,
         "the family is revoked"
     );
     ensure_eq!(
-        call!(store.consume_refresh("rt-x", "rt-y", now + 7500, now + 30)),
+        call!(store.rotate("rt-x", "rt-y", now + 7500, now + 30)),
         ConsumeOutcome::Invalid,
         "a reuse stores no successor"
     );
     ensure_eq!(
-        call!(store.consume_refresh("unknown", "rt-z", now + 7500, now)),
+        call!(store.rotate("unknown", "rt-z", now + 7500, now)),
         ConsumeOutcome::Invalid,
         "an unknown refresh token"
     );
+    // A rotation records the new access token in the same step; a refused
+    // commit writes nothing.
+    let recorded = IssuedToken { sub: "alice".into(), sid: Some("sid-r".into()), exp: now + 900 };
+    ensure_eq!(call!(store.issued("jti-rt-a2", now)), Some(recorded), "the rotation's access token");
+    ensure_eq!(call!(store.issued("jti-rt-x", now)), None, "a reuse's access token");
+    ensure_eq!(call!(store.issued("jti-rt-a4", now)), None, "an invalid commit's access token");
     Ok(())
 }
 
@@ -216,7 +278,7 @@ async fn expired_refresh_is_invalid(store: &dyn Store) -> Check {
     let now = NOW;
     call!(store.put_refresh("rt-b1", &refresh_record("fam-b", "sid-b", now + 50), now));
     ensure_eq!(
-        call!(store.consume_refresh("rt-b1", "rt-b2", now + 500, now + 50)),
+        call!(store.rotate("rt-b1", "rt-b2", now + 500, now + 50)),
         ConsumeOutcome::Invalid,
         "spending an expired token"
     );
@@ -231,7 +293,7 @@ async fn logout_revokes_the_session(store: &dyn Store) -> Check {
     ensure!(call!(store.is_revoked("any-jti", Some("sid-1"), now)), "a token of a revoked session is not revoked");
     ensure!(!call!(store.is_revoked("any-jti", None, now)), "a token without a session is revoked");
     ensure_eq!(
-        call!(store.consume_refresh("rt-c1", "rt-c2", now + 7200, now)),
+        call!(store.rotate("rt-c1", "rt-c2", now + 7200, now)),
         ConsumeOutcome::Invalid,
         "a refresh token of a revoked session"
     );
@@ -244,7 +306,7 @@ async fn family_revocation(store: &dyn Store) -> Check {
     call!(store.put_refresh("rt-d1", &refresh_record("fam-d", "sid-d", now + 3600), now));
     call!(store.revoke(revocation(RevocationKind::Family, "fam-d", now + 3600), now));
     ensure_eq!(
-        call!(store.consume_refresh("rt-d1", "rt-d2", now + 7200, now)),
+        call!(store.rotate("rt-d1", "rt-d2", now + 7200, now)),
         ConsumeOutcome::Invalid,
         "a refresh token of a revoked family"
     );
@@ -302,5 +364,68 @@ async fn subscribers_hear_every_revocation(events: &mut broadcast::Receiver<Revo
         };
         ensure_eq!(got, *want, "event {i}");
     }
+    Ok(())
+}
+
+/// With a reuse grace window, a second presentation soon after the spend,
+/// while the successor stored then is unused, is a retry after a lost
+/// reply: the successor is replaced and the family lives. A retry after the
+/// window, after the successor was used, or without a window, is a reuse.
+async fn refresh_retry_within_the_grace_window(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-g1", &refresh_record("fam-g", "sid-g", now + 3600), now));
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-g1", "rt-g2", now + 7200, now, 10)),
+        ConsumeOutcome::Rotated(refresh_record("fam-g", "sid-g", now + 3600)),
+        "spending a live token with a window"
+    );
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-g1", "rt-g3", now + 7205, now + 5, 10)),
+        ConsumeOutcome::Retried(refresh_record("fam-g", "sid-g", now + 3600)),
+        "presenting it again within the window"
+    );
+    ensure!(call!(store.issued("jti-rt-g3", now + 5)).is_some(), "the retry's access token is not recorded");
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-g2", "rt-x2", now + 7206, now + 6, 10)),
+        ConsumeOutcome::Invalid,
+        "the successor the retry replaced"
+    );
+    ensure!(
+        matches!(call!(store.rotate_with_grace("rt-g3", "rt-g4", now + 7207, now + 7, 10)), ConsumeOutcome::Rotated(_)),
+        "the retry's successor does not rotate"
+    );
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-g1", "rt-g5", now + 7208, now + 8, 10)),
+        ConsumeOutcome::Reused,
+        "a retry after its successor was used"
+    );
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-g4", "rt-g6", now + 7209, now + 9, 10)),
+        ConsumeOutcome::Invalid,
+        "the family after that reuse"
+    );
+
+    call!(store.put_refresh("rt-h1", &refresh_record("fam-h", "sid-h", now + 3600), now));
+    ensure!(
+        matches!(call!(store.rotate_with_grace("rt-h1", "rt-h2", now + 7200, now, 10)), ConsumeOutcome::Rotated(_)),
+        "spending a live token with a window"
+    );
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-h1", "rt-h3", now + 7211, now + 11, 10)),
+        ConsumeOutcome::Reused,
+        "presenting it again after the window"
+    );
+    ensure_eq!(
+        call!(store.rotate_with_grace("rt-h2", "rt-h4", now + 7212, now + 12, 10)),
+        ConsumeOutcome::Invalid,
+        "the family after a late retry"
+    );
+
+    call!(store.put_refresh("rt-i1", &refresh_record("fam-i", "sid-i", now + 3600), now));
+    ensure!(
+        matches!(call!(store.rotate("rt-i1", "rt-i2", now + 7200, now)), ConsumeOutcome::Rotated(_)),
+        "spending a live token"
+    );
+    ensure_eq!(call!(store.rotate("rt-i1", "rt-i3", now + 7200, now)), ConsumeOutcome::Reused, "without a window");
     Ok(())
 }

@@ -10,15 +10,22 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
 
 #[derive(Default)]
 struct State {
     issued: HashMap<String, IssuedToken>,
     /// (kind, id) -> expires_at
     denied: HashMap<(RevocationKind, String), u64>,
-    refresh: HashMap<String, (RefreshRecord, bool)>,
+    refresh: HashMap<String, RefreshEntry>,
     ops: u64,
+}
+
+/// A stored refresh token.
+struct RefreshEntry {
+    record: RefreshRecord,
+    /// When it was spent, and the successor stored then.
+    spent: Option<(u64, String)>,
 }
 
 impl State {
@@ -29,7 +36,7 @@ impl State {
     fn prune(&mut self, now: u64) {
         self.issued.retain(|_, t| t.exp > now);
         self.denied.retain(|_, exp| *exp > now);
-        self.refresh.retain(|_, (r, _)| r.expires_at > now);
+        self.refresh.retain(|_, e| e.record.expires_at > now);
     }
 
     fn tick(&mut self, now: u64) {
@@ -100,47 +107,58 @@ impl Store for MemoryStore {
     async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
         let mut s = self.lock()?;
         s.tick(now);
-        s.refresh.insert(digest.to_owned(), (record.clone(), false));
+        s.refresh.insert(digest.to_owned(), RefreshEntry { record: record.clone(), spent: None });
         Ok(())
     }
 
     async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
         let s = self.lock()?;
-        Ok(s.refresh.get(digest).map(|(r, _)| r.clone()).filter(|r| r.expires_at > now))
+        Ok(s.refresh.get(digest).map(|e| e.record.clone()).filter(|r| r.expires_at > now))
     }
 
-    async fn consume_refresh(
-        &self,
-        digest: &str,
-        next_digest: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError> {
+    async fn commit_refresh(&self, c: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
         let revoked_family;
         {
             let mut s = self.lock()?;
             s.tick(now);
-            let Some((record, spent)) = s.refresh.get(digest).cloned() else {
+            let Some(entry) = s.refresh.get(c.digest) else {
                 return Ok(ConsumeOutcome::Invalid);
             };
+            let (record, spent) = (entry.record.clone(), entry.spent.clone());
             if record.expires_at <= now
                 || s.is_denied(RevocationKind::Family, &record.family, now)
                 || s.is_denied(RevocationKind::Sid, &record.sid, now)
             {
                 return Ok(ConsumeOutcome::Invalid);
             }
-            if !spent {
-                if let Some(entry) = s.refresh.get_mut(digest) {
-                    entry.1 = true;
+            let rotate = |s: &mut State, spent_at: u64| {
+                if let Some(entry) = s.refresh.get_mut(c.digest) {
+                    entry.spent = Some((spent_at, c.next_digest.to_owned()));
                 }
-                let next = RefreshRecord { expires_at: next_expires_at, ..record.clone() };
-                s.refresh.insert(next_digest.to_owned(), (next, false));
-                return Ok(ConsumeOutcome::Rotated(record));
+                let next = RefreshRecord { expires_at: c.next_expires_at, ..record.clone() };
+                s.refresh.insert(c.next_digest.to_owned(), RefreshEntry { record: next, spent: None });
+                s.issued.insert(c.jti.to_owned(), c.issued.clone());
+            };
+            match spent {
+                None => {
+                    rotate(&mut s, now);
+                    return Ok(ConsumeOutcome::Rotated(record));
+                }
+                Some((at, successor))
+                    if c.reuse_grace_secs > 0
+                        && now.saturating_sub(at) <= c.reuse_grace_secs
+                        && s.refresh.get(&successor).is_some_and(|e| e.spent.is_none()) =>
+                {
+                    s.refresh.remove(&successor);
+                    rotate(&mut s, at);
+                    return Ok(ConsumeOutcome::Retried(record));
+                }
+                Some(_) => {}
             }
             // Reuse: revoke the family for as long as any member could
             // live. Every member was issued before now, so none outlives a
             // successor issued now (`next_expires_at`).
-            let until = record.expires_at.max(next_expires_at);
+            let until = record.expires_at.max(c.next_expires_at);
             revoked_family = Revocation { kind: RevocationKind::Family, id: record.family.clone(), expires_at: until };
             s.denied.insert((RevocationKind::Family, record.family), until);
         }

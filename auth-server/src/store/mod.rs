@@ -3,8 +3,10 @@
 //!
 //! Every method is one atomic step in the store, so an implementation on
 //! Redis can run each as a single command, transaction or Lua script:
-//! - [`Store::consume_refresh`] spends a refresh token and stores its
-//!   successor, or detects reuse and revokes the family, in one step;
+//! - [`Store::commit_refresh`] spends a refresh token, stores its successor
+//!   and records the new access token, or detects reuse and revokes the
+//!   family, in one step. The flow signs the new access token first, so a
+//!   token is spent only together with the pair that replaces it;
 //! - a revocation is acknowledged (the future resolves `Ok`) only once it is
 //!   durable in the store, and is then published to [`Store::subscribe`]rs.
 //!
@@ -89,10 +91,35 @@ pub struct RefreshRecord {
 pub enum ConsumeOutcome {
     /// The token was live and is now spent; its successor is stored.
     Rotated(RefreshRecord),
+    /// The token was spent moments ago (within the reuse grace window) and
+    /// its successor never used: a retry after a lost reply. The successor
+    /// stored then is deleted and the new one replaces it.
+    Retried(RefreshRecord),
     /// The token was already spent: its family is now revoked.
     Reused,
     /// Unknown, expired, or its family or session is revoked.
     Invalid,
+}
+
+/// One refresh rotation, committed in one atomic store step: spend
+/// `digest`, store `next_digest` as its successor (same family, session and
+/// grant, expiring at `next_expires_at`) and record the new access token
+/// `jti`. Nothing is written unless all of it is.
+#[derive(Debug, Clone, Copy)]
+pub struct RefreshCommit<'a> {
+    /// Digest of the presented refresh token.
+    pub digest: &'a str,
+    /// Digest of its successor.
+    pub next_digest: &'a str,
+    /// Expiry of the successor (Unix seconds).
+    pub next_expires_at: u64,
+    /// The new access token's `jti`.
+    pub jti: &'a str,
+    /// The new access token, as the registry records it.
+    pub issued: &'a IssuedToken,
+    /// How long after a token was spent a second presentation counts as a
+    /// retry ([`ConsumeOutcome::Retried`]) rather than a reuse; 0 = never.
+    pub reuse_grace_secs: u64,
 }
 
 /// A store failure. The message names no key material.
@@ -129,18 +156,16 @@ pub trait Store: Send + Sync + 'static {
     /// find the family). `None` when unknown or expired.
     async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError>;
 
-    /// Spends the refresh token `digest` and stores `next_digest` as its
-    /// successor (same family, session and grant, new expiry
-    /// `next_expires_at`), atomically. A second presentation of a spent token
-    /// revokes its family in the same step (until `next_expires_at`, which no
-    /// earlier member outlives) and returns [`ConsumeOutcome::Reused`].
-    async fn consume_refresh(
-        &self,
-        digest: &str,
-        next_digest: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError>;
+    /// Commits a refresh rotation atomically (see [`RefreshCommit`]):
+    /// a live token is spent, its successor stored and the new access token
+    /// recorded ([`ConsumeOutcome::Rotated`]). A spent token presented again
+    /// within `reuse_grace_secs` of its spend, whose successor was never
+    /// used, replaces that successor ([`ConsumeOutcome::Retried`]). Any
+    /// other second presentation revokes its family in the same step (until
+    /// `next_expires_at`, which no earlier member outlives) and returns
+    /// [`ConsumeOutcome::Reused`]. Only `Rotated` and `Retried` write the
+    /// successor and the access token.
+    async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError>;
 
     /// Every revocation still in force (jti and sid; families too).
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError>;

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{GetJwksRequest, WatchRevocationsRequest};
 use auth_server::config::RawConfig;
-use auth_server::store::{ConsumeOutcome, IssuedToken, MemoryStore, RefreshRecord, Revocation, Store, StoreError};
+use auth_server::store::{
+    ConsumeOutcome, IssuedToken, MemoryStore, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
+};
 use testkit::TestServer;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -133,14 +135,8 @@ impl Store for CountingStore {
     async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
         self.inner.refresh_record(digest, now).await
     }
-    async fn consume_refresh(
-        &self,
-        digest: &str,
-        next_digest: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        self.inner.consume_refresh(digest, next_digest, next_expires_at, now).await
+    async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
+        self.inner.commit_refresh(commit, now).await
     }
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
         self.inner.revoked_snapshot(now).await

@@ -8,5 +8,6 @@ mod flows;
 mod limits;
 mod logs;
 mod redis;
+mod refresh;
 mod server;
 mod transport;

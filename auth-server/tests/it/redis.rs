@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use auth_server::config::RedisConfig;
 use auth_server::store::{
-    ConsumeOutcome, IssuedToken, RedisStore, RefreshRecord, Revocation, RevocationKind, Store, StoreError, conformance,
+    ConsumeOutcome, IssuedToken, RedisStore, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store,
+    StoreError, conformance,
 };
 use service_sdk::redis_layout::KeyLayout;
 use testkit::RedisProcess;
@@ -66,6 +67,61 @@ fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
     }
 }
 
+/// Refresh commits as the refresh flow makes them: the successor `next`
+/// and an access token `jti-<next>`.
+trait Rotate {
+    /// Commits `digest` -> `next` with no reuse grace window.
+    async fn rotate(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+    /// Commits `digest` -> `next` with a reuse grace window of `grace` s.
+    async fn rotate_with_grace(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+        grace: u64,
+    ) -> Result<ConsumeOutcome, StoreError>;
+}
+
+impl<S: Store + ?Sized> Rotate for S {
+    async fn rotate(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        self.rotate_with_grace(digest, next, next_expires_at, now, 0).await
+    }
+
+    async fn rotate_with_grace(
+        &self,
+        digest: &str,
+        next: &str,
+        next_expires_at: u64,
+        now: u64,
+        grace: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let jti = format!("jti-{next}");
+        let issued = IssuedToken { sub: "alice".into(), sid: None, exp: now + 900 };
+        let commit = RefreshCommit {
+            digest,
+            next_digest: next,
+            next_expires_at,
+            jti: &jti,
+            issued: &issued,
+            reuse_grace_secs: grace,
+        };
+        self.commit_refresh(&commit, now).await
+    }
+}
+
 fn as_set(revocations: Vec<Revocation>) -> HashSet<Revocation> {
     revocations.into_iter().collect()
 }
@@ -99,7 +155,7 @@ async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() 
             tokio::spawn(async move {
                 start.wait().await;
                 let next = format!("rt-1-{i}");
-                let outcome = store.consume_refresh("rt-0", &next, NOW + 7200, NOW).await.unwrap();
+                let outcome = store.rotate("rt-0", &next, NOW + 7200, NOW).await.unwrap();
                 (next, outcome)
             })
         })
@@ -114,6 +170,7 @@ async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() 
             (_, ConsumeOutcome::Reused) => reused += 1,
             // Once a reuse has revoked the family, the token is just invalid.
             (_, ConsumeOutcome::Invalid) => refused += 1,
+            (_, ConsumeOutcome::Retried(_)) => panic!("no grace window: a second presentation is never a retry"),
         }
     }
     assert_eq!(rotated.len(), 1, "exactly one refresh succeeds");
@@ -121,14 +178,51 @@ async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() 
     assert_eq!(reused + refused, 49);
 
     // The family is revoked: the winner's successor is dead too.
-    assert_eq!(
-        stores[0].consume_refresh(&rotated[0], "rt-2", NOW + 7300, NOW + 1).await.unwrap(),
-        ConsumeOutcome::Invalid
-    );
+    assert_eq!(stores[0].rotate(&rotated[0], "rt-2", NOW + 7300, NOW + 1).await.unwrap(), ConsumeOutcome::Invalid);
     let snapshot = stores[1].revoked_snapshot(NOW + 1).await.unwrap();
     assert!(snapshot.iter().any(|r| r.kind == RevocationKind::Family && r.id == "fam-race"));
     let event = next_event(&mut events).await;
     assert_eq!((event.kind, event.id.as_str()), (RevocationKind::Family, "fam-race"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_refreshes_in_the_grace_window_leave_exactly_one_live_successor() {
+    let redis = RedisProcess::start();
+    let stores = [Arc::new(connect(&redis).await), Arc::new(connect(&redis).await)];
+    stores[0].put_refresh("rt-0", &refresh_record("fam-grace", "sid-grace", NOW + 3600), NOW).await.unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(50));
+    let racers: Vec<_> = (0..50)
+        .map(|i| {
+            let store = Arc::clone(&stores[i % 2]);
+            let start = Arc::clone(&start);
+            tokio::spawn(async move {
+                start.wait().await;
+                let next = format!("rt-1-{i}");
+                let outcome = store.rotate_with_grace("rt-0", &next, NOW + 7200, NOW, 10).await.unwrap();
+                (next, outcome)
+            })
+        })
+        .collect();
+    let mut issued = Vec::new();
+    for racer in racers {
+        match racer.await.unwrap() {
+            (next, ConsumeOutcome::Rotated(_) | ConsumeOutcome::Retried(_)) => issued.push(next),
+            (_, other) => panic!("within the window every presentation is a retry: {other:?}"),
+        }
+    }
+    assert_eq!(issued.len(), 50);
+    // Of the successors handed out, exactly one is live.
+    let mut live = 0;
+    for (i, next) in issued.iter().enumerate() {
+        match stores[i % 2].rotate(next, &format!("rt-2-{i}"), NOW + 7300, NOW + 1).await.unwrap() {
+            ConsumeOutcome::Rotated(_) => live += 1,
+            ConsumeOutcome::Invalid => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(live, 1, "exactly one live member of the family");
+    let snapshot = stores[1].revoked_snapshot(NOW + 1).await.unwrap();
+    assert!(!snapshot.iter().any(|r| r.id == "fam-grace"), "the family is not revoked");
 }
 
 #[tokio::test]
@@ -145,8 +239,8 @@ async fn revocation_reaches_every_replica_subscriber_exactly_once() {
     b.revoke(second.clone(), NOW).await.unwrap();
     // A reuse detected at B is published too.
     b.put_refresh("rt-p1", &refresh_record("fam-pub", "sid-p", NOW + 3600), NOW).await.unwrap();
-    b.consume_refresh("rt-p1", "rt-p2", NOW + 7200, NOW).await.unwrap();
-    assert_eq!(b.consume_refresh("rt-p1", "rt-p3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
+    b.rotate("rt-p1", "rt-p2", NOW + 7200, NOW).await.unwrap();
+    assert_eq!(b.rotate("rt-p1", "rt-p3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
     let third = revocation(RevocationKind::Family, "fam-pub", NOW + 7200);
 
     for rx in [&mut at_a, &mut at_b] {
@@ -199,7 +293,7 @@ async fn redis_down_answers_unavailable_then_recovers_with_nothing_lost() {
     assert_unavailable("revoke", store.revoke(during, NOW).await);
     assert_unavailable("put_refresh", store.put_refresh("rt-z", &refresh_record("f", "s", NOW + 60), NOW).await);
     assert_unavailable("refresh_record", store.refresh_record("rt-k1", NOW).await);
-    assert_unavailable("consume_refresh", store.consume_refresh("rt-k1", "rt-k2", NOW + 7200, NOW).await);
+    assert_unavailable("commit_refresh", store.rotate("rt-k1", "rt-k2", NOW + 7200, NOW).await);
     assert_unavailable("revoked_snapshot", store.revoked_snapshot(NOW).await);
 
     redis.restart();
@@ -208,10 +302,7 @@ async fn redis_down_answers_unavailable_then_recovers_with_nothing_lost() {
     // was never written.
     assert!(store.is_revoked("jti-before", None, NOW).await.unwrap());
     assert!(!store.is_revoked("jti-during", None, NOW).await.unwrap());
-    assert!(matches!(
-        store.consume_refresh("rt-k1", "rt-k2", NOW + 7200, NOW).await.unwrap(),
-        ConsumeOutcome::Rotated(_)
-    ));
+    assert!(matches!(store.rotate("rt-k1", "rt-k2", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Rotated(_)));
     // The subscriber is back: after a reconnect it replays the snapshot
     // (messages may have been missed), then streams new revocations.
     let after = revocation(RevocationKind::Sid, "sid-after", NOW + 600);
@@ -235,7 +326,7 @@ async fn aof_revocations_and_spent_tokens_survive_sigkill() {
         store.revoke(revocation(RevocationKind::Sid, "sid-aof", NOW + 3600), NOW).await.unwrap();
         store.put_refresh("rt-aof1", &refresh_record("fam-aof", "sid-live", NOW + 3600), NOW).await.unwrap();
         assert!(matches!(
-            store.consume_refresh("rt-aof1", "rt-aof2", NOW + 7200, NOW).await.unwrap(),
+            store.rotate("rt-aof1", "rt-aof2", NOW + 7200, NOW).await.unwrap(),
             ConsumeOutcome::Rotated(_)
         ));
     }
@@ -249,7 +340,7 @@ async fn aof_revocations_and_spent_tokens_survive_sigkill() {
     assert!(snapshot.contains(&revocation(RevocationKind::Jti, "jti-aof", NOW + 600)));
     assert!(snapshot.contains(&revocation(RevocationKind::Sid, "sid-aof", NOW + 3600)));
     // The spent flag survived too: presenting the old token is a reuse.
-    assert_eq!(store.consume_refresh("rt-aof1", "rt-aof3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
+    assert_eq!(store.rotate("rt-aof1", "rt-aof3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
 }
 
 #[tokio::test]

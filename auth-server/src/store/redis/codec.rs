@@ -141,11 +141,12 @@ pub(super) fn parse_refresh_fields(fields: Vec<Option<String>>) -> Result<Option
     parse_refresh(&fields).map(Some)
 }
 
-/// Reads the consume script's reply: `rotated` and the spent record's
-/// fields, `reused`, or `invalid`.
-pub(super) fn parse_consume_reply(reply: &[String]) -> Result<ConsumeOutcome, StoreError> {
+/// Reads the commit script's reply: `rotated` or `retried` and the spent
+/// record's fields, `reused`, or `invalid`.
+pub(super) fn parse_commit_reply(reply: &[String]) -> Result<ConsumeOutcome, StoreError> {
     match reply.split_first() {
         Some((outcome, record)) if outcome == "rotated" => Ok(ConsumeOutcome::Rotated(parse_refresh(record)?)),
+        Some((outcome, record)) if outcome == "retried" => Ok(ConsumeOutcome::Retried(parse_refresh(record)?)),
         Some((outcome, _)) if outcome == "reused" => Ok(ConsumeOutcome::Reused),
         Some((outcome, _)) if outcome == "invalid" => Ok(ConsumeOutcome::Invalid),
         _ => Err(StoreError::Corrupt("unexpected refresh script reply".into())),
@@ -258,10 +259,14 @@ mod tests {
     }
 
     #[test]
-    fn consume_replies_decode_or_are_corrupt() {
-        assert_eq!(parse_consume_reply(&["reused".to_owned(), "9".to_owned()]).unwrap(), ConsumeOutcome::Reused);
-        assert_eq!(parse_consume_reply(&["invalid".to_owned()]).unwrap(), ConsumeOutcome::Invalid);
-        assert!(matches!(parse_consume_reply(&[]), Err(StoreError::Corrupt(_))));
-        assert!(matches!(parse_consume_reply(&["rotated".to_owned()]), Err(StoreError::Corrupt(_))));
+    fn commit_replies_decode_or_are_corrupt() {
+        assert_eq!(parse_commit_reply(&["reused".to_owned(), "9".to_owned()]).unwrap(), ConsumeOutcome::Reused);
+        assert_eq!(parse_commit_reply(&["invalid".to_owned()]).unwrap(), ConsumeOutcome::Invalid);
+        assert!(matches!(parse_commit_reply(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(parse_commit_reply(&["rotated".to_owned()]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(parse_commit_reply(&["retried".to_owned()]), Err(StoreError::Corrupt(_))));
+        let fields = ["f", "s", "alice", "login", "[]", "[]", "99"].map(str::to_owned);
+        let reply: Vec<String> = std::iter::once("retried".to_owned()).chain(fields.iter().cloned()).collect();
+        assert!(matches!(parse_commit_reply(&reply).unwrap(), ConsumeOutcome::Retried(r) if r.expires_at == 99));
     }
 }

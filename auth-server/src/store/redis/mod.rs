@@ -27,9 +27,10 @@
 //!
 //! Every write is one Lua script (`EVALSHA`, falling back to `EVAL` after a
 //! script-cache flush), so it is one atomic step and one round trip:
-//! issuing a token writes one key; spending a refresh token checks its
-//! family and session, marks it spent and stores its successor, or on reuse
-//! revokes the family, all in one script. A revocation script writes the
+//! issuing a token writes one key; committing a refresh checks the token's
+//! family and session, marks it spent, stores its successor and records the
+//! new access token (signed before the script runs), or on reuse revokes
+//! the family, all in one script. A revocation script writes the
 //! deny entry and then `PUBLISH`es it; Redis writes replies and pub/sub
 //! messages only after the script's effects are in the AOF (and fsynced, with
 //! `appendfsync always`), so no replica hears of a revocation that is not
@@ -64,10 +65,10 @@ use fred::types::config::UnresponsiveConfig;
 use service_sdk::redis_layout::ScriptCall;
 use tokio::sync::broadcast;
 
-use self::codec::{REFRESH_FIELDS, Snapshot, parse_consume_reply, parse_issued, parse_refresh_fields};
+use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields};
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
-use super::{ConsumeOutcome, IssuedToken, RefreshRecord, Revocation, Store, StoreError};
+use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError};
 use crate::config::RedisConfig;
 
 /// What both the store and its subscriber task use.
@@ -220,16 +221,9 @@ impl Store for RedisStore {
         Ok(parse_refresh_fields(fields)?.filter(|r| r.expires_at > now))
     }
 
-    async fn consume_refresh(
-        &self,
-        digest: &str,
-        next_digest: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        let call = scripts::consume(&self.shared.layout, digest, next_digest, next_expires_at, now);
-        let reply: Vec<String> = self.shared.eval(call).await?;
-        parse_consume_reply(&reply)
+    async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
+        let reply: Vec<String> = self.shared.eval(scripts::commit(&self.shared.layout, commit, now)).await?;
+        parse_commit_reply(&reply)
     }
 
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {

@@ -13,7 +13,7 @@ use service_sdk::redis_layout::{DenyShard, LUA_DENY_OF, Script, ScriptCall};
 
 use super::codec::{encode_bucket_entry, encode_issued, encode_list, encode_message, kind_code};
 use super::keys::{BUCKET_SECS, Bucket, ISSUED_SLACK_SECS, KeyLayout};
-use crate::store::{IssuedToken, RefreshRecord, Revocation, RevocationKind, StoreError};
+use crate::store::{IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, StoreError};
 
 /// Shared helper: extend a key's TTL so it lives at least until `until`.
 const LUA_KEEP_UNTIL: &str = r"
@@ -24,19 +24,25 @@ local function keep_until(key, until_, now)
 end
 ";
 
+/// Shared helper: write a registry entry, keeping an earlier deny mark.
+const LUA_ISSUE_FN: &str = r"
+local function issue(key, now, exp, body, slack)
+  local deny = deny_of(redis.call('GET', key))
+  local mark = '0'
+  if deny > 0 then
+    if deny == exp then mark = '=' else mark = string.format('%d', deny) end
+  end
+  local until_ = exp + slack
+  if deny > until_ then until_ = deny end
+  local ttl = until_ - now
+  if ttl < 1 then ttl = 1 end
+  redis.call('SET', key, mark .. '|' .. body, 'EX', ttl)
+end
+";
+
 /// KEYS: registry key. ARGV: now, exp, body, slack.
 const LUA_ISSUE: &str = r"
-local now = tonumber(ARGV[1])
-local deny = deny_of(redis.call('GET', KEYS[1]))
-local mark = '0'
-if deny > 0 then
-  if deny == tonumber(ARGV[2]) then mark = '=' else mark = string.format('%d', deny) end
-end
-local until_ = tonumber(ARGV[2]) + tonumber(ARGV[4])
-if deny > until_ then until_ = deny end
-local ttl = until_ - now
-if ttl < 1 then ttl = 1 end
-redis.call('SET', KEYS[1], mark .. '|' .. ARGV[3], 'EX', ttl)
+issue(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]))
 return 1
 ";
 
@@ -85,11 +91,20 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return 1
 ";
 
-/// KEYS: refresh key, successor key, family set, sid set.
-/// ARGV: now, next_expires_at, channel.
-const LUA_CONSUME: &str = r"
+/// KEYS: refresh key, successor key, family set, sid set, registry key of
+/// the new access token. ARGV: now, next_expires_at, channel, reuse grace,
+/// access exp, registry body, registry slack, successor digest, refresh key
+/// prefix.
+///
+/// `spent` is `0` (live), `1` (spent while no grace window was set) or
+/// `<spent at>|<successor digest>` (spent with a grace window), which a
+/// retry within the window needs: it deletes that successor, whose key the
+/// script derives from the refresh key prefix (the same slot, as the unit
+/// test checks), and stores the new one.
+const LUA_COMMIT: &str = r"
 local now = tonumber(ARGV[1])
 local nexp = tonumber(ARGV[2])
+local grace = tonumber(ARGV[4])
 local h = redis.call('HMGET', KEYS[1], 'family', 'sid', 'sub', 'client_id', 'audience', 'scope', 'expires_at', 'spent')
 if not h[1] or not h[2] or not h[7] then return {'invalid'} end
 local exp = tonumber(h[7])
@@ -98,15 +113,33 @@ local fs = redis.call('ZSCORE', KEYS[3], h[1])
 if fs and tonumber(fs) > now then return {'invalid'} end
 local ss = redis.call('ZSCORE', KEYS[4], h[2])
 if ss and tonumber(ss) > now then return {'invalid'} end
-if h[8] ~= '1' then
-  redis.call('HSET', KEYS[1], 'spent', '1')
+local function rotate(spent_at)
+  if grace > 0 then
+    redis.call('HSET', KEYS[1], 'spent', spent_at .. '|' .. ARGV[8])
+  else
+    redis.call('HSET', KEYS[1], 'spent', '1')
+  end
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[2], 'family', h[1], 'sid', h[2], 'sub', h[3], 'client_id', h[4],
     'audience', h[5], 'scope', h[6], 'expires_at', ARGV[2], 'spent', '0')
   local ttl = nexp - now
   if ttl < 1 then ttl = 1 end
   redis.call('EXPIRE', KEYS[2], ttl)
+  issue(KEYS[5], now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]))
+end
+local spent = h[8] or '0'
+if spent == '0' then
+  rotate(ARGV[1])
   return {'rotated', h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
+end
+local at, prev = string.match(spent, '^(%d+)|(.+)$')
+if at and grace > 0 and now - tonumber(at) <= grace then
+  local prev_key = ARGV[9] .. prev
+  if redis.call('HGET', prev_key, 'spent') == '0' then
+    redis.call('DEL', prev_key)
+    rotate(at)
+    return {'retried', h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
+  end
 end
 local until_s = h[7]
 if nexp > exp then until_s = ARGV[2] end
@@ -145,10 +178,11 @@ end
 return out
 ";
 
-static ISSUE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_ISSUE]));
+static ISSUE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_ISSUE_FN, LUA_ISSUE]));
 static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_REVOKE]));
 static PUT_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_PUT_REFRESH]));
-static CONSUME: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_CONSUME]));
+static COMMIT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_ISSUE_FN, LUA_COMMIT]));
 static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT]));
 
 /// Records an issued token, keeping any deny mark already on its `jti`.
@@ -209,21 +243,32 @@ pub(super) fn put_refresh(
     ))
 }
 
-/// Spends `digest` and stores `next_digest`, or on reuse revokes and
-/// publishes the family. The reply is read by
-/// [`parse_consume_reply`](super::codec::parse_consume_reply).
-pub(super) fn consume(
-    layout: &KeyLayout,
-    digest: &str,
-    next_digest: &str,
-    next_expires_at: u64,
-    now: u64,
-) -> ScriptCall<'static> {
-    let [families, sessions] = layout.refresh_guards(digest);
-    CONSUME.call(
-        vec![layout.refresh(digest), layout.refresh(next_digest), families, sessions],
-        vec![now.to_string(), next_expires_at.to_string(), layout.channel().to_owned()],
+/// Commits a refresh rotation (see [`RefreshCommit`]): spends the token,
+/// stores its successor and records the new access token, or on reuse
+/// revokes and publishes the family. The reply is read by
+/// [`parse_commit_reply`](super::codec::parse_commit_reply).
+pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> ScriptCall<'static> {
+    let [families, sessions] = layout.refresh_guards(c.digest);
+    COMMIT.call(
+        vec![layout.refresh(c.digest), layout.refresh(c.next_digest), families, sessions, layout.issued(c.jti)],
+        vec![
+            now.to_string(),
+            c.next_expires_at.to_string(),
+            layout.channel().to_owned(),
+            c.reuse_grace_secs.to_string(),
+            c.issued.exp.to_string(),
+            encode_issued(c.issued),
+            ISSUED_SLACK_SECS.to_string(),
+            c.next_digest.to_owned(),
+            refresh_key_prefix(layout),
+        ],
     )
+}
+
+/// What the refresh key of a digest starts with: the commit script derives
+/// the key of a successor it replaces from it and the digest it stored.
+fn refresh_key_prefix(layout: &KeyLayout) -> String {
+    layout.refresh("")
 }
 
 /// Reads (and prunes) one deny shard. The reply is read by
@@ -274,7 +319,24 @@ mod tests {
                 out.push(("revoke", revoke(layout, &at(kind, id), now).keys().to_vec()));
             }
             out.push(("put_refresh", put_refresh(layout, &digest, &record, now).unwrap().keys().to_vec()));
-            out.push(("consume", consume(layout, &digest, &format!("n{i}"), now + 7200, now).keys().to_vec()));
+            let (next, jti_next) = (format!("n{i}"), format!("jti-n{i}"));
+            let commit_call = commit(
+                layout,
+                &RefreshCommit {
+                    digest: &digest,
+                    next_digest: &next,
+                    next_expires_at: now + 7200,
+                    jti: &jti_next,
+                    issued: &token,
+                    reuse_grace_secs: 10,
+                },
+                now,
+            );
+            // With the successor key the script derives on a retry.
+            let mut keys = commit_call.keys().to_vec();
+            keys.push(format!("{}p{i}", refresh_key_prefix(layout)));
+            assert_eq!(layout.refresh(&format!("p{i}")), keys[keys.len() - 1]);
+            out.push(("commit", keys));
         }
         for shard in layout.deny_shards() {
             let mut keys = snapshot(shard, now).keys().to_vec();
@@ -306,7 +368,7 @@ mod tests {
         // them, spread over slots: the check above would refuse them.
         let untagged: Vec<String> = calls(&KeyLayout::new("auth"))
             .into_iter()
-            .find(|(script, _)| *script == "consume")
+            .find(|(script, _)| *script == "commit")
             .map(|(_, keys)| keys.iter().map(|k| k.replace(['{', '}'], "")).collect())
             .unwrap();
         assert_eq!(common_slot(&untagged), None, "{untagged:?}");
