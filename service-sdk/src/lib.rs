@@ -15,7 +15,8 @@
 //! # async fn demo(auth_channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
 //! use service_sdk::{Claims, RequireAuthLayer, Verifier};
 //! // Keys from GetJwks and revocations from WatchRevocations, both over the
-//! // service's own mTLS channel to the auth service.
+//! // service's own mTLS channel to the auth service
+//! // (`MtlsFiles::auth_channel`, which checks the auth server's identity).
 //! let verifier = Verifier::builder("auth-service", "inventory").channel(auth_channel).build()?;
 //! let layer = RequireAuthLayer::new(verifier);
 //! // tonic: Server::builder().layer(layer).add_service(..)
@@ -29,7 +30,12 @@
 //!   whose `aud` is the target service, caches them per (audience, subject),
 //!   renews them in the background and serves them from memory.
 //!   [`AuthChannel`] attaches `authorization: Bearer …` to every call of any
-//!   generated tonic client; [`MtlsFiles`] builds the mTLS channels.
+//!   generated tonic client; [`MtlsFiles`] builds the mTLS channels
+//!   (`https://` only). Its [`auth_channel`](MtlsFiles::auth_channel), the
+//!   one to give the token source and the verifier, also demands the auth
+//!   server's own identity, its SPIFFE ID ([`AuthServerId`], by default
+//!   `spiffe://<trust domain>/auth-server`), so that no other service of
+//!   the mesh can pass as the auth server.
 //!
 //! Call another service, in five lines (any generated client works the way
 //! `AuthClient` does here):
@@ -39,7 +45,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use service_sdk::{AuthChannel, EnvCredentials, MtlsFiles, TokenSource};
 //! let tls = MtlsFiles::new("/tls/ca.pem", "/tls/order.pem", "/tls/order-key.pem");
-//! let tokens = TokenSource::builder(tls.channel("https://auth:50051", "auth")?, EnvCredentials::from_env()?).build();
+//! let tokens = TokenSource::builder(tls.auth_channel("https://auth:50051")?, EnvCredentials::from_env()?).build();
 //! let mut inventory = InventoryClient::new(AuthChannel::new(tls.channel("https://inventory:50051", "inventory")?, tokens, "inventory"));
 //! inventory.get_jwks(GetJwksRequest {}).await?;
 //! # Ok(()) }
@@ -80,10 +86,10 @@ pub mod verify;
 
 pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
 pub use client::{
-    AccessToken, AuthChannel, AuthFuture, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR, ClientCredentials, ClientSecret,
-    Clock, Credentials, CredentialsError, EnvCredentials, ExchangeRequest, ExchangeResponse, ExchangeService,
-    FileCredentials, GrpcExchange, ManualClock, MtlsFiles, SystemClock, TlsError, TokenError, TokenRequest,
-    TokenSource, TokenSourceBuilder, TokenSourceStats,
+    AUTH_SERVER_NAME, AccessToken, AuthChannel, AuthFuture, AuthServerId, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR,
+    ClientCredentials, ClientSecret, Clock, Credentials, CredentialsError, EnvCredentials, ExchangeRequest,
+    ExchangeResponse, ExchangeService, FileCredentials, GrpcExchange, ManualClock, MtlsFiles, SystemClock, TlsError,
+    TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats,
 };
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};

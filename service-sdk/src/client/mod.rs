@@ -12,11 +12,14 @@
 //! - [`AuthChannel`]: a tower service over a tonic channel that attaches the
 //!   bearer token for one audience to every call.
 //! - [`MtlsFiles`]: mTLS channels from certificate, key and CA files, with
-//!   rotation.
+//!   rotation; `https://` only. Channels to the auth server
+//!   ([`MtlsFiles::auth_channel`]) also demand its SPIFFE ID
+//!   ([`AuthServerId`]), so no other workload can pass as the auth server.
 
 mod channel;
 mod clock;
 mod credentials;
+mod identity;
 mod secret;
 mod source;
 mod tls;
@@ -28,6 +31,7 @@ pub use credentials::{
 };
 #[cfg(feature = "vault")]
 pub use credentials::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
+pub use identity::{AUTH_SERVER_NAME, AuthServerId};
 pub use secret::{ClientCredentials, ClientSecret};
 pub use source::{
     AccessToken, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, TokenError, TokenRequest,

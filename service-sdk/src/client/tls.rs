@@ -11,7 +11,8 @@
 //! To follow rotation on disk, [`MtlsFiles::watch`] polls the three files'
 //! length, modification and change time and inode at a fixed interval. When
 //! any changed and all three parse again, it builds a new channel and hands
-//! it to a callback, e.g. [`TokenSource::set_auth_channel`] or a swap of the
+//! it to a callback, e.g. [`TokenSource::set_auth_channel`] (with
+//! [`MtlsFiles::watch_auth`]) or a swap of the
 //! channel inside an `AuthChannel` you rebuild. New calls then go through
 //! new connections with the new certificate; calls in flight finish on the
 //! old channel, whose connections close when its last clone is dropped. If
@@ -25,7 +26,11 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use std::sync::Arc;
+
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::identity::{AuthServerId, AuthServerVerifier};
 
 /// Why a TLS channel could not be built. Messages name files and URIs,
 /// never file contents.
@@ -47,6 +52,10 @@ pub enum TlsError {
         /// The URI, without any `user:password@` part.
         uri: String,
     },
+    /// The auth server's identity is not a SPIFFE ID, or the service's own
+    /// certificate names no trust domain to derive it from.
+    #[error("auth server identity: {0}")]
+    Identity(String),
     /// The endpoint URI or the TLS material was refused.
     #[error("tls channel: {0}")]
     Channel(String),
@@ -131,14 +140,50 @@ impl MtlsFiles {
     }
 
     /// A lazily connecting channel to `uri` (e.g. `https://inventory:50051`)
-    /// for a server whose certificate names `domain`. Only `https://` URIs
-    /// are accepted ([`TlsError::NotHttps`] otherwise). The TLS material is
-    /// parsed here, so bad files fail now rather than at the first call.
+    /// for a server whose certificate names `domain`: another service.
+    /// Only `https://` URIs are accepted ([`TlsError::NotHttps`] otherwise).
+    /// The TLS material is parsed here, so bad files fail now rather than at
+    /// the first call. For the auth server, use
+    /// [`auth_channel`](Self::auth_channel).
     pub fn channel(&self, uri: &str, domain: &str) -> Result<Channel, TlsError> {
+        self.build(uri, &Peer::Named(domain))
+    }
+
+    /// The auth server's identity this service expects unless told
+    /// otherwise: `spiffe://<trust domain>/auth-server`, in the trust domain
+    /// of the SPIFFE ID of this service's own certificate.
+    pub fn auth_server_id(&self) -> Result<AuthServerId, TlsError> {
+        AuthServerId::default_for(&read(&self.cert)?)
+    }
+
+    /// A lazily connecting channel to the auth server at `uri` (e.g.
+    /// `https://auth:50051`), for the token source and the verifier. The
+    /// server's certificate must chain to the CA, name the URI's host, and
+    /// carry the auth server's SPIFFE ID ([`auth_server_id`](Self::auth_server_id)),
+    /// so that no other workload of the mesh can pass as the auth server. A
+    /// server that fails the check fails the connection (calls get
+    /// `Unavailable`). Only `https://` URIs are accepted.
+    pub fn auth_channel(&self, uri: &str) -> Result<Channel, TlsError> {
+        self.auth_channel_as(uri, &self.auth_server_id()?)
+    }
+
+    /// Like [`auth_channel`](Self::auth_channel), with the auth server's
+    /// identity named, e.g. `spiffe://cluster.local/ns/auth/sa/auth-server`.
+    pub fn auth_channel_as(&self, uri: &str, id: &AuthServerId) -> Result<Channel, TlsError> {
+        self.build(uri, &Peer::AuthServer(id))
+    }
+
+    fn build(&self, uri: &str, peer: &Peer<'_>) -> Result<Channel, TlsError> {
         let endpoint = https_endpoint(uri)?;
-        let tls = self.tls_config(domain)?;
-        let endpoint = endpoint.tls_config(tls).map_err(|e| TlsError::Channel(e.to_string()))?;
-        Ok(endpoint.connect_lazy())
+        let endpoint = match peer {
+            Peer::Named(domain) => endpoint.tls_config(self.tls_config(domain)?),
+            Peer::AuthServer(id) => {
+                let verifier = AuthServerVerifier::new(&read(&self.ca)?, (*id).clone())?;
+                let tls = ClientTlsConfig::new().identity(Identity::from_pem(read(&self.cert)?, read(&self.key)?));
+                endpoint.tls_config_with_verifier(tls, Arc::new(verifier))
+            }
+        };
+        Ok(endpoint.map_err(|e| TlsError::Channel(e.to_string()))?.connect_lazy())
     }
 
     fn stamps(&self) -> [Option<Stamp>; 3] {
@@ -146,9 +191,10 @@ impl MtlsFiles {
     }
 
     /// Polls the files every `every` and, after a change, builds a new
-    /// channel and passes it to `on_change`. See the [module docs](self).
-    /// Fails at once, starting nothing, when `uri` is not `https://`. The
-    /// task stops when the handle is aborted or dropped with the runtime.
+    /// [`channel`](Self::channel) and passes it to `on_change`. See the
+    /// [module docs](self). Fails at once, starting nothing, when `uri` is
+    /// not `https://`. The task stops when the handle is aborted or dropped
+    /// with the runtime.
     pub fn watch(
         &self,
         uri: &str,
@@ -156,9 +202,33 @@ impl MtlsFiles {
         every: Duration,
         on_change: impl Fn(Channel) + Send + 'static,
     ) -> Result<tokio::task::JoinHandle<()>, TlsError> {
+        self.watch_peer(uri, Peer::Named(domain).owned(), every, on_change)
+    }
+
+    /// Like [`watch`](Self::watch), for the channel to the auth server
+    /// identified as `id` (see [`auth_channel_as`](Self::auth_channel_as)),
+    /// e.g. to call [`TokenSource::set_auth_channel`](crate::TokenSource::set_auth_channel)
+    /// after a rotation.
+    pub fn watch_auth(
+        &self,
+        uri: &str,
+        id: &AuthServerId,
+        every: Duration,
+        on_change: impl Fn(Channel) + Send + 'static,
+    ) -> Result<tokio::task::JoinHandle<()>, TlsError> {
+        self.watch_peer(uri, OwnedPeer::AuthServer(id.clone()), every, on_change)
+    }
+
+    fn watch_peer(
+        &self,
+        uri: &str,
+        peer: OwnedPeer,
+        every: Duration,
+        on_change: impl Fn(Channel) + Send + 'static,
+    ) -> Result<tokio::task::JoinHandle<()>, TlsError> {
         https_endpoint(uri)?;
         let files = self.clone();
-        let (uri, domain) = (uri.to_owned(), domain.to_owned());
+        let uri = uri.to_owned();
         // The files as they are now: changes from here on count.
         let mut seen = files.stamps();
         Ok(tokio::spawn(async move {
@@ -168,7 +238,7 @@ impl MtlsFiles {
                 if now == seen {
                     continue;
                 }
-                match files.channel(&uri, &domain) {
+                match files.build(&uri, &peer.borrowed()) {
                     Ok(ch) => {
                         tracing::info!(uri = %uri, "mTLS files changed; new channel built");
                         seen = now;
@@ -180,6 +250,36 @@ impl MtlsFiles {
                 }
             }
         }))
+    }
+}
+
+/// Whom a channel must reach: a server named so in its certificate, or the
+/// auth server by its identity.
+enum Peer<'a> {
+    Named(&'a str),
+    AuthServer(&'a AuthServerId),
+}
+
+enum OwnedPeer {
+    Named(String),
+    AuthServer(AuthServerId),
+}
+
+impl Peer<'_> {
+    fn owned(&self) -> OwnedPeer {
+        match self {
+            Peer::Named(domain) => OwnedPeer::Named((*domain).to_owned()),
+            Peer::AuthServer(id) => OwnedPeer::AuthServer((*id).clone()),
+        }
+    }
+}
+
+impl OwnedPeer {
+    fn borrowed(&self) -> Peer<'_> {
+        match self {
+            OwnedPeer::Named(domain) => Peer::Named(domain),
+            OwnedPeer::AuthServer(id) => Peer::AuthServer(id),
+        }
     }
 }
 

@@ -369,7 +369,10 @@ impl VerifierBuilder {
     /// The mTLS channel to the auth service: keys come from `GetJwks` and
     /// revocations from a [`RevocationFeed`] on it, unless
     /// [`jwks`](Self::jwks) or [`revocation`](Self::revocation) say
-    /// otherwise.
+    /// otherwise. Build it with
+    /// [`MtlsFiles::auth_channel`](crate::MtlsFiles::auth_channel), which
+    /// accepts only `https://` and the auth server's own identity: whoever
+    /// answers `GetJwks` on this channel decides which tokens pass.
     pub fn channel(mut self, channel: Channel) -> Self {
         self.channel = Some(channel);
         self

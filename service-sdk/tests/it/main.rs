@@ -1,6 +1,7 @@
 //! Integration tests of service-sdk against a real auth-server over mTLS.
 
 mod client;
+mod identity;
 mod stub;
 #[cfg(feature = "vault")]
 mod vault;

@@ -132,7 +132,9 @@ impl std::fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    /// A builder over an (mTLS) channel to the auth service and a credentials
+    /// A builder over an (mTLS) channel to the auth service (build it with
+    /// [`MtlsFiles::auth_channel`](crate::MtlsFiles::auth_channel), which
+    /// checks the auth server's identity) and a credentials
     /// source.
     pub fn builder(auth_channel: Channel, credentials: impl Credentials) -> TokenSourceBuilder {
         Self::builder_shared(auth_channel, Arc::new(credentials))
