@@ -1,8 +1,10 @@
 //! Dev mode: everything a first run needs, generated once under one
-//! directory and reused afterwards: a CA, a server certificate for
-//! `localhost`/`127.0.0.1`, client certificates for `order`, `inventory` and
-//! `admin`, an ES256 signing key, two users and three service accounts with
-//! random secrets, and the config files that tie them together.
+//! directory and reused afterwards: a CA, the auth server's certificate
+//! (its identity `spiffe://auth.dev/auth-server`, reachable as
+//! `localhost`/`127.0.0.1`), service certificates for `order`, `inventory`
+//! and `admin` (identity `spiffe://auth.dev/<name>`, DNS name `<name>`), an
+//! ES256 signing key, two users and three service accounts with random
+//! secrets, and the config files that tie them together.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -13,8 +15,12 @@ use serde::Serialize;
 use crate::directory::{Account, User, generate_secret, hash_password, secret_digest_hex};
 use crate::keys::{KeyAlg, generate_pkcs8_pem};
 
-/// Trust domain of dev client identities (`spiffe://auth.dev/<name>`).
+/// Trust domain of dev identities (`spiffe://auth.dev/<name>`).
 pub const DEV_TRUST_DOMAIN: &str = "auth.dev";
+/// The auth server's own dev identity, in its certificate's URI SAN: what
+/// the SDK's auth channel demands by default (the auth server in the trust
+/// domain of the service's own certificate).
+pub const DEV_AUTH_SERVER_ID: &str = "spiffe://auth.dev/auth-server";
 /// Client certificates dev mode creates.
 pub const DEV_CLIENTS: [&str; 3] = ["order", "inventory", "admin"];
 
@@ -98,30 +104,34 @@ pub mod pki {
             Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
         }
 
-        /// A server certificate for `localhost` and `127.0.0.1` (plus `extra`
-        /// DNS names).
-        pub fn server_cert(&self, extra: &[&str]) -> Result<Issued, DevError> {
+        /// The auth server's certificate: its identity, URI SAN
+        /// `spiffe://<domain>/auth-server`, which the SDK's auth channel
+        /// demands; DNS SANs `localhost` (plus `extra`) and IP SAN
+        /// `127.0.0.1` for the host-name check; server auth only.
+        pub fn server_cert(&self, domain: &str, extra: &[&str]) -> Result<Issued, DevError> {
+            let uri = format!("spiffe://{domain}/{}", service_sdk::AUTH_SERVER_NAME);
             let mut sans = vec![
+                SanType::URI(uri.as_str().try_into().map_err(|_| DevError::Generate("SAN"))?),
                 SanType::DnsName("localhost".try_into().map_err(|_| DevError::Generate("SAN"))?),
                 SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
             ];
             for name in extra {
                 sans.push(SanType::DnsName((*name).try_into().map_err(|_| DevError::Generate("SAN"))?));
             }
-            self.issue("localhost", sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
+            self.issue("auth-server", sans, vec![ExtendedKeyUsagePurpose::ServerAuth])
         }
 
-        /// A service certificate with URI SAN `spiffe://<domain>/<name>`, DNS
-        /// SANs `<name>` and `localhost`, and IP SAN `127.0.0.1`, good for
-        /// both mTLS client auth (calling auth-server or another service)
-        /// and serving (an example service's own gRPC port).
+        /// A service certificate with URI SAN `spiffe://<domain>/<name>` and
+        /// DNS SAN `<name>`, good for both mTLS client auth (calling
+        /// auth-server or another service) and serving (an example service's
+        /// own gRPC port, which its callers check as `<name>`). It names
+        /// neither `localhost` nor `127.0.0.1`, and never the auth server's
+        /// identity, so it cannot pass as the auth server.
         pub fn client_cert(&self, domain: &str, name: &str) -> Result<Issued, DevError> {
             let uri = format!("spiffe://{domain}/{name}");
             let sans = vec![
                 SanType::URI(uri.as_str().try_into().map_err(|_| DevError::Generate("SAN"))?),
                 SanType::DnsName(name.try_into().map_err(|_| DevError::Generate("SAN"))?),
-                SanType::DnsName("localhost".try_into().map_err(|_| DevError::Generate("SAN"))?),
-                SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])),
             ];
             self.issue(name, sans, vec![ExtendedKeyUsagePurpose::ClientAuth, ExtendedKeyUsagePurpose::ServerAuth])
         }
@@ -203,7 +213,7 @@ pub fn ensure_with(dir: &Path, grpc_addr: &str, http_addr: &str) -> Result<DevEn
 
     let ca = pki::Ca::generate("auth-dev CA")?;
     write_private(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
-    let server = ca.server_cert(&["auth-server"])?;
+    let server = ca.server_cert(DEV_TRUST_DOMAIN, &["auth-server"])?;
     write_private(&dir.join("server.pem"), server.cert_pem.as_bytes())?;
     write_private(&dir.join("server-key.pem"), server.key_pem.as_bytes())?;
     for name in DEV_CLIENTS {
@@ -277,4 +287,48 @@ user_audiences = ["order"]
     );
     write_private(&config_path, config.as_bytes())?;
     Ok(DevEnv { dir: dir.to_owned(), config_path, created: true })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use x509_parser::extensions::GeneralName;
+
+    use super::*;
+
+    /// The SANs of a PEM certificate as text, and whether it allows client
+    /// and server auth.
+    fn describe(pem: &str) -> (Vec<String>, bool, bool) {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let sans = cert.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| match n {
+            GeneralName::URI(u) => format!("URI:{u}"),
+            GeneralName::DNSName(d) => format!("DNS:{d}"),
+            GeneralName::IPAddress(ip) => format!("IP:{ip:?}"),
+            other => format!("{other:?}"),
+        });
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        (sans.collect(), eku.client_auth, eku.server_auth)
+    }
+
+    #[test]
+    fn only_the_auth_server_certificate_carries_its_identity_and_localhost() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = ensure(dir.path()).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        let (sans, client, server) = describe(&read(dir.path().join("server.pem")));
+        assert_eq!(sans[0], format!("URI:{DEV_AUTH_SERVER_ID}"));
+        assert!(sans.contains(&"DNS:localhost".to_owned()), "{sans:?}");
+        assert_eq!((client, server), (false, true));
+        assert_eq!(
+            service_sdk::AuthServerId::in_trust_domain(DEV_TRUST_DOMAIN).unwrap().as_str(),
+            DEV_AUTH_SERVER_ID,
+            "the SDK's default for dev services"
+        );
+        for name in DEV_CLIENTS {
+            let (sans, client, server) = describe(&read(env.client_cert_path(name)));
+            assert_eq!(sans, [format!("URI:spiffe://{DEV_TRUST_DOMAIN}/{name}"), format!("DNS:{name}")]);
+            assert_eq!((client, server), (true, true), "services serve each other too");
+        }
+    }
 }

@@ -2,7 +2,10 @@
 # One-shot set-up for deploy/docker-compose.yml (runs in an Alpine container
 # as root, once per "state" volume). It writes under /state:
 #   pki/        a dev CA and ECDSA P-256 certificates for auth-server, order
-#               and inventory (DNS SAN = service name, URI SAN = SPIFFE id);
+#               and inventory (DNS SAN = service name, URI SAN = SPIFFE id;
+#               the auth-server's also names localhost and 127.0.0.1 for the
+#               published port, and allows server auth only: the services
+#               check its SPIFFE id, AUTH_SERVER_ID in docker-compose.yml);
 #   secrets/    each service account's {"client_id","client_secret"}, which
 #               openbao-init stores in OpenBao's KV for the agent to render;
 #   config/     users.toml and accounts.toml (argon2id / SHA-256 digests);
@@ -33,26 +36,29 @@ openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
     -addext "basicConstraints=critical,CA:TRUE" \
     -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
 
+# issue NAME NAMESPACE EXTENDED_KEY_USAGE [EXTRA_SANS]
 issue() {
     name=$1
     ns=$2
+    usage=$3
+    extra=${4:-}
     openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
         -keyout "$STATE/pki/$name.key" -out "$STATE/pki/$name.csr" \
         -subj "/CN=$name" 2>/dev/null
     printf '%s\n' \
         "basicConstraints=critical,CA:FALSE" \
         "keyUsage=critical,digitalSignature" \
-        "extendedKeyUsage=serverAuth,clientAuth" \
-        "subjectAltName=DNS:$name,DNS:localhost,IP:127.0.0.1,URI:spiffe://$TRUST_DOMAIN/ns/$ns/sa/$name" \
+        "extendedKeyUsage=$usage" \
+        "subjectAltName=DNS:$name$extra,URI:spiffe://$TRUST_DOMAIN/ns/$ns/sa/$name" \
         > "$STATE/pki/$name.ext"
     openssl x509 -req -in "$STATE/pki/$name.csr" -CA "$STATE/pki/ca.crt" \
         -CAkey "$STATE/pki/ca.key" -CAcreateserial -days 90 -sha256 \
         -extfile "$STATE/pki/$name.ext" -out "$STATE/pki/$name.crt" 2>/dev/null
     rm -f "$STATE/pki/$name.csr" "$STATE/pki/$name.ext"
 }
-issue auth-server auth
-issue order shop
-issue inventory shop
+issue auth-server auth serverAuth ",DNS:localhost,IP:127.0.0.1"
+issue order shop serverAuth,clientAuth
+issue inventory shop serverAuth,clientAuth
 
 # --- service accounts ----------------------------------------------------------
 sha256_hex() {

@@ -39,6 +39,7 @@ import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import urlparse
 
 import yaml
 
@@ -564,6 +565,51 @@ def cmd_manifests(versions: list[str], files: list[str]) -> None:
                         ):
                             fail(where, f"peer podSelector {psel} selects no pod template in any namespace")
 
+        # 4. The auth server's identity. A pod that dials AUTH_URL demands
+        # AUTH_SERVER_ID of the server there: it must be a URI SAN of the
+        # Certificate whose Secret the pods behind that Service mount, and of
+        # no other Certificate (no other workload may pass as the auth server).
+        cert_of_secret = {
+            (d["metadata"].get("namespace", ""), d["spec"]["secretName"]): d
+            for d in by_kind.get("Certificate", []) if "secretName" in d.get("spec", {})
+        }
+        holders: dict[str, list[str]] = {}
+        for d in by_kind.get("Certificate", []):
+            for u in d.get("spec", {}).get("uris", []):
+                holders.setdefault(u, []).append(ident(d))
+        for w, t in pods:
+            where = f"{os.path.basename(f)} {ident(w)}"
+            wns = w["metadata"].get("namespace", "")
+            for c in t["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                if "AUTH_URL" not in env:
+                    continue
+                want = env.get("AUTH_SERVER_ID")
+                if want is None:
+                    fail(where, f"container {c['name']} dials AUTH_URL but names no AUTH_SERVER_ID")
+                    continue
+                if len(holders.get(want, [])) != 1:
+                    fail(where, f"AUTH_SERVER_ID {want} is a URI SAN of {holders.get(want, [])}, not of exactly one "
+                                "Certificate")
+                host = (urlparse(env["AUTH_URL"] or "").hostname or "").split(".")
+                svc_ns = host[1] if len(host) > 1 else wns
+                svc = next((d for d in by_kind.get("Service", []) if d["metadata"]["name"] == host[0]
+                            and d["metadata"].get("namespace", "") == svc_ns), None)
+                if svc is None:
+                    fail(where, f"AUTH_URL {env['AUTH_URL']} names no Service of this render")
+                    continue
+                served_by = set()
+                for _, st in pods_matching(svc_ns, svc["spec"].get("selector", {})):
+                    for vol in st["spec"].get("volumes", []):
+                        cert = cert_of_secret.get((svc_ns, vol.get("secret", {}).get("secretName")))
+                        if cert is not None:
+                            served_by.add(ident(cert))
+                            if want not in cert["spec"].get("uris", []):
+                                fail(where, f"AUTH_SERVER_ID {want} is not a URI SAN of {ident(cert)}, the "
+                                            f"certificate of the pods behind AUTH_URL")
+                if not served_by:
+                    fail(where, f"the pods behind AUTH_URL {env['AUTH_URL']} mount no issued certificate")
+
 
 # --------------------------------------------------------------------------
 # docker-compose.yml
@@ -616,6 +662,9 @@ def cmd_compose(path: str) -> None:
             if m and not (base / "compose" / m.group(1)[len("/compose/"):]).is_file():
                 fail(where, f"{m.group(1)} does not exist")
         env = svc.get("environment", {}) or {}
+        auth_id = env.get("AUTH_SERVER_ID")
+        if auth_id is not None and not re.fullmatch(r"spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)+", str(auth_id)):
+            fail(where, f"AUTH_SERVER_ID {auth_id!r} is not a SPIFFE id")
         for key in ("AUTH_TLS_CERT", "AUTH_TLS_KEY", "AUTH_TLS_CA", "AUTH_CREDENTIALS_FILE"):
             if key in env and not under(env[key], mounts):
                 fail(where, f"{key}={env[key]} is not under a volume of this service")

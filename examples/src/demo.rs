@@ -183,7 +183,7 @@ async fn steps(
         return Err(fail(2, format!("inventory saw the wrong caller: {seen:?}")));
     }
     // The same through order's gRPC face (the SDK's one-line on-behalf-of call).
-    let channel = ServiceEnv::new(dir, "admin", auth_uri).channel_to(order_grpc_uri)?;
+    let channel = ServiceEnv::new(dir, "admin", auth_uri).channel_to(order_grpc_uri, crate::order::AUDIENCE)?;
     let mut req = tonic::Request::new(crate::shop::ReserveRequest { sku: "sku-1".into(), quantity: 1 });
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(2, "bad metadata"))?);
     let seen = crate::shop::orders_client::OrdersClient::new(channel)

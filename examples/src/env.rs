@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use service_sdk::{FileCredentials, MtlsFiles};
+use service_sdk::{AuthServerId, FileCredentials, MtlsFiles};
 use tonic::transport::{Certificate, Channel, Identity, ServerTlsConfig};
 
 /// Where one service finds its certificate, key, CA and credentials.
@@ -14,6 +14,10 @@ pub struct ServiceEnv {
     pub name: String,
     /// The auth server's gRPC URI, e.g. `https://127.0.0.1:50051`.
     pub auth_uri: String,
+    /// The auth server's identity, the SPIFFE ID in its certificate. `None`:
+    /// `spiffe://<trust domain>/auth-server`, in the trust domain of this
+    /// service's own certificate.
+    pub auth_server_id: Option<String>,
     /// CA bundle (PEM).
     pub ca: PathBuf,
     /// This service's certificate (PEM).
@@ -46,6 +50,7 @@ impl ServiceEnv {
         Self {
             name: name.into(),
             auth_uri: auth_uri.into(),
+            auth_server_id: None,
             ca: dir.join("ca.pem"),
             cert: dir.join("clients").join(format!("{name}.pem")),
             key: dir.join("clients").join(format!("{name}-key.pem")),
@@ -54,9 +59,10 @@ impl ServiceEnv {
     }
 
     /// From the environment, as the deploy manifests set it: `AUTH_URL`,
-    /// `AUTH_TLS_CA`, `AUTH_TLS_CERT`, `AUTH_TLS_KEY`, `AUTH_CREDENTIALS_FILE`.
-    /// Each one that is unset falls back to the dev layout under
-    /// `AUTH_DEV_DIR` (default `.auth-dev`).
+    /// `AUTH_SERVER_ID`, `AUTH_TLS_CA`, `AUTH_TLS_CERT`, `AUTH_TLS_KEY`,
+    /// `AUTH_CREDENTIALS_FILE`. Each one that is unset falls back to the dev
+    /// layout under `AUTH_DEV_DIR` (default `.auth-dev`); an unset
+    /// `AUTH_SERVER_ID` to the auth server in this service's trust domain.
     pub fn from_env(name: &str) -> Self {
         let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
         let dev = Self::new(
@@ -65,6 +71,7 @@ impl ServiceEnv {
             std::env::var("AUTH_URL").unwrap_or_else(|_| "https://127.0.0.1:50051".into()),
         );
         Self {
+            auth_server_id: std::env::var("AUTH_SERVER_ID").ok(),
             ca: var("AUTH_TLS_CA").unwrap_or(dev.ca.clone()),
             cert: var("AUTH_TLS_CERT").unwrap_or(dev.cert.clone()),
             key: var("AUTH_TLS_KEY").unwrap_or(dev.key.clone()),
@@ -78,14 +85,26 @@ impl ServiceEnv {
         MtlsFiles::new(&self.ca, &self.cert, &self.key)
     }
 
-    /// An mTLS channel to the auth server.
-    pub fn auth_channel(&self) -> Result<Channel, EnvError> {
-        self.mtls().channel(&self.auth_uri, "localhost").map_err(|e| EnvError::new("auth channel", e))
+    /// The auth server's identity this service demands.
+    pub fn auth_server_id(&self) -> Result<AuthServerId, EnvError> {
+        match &self.auth_server_id {
+            Some(id) => AuthServerId::new(id).map_err(|e| EnvError::new("AUTH_SERVER_ID", e)),
+            None => self.mtls().auth_server_id().map_err(|e| EnvError::new("auth server identity", e)),
+        }
     }
 
-    /// An mTLS channel to another example service at `uri`.
-    pub fn channel_to(&self, uri: &str) -> Result<Channel, EnvError> {
-        self.mtls().channel(uri, "localhost").map_err(|e| EnvError::new("service channel", e))
+    /// An mTLS channel to the auth server, which must prove its identity
+    /// ([`auth_server_id`](Self::auth_server_id)): no other service of the
+    /// mesh can answer in its place.
+    pub fn auth_channel(&self) -> Result<Channel, EnvError> {
+        let id = self.auth_server_id()?;
+        self.mtls().auth_channel_as(&self.auth_uri, &id).map_err(|e| EnvError::new("auth channel", e))
+    }
+
+    /// An mTLS channel to the example service `service` at `uri`, whose
+    /// certificate names it (DNS SAN `service`).
+    pub fn channel_to(&self, uri: &str, service: &str) -> Result<Channel, EnvError> {
+        self.mtls().channel(uri, service).map_err(|e| EnvError::new("service channel", e))
     }
 
     /// The service-account credentials file, as Vault Agent would render it.

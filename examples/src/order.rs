@@ -131,7 +131,11 @@ pub async fn serve(
     let verifier =
         Verifier::builder(issuer, AUDIENCE).channel(auth.clone()).build().map_err(|e| EnvError::new("verifier", e))?;
     let source = TokenSource::builder(auth, env.credentials()).build();
-    let inventory = AuthChannel::new(env.channel_to(inventory_uri)?, source, crate::inventory::AUDIENCE);
+    let inventory = AuthChannel::new(
+        env.channel_to(inventory_uri, crate::inventory::AUDIENCE)?,
+        source,
+        crate::inventory::AUDIENCE,
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;

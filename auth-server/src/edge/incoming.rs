@@ -198,7 +198,7 @@ mod tests {
     use crate::dev::pki::{Ca, Issued};
 
     fn server(ca: &Ca) -> Arc<rustls::ServerConfig> {
-        let cert = ca.server_cert(&[]).unwrap();
+        let cert = ca.server_cert(crate::dev::DEV_TRUST_DOMAIN, &[]).unwrap();
         crate::tls::server_config_from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes(), ca.cert_pem.as_bytes())
             .unwrap()
     }

@@ -1,6 +1,6 @@
 //! The inventory example service.
 //!
-//! Environment: see `ServiceEnv::from_env` (`AUTH_URL`, `AUTH_TLS_*`,
+//! Environment: see `ServiceEnv::from_env` (`AUTH_URL`, `AUTH_SERVER_ID`, `AUTH_TLS_*`,
 //! `AUTH_CREDENTIALS_FILE`, else the dev layout under `AUTH_DEV_DIR`), `AUTH_ISSUER` (default `auth-service`),
 //! `LISTEN` (default `127.0.0.1:50062`).
 

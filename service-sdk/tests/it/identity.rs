@@ -19,7 +19,11 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use service_sdk::{AuthServerId, JwksSource, MtlsFiles};
+use std::time::Duration;
+
+use service_sdk::{AuthServerId, JwksSource, MtlsFiles, TokenSource, Verifier};
+use testkit::TestServer;
+use testkit::auth_server::dev::DEV_AUTH_SERVER_ID;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -140,4 +144,23 @@ async fn a_service_certificate_presented_as_the_auth_server_is_refused() {
     assert!(fetched.is_err(), "accepted as {other}: {fetched:?}");
     impostor_task.abort();
     genuine_task.abort();
+}
+
+#[tokio::test]
+async fn dev_services_reach_the_dev_auth_server_and_cannot_pass_as_it() {
+    let srv = TestServer::start().await;
+    let files = crate::client::mtls(&srv.dir, "inventory");
+    assert_eq!(files.auth_server_id().unwrap().as_str(), DEV_AUTH_SERVER_ID);
+    let auth = files.auth_channel(&format!("https://{}", srv.grpc_addr)).unwrap();
+    // Exchanges, keys and the revocation feed all pass the identity check.
+    let source = TokenSource::builder(auth.clone(), crate::client::creds(&srv, "inventory")).build();
+    source.token("order").await.unwrap();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), "inventory").channel(auth).build().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), verifier.ready()).await.expect("keys and feed over the auth channel");
+
+    // order's dev certificate, serving GetJwks, is refused.
+    let (impostor, task) = serve_as(&crate::client::mtls(&srv.dir, "order")).await;
+    let fetched = JwksSource::grpc(files.auth_channel(&impostor).unwrap()).fetch().await;
+    assert!(fetched.is_err(), "order's certificate passed as the auth server: {fetched:?}");
+    task.abort();
 }
