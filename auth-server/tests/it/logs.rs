@@ -4,41 +4,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use auth_proto::auth::v1::{ClientCredentialsGrant, ExchangeTokenRequest, LoginRequest, PasswordGrant, login_request};
 use testkit::TestServer;
-use tracing_subscriber::fmt::MakeWriter;
 
+use crate::edge::Captured;
 use crate::flows::client;
-
-/// Every log line written while the test runs, in memory.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 /// A forged log line, and enough bulk to make one line huge.
 fn hostile(bulk: usize) -> String {
