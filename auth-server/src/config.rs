@@ -82,7 +82,8 @@ pub struct RawConfig {
     /// WatchRevocations settings.
     #[serde(default)]
     pub watch: WatchConfig,
-    /// Connection, stream and time limits of both ports.
+    /// Limits of both ports (connections, streams, time) and against floods
+    /// (the password pool, login back-off, per-client rate limits).
     #[serde(default)]
     pub limits: LimitsConfig,
 }
@@ -216,9 +217,11 @@ impl Default for WatchConfig {
     }
 }
 
-/// Connection, stream and time limits (`[limits]`; restart). Each port has
-/// its own connection budget, so one port's clients can never use up the
-/// file descriptors the other needs. See docs/OPERATIONS.md.
+/// Limits (`[limits]`; restart): connections, streams and time of both ports,
+/// and the limits against floods. Each port has its own connection budget,
+/// so one port's clients can never use up the file descriptors the other
+/// needs. Every limit applies per replica: N replicas admit N times as much
+/// in total. See docs/OPERATIONS.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -245,6 +248,28 @@ pub struct LimitsConfig {
     /// How long shutdown waits for open calls and streams before closing
     /// them.
     pub shutdown_grace_secs: u64,
+    /// Threads that check passwords (argon2id, 19 MiB each while busy);
+    /// 0 means one per core, at most four.
+    pub password_threads: usize,
+    /// Password checks that may wait for a thread; when full, Login answers
+    /// `RESOURCE_EXHAUSTED` at once.
+    pub password_queue: usize,
+    /// Failed logins of one username allowed before it must back off.
+    pub login_backoff_after: u32,
+    /// Seconds without an attempt after which a username's failed logins
+    /// are forgotten.
+    pub login_backoff_window_secs: u64,
+    /// The longest back-off (it doubles from 1 s with each further failure).
+    pub login_backoff_max_secs: u64,
+    /// Usernames tracked for back-off at most (the oldest are forgotten).
+    pub login_backoff_entries: usize,
+    /// Sustained Login, ExchangeToken, Refresh and Revoke calls per second
+    /// allowed to one client identity (its mTLS certificate).
+    pub client_rate_per_sec: u32,
+    /// Calls one client identity may make at once above the sustained rate.
+    pub client_rate_burst: u32,
+    /// Client identities tracked by the rate limiter at most.
+    pub client_rate_keys: usize,
 }
 
 impl Default for LimitsConfig {
@@ -258,6 +283,15 @@ impl Default for LimitsConfig {
             grpc_request_timeout_ms: 30_000,
             grpc_max_local_error_reset_streams: 1_024,
             shutdown_grace_secs: 10,
+            password_threads: 0,
+            password_queue: 64,
+            login_backoff_after: 5,
+            login_backoff_window_secs: 900,
+            login_backoff_max_secs: 300,
+            login_backoff_entries: 10_000,
+            client_rate_per_sec: 10_000,
+            client_rate_burst: 20_000,
+            client_rate_keys: 10_000,
         }
     }
 }
@@ -277,6 +311,15 @@ impl LimitsConfig {
         range("grpc_request_timeout_ms", self.grpc_request_timeout_ms, 100, 3_600_000);
         range("grpc_max_local_error_reset_streams", self.grpc_max_local_error_reset_streams as u64, 1, 1_000_000);
         range("shutdown_grace_secs", self.shutdown_grace_secs, 1, 600);
+        range("password_threads", self.password_threads as u64, 0, 64);
+        range("password_queue", self.password_queue as u64, 1, 100_000);
+        range("login_backoff_after", u64::from(self.login_backoff_after), 1, 1_000);
+        range("login_backoff_window_secs", self.login_backoff_window_secs, 1, 86_400);
+        range("login_backoff_max_secs", self.login_backoff_max_secs, 1, 86_400);
+        range("login_backoff_entries", self.login_backoff_entries as u64, 1, 10_000_000);
+        range("client_rate_per_sec", u64::from(self.client_rate_per_sec), 1, 10_000_000);
+        range("client_rate_burst", u64::from(self.client_rate_burst), 1, 10_000_000);
+        range("client_rate_keys", self.client_rate_keys as u64, 1, 10_000_000);
     }
 }
 
@@ -356,7 +399,7 @@ pub struct Config {
     pub tls: TlsConfig,
     /// WatchRevocations settings (restart).
     pub watch: WatchConfig,
-    /// Connection, stream and time limits (restart).
+    /// Limits of both ports and against floods (restart).
     pub limits: LimitsConfig,
     /// Users file (reloadable).
     pub users_file: PathBuf,
@@ -913,6 +956,8 @@ signing = { path = "s.pem" }
         assert_eq!(cfg.store, StoreConfig::Memory);
         assert_eq!(cfg.log_format, LogFormat::Text);
         assert_eq!(cfg.tokens.exchange_default_ttl_secs, 300);
+        assert_eq!(cfg.limits, LimitsConfig::default());
+        assert_eq!(cfg.limits.password_queue, 64);
         assert_eq!(cfg.users_file, dir.path().join("u.toml"));
         assert_eq!(
             cfg.keys,
@@ -969,7 +1014,8 @@ signing = { path = "s.pem" }
         let text = base(dir.path())
             .replace("users_file = \"u.toml\"", "users_file = \"missing.toml\"\nlog_format = \"xml\"")
             .replace("[tls]", "store = \"postgres://x\"\ngrpc_addr = \"nowhere\"\n[tls]")
-            + "[tokens]\nexchange_max_ttl_secs = 601\nmax_act_depth = 0\n[watch]\nheartbeat_secs = 0\n";
+            + "[tokens]\nexchange_max_ttl_secs = 601\nmax_act_depth = 0\n[watch]\nheartbeat_secs = 0\n"
+            + "[limits]\npassword_queue = 0\nclient_rate_per_sec = 0\n";
         let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
         let mut keys = err.keys();
         keys.sort_unstable();
@@ -977,6 +1023,8 @@ signing = { path = "s.pem" }
             keys,
             [
                 "grpc_addr",
+                "limits.client_rate_per_sec",
+                "limits.password_queue",
                 "log_format",
                 "store",
                 "tokens.exchange_max_ttl_secs",
@@ -1062,9 +1110,9 @@ signing = { path = "s.pem" }
         let dir = tempfile::tempdir().unwrap();
         let a = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
         let text = base(dir.path()).replace("[tls]", "issuer = \"other\"\nhttp_addr = \"127.0.0.1:1\"\n[tls]")
-            + "[tokens]\naccess_ttl_secs = 60\n";
+            + "[tokens]\naccess_ttl_secs = 60\n[limits]\npassword_queue = 8\n";
         let b = Config::from_toml_str(&text, dir.path()).unwrap();
-        assert_eq!(a.restart_changes(&b), ["issuer", "http_addr"]);
+        assert_eq!(a.restart_changes(&b), ["issuer", "http_addr", "limits"]);
         assert!(a.restart_changes(&a).is_empty());
     }
 }

@@ -13,8 +13,9 @@ use crate::directory::{Directory, random_token};
 use crate::error::AuthError;
 use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
 use crate::keys::{KeyError, SigningKeys};
-use crate::password::PasswordPool;
+use crate::password::{PasswordPool, PoolConfig};
 use crate::store::{IssuedToken, RefreshRecord, Store};
+use crate::throttle::LoginThrottle;
 
 /// What a reload may change, swapped whole: a request loads it once
 /// ([`AuthCore::policy`]) and sees one consistent value throughout.
@@ -90,10 +91,13 @@ pub struct AuthCore {
     /// Validator for tokens presented to the auth service itself (subject
     /// tokens, revocation proofs). Audience is checked per call.
     pub validator: Validator,
-    /// Runs argon2id verifications on a few dedicated threads: each one holds
-    /// about 19 MiB, so a burst of logins queues instead of spreading that
-    /// memory over every blocking thread of the runtime.
+    /// Runs argon2id verifications on a few dedicated threads behind a
+    /// bounded queue (`limits.password_*`): each one holds about 19 MiB, so
+    /// a burst of logins queues, and a flood is refused, instead of spreading
+    /// that memory over every blocking thread of the runtime.
     pub passwords: PasswordPool,
+    /// Back-off of failed password logins per username (`limits.login_*`).
+    pub login_throttle: LoginThrottle,
 }
 
 impl AuthCore {
@@ -108,7 +112,15 @@ impl AuthCore {
             store,
             clock,
             validator,
-            passwords: PasswordPool::for_this_machine(),
+            passwords: PasswordPool::new(PoolConfig {
+                threads: match config.limits.password_threads {
+                    0 => PoolConfig::threads_for_this_machine(),
+                    n => n,
+                },
+                queue: config.limits.password_queue,
+                linger: PoolConfig::LINGER,
+            }),
+            login_throttle: LoginThrottle::new((&config.limits).into()),
         }
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
 use aws_lc_rs::digest;
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::ConfigError;
 use crate::error::AuthError;
+use crate::password::{MAX_M_COST_KIB, PasswordMemory};
 use crate::tls::PeerIdentity;
 
 /// A user of the password grant.
@@ -131,13 +132,14 @@ pub fn random_token(n: usize) -> Result<String, AuthError> {
     Ok(URL_SAFE_NO_PAD.encode(buf))
 }
 
-/// An argon2id PHC hash of `password` (default parameters).
+/// An argon2id PHC hash of `password` (default parameters). Its working
+/// memory is returned to the system afterwards.
 pub fn hash_password(password: &str) -> Result<String, AuthError> {
-    hash_password_with(password, &Argon2::default())
+    crate::password::hash(password.as_bytes(), &mut PasswordMemory::default())
 }
 
 /// A PHC hash of `password` with `hasher`'s algorithm, version and
-/// parameters.
+/// parameters, in memory argon2 allocates itself (tools and tests).
 pub fn hash_password_with(password: &str, hasher: &Argon2<'_>) -> Result<String, AuthError> {
     let mut salt = [0u8; 16];
     SystemRandom::new().fill(&mut salt).map_err(|_| AuthError::Internal("random generator failed"))?;
@@ -148,21 +150,20 @@ pub fn hash_password_with(password: &str, hasher: &Argon2<'_>) -> Result<String,
         .map_err(|_| AuthError::Internal("password hashing failed"))
 }
 
-/// The hasher of an argon2 PHC string: its algorithm, version and
+/// The scheme of an argon2 PHC string: its algorithm, version and
 /// parameters (the cost of verifying a password against it).
-fn hasher_of(phc: &str) -> Option<Argon2<'static>> {
+fn scheme_of(phc: &str) -> Option<(Algorithm, Version, Params)> {
     let hash = PasswordHash::new(phc).ok()?;
     let algorithm = Algorithm::try_from(hash.algorithm).ok()?;
     let version = hash.version.map_or(Ok(Version::default()), Version::try_from).ok()?;
     let params = Params::try_from(&hash).ok()?;
-    Some(Argon2::new(algorithm, version, params))
+    Some((algorithm, version, params))
 }
 
-/// The work one verification against `hasher` does: memory × passes
-/// (lanes split the memory; without threads they run one after another).
-fn cost_of(hasher: &Argon2<'_>) -> (u64, u32) {
-    let p = hasher.params();
-    (u64::from(p.m_cost()) * u64::from(p.t_cost()), p.p_cost())
+/// The work one verification with `params` does: memory × passes (lanes
+/// split the memory; without threads they run one after another).
+fn cost_of(params: &Params) -> (u64, u32) {
+    (u64::from(params.m_cost()) * u64::from(params.t_cost()), params.p_cost())
 }
 
 fn parse_hex32(s: &str) -> Option<[u8; 32]> {
@@ -196,16 +197,22 @@ impl Directory {
         let mut u = HashMap::new();
         // The decoy for unknown users costs as much as the costliest real
         // hash, so their answer is never faster than a wrong password's.
-        let mut decoy = Argon2::default();
+        let mut decoy = (Algorithm::Argon2id, Version::V0x13, Params::default());
         for user in users {
-            let Some(hasher) = hasher_of(&user.password_hash) else {
+            let Some(scheme) = scheme_of(&user.password_hash) else {
                 return Err(ConfigError {
                     key: format!("users_file: user {}", user.username),
                     problem: "password_hash is not an argon2 PHC string".into(),
                 });
             };
-            if cost_of(&hasher) > cost_of(&decoy) {
-                decoy = hasher;
+            if scheme.2.m_cost() > MAX_M_COST_KIB {
+                return Err(ConfigError {
+                    key: format!("users_file: user {}", user.username),
+                    problem: format!("password_hash: m above {MAX_M_COST_KIB} KiB (each password thread holds it)"),
+                });
+            }
+            if cost_of(&scheme.2) > cost_of(&decoy.2) {
+                decoy = scheme;
             }
             if u.insert(user.username.clone(), user).is_some() {
                 return Err(ConfigError { key: "users_file".into(), problem: "duplicate username".into() });
@@ -239,21 +246,25 @@ impl Directory {
                 return Err(ConfigError { key: "accounts_file".into(), problem: format!("duplicate client_id {id}") });
             }
         }
-        let decoy_hash = hash_password_with("decoy password nobody has", &decoy)
-            .map_err(|e| ConfigError { key: "users_file".into(), problem: e.to_string() })?;
+        let (algorithm, version, params) = decoy;
+        let decoy_hash = crate::password::hash_as(
+            b"decoy password nobody has",
+            algorithm,
+            version,
+            params,
+            &mut PasswordMemory::default(),
+        )
+        .map_err(|e| ConfigError { key: "users_file".into(), problem: e.to_string() })?;
         Ok(Self { users: u, accounts: a, decoy_hash })
     }
 
     /// The user, if `password` is right. Unknown users are checked against a
     /// decoy hash so they take as long as a wrong password. CPU-heavy: call
-    /// from a blocking thread.
-    pub fn verify_password(&self, username: &str, password: &str) -> Option<&User> {
+    /// on a password thread, with its argon2 `memory`.
+    pub fn verify_password(&self, username: &str, password: &str, memory: &mut PasswordMemory) -> Option<&User> {
         let user = self.users.get(username);
         let hash = user.map_or(self.decoy_hash.as_str(), |u| u.password_hash.as_str());
-        let ok = PasswordHash::new(hash)
-            .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
-            .unwrap_or(false);
-        if ok { user } else { None }
+        if crate::password::verify(hash, password.as_bytes(), memory) { user } else { None }
     }
 
     /// A service account by client id.
@@ -353,9 +364,19 @@ mod tests {
         let user =
             User { username: "alice".into(), password_hash: hash_password("pw").unwrap(), role: None, perms: vec![] };
         let d = Directory::new(vec![user], vec![]).unwrap();
-        assert!(d.verify_password("alice", "pw").is_some());
-        assert!(d.verify_password("alice", "nope").is_none());
-        assert!(d.verify_password("mallory", "pw").is_none());
+        let mem = &mut PasswordMemory::default();
+        assert!(d.verify_password("alice", "pw", mem).is_some());
+        assert!(d.verify_password("alice", "nope", mem).is_none());
+        assert!(d.verify_password("mallory", "pw", mem).is_none());
+    }
+
+    #[test]
+    fn a_hash_that_would_pin_too_much_memory_is_refused_at_load() {
+        let huge = "$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let user = User { username: "big".into(), password_hash: huge.into(), role: None, perms: vec![] };
+        let err = Directory::new(vec![user], vec![]).unwrap_err();
+        assert_eq!(err.key, "users_file: user big");
+        assert!(err.problem.contains("262144 KiB"), "{}", err.problem);
     }
 
     #[test]

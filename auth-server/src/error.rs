@@ -26,6 +26,11 @@ pub enum AuthError {
     /// Authenticated, but the policy refuses.
     #[error("permission denied: {0}")]
     PermissionDenied(&'static str),
+    /// A limit refuses the call for now: the password queue is full, a
+    /// username is backing off after failed logins, or the caller's rate
+    /// limit is spent. Retrying later may succeed.
+    #[error("resource exhausted: {0}")]
+    ResourceExhausted(&'static str),
     /// The state store cannot be reached.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -57,6 +62,7 @@ impl AuthError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
             Self::Store(_) | Self::Keys(KeyError::Unavailable(_)) => Code::Unavailable,
             Self::Keys(_) | Self::Internal(_) => Code::Internal,
         }
@@ -66,7 +72,10 @@ impl AuthError {
     /// failures of the server's own parts say only which part.
     pub fn public_message(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(r) | Self::Unauthenticated(r) | Self::PermissionDenied(r) => r,
+            Self::InvalidArgument(r)
+            | Self::Unauthenticated(r)
+            | Self::PermissionDenied(r)
+            | Self::ResourceExhausted(r) => r,
             Self::Store(_) => "state store unavailable",
             Self::Keys(KeyError::Unavailable(_)) => "signer unavailable",
             Self::Keys(_) | Self::Internal(_) => "internal error",
@@ -80,6 +89,7 @@ impl AuthError {
             Self::InvalidArgument(r) => tracing::debug!(reason = r, "invalid argument"),
             Self::Unauthenticated(r) => tracing::info!(reason = r, "unauthenticated"),
             Self::PermissionDenied(r) => tracing::info!(reason = r, "permission denied"),
+            Self::ResourceExhausted(r) => tracing::info!(reason = r, "resource exhausted"),
             Self::Store(e) => tracing::warn!(error = %e, "store failure"),
             Self::Keys(KeyError::Unavailable(e)) => tracing::warn!(error = %e, "signer unavailable"),
             Self::Keys(e) => tracing::error!(error = %e, "signing failure"),
@@ -116,6 +126,12 @@ mod tests {
         assert_eq!((e.code(), e.public_message()), (Code::PermissionDenied, "not your token"));
         let status = tonic::Status::from(AuthError::InvalidArgument("audience is required"));
         assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "audience is required"));
+    }
+
+    #[test]
+    fn limits_answer_resource_exhausted_with_their_reason() {
+        let status = tonic::Status::from(AuthError::ResourceExhausted("rate limit exceeded"));
+        assert_eq!((status.code(), status.message()), (Code::ResourceExhausted, "rate limit exceeded"));
     }
 
     #[test]

@@ -48,12 +48,26 @@ pub async fn login(
             if username.is_empty() || password.0.is_empty() {
                 return Err(AuthError::InvalidArgument("username and password are required"));
             }
+            // Back-off first: a username that must wait costs no argon2 time.
+            // Unknown usernames are throttled alike, so this reveals nothing.
+            let attempt = core
+                .login_throttle
+                .begin(&username, core.clock.now_unix())
+                .map_err(|_| AuthError::ResourceExhausted("too many failed logins; retry later"))?;
             let dir = Arc::clone(&current.directory);
-            let user = core
-                .passwords
-                .run(move || dir.verify_password(&username, &password.0).cloned())
-                .await?
-                .ok_or(AuthError::Unauthenticated("invalid username or password"))?;
+            let checked =
+                core.passwords.run(move |memory| dir.verify_password(&username, &password.0, memory).cloned()).await;
+            let user = match checked {
+                Ok(Some(user)) => {
+                    core.login_throttle.succeeded(attempt);
+                    user
+                }
+                Ok(None) => return Err(AuthError::Unauthenticated("invalid username or password")),
+                Err(e) => {
+                    core.login_throttle.not_checked(attempt);
+                    return Err(e);
+                }
+            };
             let sid = random_token(16)?;
             let grant = policy::password(&user, tokens, audience, &scope, sid)?;
             let (sub, sid, aud, perms) =

@@ -5,9 +5,10 @@
 //! [`Server::reload`] (or a [`Reloader`] handle, e.g. for SIGHUP) re-reads the
 //! config file and swaps the policy.
 //!
-//! Extra tower layers for the gRPC stack (metrics, load shedding, rate
-//! limits) go in with [`ServerBuilder::layer`]; the first one added is the
-//! outermost, as with [`tower::ServiceBuilder`].
+//! Extra tower layers for the gRPC stack (metrics, load shedding) go in with
+//! [`ServerBuilder::layer`]; the first one added is the outermost, as with
+//! [`tower::ServiceBuilder`]. The per-client rate limit of `[limits]`
+//! ([`ClientRateLimitLayer`]) always sits inside them, next to the services.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,6 +27,7 @@ use crate::config::{Config, ConfigError, ConfigErrors, KeySource, StoreConfig};
 use crate::core::{AuthCore, Policy, PolicyError};
 use crate::grpc::AuthService;
 use crate::keys::{KeyError, SigningKeys};
+use crate::ratelimit::ClientRateLimitLayer;
 use crate::store::{MemoryStore, Store, StoreError};
 
 /// A boxed error, as tower and tonic use it.
@@ -207,7 +209,7 @@ impl Server {
     /// let config = Config::load("auth-server.toml".as_ref(), &Overrides::default())?;
     /// let listeners = Listeners::bind(&config).await?;
     /// let server = Server::builder(config)
-    ///     // e.g. metrics, load shedding, rate limits:
+    ///     // e.g. metrics, load shedding:
     ///     .layer(tower::ServiceBuilder::new().map_request(|req: http::Request<_>| req))
     ///     .build()
     ///     .await?;
@@ -306,6 +308,8 @@ impl Server {
             // inside decide.
             .layer(crate::edge::rpc_trace())
             .layer(stack)
+            // Inside the added layers, so they see refused calls too.
+            .layer(ClientRateLimitLayer::from_config(&config.limits))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(

@@ -4,6 +4,7 @@ mod authz;
 mod edge;
 mod enumeration;
 mod expiry;
+mod floods;
 mod flows;
 mod limits;
 mod logs;
