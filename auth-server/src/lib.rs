@@ -56,6 +56,7 @@ pub mod http;
 pub mod keys;
 pub mod limits;
 pub mod login;
+pub mod logs;
 pub mod password;
 pub mod ratelimit;
 pub mod refresh;

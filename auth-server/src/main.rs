@@ -2,6 +2,7 @@
 
 use auth_server::config::{Config, LogFormat, Overrides};
 use auth_server::keys::KeyAlg;
+use auth_server::logs::SampledLogs;
 use auth_server::server::{Listeners, Server};
 use auth_server::{dev, directory, keys};
 use clap::{Parser, Subcommand};
@@ -84,14 +85,21 @@ impl Flags {
     }
 }
 
+/// Logs to standard output, with repeated lines sampled (see
+/// [`SampledLogs`]); reports the suppressed ones every interval.
 fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let sampled = SampledLogs::default();
+    let registry = tracing_subscriber::registry().with(filter).with(sampled.clone());
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
+    // Runs for the life of the process.
+    drop(sampled.spawn_reporter());
 }
 
 fn parse_alg(s: &str) -> Result<KeyAlg, String> {
