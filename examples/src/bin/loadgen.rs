@@ -9,6 +9,13 @@
 //! the raw single-core sign rate of the server's algorithm measured in the
 //! same run, with the ratio between the two. `--rate R` paces the load to R
 //! requests per second in total (for latency at a fixed fraction of peak).
+//!
+//! `--rpc login-wrong` drives wrong-password Logins, each for a new unknown
+//! username (a password flood). `--flood N` measures the chosen RPC twice in
+//! one run: alone, then with N wrong-password Logins kept in flight from
+//! another client identity (`--flood-client`); with `--server-pid` it also
+//! prints the server's resident memory before, at most during, and after
+//! each phase.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -32,6 +39,8 @@ enum Rpc {
     LoginClientCredentials,
     /// Refresh (each worker rotates its own family).
     Refresh,
+    /// Login with a wrong password, for a new unknown username each time.
+    LoginWrong,
 }
 
 /// Load generator for auth.v1.Auth.
@@ -67,16 +76,26 @@ struct Args {
     /// Total requests per second to pace at (0 = as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Also measure with this many wrong-password Logins in flight (0: no
+    /// flood phase).
+    #[arg(long, default_value_t = 0)]
+    flood: usize,
+    /// The client identity (certificate) the flood comes from.
+    #[arg(long, default_value = "inventory")]
+    flood_client: String,
+    /// The auth-server's process id, to print its resident memory.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 fn read(path: &std::path::Path) -> Result<String, String> {
     std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-async fn connect(args: &Args) -> Result<Channel, String> {
+async fn connect(args: &Args, client: &str) -> Result<Channel, String> {
     let ca = read(&args.dir.join("ca.pem"))?;
-    let cert = read(&args.dir.join("clients").join(format!("{}.pem", args.client)))?;
-    let key = read(&args.dir.join("clients").join(format!("{}-key.pem", args.client)))?;
+    let cert = read(&args.dir.join("clients").join(format!("{client}.pem")))?;
+    let key = read(&args.dir.join("clients").join(format!("{client}-key.pem")))?;
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca))
         .identity(Identity::from_pem(cert, key))
@@ -133,16 +152,187 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let creds: serde_json::Value =
-        serde_json::from_str(&read(&args.dir.join("credentials").join(format!("{}.json", args.client)))?)
-            .map_err(|e| e.to_string())?;
-    let client_id = creds["client_id"].as_str().ok_or("credentials: client_id")?.to_owned();
-    let client_secret = creds["client_secret"].as_str().ok_or("credentials: client_secret")?.to_owned();
+/// What every worker of one load shares.
+struct Load {
+    rpc: Rpc,
+    client_id: String,
+    client_secret: String,
+    audience: String,
+    user: Option<(String, String)>,
+    concurrency: usize,
+    rate: f64,
+}
 
+/// Drives `load` over `channels` until `stop_at`, recording from `measure_from`.
+async fn drive(
+    load: Arc<Load>,
+    channels: &[Channel],
+    measure_from: Instant,
+    stop_at: Instant,
+) -> Result<Tally, String> {
+    let per_worker_interval =
+        if load.rate > 0.0 { Some(Duration::from_secs_f64(load.concurrency.max(1) as f64 / load.rate)) } else { None };
+    let mut tasks = Vec::new();
+    for w in 0..load.concurrency.max(1) {
+        let mut client = AuthClient::new(channels[w % channels.len()].clone());
+        let load = Arc::clone(&load);
+        tasks.push(tokio::spawn(async move {
+            let mut tally = Tally::default();
+            let mut refresh_token = String::new();
+            if let (Rpc::Refresh, Some((username, password))) = (load.rpc, &load.user) {
+                match client
+                    .login(LoginRequest {
+                        grant: Some(login_request::Grant::Password(PasswordGrant {
+                            username: username.clone(),
+                            password: password.clone(),
+                        })),
+                        audience: vec![],
+                        scope: vec![],
+                    })
+                    .await
+                {
+                    Ok(r) => refresh_token = r.into_inner().refresh_token,
+                    Err(e) => {
+                        *tally.errors.entry(format!("login {:?}", e.code())).or_default() += 1;
+                        return tally;
+                    }
+                }
+            }
+            let mut next = Instant::now();
+            let mut n = 0u64;
+            loop {
+                if let Some(iv) = per_worker_interval {
+                    next += iv;
+                    let now = Instant::now();
+                    if next > now {
+                        tokio::time::sleep(next - now).await;
+                    }
+                }
+                let t0 = Instant::now();
+                if t0 >= stop_at {
+                    break;
+                }
+                n += 1;
+                let (id, secret, aud) = (&load.client_id, &load.client_secret, &load.audience);
+                let res = match load.rpc {
+                    Rpc::Exchange => client
+                        .exchange_token(ExchangeTokenRequest {
+                            client_id: id.clone(),
+                            client_secret: secret.clone(),
+                            audience: aud.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    Rpc::LoginClientCredentials => client
+                        .login(LoginRequest {
+                            grant: Some(login_request::Grant::ClientCredentials(ClientCredentialsGrant {
+                                client_id: id.clone(),
+                                client_secret: secret.clone(),
+                            })),
+                            audience: vec![aud.clone()],
+                            scope: vec![],
+                        })
+                        .await
+                        .map(|_| ()),
+                    Rpc::Refresh => client
+                        .refresh(RefreshRequest { refresh_token: refresh_token.clone() })
+                        .await
+                        .map(|r| refresh_token = r.into_inner().refresh_token),
+                    Rpc::LoginWrong => client
+                        .login(LoginRequest {
+                            grant: Some(login_request::Grant::Password(PasswordGrant {
+                                username: format!("flood-{w}-{n}"),
+                                password: "wrong".into(),
+                            })),
+                            audience: vec![],
+                            scope: vec![],
+                        })
+                        .await
+                        .map(|_| ()),
+                };
+                let done = Instant::now();
+                if t0 >= measure_from {
+                    match res {
+                        Ok(()) => tally
+                            .latencies_us
+                            .push(u32::try_from(done.duration_since(t0).as_micros()).unwrap_or(u32::MAX)),
+                        Err(e) => *tally.errors.entry(format!("{:?}", e.code())).or_default() += 1,
+                    }
+                }
+            }
+            tally
+        }));
+    }
+    let mut all = Tally::default();
+    for t in tasks {
+        let t = t.await.map_err(|e| e.to_string())?;
+        all.latencies_us.extend(t.latencies_us);
+        for (k, v) in t.errors {
+            *all.errors.entry(k).or_default() += v;
+        }
+    }
+    all.latencies_us.sort_unstable();
+    Ok(all)
+}
+
+/// Prints a tally's rate, latencies and statuses; returns its rate.
+fn print_tally(label: &str, tally: &Tally, measure: Duration) -> f64 {
+    let ok = tally.latencies_us.len() as f64;
+    let rps = ok / measure.as_secs_f64();
+    println!("{label}ok: {} ({rps:.0}/s)", tally.latencies_us.len());
+    println!(
+        "{label}latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        percentile(&tally.latencies_us, 0.50),
+        percentile(&tally.latencies_us, 0.90),
+        percentile(&tally.latencies_us, 0.99),
+        tally.latencies_us.last().map_or(0.0, |v| f64::from(*v) / 1000.0)
+    );
+    if tally.errors.is_empty() {
+        println!("{label}errors: none");
+    } else {
+        for (code, n) in &tally.errors {
+            println!("{label}errors: {code} x{n}");
+        }
+    }
+    rps
+}
+
+/// Resident memory of `pid` in MiB, from /proc.
+fn rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Samples the server's RSS every 100 ms until `stop`; returns the largest.
+fn watch_rss(pid: Option<u32>, stop: Instant) -> tokio::task::JoinHandle<Option<f64>> {
+    tokio::spawn(async move {
+        let pid = pid?;
+        let mut max = rss_mib(pid)?;
+        while Instant::now() < stop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            max = max.max(rss_mib(pid).unwrap_or(0.0));
+        }
+        Some(max)
+    })
+}
+
+fn credentials(args: &Args, name: &str) -> Result<(String, String), String> {
+    let creds: serde_json::Value =
+        serde_json::from_str(&read(&args.dir.join("credentials").join(format!("{name}.json")))?)
+            .map_err(|e| e.to_string())?;
+    Ok((
+        creds["client_id"].as_str().ok_or("credentials: client_id")?.to_owned(),
+        creds["client_secret"].as_str().ok_or("credentials: client_secret")?.to_owned(),
+    ))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let (client_id, client_secret) = credentials(&args, &args.client)?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
-        channels.push(connect(&args).await?);
+        channels.push(connect(&args, &args.client).await?);
     }
     let jwks = AuthClient::new(channels[0].clone())
         .get_jwks(GetJwksRequest {})
@@ -169,107 +359,16 @@ async fn run(args: Args) -> Result<(), String> {
     } else {
         None
     };
+    let load = Arc::new(Load {
+        rpc: args.rpc,
+        client_id,
+        client_secret,
+        audience: args.audience.clone(),
+        user,
+        concurrency: args.concurrency,
+        rate: args.rate,
+    });
 
-    let warmup = Duration::from_secs(2);
-    let measure = Duration::from_secs(args.duration);
-    let start = Instant::now();
-    let measure_from = start + warmup;
-    let stop_at = measure_from + measure;
-    let per_worker_interval =
-        if args.rate > 0.0 { Some(Duration::from_secs_f64(args.concurrency.max(1) as f64 / args.rate)) } else { None };
-    let shared = Arc::new((client_id, client_secret, args.audience.clone()));
-    let mut tasks = Vec::new();
-    for w in 0..args.concurrency.max(1) {
-        let mut client = AuthClient::new(channels[w % channels.len()].clone());
-        let shared = Arc::clone(&shared);
-        let rpc = args.rpc;
-        let user = user.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
-            let mut refresh_token = String::new();
-            if let Some((username, password)) = &user {
-                match client
-                    .login(LoginRequest {
-                        grant: Some(login_request::Grant::Password(PasswordGrant {
-                            username: username.clone(),
-                            password: password.clone(),
-                        })),
-                        audience: vec![],
-                        scope: vec![],
-                    })
-                    .await
-                {
-                    Ok(r) => refresh_token = r.into_inner().refresh_token,
-                    Err(e) => {
-                        *tally.errors.entry(format!("login {:?}", e.code())).or_default() += 1;
-                        return tally;
-                    }
-                }
-            }
-            let mut next = Instant::now();
-            loop {
-                if let Some(iv) = per_worker_interval {
-                    next += iv;
-                    let now = Instant::now();
-                    if next > now {
-                        tokio::time::sleep(next - now).await;
-                    }
-                }
-                let t0 = Instant::now();
-                if t0 >= stop_at {
-                    break;
-                }
-                let (id, secret, aud) = (&shared.0, &shared.1, &shared.2);
-                let res = match rpc {
-                    Rpc::Exchange => client
-                        .exchange_token(ExchangeTokenRequest {
-                            client_id: id.clone(),
-                            client_secret: secret.clone(),
-                            audience: aud.clone(),
-                            ..Default::default()
-                        })
-                        .await
-                        .map(|_| ()),
-                    Rpc::LoginClientCredentials => client
-                        .login(LoginRequest {
-                            grant: Some(login_request::Grant::ClientCredentials(ClientCredentialsGrant {
-                                client_id: id.clone(),
-                                client_secret: secret.clone(),
-                            })),
-                            audience: vec![aud.clone()],
-                            scope: vec![],
-                        })
-                        .await
-                        .map(|_| ()),
-                    Rpc::Refresh => client
-                        .refresh(RefreshRequest { refresh_token: refresh_token.clone() })
-                        .await
-                        .map(|r| refresh_token = r.into_inner().refresh_token),
-                };
-                let done = Instant::now();
-                if t0 >= measure_from {
-                    match res {
-                        Ok(()) => tally
-                            .latencies_us
-                            .push(u32::try_from(done.duration_since(t0).as_micros()).unwrap_or(u32::MAX)),
-                        Err(e) => *tally.errors.entry(format!("{:?}", e.code())).or_default() += 1,
-                    }
-                }
-            }
-            tally
-        }));
-    }
-    let mut all = Tally::default();
-    for t in tasks {
-        let t = t.await.map_err(|e| e.to_string())?;
-        all.latencies_us.extend(t.latencies_us);
-        for (k, v) in t.errors {
-            *all.errors.entry(k).or_default() += v;
-        }
-    }
-    all.latencies_us.sort_unstable();
-    let ok = all.latencies_us.len() as f64;
-    let rps = ok / measure.as_secs_f64();
     println!(
         "rpc={:?} connections={} concurrency={} duration={}s rate={}",
         args.rpc,
@@ -278,21 +377,70 @@ async fn run(args: Args) -> Result<(), String> {
         args.duration,
         if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() }
     );
-    println!("ok: {} ({rps:.0}/s)", all.latencies_us.len());
-    println!(
-        "latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
-        percentile(&all.latencies_us, 0.50),
-        percentile(&all.latencies_us, 0.90),
-        percentile(&all.latencies_us, 0.99),
-        all.latencies_us.last().map_or(0.0, |v| f64::from(*v) / 1000.0)
-    );
-    if all.errors.is_empty() {
-        println!("errors: none");
-    } else {
-        for (code, n) in &all.errors {
-            println!("errors: {code} x{n}");
-        }
+    let warmup = Duration::from_secs(2);
+    let measure = Duration::from_secs(args.duration);
+    let rss_before = args.server_pid.and_then(rss_mib);
+    let start = Instant::now();
+    let stop_at = start + warmup + measure;
+    let rss_watch = watch_rss(args.server_pid, stop_at);
+    let alone = drive(Arc::clone(&load), &channels, start + warmup, stop_at).await?;
+    let label = if args.flood > 0 { "alone: " } else { "" };
+    let rps = print_tally(label, &alone, measure);
+    if let (Some(before), Ok(Some(max))) = (rss_before, rss_watch.await) {
+        println!("{label}server RSS MiB: before {before:.1}, max {max:.1}");
     }
+
+    if args.flood > 0 {
+        let mut flood_channels = Vec::new();
+        for _ in 0..args.connections.max(1) {
+            flood_channels.push(connect(&args, &args.flood_client).await?);
+        }
+        let flood = Arc::new(Load {
+            rpc: Rpc::LoginWrong,
+            client_id: String::new(),
+            client_secret: String::new(),
+            audience: String::new(),
+            user: None,
+            concurrency: args.flood,
+            rate: 0.0,
+        });
+        let rss_before = args.server_pid.and_then(rss_mib);
+        let start = Instant::now();
+        let stop_at = start + warmup + measure;
+        let rss_watch = watch_rss(args.server_pid, stop_at);
+        let flood_task = {
+            let flood_channels = flood_channels.clone();
+            tokio::spawn(async move { drive(flood, &flood_channels, start + warmup, stop_at).await })
+        };
+        let with_flood = drive(Arc::clone(&load), &channels, start + warmup, stop_at).await?;
+        let flood_tally = flood_task.await.map_err(|e| e.to_string())??;
+        print_tally("with flood: ", &with_flood, measure);
+        let total: u64 = flood_tally.errors.values().sum::<u64>() + flood_tally.latencies_us.len() as u64;
+        println!(
+            "flood: {} wrong-password Logins in flight from {}: {total} answered ({:.0}/s)",
+            args.flood,
+            args.flood_client,
+            total as f64 / measure.as_secs_f64()
+        );
+        for (code, n) in &flood_tally.errors {
+            println!("flood: {code} x{n}");
+        }
+        let max = rss_watch.await.ok().flatten();
+        // The pool's idle threads give their memory back within a second or two.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = args.server_pid.and_then(rss_mib);
+        if let (Some(before), Some(max), Some(after)) = (rss_before, max, after) {
+            println!("with flood: server RSS MiB: before {before:.1}, max {max:.1}, 3 s after {after:.1}");
+        }
+        let (p99_alone, p99_flood) =
+            (percentile(&alone.latencies_us, 0.99), percentile(&with_flood.latencies_us, 0.99));
+        println!(
+            "{:?} p99: alone {p99_alone:.2} ms, with flood {p99_flood:.2} ms ({:.2}x)",
+            args.rpc,
+            if p99_alone > 0.0 { p99_flood / p99_alone } else { 0.0 }
+        );
+    }
+
     let raw = tokio::task::spawn_blocking(move || raw_sign_rate(alg)).await.map_err(|e| e.to_string())??;
     println!(
         "raw {} sign rate (one core, this process): {raw:.0}/s; achieved/raw = {:.1}%",
