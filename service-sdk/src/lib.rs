@@ -94,7 +94,7 @@ pub use client::{
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use verify::{
-    AuthorizeRequest, BearerToken, FeedOptions, JwksOptions, JwksSource, KeySet, PeerCertificate, RequireAuth,
-    RequireAuthLayer, RevocationCheck, RevocationFeed, Validator, Verifier, VerifyError, VerifyEvent, VerifyKey,
-    VerifyObserver, parse_bearer,
+    AuthorizeRequest, BearerToken, FeedHealth, FeedOptions, FeedStats, JwksOptions, JwksSource, KeySet,
+    PeerCertificate, RequireAuth, RequireAuthLayer, RevocationCheck, RevocationFeed, StalePolicy, Validator, Verifier,
+    VerifierStats, VerifyError, VerifyEvent, VerifyKey, VerifyObserver, parse_bearer,
 };

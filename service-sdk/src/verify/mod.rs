@@ -39,11 +39,12 @@ pub use bearer::parse_bearer;
 pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
 pub use layer::{RequireAuth, RequireAuthLayer, ResponseFuture};
-pub use observe::{CacheUse, JwksTrigger, VerifierStats, VerifyEvent, VerifyObserver};
+pub use observe::{CacheUse, FeedHealth, FeedStats, JwksTrigger, VerifierStats, VerifyEvent, VerifyObserver};
 #[cfg(feature = "redis")]
 pub use redis::{RedisRevocation, RedisSetupError};
 pub use revocation::{
-    FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup, RevokedId, RevokedKind,
+    FeedOptions, FeedOptionsError, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup, RevokedId,
+    RevokedKind, StalePolicy,
 };
 pub use validator::{DEFAULT_LEEWAY_SECS, DEFAULT_MAX_TOKEN_BYTES, MAX_LEEWAY_SECS, Validator};
 pub use verifier::{BuildError, DEFAULT_CACHE_CAPACITY, Verifier, VerifierBuilder};
@@ -113,7 +114,9 @@ pub enum VerifyError {
     /// No keys are known yet (the auth service was never reached).
     #[error("no verification keys available")]
     NoKeys,
-    /// The revocation feed has been silent for longer than allowed.
+    /// The revocation feed has been silent for longer than allowed (its
+    /// stale bound, plus any serve-stale window), or has had no snapshot
+    /// yet.
     #[error("revocation feed stale")]
     FeedStale,
     /// The revocation store (redis mode) cannot be asked.

@@ -102,11 +102,82 @@ pub enum VerifyEvent<'a> {
         /// Unix seconds, by the verifier's clock.
         at: u64,
     },
-    /// The feed has been silent past its stale bound (or has had no
-    /// snapshot yet), so verifications fail closed with
+    /// The feed has been silent past its stale bound (and, with
+    /// [`StalePolicy::ServeLastKnown`], past its `up_to` too), or has had
+    /// no snapshot yet, so verifications fail closed with
     /// [`VerifyError::FeedStale`]. Reported once per silence, when a check
     /// first finds it; [`VerifyEvent::FeedHeard`] ends it.
+    ///
+    /// [`StalePolicy::ServeLastKnown`]: super::StalePolicy::ServeLastKnown
     FeedStale,
+    /// The feed has been silent past its stale bound and, as
+    /// [`StalePolicy::ServeLastKnown`] says, answers from its last known
+    /// deny set until `until`; then [`VerifyEvent::FeedStale`]. Reported
+    /// once per silence, when a check first finds it (and logged as a
+    /// warning); [`VerifyEvent::FeedHeard`] ends it.
+    ///
+    /// [`StalePolicy::ServeLastKnown`]: super::StalePolicy::ServeLastKnown
+    FeedServingStale {
+        /// Unix seconds, by the verifier's clock, after which checks fail
+        /// closed unless the feed is heard from.
+        until: u64,
+    },
+    /// One revocation check was answered "not revoked" from the last
+    /// known deny set of a stale feed: revocations made since it went
+    /// silent are not seen. Reported for every such answer, before the
+    /// verification's [`VerifyEvent::Verified`].
+    ServedStale,
+}
+
+/// Where a revocation feed stands (see [`FeedStats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FeedHealth {
+    /// No complete snapshot yet: checks fail closed.
+    #[default]
+    Syncing,
+    /// Heard from within the stale bound: checks answer from the deny set.
+    Fresh,
+    /// Silent past the stale bound (and any serve-stale window): checks
+    /// fail closed with [`VerifyError::FeedStale`].
+    Stale,
+    /// Silent past the stale bound, within the `up_to` of
+    /// [`StalePolicy::ServeLastKnown`](super::StalePolicy::ServeLastKnown):
+    /// checks answer from the last known deny set.
+    ServingStale,
+}
+
+impl FeedHealth {
+    /// A short stable label, for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            FeedHealth::Syncing => "syncing",
+            FeedHealth::Fresh => "fresh",
+            FeedHealth::Stale => "stale",
+            FeedHealth::ServingStale => "serving_stale",
+        }
+    }
+}
+
+/// The state of a verifier's revocation feed, read when asked (from
+/// atomics: cheap, and never in the way of checks).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedStats {
+    /// Where the feed stands now, by the verifier's clock.
+    pub health: FeedHealth,
+    /// Seconds since the feed was last heard from (a message on a stream
+    /// whose snapshot was complete); `None` before the first snapshot.
+    pub silent_for_secs: Option<u64>,
+    /// `jti`s and `sid`s in the deny set.
+    pub entries: usize,
+    /// Streams opened after the first one.
+    pub reconnects: u64,
+    /// Times the feed, once synced, went silent past its stale bound.
+    pub stale_episodes: u64,
+    /// Checks answered from the last known deny set while stale
+    /// ([`VerifyEvent::ServedStale`]).
+    pub served_stale: u64,
 }
 
 /// How a verification used the verified-token cache.
@@ -167,6 +238,9 @@ pub struct VerifierStats {
     pub cache_misses: u64,
     /// Refusals by [`VerifyError::reason`], only reasons seen at least once.
     pub rejected: Vec<(&'static str, u64)>,
+    /// The revocation feed's state; `None` when the revocation check has
+    /// no feed (e.g. a per-request Redis lookup).
+    pub feed: Option<FeedStats>,
 }
 
 impl VerifierStats {
@@ -213,6 +287,7 @@ impl Stats {
             cache_hits: self.hits.load(Ordering::Relaxed),
             cache_misses: self.misses.load(Ordering::Relaxed),
             rejected,
+            feed: None,
         }
     }
 }
@@ -295,5 +370,7 @@ mod tests {
         assert_eq!(cache, ["hit", "miss", "bypassed"]);
         let triggers = [JwksTrigger::Initial, JwksTrigger::Scheduled, JwksTrigger::UnknownKid].map(JwksTrigger::label);
         assert_eq!(triggers, ["initial", "scheduled", "unknown_kid"]);
+        let health = [FeedHealth::Syncing, FeedHealth::Fresh, FeedHealth::Stale, FeedHealth::ServingStale];
+        assert_eq!(health.map(FeedHealth::label), ["syncing", "fresh", "stale", "serving_stale"]);
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use auth_proto::auth::v1::{self as pb, WatchRevocationsRequest, revocation_event
 use tokio::sync::{broadcast, watch};
 use tonic::transport::Channel;
 
-use super::observe::{VerifyEvent, VerifyObserver};
+use super::observe::{FeedHealth, FeedStats, VerifyEvent, VerifyObserver};
 use super::{MAX_LEEWAY_SECS, VerifyError};
 use crate::Clock;
 use crate::backoff::Backoff;
@@ -88,25 +88,114 @@ pub trait RevocationCheck: Send + Sync + 'static {
     fn report_to(&self, observer: Arc<dyn VerifyObserver>) {
         let _ = observer;
     }
+
+    /// The state of this check's push feed, for
+    /// [`Verifier::stats`](super::Verifier::stats). `None` (the default)
+    /// when it has no feed, e.g. a per-request Redis lookup.
+    fn feed_stats(&self) -> Option<FeedStats> {
+        None
+    }
 }
 
-/// Timing of a [`RevocationFeed`].
+/// Timing and stale policy of a [`RevocationFeed`]. Checked by
+/// [`FeedOptions::validate`], which
+/// [`VerifierBuilder::build`](super::VerifierBuilder::build) calls.
 #[derive(Clone, Debug)]
 pub struct FeedOptions {
     /// How long the feed may be silent (no snapshot, event or heartbeat)
-    /// before verification fails closed with `Unavailable` (default 30 s).
+    /// before it is stale (default 30 s; whole seconds, 1 s to
+    /// [`FeedOptions::MAX_STALE_AFTER`]). What a stale feed answers is
+    /// [`FeedOptions::on_stale`].
     pub stale_after: Duration,
-    /// First reconnect delay (default 100 ms); doubles up to
+    /// What checks answer once the feed is stale (default
+    /// [`StalePolicy::FailClosed`]).
+    pub on_stale: StalePolicy,
+    /// First reconnect delay (default 100 ms, above zero); doubles up to
     /// [`FeedOptions::max_backoff`].
     pub initial_backoff: Duration,
-    /// Longest reconnect delay (default 5 s).
+    /// Longest reconnect delay (default 5 s; at most `stale_after`, so a
+    /// lost stream is retried within every stale bound).
     pub max_backoff: Duration,
+}
+
+/// What a [`RevocationFeed`] answers once it has been silent for longer
+/// than [`FeedOptions::stale_after`].
+///
+/// A verifier cannot tell a partition (its auth server replica lost Redis,
+/// or it lost the auth server) from a full Redis outage: both end in
+/// silence. Failing closed is safe but stops service-to-service traffic
+/// once the bound passes; serving the last known deny set keeps traffic
+/// going for a while but does not see revocations made meanwhile. Either
+/// way ids already known to be revoked are refused, expired tokens are
+/// refused by the validator, and nothing is answered before the first
+/// complete snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StalePolicy {
+    /// Every check fails closed with [`VerifyError::FeedStale`] (the
+    /// default): the service answers `UNAVAILABLE` until the feed is heard
+    /// from again.
+    #[default]
+    FailClosed,
+    /// Keep answering from the last known deny set for at most `up_to`
+    /// past the stale bound (1 s to [`FeedOptions::MAX_SERVE_STALE`], whole
+    /// seconds), then fail closed. Each such answer is reported
+    /// ([`VerifyEvent::ServedStale`], [`FeedStats::served_stale`]) and each
+    /// stale episode logged once as a warning.
+    ServeLastKnown {
+        /// How long past `stale_after` the last known set is used.
+        up_to: Duration,
+    },
+}
+
+/// Why [`FeedOptions`] were refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FeedOptionsError {
+    /// `stale_after` is under 1 s or over [`FeedOptions::MAX_STALE_AFTER`].
+    #[error("feed stale_after must be between 1 s and 600 s")]
+    StaleAfter,
+    /// `ServeLastKnown { up_to }` is under 1 s or over
+    /// [`FeedOptions::MAX_SERVE_STALE`].
+    #[error("feed on_stale ServeLastKnown up_to must be between 1 s and 3600 s")]
+    ServeUpTo,
+    /// `initial_backoff` is zero, or `max_backoff` exceeds `stale_after`.
+    #[error("feed initial_backoff must be above zero and max_backoff at most stale_after")]
+    Backoff,
+}
+
+impl FeedOptions {
+    /// The longest [`FeedOptions::stale_after`] accepted: a longer silence
+    /// would leave revocations unseen for longer than most tokens live.
+    pub const MAX_STALE_AFTER: Duration = Duration::from_secs(600);
+    /// The longest `up_to` of [`StalePolicy::ServeLastKnown`] accepted.
+    pub const MAX_SERVE_STALE: Duration = Duration::from_secs(3_600);
+
+    /// Whether these options make sense; the verifier builder refuses
+    /// them otherwise ([`BuildError::FeedOptions`](super::BuildError::FeedOptions)).
+    /// [`RevocationFeed::connect`] and [`RevocationFeed::detached`] take
+    /// them as given.
+    pub fn validate(&self) -> Result<(), FeedOptionsError> {
+        if self.stale_after.as_secs() == 0 || self.stale_after > Self::MAX_STALE_AFTER {
+            return Err(FeedOptionsError::StaleAfter);
+        }
+        if let StalePolicy::ServeLastKnown { up_to } = self.on_stale
+            && (up_to.as_secs() == 0 || up_to > Self::MAX_SERVE_STALE)
+        {
+            return Err(FeedOptionsError::ServeUpTo);
+        }
+        if self.initial_backoff.is_zero() || self.max_backoff > self.stale_after {
+            return Err(FeedOptionsError::Backoff);
+        }
+        Ok(())
+    }
 }
 
 impl Default for FeedOptions {
     fn default() -> Self {
         Self {
             stale_after: Duration::from_secs(30),
+            on_stale: StalePolicy::FailClosed,
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
         }
@@ -172,13 +261,16 @@ impl DenySet {
 /// snapshot replaces the whole set at once. Clones share one feed; the
 /// stream closes when the last clone is dropped.
 ///
-/// When nothing has been heard for longer than
-/// [`FeedOptions::stale_after`] (or before the first snapshot), every
-/// check fails closed with [`VerifyError::FeedStale`].
+/// Before the first complete snapshot every check fails closed with
+/// [`VerifyError::FeedStale`]. When nothing has been heard for longer than
+/// [`FeedOptions::stale_after`], the feed is stale and answers as
+/// [`FeedOptions::on_stale`] says: fail closed (the default), or for a
+/// while from the last known deny set. After a reconnect the feed counts
+/// as heard from only once the new stream's snapshot is complete.
 ///
 /// A feed reports its connection, snapshots, messages and staleness to
 /// the observer of the first verifier built with it (see
-/// [`VerifyEvent`]).
+/// [`VerifyEvent`]); its state is in [`FeedStats`].
 #[derive(Clone)]
 pub struct RevocationFeed {
     state: Arc<FeedState>,
@@ -195,24 +287,129 @@ struct FeedState {
     /// A snapshot being received chunk by chunk; it replaces `deny` whole
     /// when its last chunk arrives.
     assembling: Mutex<Option<DenySet>>,
-    /// Unix seconds of the last message; meaningful once `synced`.
+    /// Unix seconds of the last message on a stream whose snapshot was
+    /// complete; meaningful once `synced_flag`.
     last_heard: AtomicU64,
     synced: watch::Sender<bool>,
+    /// `synced`, for the check: an atomic, not a lock.
+    synced_flag: AtomicBool,
+    /// A new stream opened and its snapshot is not complete yet: its other
+    /// messages do not count as hearing from the feed.
+    awaiting_snapshot: AtomicBool,
     stale_after: u64,
+    /// [`StalePolicy::ServeLastKnown`]'s `up_to` in seconds; `None` to
+    /// fail closed.
+    serve_up_to: Option<u64>,
     clock: Arc<dyn Clock>,
     events: broadcast::Sender<RevokedId>,
     observer: OnceLock<Arc<dyn VerifyObserver>>,
-    /// Whether [`VerifyEvent::FeedStale`] was reported since the feed was
-    /// last heard from.
-    stale_reported: AtomicBool,
+    /// How far the current silence has been reported: one of the
+    /// `REPORTED_*` values, back to `REPORTED_NONE` when the feed is heard.
+    reported: AtomicU8,
+    /// Entries in `deny`, for stats without the lock.
+    entries: AtomicUsize,
+    /// Streams opened.
+    connects: AtomicU64,
+    /// Silences of a synced feed past its stale bound, noticed by a check.
+    stale_episodes: AtomicU64,
+    /// Checks answered from the last known set while stale.
+    served_stale: AtomicU64,
     /// Dropped with the state, which ends the stream task.
     _stop: watch::Sender<()>,
 }
+
+/// Nothing reported about the current silence (or the feed is heard).
+const REPORTED_NONE: u8 = 0;
+/// [`VerifyEvent::FeedServingStale`] reported.
+const REPORTED_SERVING: u8 = 1;
+/// [`VerifyEvent::FeedStale`] reported.
+const REPORTED_CLOSED: u8 = 2;
 
 impl FeedState {
     fn report(&self, event: VerifyEvent<'_>) {
         if let Some(observer) = self.observer.get() {
             observer.on_event(&event);
+        }
+    }
+
+    /// Where the feed stands at `now`; and for how long it has been silent
+    /// (0 before the first snapshot).
+    fn health_at(&self, now: u64) -> (FeedHealth, u64) {
+        if !self.synced_flag.load(Ordering::Acquire) {
+            return (FeedHealth::Syncing, 0);
+        }
+        let silent = now.saturating_sub(self.last_heard.load(Ordering::Acquire));
+        let health = if silent <= self.stale_after {
+            FeedHealth::Fresh
+        } else {
+            match self.serve_up_to {
+                Some(up_to) if silent <= self.stale_after.saturating_add(up_to) => FeedHealth::ServingStale,
+                _ => FeedHealth::Stale,
+            }
+        };
+        (health, silent)
+    }
+
+    /// The answer of a check while the feed is not fresh, off the hot
+    /// path; reports the first check of each phase of a silence.
+    #[cold]
+    #[inline(never)]
+    fn stale_answer(&self, health: FeedHealth, silent: u64) -> Result<(), VerifyError> {
+        if health == FeedHealth::ServingStale {
+            self.enter(REPORTED_SERVING, silent);
+            self.served_stale.fetch_add(1, Ordering::Relaxed);
+            self.report(VerifyEvent::ServedStale);
+            Ok(())
+        } else {
+            self.enter(REPORTED_CLOSED, silent);
+            Err(VerifyError::FeedStale)
+        }
+    }
+
+    /// Reports, once per silence, that it reached `phase`.
+    fn enter(&self, phase: u8, silent: u64) {
+        if self.reported.load(Ordering::Relaxed) >= phase {
+            return;
+        }
+        let before = self.reported.fetch_max(phase, Ordering::Relaxed);
+        if before >= phase {
+            return;
+        }
+        let synced = self.synced_flag.load(Ordering::Acquire);
+        if before == REPORTED_NONE && synced {
+            self.stale_episodes.fetch_add(1, Ordering::Relaxed);
+        }
+        if phase == REPORTED_SERVING {
+            let until = self.last_heard.load(Ordering::Acquire).saturating_add(self.stale_after);
+            let until = until.saturating_add(self.serve_up_to.unwrap_or(0));
+            tracing::warn!(
+                silent_secs = silent,
+                serve_up_to_secs = self.serve_up_to,
+                "revocation feed stale: answering from the last known deny set, revocations made meanwhile are not \
+                 seen"
+            );
+            self.report(VerifyEvent::FeedServingStale { until });
+        } else {
+            if synced {
+                tracing::warn!(silent_secs = silent, "revocation feed stale: verifications fail closed");
+            }
+            self.report(VerifyEvent::FeedStale);
+        }
+    }
+
+    fn stats(&self) -> FeedStats {
+        let now = self.clock.now_unix();
+        let (health, silent) = self.health_at(now);
+        // A silence no check has come upon yet is an episode all the same.
+        let unnoticed = matches!(health, FeedHealth::Stale | FeedHealth::ServingStale)
+            && self.reported.load(Ordering::Relaxed) == REPORTED_NONE;
+        FeedStats {
+            health,
+            silent_for_secs: (health != FeedHealth::Syncing).then_some(silent),
+            entries: self.entries.load(Ordering::Relaxed),
+            reconnects: self.connects.load(Ordering::Relaxed).saturating_sub(1),
+            stale_episodes: self.stale_episodes.load(Ordering::Relaxed) + u64::from(unnoticed),
+            served_stale: self.served_stale.load(Ordering::Relaxed),
         }
     }
 }
@@ -250,16 +447,27 @@ impl RevocationFeed {
     fn new(clock: Arc<dyn Clock>, opts: &FeedOptions) -> (Self, watch::Receiver<()>) {
         let (stop, stopped) = watch::channel(());
         let (synced, _) = watch::channel(false);
+        let serve_up_to = match opts.on_stale {
+            StalePolicy::FailClosed => None,
+            StalePolicy::ServeLastKnown { up_to } => Some(up_to.as_secs()),
+        };
         let state = FeedState {
             deny: RwLock::new(DenySet::default()),
             assembling: Mutex::new(None),
             last_heard: AtomicU64::new(0),
             synced,
+            synced_flag: AtomicBool::new(false),
+            awaiting_snapshot: AtomicBool::new(false),
             stale_after: opts.stale_after.as_secs(),
+            serve_up_to,
             clock,
             events: broadcast::channel(1024).0,
             observer: OnceLock::new(),
-            stale_reported: AtomicBool::new(false),
+            reported: AtomicU8::new(REPORTED_NONE),
+            entries: AtomicUsize::new(0),
+            connects: AtomicU64::new(0),
+            stale_episodes: AtomicU64::new(0),
+            served_stale: AtomicU64::new(0),
             _stop: stop,
         };
         (Self { state: Arc::new(state) }, stopped)
@@ -271,7 +479,10 @@ impl RevocationFeed {
     /// chunks are gathered aside and replace the whole deny set at once
     /// with the last one. Until then nothing changes: the feed is neither
     /// synced nor heard from, so a feed that was stale stays stale until
-    /// the whole snapshot is in.
+    /// the whole snapshot is in. On a newly opened stream (see
+    /// [`RevocationFeed::reconnected`]) revocations before that point are
+    /// added to the set but, like heartbeats, do not count as hearing from
+    /// the feed.
     pub fn apply(&self, event: pb::RevocationEvent) {
         let now = self.state.clock.now_unix();
         let mut new = Vec::new();
@@ -296,6 +507,7 @@ impl RevocationFeed {
                 let old = std::mem::replace(&mut *deny, complete);
                 deny.prune(now);
                 snapshot = Some(deny.len());
+                self.state.entries.store(deny.len(), Ordering::Relaxed);
                 drop(deny);
                 // Freed outside the lock.
                 drop(old);
@@ -311,45 +523,68 @@ impl RevocationFeed {
                         new.push(RevokedId { kind, id: r.id });
                     }
                     deny.prune(now);
+                    self.state.entries.store(deny.len(), Ordering::Relaxed);
                 }
             }
             Some(Event::Heartbeat(_)) | None => {
-                self.state.deny.write().unwrap_or_else(|p| p.into_inner()).prune(now);
+                let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
+                deny.prune(now);
+                self.state.entries.store(deny.len(), Ordering::Relaxed);
             }
         }
-        self.state.last_heard.store(now, Ordering::Release);
+        let heard = if snapshot.is_some() {
+            self.state.awaiting_snapshot.store(false, Ordering::Relaxed);
+            true
+        } else {
+            !self.state.awaiting_snapshot.load(Ordering::Relaxed)
+        };
+        if heard {
+            self.state.last_heard.store(now, Ordering::Release);
+        }
         if snapshot.is_some() {
+            self.state.synced_flag.store(true, Ordering::Release);
             self.state.synced.send_replace(true);
         }
-        // Fresh from here on: the next silence is reported anew.
-        self.state.stale_reported.store(false, Ordering::Relaxed);
+        if heard {
+            // Fresh from here on: the next silence is reported anew.
+            self.state.reported.store(REPORTED_NONE, Ordering::Relaxed);
+        }
         if let Some(entries) = snapshot {
             self.state.report(VerifyEvent::FeedSnapshot { entries });
         }
-        self.state.report(VerifyEvent::FeedHeard { at: now });
+        if heard {
+            self.state.report(VerifyEvent::FeedHeard { at: now });
+        }
         for id in new {
             let _ = self.state.events.send(id);
         }
     }
 
-    /// Forgets a partly received snapshot (its stream ended).
-    fn discard_partial_snapshot(&self) {
+    /// A new stream has opened: a partly received snapshot (of the stream
+    /// that ended) is forgotten, and the feed is not heard from again
+    /// before the new stream's snapshot is complete. Called by the feed's
+    /// own stream task; a service relaying revocations into a
+    /// [`detached`](Self::detached) feed calls it when its own upstream
+    /// reconnects.
+    pub fn reconnected(&self) {
         *self.state.assembling.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.state.awaiting_snapshot.store(true, Ordering::Relaxed);
+        self.state.connects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the feed has been heard from within the stale bound.
     pub fn is_fresh(&self) -> bool {
-        self.fresh_at(self.state.clock.now_unix())
-    }
-
-    fn fresh_at(&self, now: u64) -> bool {
-        *self.state.synced.borrow()
-            && now <= self.state.last_heard.load(Ordering::Acquire).saturating_add(self.state.stale_after)
+        self.state.health_at(self.state.clock.now_unix()).0 == FeedHealth::Fresh
     }
 
     /// Number of revoked `jti`s and `sid`s held.
     pub fn revoked_count(&self) -> usize {
-        self.state.deny.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.state.entries.load(Ordering::Relaxed)
+    }
+
+    /// The feed's state now (also in [`Verifier::stats`](super::Verifier::stats)).
+    pub fn stats(&self) -> FeedStats {
+        self.state.stats()
     }
 
     /// Resolves once the first complete snapshot has arrived.
@@ -375,13 +610,10 @@ impl RevocationCheck for RevocationFeed {
                 return RevocationLookup::Ready(Err(VerifyError::Revoked));
             }
         }
-        if !self.fresh_at(now) {
-            if !self.state.stale_reported.swap(true, Ordering::Relaxed) {
-                self.state.report(VerifyEvent::FeedStale);
-            }
-            return RevocationLookup::Ready(Err(VerifyError::FeedStale));
+        match self.state.health_at(now) {
+            (FeedHealth::Fresh, _) => RevocationLookup::Ready(Ok(())),
+            (health, silent) => RevocationLookup::Ready(self.state.stale_answer(health, silent)),
         }
-        RevocationLookup::Ready(Ok(()))
     }
 
     fn subscribe(&self) -> Option<broadcast::Receiver<RevokedId>> {
@@ -397,6 +629,10 @@ impl RevocationCheck for RevocationFeed {
     fn report_to(&self, observer: Arc<dyn VerifyObserver>) {
         let _ = self.state.observer.set(observer);
     }
+
+    fn feed_stats(&self) -> Option<FeedStats> {
+        Some(self.state.stats())
+    }
 }
 
 async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch::Receiver<()>, opts: FeedOptions) {
@@ -411,7 +647,7 @@ async fn watch_loop(channel: Channel, state: Weak<FeedState>, mut stopped: watch
         match opened {
             Ok(resp) => {
                 if let Some(state) = state.upgrade() {
-                    RevocationFeed { state: Arc::clone(&state) }.discard_partial_snapshot();
+                    RevocationFeed { state: Arc::clone(&state) }.reconnected();
                     state.report(VerifyEvent::FeedConnected);
                 }
                 let mut stream = resp.into_inner();
@@ -625,10 +861,164 @@ mod tests {
         let clock = ManualClock::new(1_000);
         let f = feed(&clock);
         f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "half", 2_000)], true));
-        f.discard_partial_snapshot();
+        f.reconnected();
         f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "whole", 2_000)]));
         assert_eq!(ready(f.check("half", None, 1_000)), Ok(()));
         assert_eq!(ready(f.check("whole", None, 1_000)), Err(VerifyError::Revoked));
+    }
+
+    fn feed_with(clock: &ManualClock, on_stale: StalePolicy) -> RevocationFeed {
+        RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions { on_stale, ..FeedOptions::default() })
+    }
+
+    fn serve_for(secs: u64) -> StalePolicy {
+        StalePolicy::ServeLastKnown { up_to: Duration::from_secs(secs) }
+    }
+
+    /// `(health, silent_for_secs, stale_episodes, served_stale)`.
+    fn state(f: &RevocationFeed) -> (FeedHealth, Option<u64>, u64, u64) {
+        let s = f.stats();
+        (s.health, s.silent_for_secs, s.stale_episodes, s.served_stale)
+    }
+
+    #[test]
+    fn fail_closed_is_the_default_and_stats_follow_each_transition() {
+        assert_eq!(FeedOptions::default().on_stale, StalePolicy::FailClosed);
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        let events = Arc::new(Recorder::default());
+        f.report_to(events.clone());
+        assert_eq!(state(&f), (FeedHealth::Syncing, None, 0, 0));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        assert_eq!(state(&f), (FeedHealth::Syncing, None, 0, 0), "no snapshot yet is no stale episode");
+
+        f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "j1", 2_000)]));
+        assert_eq!(state(&f), (FeedHealth::Fresh, Some(0), 0, 0));
+        assert_eq!(f.stats().entries, 1);
+        clock.advance(30);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(state(&f), (FeedHealth::Fresh, Some(30), 0, 0));
+        events.take();
+
+        clock.advance(1);
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(31), 1, 0), "stale before any check notices");
+        for _ in 0..3 {
+            assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+            assert_eq!(ready(f.check("j1", None, clock.now_unix())), Err(VerifyError::Revoked));
+        }
+        assert_eq!(events.take(), ["FeedStale"], "reported once per silence");
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(31), 1, 0), "and counted once");
+        clock.advance(3_600);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale), "for ever");
+
+        f.apply(heartbeat());
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(state(&f), (FeedHealth::Fresh, Some(0), 1, 0));
+        clock.advance(31);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(31), 2, 0), "a new silence, a new episode");
+    }
+
+    #[test]
+    fn serve_last_known_answers_up_to_its_bound_then_fails_closed() {
+        let clock = ManualClock::new(1_000);
+        let f = feed_with(&clock, serve_for(60));
+        let events = Arc::new(Recorder::default());
+        f.report_to(events.clone());
+        f.apply(snapshot(vec![
+            revoked(pb::RevocationKind::Jti, "j1", 9_000),
+            revoked(pb::RevocationKind::Sid, "s1", 9_000),
+        ]));
+        events.take();
+
+        clock.advance(31);
+        assert_eq!(state(&f), (FeedHealth::ServingStale, Some(31), 1, 0));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()), "answered from the last known set");
+        assert_eq!(ready(f.check("j1", None, clock.now_unix())), Err(VerifyError::Revoked), "known revocations hold");
+        assert_eq!(ready(f.check("j", Some("s1"), clock.now_unix())), Err(VerifyError::Revoked));
+        clock.advance(59);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()), "through the last second of up_to");
+        assert_eq!(state(&f), (FeedHealth::ServingStale, Some(90), 1, 2));
+        assert_eq!(events.take(), ["FeedServingStale { until: 1090 }", "ServedStale", "ServedStale"]);
+
+        clock.advance(1);
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(91), 1, 2));
+        for _ in 0..2 {
+            assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        }
+        assert_eq!(ready(f.check("j1", None, clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(events.take(), ["FeedStale"], "the end of serving is reported once");
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(91), 1, 2), "still one episode");
+
+        f.apply(heartbeat());
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(state(&f), (FeedHealth::Fresh, Some(0), 1, 2), "fresh answers are not counted as stale");
+        assert_eq!(events.take(), ["FeedHeard { at: 1091 }"]);
+    }
+
+    #[test]
+    fn serve_last_known_never_answers_before_the_first_snapshot() {
+        let clock = ManualClock::new(1_000);
+        let f = feed_with(&clock, serve_for(3_600));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        f.apply(heartbeat());
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        assert_eq!(state(&f), (FeedHealth::Syncing, None, 0, 0));
+    }
+
+    #[test]
+    fn a_reconnected_feed_is_fresh_again_only_after_a_complete_snapshot() {
+        let clock = ManualClock::new(1_000);
+        let f = feed_with(&clock, serve_for(60));
+        let events = Arc::new(Recorder::default());
+        f.report_to(events.clone());
+        f.reconnected();
+        f.apply(snapshot(vec![]));
+        assert_eq!(f.stats().reconnects, 0, "the first stream is no reconnect");
+        clock.advance(100);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        events.take();
+
+        f.reconnected();
+        // Whatever comes before the new snapshot is complete does not make
+        // the feed heard from: revocations missed meanwhile may be in it.
+        f.apply(heartbeat());
+        f.apply(event(revoked(pb::RevocationKind::Jti, "early", 2_000)));
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "gap", 2_000)], true));
+        f.apply(heartbeat());
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        assert_eq!(ready(f.check("early", None, clock.now_unix())), Err(VerifyError::Revoked), "still applied");
+        assert_eq!(state(&f), (FeedHealth::Stale, Some(100), 1, 0));
+        assert_eq!(events.take(), Vec::<String>::new(), "nothing heard");
+
+        f.apply(chunk(vec![], false));
+        assert_eq!(state(&f), (FeedHealth::Fresh, Some(0), 1, 0));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(ready(f.check("gap", None, clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(f.stats().reconnects, 1);
+        assert_eq!(events.take(), ["FeedSnapshot { entries: 1 }", "FeedHeard { at: 1100 }"]);
+        // On the same stream, a heartbeat is news again.
+        clock.advance(10);
+        f.apply(heartbeat());
+        assert_eq!(f.stats().silent_for_secs, Some(0));
+    }
+
+    #[test]
+    fn options_are_validated() {
+        let with = |f: fn(&mut FeedOptions)| {
+            let mut o = FeedOptions::default();
+            f(&mut o);
+            o.validate()
+        };
+        assert_eq!(with(|_| ()), Ok(()));
+        assert_eq!(with(|o| o.on_stale = serve_for(300)), Ok(()));
+        assert_eq!(with(|o| o.stale_after = Duration::ZERO), Err(FeedOptionsError::StaleAfter));
+        assert_eq!(with(|o| o.stale_after = Duration::from_millis(999)), Err(FeedOptionsError::StaleAfter));
+        assert_eq!(with(|o| o.stale_after = Duration::from_secs(601)), Err(FeedOptionsError::StaleAfter));
+        assert_eq!(with(|o| o.on_stale = serve_for(0)), Err(FeedOptionsError::ServeUpTo));
+        assert_eq!(with(|o| o.on_stale = serve_for(3_601)), Err(FeedOptionsError::ServeUpTo));
+        assert_eq!(with(|o| o.initial_backoff = Duration::ZERO), Err(FeedOptionsError::Backoff));
+        assert_eq!(with(|o| o.max_backoff = Duration::from_secs(31)), Err(FeedOptionsError::Backoff));
     }
 
     #[test]

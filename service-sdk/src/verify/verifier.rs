@@ -16,7 +16,9 @@ use super::compact;
 use super::jwks::{JwksCache, JwksOptions, JwksSource};
 use super::keys::KeyFingerprint;
 use super::observe::{CacheUse, Reporter, VerifierStats, VerifyEvent, VerifyObserver};
-use super::revocation::{FeedOptions, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup};
+use super::revocation::{
+    FeedOptions, FeedOptionsError, LookupFuture, RevocationCheck, RevocationFeed, RevocationLookup,
+};
 use super::{Validator, VerifyError};
 use crate::claims::{Claims, Confirmation};
 use crate::{Clock, SystemClock};
@@ -37,6 +39,10 @@ pub enum BuildError {
     /// `build` was called outside a tokio runtime (background tasks need one).
     #[error("a verifier must be built inside a tokio runtime")]
     NoRuntime,
+    /// The [`feed_options`](VerifierBuilder::feed_options) make no sense
+    /// (see [`FeedOptions::validate`]).
+    #[error("invalid feed options: {0}")]
+    FeedOptions(#[from] FeedOptionsError),
 }
 
 /// Verifies access tokens for one service: the validator's explicit
@@ -172,9 +178,12 @@ impl Verifier {
         &self.inner.validator
     }
 
-    /// Counters since the verifier was built.
+    /// Counters since the verifier was built, and the revocation feed's
+    /// state now.
     pub fn stats(&self) -> VerifierStats {
-        self.inner.reporter.stats()
+        let mut stats = self.inner.reporter.stats();
+        stats.feed = self.inner.revocation.feed_stats();
+        stats
     }
 
     /// Number of tokens in the verified-token cache (approximate).
@@ -396,7 +405,9 @@ impl VerifierBuilder {
         self
     }
 
-    /// Timing of the default revocation feed (stale bound 30 s).
+    /// Timing and stale policy of the default revocation feed (default:
+    /// stale after 30 s of silence, then fail closed; see
+    /// [`StalePolicy`](super::StalePolicy)). Checked by [`build`](Self::build).
     pub fn feed_options(mut self, opts: FeedOptions) -> Self {
         self.feed_options = opts;
         self
@@ -449,6 +460,7 @@ impl VerifierBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BuildError::NoRuntime);
         }
+        self.feed_options.validate()?;
         let source = match (self.jwks, &self.channel) {
             (Some(s), _) => s,
             (None, Some(ch)) => JwksSource::grpc(ch.clone()),
@@ -515,7 +527,8 @@ mod tests {
     use super::*;
     use crate::ManualClock;
     use crate::verify::jwks::Scripted;
-    use crate::verify::observe::Recorder;
+    use crate::verify::observe::{FeedHealth, Recorder};
+    use crate::verify::revocation::StalePolicy;
     use crate::verify::test_keys::{TestKey, claims};
 
     const NOW: u64 = 1_700_000_000;
@@ -656,6 +669,88 @@ mod tests {
         assert_eq!(v.verify("a.b.c", None).await.unwrap_err(), VerifyError::Malformed, "bad tokens stay 401");
         feed.apply(snapshot(vec![]));
         v.verify(&token, None).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn build_refuses_nonsense_feed_options() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let build = |opts: FeedOptions| {
+            Verifier::builder("auth-service", "inventory")
+                .jwks(JwksSource::fixed(key.key_set()))
+                .revocation(fresh_feed(&clock))
+                .feed_options(opts)
+                .build()
+        };
+        let zero = FeedOptions { stale_after: std::time::Duration::ZERO, ..FeedOptions::default() };
+        assert_eq!(build(zero).unwrap_err(), BuildError::FeedOptions(FeedOptionsError::StaleAfter));
+        let forever = FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(86_400) },
+            ..FeedOptions::default()
+        };
+        let err = build(forever).unwrap_err();
+        assert_eq!(err, BuildError::FeedOptions(FeedOptionsError::ServeUpTo));
+        assert_eq!(
+            err.to_string(),
+            "invalid feed options: feed on_stale ServeLastKnown up_to must be between 1 s and 3600 s"
+        );
+        build(FeedOptions::default()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn serving_last_known_accepts_until_up_to_and_reports_every_stale_answer() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let opts = FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(60) },
+            ..FeedOptions::default()
+        };
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), opts);
+        feed.apply(snapshot(vec![]));
+        let events = Arc::new(Recorder::default());
+        let v = Verifier::builder("auth-service", "inventory")
+            .jwks(JwksSource::fixed(key.key_set()))
+            .revocation(feed.clone())
+            .clock(clock.clone())
+            .observer(events.clone())
+            .build()
+            .unwrap();
+        v.ready().await;
+        let token = key.sign(&claims(NOW, "j1"));
+        let known = key.sign(&claims(NOW, "j2"));
+        v.verify(&token, None).await.unwrap();
+        revoke(&feed, auth_proto::auth::v1::RevocationKind::Jti, "j2");
+        assert_eq!(v.stats().feed.unwrap().health, FeedHealth::Fresh);
+        events.take();
+
+        clock.advance(31);
+        v.verify(&token, None).await.unwrap();
+        v.verify(&token, None).await.unwrap();
+        assert_eq!(v.verify(&known, None).await.unwrap_err(), VerifyError::Revoked, "known revocations hold");
+        assert_eq!(
+            events.take(),
+            [
+                "FeedServingStale { until: 1700000090 }",
+                "ServedStale",
+                "Verified { result: Ok(()), cache: Hit }",
+                "ServedStale",
+                "Verified { result: Ok(()), cache: Hit }",
+                "Verified { result: Err(Revoked), cache: Miss }",
+            ]
+        );
+        let feed_stats = v.stats().feed.unwrap();
+        assert_eq!(
+            (feed_stats.health, feed_stats.served_stale, feed_stats.stale_episodes),
+            (FeedHealth::ServingStale, 2, 1)
+        );
+        assert_eq!(feed_stats.entries, 1);
+
+        clock.advance(60);
+        assert_eq!(v.verify(&token, None).await.unwrap_err(), VerifyError::FeedStale);
+        assert_eq!(events.take(), ["FeedStale", "Verified { result: Err(FeedStale), cache: Hit }"]);
+        let stats = v.stats();
+        assert_eq!(stats.feed.as_ref().unwrap().health, FeedHealth::Stale);
+        assert_eq!((stats.accepted, stats.rejected("feed_stale"), stats.rejected("revoked")), (3, 1, 1));
     }
 
     #[tokio::test]

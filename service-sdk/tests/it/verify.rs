@@ -28,8 +28,8 @@ use rustls_pki_types::pem::PemObject as _;
 use serde_json::{Value, json};
 use service_sdk::verify::JwksError;
 use service_sdk::{
-    AuthorizeRequest, BearerToken, Claims, FeedOptions, JwksOptions, JwksSource, ManualClock, RequireAuthLayer,
-    Verifier, VerifyError, VerifyEvent, VerifyObserver,
+    AuthorizeRequest, BearerToken, Claims, FeedHealth, FeedOptions, JwksOptions, JwksSource, ManualClock,
+    RequireAuthLayer, StalePolicy, Verifier, VerifyError, VerifyEvent, VerifyObserver,
 };
 use testkit::TestServer;
 use testkit::auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
@@ -715,6 +715,64 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
         VerifyError::Revoked,
         "missed revocation",
     );
+}
+
+#[tokio::test]
+async fn serving_last_known_keeps_traffic_through_a_silence_refusing_known_revocations() {
+    let srv = TestServer::start().await;
+    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let clock = ManualClock::new(now());
+    let events = Events::default();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .channel(lazy_channel(&srv, proxy.addr))
+        .clock(clock.clone())
+        .feed_options(FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: Duration::from_secs(60) },
+            max_backoff: Duration::from_millis(200),
+            ..FeedOptions::default()
+        })
+        .observer(events.clone())
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    let known = env.service_token().await;
+    env.call(&mut client, &known).await.unwrap();
+    env.revoke(pb::revoke_request::Target::AccessToken(known.clone()), None).await;
+    wait_refused(&env, &mut client, &known).await;
+    let feed = |env: &Env| env.verifier.stats().feed.unwrap();
+    assert_eq!((feed(&env).health, feed(&env).entries, feed(&env).reconnects), (FeedHealth::Fresh, 1, 0));
+
+    proxy.set_up(false);
+    events.wait_for("FeedDisconnected", 1).await;
+    // A revocation the verifier cannot hear about while cut off.
+    let unseen = env.service_token().await;
+    env.revoke(pb::revoke_request::Target::AccessToken(unseen.clone()), None).await;
+    clock.advance(31);
+    env.call(&mut client, &token).await.unwrap();
+    env.call(&mut client, &unseen).await.expect("the price of serving stale: unseen revocations pass");
+    assert_refused(env.call(&mut client, &known).await, Code::Unauthenticated, VerifyError::Revoked, "known");
+    let stale = feed(&env);
+    assert_eq!((stale.health, stale.served_stale, stale.stale_episodes), (FeedHealth::ServingStale, 2, 1));
+    assert_eq!((events.count("FeedServingStale"), events.count("ServedStale")), (1, 2));
+
+    clock.advance(60);
+    assert_refused(env.call(&mut client, &token).await, Code::Unavailable, VerifyError::FeedStale, "past up_to");
+    assert_eq!(feed(&env).health, FeedHealth::Stale);
+    assert_eq!(events.count("FeedStale"), 1);
+
+    proxy.set_up(true);
+    while env.call(&mut client, &token).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The reconnect snapshot carried the revocation missed while away.
+    assert_refused(env.call(&mut client, &unseen).await, Code::Unauthenticated, VerifyError::Revoked, "unseen");
+    let back = feed(&env);
+    assert_eq!((back.health, back.entries, back.stale_episodes, back.served_stale), (FeedHealth::Fresh, 2, 1, 2));
+    assert!(back.reconnects >= 1, "{back:?}");
 }
 
 /// Serves `body` as the answer to every HTTP/1.1 request, over TLS with the
