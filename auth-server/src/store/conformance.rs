@@ -91,9 +91,12 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
 }
 
 /// Refresh commits as the refresh flow makes them: the successor `next`
-/// and a new access token `jti-<next>`, with a reuse grace window of
-/// `grace` seconds.
-trait Rotate {
+/// and a new access token `jti-<next>` (of session `sid-r`), with a reuse
+/// grace window of `grace` seconds. Public so that tests of a particular
+/// store (races, outages) commit the same way as the suite.
+#[allow(async_fn_in_trait)] // test helper: callers need no `Send` bound
+pub trait Rotate {
+    /// Commits `digest` -> `next` with no reuse grace window.
     async fn rotate(
         &self,
         digest: &str,
@@ -101,6 +104,7 @@ trait Rotate {
         next_expires_at: u64,
         now: u64,
     ) -> Result<ConsumeOutcome, StoreError>;
+    /// Commits `digest` -> `next` with a reuse grace window of `grace` s.
     async fn rotate_with_grace(
         &self,
         digest: &str,
@@ -111,7 +115,7 @@ trait Rotate {
     ) -> Result<ConsumeOutcome, StoreError>;
 }
 
-impl Rotate for dyn Store + '_ {
+impl<S: Store + ?Sized> Rotate for S {
     async fn rotate(
         &self,
         digest: &str,
@@ -148,7 +152,8 @@ fn revocation(kind: RevocationKind, id: &str, expires_at: u64) -> Revocation {
     Revocation { kind, id: id.into(), expires_at }
 }
 
-fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
+/// The refresh record the suite stores: `alice`'s, from client `order`.
+pub fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
     RefreshRecord {
         family: family.into(),
         sid: sid.into(),

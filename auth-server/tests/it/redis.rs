@@ -9,17 +9,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auth_server::config::RedisConfig;
-use auth_server::store::{
-    ConsumeOutcome, IssuedToken, RedisStore, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store,
-    StoreError, conformance,
-};
+use auth_server::store::conformance::{self, Rotate as _, refresh_record};
+use auth_server::store::{ConsumeOutcome, IssuedToken, RedisStore, Revocation, RevocationKind, Store, StoreError};
 use service_sdk::redis_layout::KeyLayout;
 use testkit::RedisProcess;
 use tokio::sync::broadcast;
 
-/// The clock the store-level tests pass as `now` (Redis TTLs are relative
-/// to it, so any value works).
-const NOW: u64 = 1_800_000_000;
+// The store-level tests pass the suite's `NOW` (Redis TTLs are relative to
+// it, so any value works).
+use conformance::NOW;
 
 /// Upper bound on waiting for something that must happen; reaching it fails
 /// the test instead of hanging it. Never a performance assertion.
@@ -53,73 +51,6 @@ async fn until_ready(store: &dyn Store) {
 
 fn revocation(kind: RevocationKind, id: &str, expires_at: u64) -> Revocation {
     Revocation { kind, id: id.into(), expires_at }
-}
-
-fn refresh_record(family: &str, sid: &str, expires_at: u64) -> RefreshRecord {
-    RefreshRecord {
-        family: family.into(),
-        sid: sid.into(),
-        sub: "alice".into(),
-        client_id: "order".into(),
-        audience: vec!["order".into(), "a b|c".into()],
-        scope: vec!["inventory:read".into()],
-        expires_at,
-    }
-}
-
-/// Refresh commits as the refresh flow makes them: the successor `next`
-/// and an access token `jti-<next>`.
-trait Rotate {
-    /// Commits `digest` -> `next` with no reuse grace window.
-    async fn rotate(
-        &self,
-        digest: &str,
-        next: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError>;
-    /// Commits `digest` -> `next` with a reuse grace window of `grace` s.
-    async fn rotate_with_grace(
-        &self,
-        digest: &str,
-        next: &str,
-        next_expires_at: u64,
-        now: u64,
-        grace: u64,
-    ) -> Result<ConsumeOutcome, StoreError>;
-}
-
-impl<S: Store + ?Sized> Rotate for S {
-    async fn rotate(
-        &self,
-        digest: &str,
-        next: &str,
-        next_expires_at: u64,
-        now: u64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        self.rotate_with_grace(digest, next, next_expires_at, now, 0).await
-    }
-
-    async fn rotate_with_grace(
-        &self,
-        digest: &str,
-        next: &str,
-        next_expires_at: u64,
-        now: u64,
-        grace: u64,
-    ) -> Result<ConsumeOutcome, StoreError> {
-        let jti = format!("jti-{next}");
-        let issued = IssuedToken { sub: "alice".into(), sid: None, exp: now + 900 };
-        let commit = RefreshCommit {
-            digest,
-            next_digest: next,
-            next_expires_at,
-            jti: &jti,
-            issued: &issued,
-            reuse_grace_secs: grace,
-        };
-        self.commit_refresh(&commit, now).await
-    }
 }
 
 fn as_set(revocations: Vec<Revocation>) -> HashSet<Revocation> {
