@@ -270,6 +270,25 @@ pub struct LimitsConfig {
     pub client_rate_burst: u32,
     /// Client identities tracked by the rate limiter at most.
     pub client_rate_keys: usize,
+
+    // gRPC port connections (the edge's `TlsIncoming`).
+    /// gRPC port: open connections at most (handshakes included); more are
+    /// accepted and closed at once. With `http_max_connections` it must
+    /// stay under the process's file descriptor limit, with room for the
+    /// store's connections.
+    pub grpc_max_connections: usize,
+    /// gRPC port: after the TLS handshake, time for the client's first
+    /// bytes (the HTTP/2 preface).
+    pub grpc_preface_timeout_ms: u64,
+    /// gRPC port: a connection that sends nothing for this long is closed.
+    /// Keepalive PING acks count, so it must exceed
+    /// `grpc_keepalive_interval_secs + grpc_keepalive_timeout_secs`.
+    pub grpc_idle_timeout_secs: u64,
+    /// gRPC port: interval of the server's HTTP/2 keepalive PINGs.
+    pub grpc_keepalive_interval_secs: u64,
+    /// gRPC port: a PING not acknowledged within this time ends the
+    /// connection.
+    pub grpc_keepalive_timeout_secs: u64,
 }
 
 impl Default for LimitsConfig {
@@ -292,6 +311,14 @@ impl Default for LimitsConfig {
             client_rate_per_sec: 10_000,
             client_rate_burst: 20_000,
             client_rate_keys: 10_000,
+
+            // 768 + the side port's 64 leave ~190 descriptors of the common
+            // 1024 soft limit for listeners, the store and the runtime.
+            grpc_max_connections: 768,
+            grpc_preface_timeout_ms: 10_000,
+            grpc_idle_timeout_secs: 300,
+            grpc_keepalive_interval_secs: 30,
+            grpc_keepalive_timeout_secs: 20,
         }
     }
 }
@@ -320,6 +347,24 @@ impl LimitsConfig {
         range("client_rate_per_sec", u64::from(self.client_rate_per_sec), 1, 10_000_000);
         range("client_rate_burst", u64::from(self.client_rate_burst), 1, 10_000_000);
         range("client_rate_keys", self.client_rate_keys as u64, 1, 10_000_000);
+
+        range("grpc_max_connections", self.grpc_max_connections as u64, 1, 1_000_000);
+        range("grpc_preface_timeout_ms", self.grpc_preface_timeout_ms, 100, 600_000);
+        range("grpc_idle_timeout_secs", self.grpc_idle_timeout_secs, 1, 86_400);
+        range("grpc_keepalive_interval_secs", self.grpc_keepalive_interval_secs, 1, 3_600);
+        range("grpc_keepalive_timeout_secs", self.grpc_keepalive_timeout_secs, 1, 600);
+        // A healthy client is silent at most one PING interval plus the
+        // time to ack it: the idle timeout must never be shorter.
+        let quiet = self.grpc_keepalive_interval_secs.saturating_add(self.grpc_keepalive_timeout_secs);
+        if self.grpc_idle_timeout_secs <= quiet {
+            v.err(
+                "limits.grpc_idle_timeout_secs",
+                format!(
+                    "must exceed grpc_keepalive_interval_secs + grpc_keepalive_timeout_secs ({quiet}): a healthy \
+                     client may send nothing but its PING acks"
+                ),
+            );
+        }
     }
 }
 
@@ -1114,5 +1159,23 @@ signing = { path = "s.pem" }
         let b = Config::from_toml_str(&text, dir.path()).unwrap();
         assert_eq!(a.restart_changes(&b), ["issuer", "http_addr", "limits"]);
         assert!(a.restart_changes(&a).is_empty());
+    }
+
+    #[test]
+    fn the_grpc_idle_timeout_must_outlast_a_keepalive_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path())
+            + "[limits]\ngrpc_keepalive_interval_secs = 30\ngrpc_keepalive_timeout_secs = 20\n\
+               grpc_idle_timeout_secs = 50\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["limits.grpc_idle_timeout_secs"]);
+        let ok = text.replace("grpc_idle_timeout_secs = 50", "grpc_idle_timeout_secs = 51");
+        let cfg = Config::from_toml_str(&ok, dir.path()).unwrap();
+        assert_eq!(cfg.limits.grpc_idle_timeout_secs, 51);
+        let defaults = LimitsConfig::default();
+        assert!(
+            defaults.grpc_idle_timeout_secs
+                > defaults.grpc_keepalive_interval_secs + defaults.grpc_keepalive_timeout_secs
+        );
     }
 }

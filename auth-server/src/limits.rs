@@ -50,11 +50,16 @@ pub struct ConnPermit(#[allow(dead_code)] OwnedSemaphorePermit);
 /// deadline that passes fails the pending read with `TimedOut`, which ends
 /// the connection. Only reads count: the server's own writes (keepalive
 /// PINGs) do not keep a silent client alive.
-pub struct Deadlines<IO> {
+///
+/// It also carries what a server wants to know of the connection (`Info`,
+/// e.g. the gRPC port's [`ConnInfo`](crate::edge::ConnInfo)), handed to
+/// tonic as its [`Connected`] info, so one wrapper serves both ports.
+pub struct Deadlines<IO, Info = ()> {
     io: IO,
     first_read: Option<Duration>,
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
+    info: Info,
     _permit: Option<ConnPermit>,
 }
 
@@ -63,24 +68,37 @@ impl<IO> Deadlines<IO> {
     /// dropped.
     pub fn new(io: IO, first_read: Option<Duration>, idle: Duration, permit: Option<ConnPermit>) -> Self {
         let first = first_read.unwrap_or(idle);
-        Self { io, first_read, idle, deadline: Box::pin(tokio::time::sleep(first)), _permit: permit }
+        Self { io, first_read, idle, deadline: Box::pin(tokio::time::sleep(first)), info: (), _permit: permit }
     }
 
+    /// The same connection, carrying `info`.
+    pub fn with_info<Info>(self, info: Info) -> Deadlines<IO, Info> {
+        let Self { io, first_read, idle, deadline, info: (), _permit } = self;
+        Deadlines { io, first_read, idle, deadline, info, _permit }
+    }
+}
+
+impl<IO, Info> Deadlines<IO, Info> {
     /// The wrapped connection.
     pub fn get_ref(&self) -> &IO {
         &self.io
     }
-}
 
-impl<IO: Connected> Connected for Deadlines<IO> {
-    type ConnectInfo = IO::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+    /// What the connection carries.
+    pub fn info(&self) -> &Info {
+        &self.info
     }
 }
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
+impl<IO, Info: Clone + Send + Sync + 'static> Connected for Deadlines<IO, Info> {
+    type ConnectInfo = Info;
+
+    fn connect_info(&self) -> Info {
+        self.info.clone()
+    }
+}
+
+impl<IO: AsyncRead + Unpin, Info: Unpin> AsyncRead for Deadlines<IO, Info> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -104,7 +122,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Deadlines<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Deadlines<IO> {
+impl<IO: AsyncWrite + Unpin, Info: Unpin> AsyncWrite for Deadlines<IO, Info> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }

@@ -300,7 +300,10 @@ impl Server {
         let http_router = crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms));
         let http_server = crate::http::serve(http, http_router, &limits, wait(stop_rx.clone()));
         let grpc_server = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            // Every live client acks a PING per interval: the edge's idle
+            // read deadline (longer, by validation) only cuts dead ones.
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.grpc_keepalive_interval_secs)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.grpc_keepalive_timeout_secs)))
             .max_concurrent_streams(limits.grpc_max_concurrent_streams)
             .http2_max_local_error_reset_streams(Some(limits.grpc_max_local_error_reset_streams))
             .timeout(Duration::from_millis(limits.grpc_request_timeout_ms))
@@ -318,8 +321,9 @@ impl Server {
             )
             .serve_with_incoming_shutdown(
                 // mTLS per connection: the caller's identity is read once,
-                // at the handshake.
-                crate::edge::TlsIncoming::new(grpc, tls),
+                // at the handshake; connection cap, preface and idle
+                // deadlines.
+                crate::edge::TlsIncoming::with_limits(grpc, tls, crate::edge::ConnLimits::from_config(&limits)),
                 wait(stop_rx.clone()),
             );
         // Shutdown drains open calls and streams for at most the grace

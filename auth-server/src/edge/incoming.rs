@@ -1,29 +1,43 @@
 //! The per-connection stage of the gRPC port: accept TCP (`TCP_NODELAY`,
-//! keepalive), run the mTLS handshake under a timeout, and read the
-//! caller's identity from its certificate once, for every request of the
-//! connection.
+//! keepalive) under the port's connection cap, run the mTLS handshake under
+//! a timeout, read the caller's identity from its certificate once, for
+//! every request of the connection, and put read deadlines on the socket.
 //!
 //! [`TlsIncoming`] is the stream of ready connections handed to tonic's
 //! `serve_with_incoming_shutdown`; each [`TlsConn`] carries a [`ConnInfo`],
 //! which tonic puts in the extensions of every request on it. Handshakes
 //! run concurrently, so a slow or silent client never holds up the accept
 //! loop; a failed or timed-out handshake is logged at debug level and
-//! dropped. Connection caps and certificate reload attach here.
+//! dropped.
+//!
+//! [`ConnLimits`] bound what one connection can hold:
+//! - a connection over `max_connections` (handshakes included) is accepted
+//!   and closed at once, before any TLS work, so a flood on this port holds
+//!   descriptors for microseconds and cannot take those of the HTTP side
+//!   port;
+//! - after the handshake the client's first bytes (the HTTP/2 preface) must
+//!   arrive within `preface_timeout`;
+//! - after that a connection that sends nothing for `idle_timeout` is
+//!   closed. The server's keepalive PINGs make every live client answer at
+//!   least once per PING interval, so only a dead or stuck one is cut
+//!   (config validation keeps the idle timeout above a PING round).
+//!
+//! Certificate reload attaches here.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tonic::transport::server::{Connected, TcpIncoming};
+use tonic::transport::server::TcpIncoming;
 
+use crate::config::LimitsConfig;
+use crate::limits::{ConnLimit, ConnPermit, Deadlines};
 use crate::tls::PeerIdentity;
 
 /// How long a client may take to finish the TLS handshake.
@@ -35,87 +49,73 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The client's address.
-    pub remote_addr: Option<SocketAddr>,
+    pub remote_addr: Option<std::net::SocketAddr>,
     /// The identity of the client's verified certificate, read once at the
     /// handshake.
     pub peer: Option<Arc<PeerIdentity>>,
 }
 
-/// An accepted mTLS connection.
-pub struct TlsConn {
-    io: tokio_rustls::server::TlsStream<TcpStream>,
-    info: ConnInfo,
+/// An accepted mTLS connection: the TLS stream under its read deadlines,
+/// holding its slot of the connection cap, with its [`ConnInfo`].
+pub type TlsConn = Deadlines<tokio_rustls::server::TlsStream<TcpStream>, ConnInfo>;
+
+/// Per-connection limits of the gRPC port; see the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnLimits {
+    /// Open connections at most, handshakes included.
+    pub max_connections: usize,
+    /// Time to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time for the first bytes after the handshake.
+    pub preface_timeout: Duration,
+    /// Longest silence of an established connection.
+    pub idle_timeout: Duration,
 }
 
-impl TlsConn {
-    /// What the connection's requests will see.
-    pub fn info(&self) -> &ConnInfo {
-        &self.info
+impl ConnLimits {
+    /// The gRPC port's limits of `[limits]`.
+    pub fn from_config(limits: &LimitsConfig) -> Self {
+        Self {
+            max_connections: limits.grpc_max_connections,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            preface_timeout: Duration::from_millis(limits.grpc_preface_timeout_ms),
+            idle_timeout: Duration::from_secs(limits.grpc_idle_timeout_secs),
+        }
     }
 }
 
-impl Connected for TlsConn {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self::from_config(&LimitsConfig::default())
     }
 }
 
 /// The stream of mTLS connections of a listener, ready for tonic.
 pub struct TlsIncoming {
     inner: Pin<Box<dyn Stream<Item = io::Result<TlsConn>> + Send>>,
+    cap: ConnLimit,
 }
 
 impl TlsIncoming {
-    /// Accepts on `listener` and completes handshakes with `tls` within
-    /// [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    /// Accepts on `listener` and completes handshakes with `tls` under the
+    /// default [`ConnLimits`].
     pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> Self {
-        Self::with_handshake_timeout(listener, tls, DEFAULT_HANDSHAKE_TIMEOUT)
+        Self::with_limits(listener, tls, ConnLimits::default())
     }
 
-    /// As [`TlsIncoming::new`], with another handshake timeout.
-    pub fn with_handshake_timeout(
-        listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
-        handshake_timeout: Duration,
-    ) -> Self {
+    /// As [`TlsIncoming::new`], under `limits`.
+    pub fn with_limits(listener: TcpListener, tls: Arc<rustls::ServerConfig>, limits: ConnLimits) -> Self {
         // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
         let tcp = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
-        let state = State { tcp, acceptor: TlsAcceptor::from(tls), handshake_timeout, handshakes: JoinSet::new() };
-        Self { inner: Box::pin(futures_util::stream::unfold(state, State::next)) }
+        let cap = ConnLimit::new(limits.max_connections);
+        let state =
+            State { tcp, acceptor: TlsAcceptor::from(tls), cap: cap.clone(), limits, handshakes: JoinSet::new() };
+        Self { inner: Box::pin(futures_util::stream::unfold(state, State::next)), cap }
+    }
+
+    /// Connections open now (handshakes included).
+    pub fn open_connections(&self) -> usize {
+        self.cap.in_use()
     }
 }
 
@@ -130,7 +130,8 @@ impl Stream for TlsIncoming {
 struct State {
     tcp: TcpIncoming,
     acceptor: TlsAcceptor,
-    handshake_timeout: Duration,
+    cap: ConnLimit,
+    limits: ConnLimits,
     /// Handshakes in flight; dropped (aborted) with the stream.
     handshakes: JoinSet<Option<TlsConn>>,
 }
@@ -143,8 +144,14 @@ impl State {
             tokio::select! {
                 accepted = self.tcp.next() => match accepted {
                     Some(Ok(stream)) => {
+                        let Some(permit) = self.cap.try_acquire() else {
+                            // Over the cap: closed at once (dropping the
+                            // stream), before any TLS work.
+                            tracing::debug!("gRPC connection cap reached; closing a new connection");
+                            continue;
+                        };
                         let acceptor = self.acceptor.clone();
-                        self.handshakes.spawn(handshake(acceptor, stream, self.handshake_timeout));
+                        self.handshakes.spawn(handshake(acceptor, stream, self.limits.clone(), permit));
                     }
                     Some(Err(e)) => return Some((Err(e), self)),
                     None => return None,
@@ -159,10 +166,16 @@ impl State {
     }
 }
 
-/// Completes one handshake and reads the client's identity, once.
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, timeout: Duration) -> Option<TlsConn> {
+/// Completes one handshake, reads the client's identity, once, and puts
+/// the connection under its read deadlines.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    limits: ConnLimits,
+    permit: ConnPermit,
+) -> Option<TlsConn> {
     let remote_addr = stream.peer_addr().ok();
-    let io = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+    let io = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(io)) => io,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, remote = ?remote_addr, "TLS handshake failed");
@@ -180,7 +193,8 @@ async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, timeout: Duration) 
         .and_then(|chain| chain.first())
         .and_then(|leaf| PeerIdentity::from_der(leaf.as_ref()))
         .map(Arc::new);
-    Some(TlsConn { io, info: ConnInfo { remote_addr, peer } })
+    let conn = Deadlines::new(io, Some(limits.preface_timeout), limits.idle_timeout, Some(permit));
+    Some(conn.with_info(ConnInfo { remote_addr, peer }))
 }
 
 #[cfg(test)]
@@ -190,9 +204,10 @@ mod tests {
     use aws_lc_rs::digest;
     use rustls_pki_types::pem::PemObject as _;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-    use tokio::io::AsyncReadExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     use tokio_rustls::TlsConnector;
     use tokio_rustls::client::TlsStream;
+    use tonic::transport::server::Connected as _;
 
     use super::*;
     use crate::dev::pki::{Ca, Issued};
@@ -271,7 +286,7 @@ mod tests {
         // identity, not a new parse.
         let again = conn.connect_info();
         assert!(Arc::ptr_eq(peer, again.peer.as_ref().unwrap()));
-        assert_eq!(conn.io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        assert_eq!(conn.get_ref().get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     }
 
     #[tokio::test]
@@ -301,7 +316,8 @@ mod tests {
     async fn a_silent_client_is_dropped_at_the_handshake_timeout_and_holds_up_no_one() {
         let ca = Ca::generate("edge test CA").unwrap();
         let (listener, addr) = listen().await;
-        let incoming = TlsIncoming::with_handshake_timeout(listener, server(&ca), Duration::from_millis(300));
+        let limits = ConnLimits { handshake_timeout: Duration::from_millis(300), ..ConnLimits::default() };
+        let incoming = TlsIncoming::with_limits(listener, server(&ca), limits);
         let mut conns = accept_all(incoming);
 
         let mut silent = TcpStream::connect(addr).await.unwrap();
@@ -317,5 +333,61 @@ mod tests {
             Ok(n) => assert_eq!(n, 0, "no data without a handshake"),
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
         }
+    }
+
+    #[tokio::test]
+    async fn reads_fail_at_the_preface_deadline_and_then_at_the_idle_deadline() {
+        let ca = Ca::generate("edge test CA").unwrap();
+        let (listener, addr) = listen().await;
+        let limits = ConnLimits {
+            preface_timeout: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(400),
+            ..ConnLimits::default()
+        };
+        let mut conns = accept_all(TlsIncoming::with_limits(listener, server(&ca), limits));
+        let order = ca.client_cert("auth.dev", "order").unwrap();
+        let connector = client(&ca, Some(&order));
+
+        let _silent = connect(addr, &connector).await.unwrap();
+        let mut conn = next_conn(&mut conns).await;
+        let mut buf = [0u8; 5];
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!((err.kind(), err.to_string().as_str()), (io::ErrorKind::TimedOut, "no data after connect"));
+
+        let mut speaking = connect(addr, &connector).await.unwrap();
+        let mut conn = next_conn(&mut conns).await;
+        speaking.write_all(b"hello").await.unwrap();
+        speaking.flush().await.unwrap();
+        conn.read_exact(&mut buf).await.unwrap();
+        let err = conn.read(&mut buf).await.unwrap_err();
+        assert_eq!((err.kind(), err.to_string().as_str()), (io::ErrorKind::TimedOut, "idle"));
+    }
+
+    #[tokio::test]
+    async fn the_cap_counts_handshakes_and_connections_and_frees_slots_on_drop() {
+        let ca = Ca::generate("edge test CA").unwrap();
+        let (listener, addr) = listen().await;
+        let limits = ConnLimits { max_connections: 1, ..ConnLimits::default() };
+        let incoming = TlsIncoming::with_limits(listener, server(&ca), limits);
+        let cap = incoming.cap.clone();
+        let mut conns = accept_all(incoming);
+        let order = ca.client_cert("auth.dev", "order").unwrap();
+        let connector = client(&ca, Some(&order));
+
+        let _first = connect(addr, &connector).await.unwrap();
+        let held = next_conn(&mut conns).await;
+        assert_eq!(cap.in_use(), 1);
+        // Over the cap: closed before the handshake, never a connection.
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(3), over.read(&mut buf)).await.expect("closed at once");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        assert_eq!(cap.in_use(), 1);
+
+        drop(held);
+        assert_eq!(cap.in_use(), 0);
+        let _second = connect(addr, &connector).await.unwrap();
+        let conn = next_conn(&mut conns).await;
+        assert_eq!(conn.info().peer.as_ref().unwrap().id, "spiffe://auth.dev/order");
     }
 }

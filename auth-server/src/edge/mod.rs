@@ -1,11 +1,11 @@
 //! The edge: what stands between the network and the handlers.
 //!
 //! - [`incoming`]: the per-connection stage. TCP accept (`TCP_NODELAY`,
-//!   keepalive), the mTLS handshake under a timeout, and the caller's
-//!   [`PeerIdentity`](crate::tls::PeerIdentity) read once from its
-//!   certificate into [`ConnInfo`], which every request of the connection
-//!   finds in its extensions. Connection caps and certificate reload attach
-//!   here.
+//!   keepalive) under the port's connection cap, the mTLS handshake under a
+//!   timeout, the caller's [`PeerIdentity`](crate::tls::PeerIdentity) read
+//!   once from its certificate into [`ConnInfo`], which every request of
+//!   the connection finds in its extensions, and preface and idle read
+//!   deadlines ([`ConnLimits`]). Certificate reload attaches here.
 //! - [`trace`]: the per-RPC stage, a tower layer in the gRPC server's stack
 //!   giving every RPC a span with its method and gRPC code. Metrics, load
 //!   shedding and rate limits are layers beside it.
@@ -13,5 +13,5 @@
 pub mod incoming;
 pub mod trace;
 
-pub use incoming::{ConnInfo, DEFAULT_HANDSHAKE_TIMEOUT, TlsConn, TlsIncoming};
+pub use incoming::{ConnInfo, ConnLimits, DEFAULT_HANDSHAKE_TIMEOUT, TlsConn, TlsIncoming};
 pub use trace::{Capped, RpcTraceLayer, rpc_trace};
