@@ -480,9 +480,9 @@ impl RevocationFeed {
     /// with the last one. Until then nothing changes: the feed is neither
     /// synced nor heard from, so a feed that was stale stays stale until
     /// the whole snapshot is in. On a newly opened stream (see
-    /// [`RevocationFeed::reconnected`]) revocations before that point are
-    /// added to the set but, like heartbeats, do not count as hearing from
-    /// the feed.
+    /// [`RevocationFeed::reconnected`]), and while a snapshot resent on an
+    /// open stream is coming in, revocations are added to the set but, like
+    /// heartbeats, do not count as hearing from the feed.
     pub fn apply(&self, event: pb::RevocationEvent) {
         let now = self.state.clock.now_unix();
         let mut new = Vec::new();
@@ -497,6 +497,10 @@ impl RevocationFeed {
                     }
                 }
                 if snap.more {
+                    // A snapshot resent on an open stream says the set may
+                    // lack revocations: until its last chunk, nothing else
+                    // on the stream counts as hearing from the feed.
+                    self.state.awaiting_snapshot.store(true, Ordering::Relaxed);
                     return;
                 }
                 let mut complete = assembling.take().unwrap_or_default();
@@ -1001,6 +1005,25 @@ mod tests {
         clock.advance(10);
         f.apply(heartbeat());
         assert_eq!(f.stats().silent_for_secs, Some(0));
+    }
+
+    #[test]
+    fn a_snapshot_resent_on_an_open_stream_holds_freshness_until_its_last_chunk() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        f.reconnected();
+        f.apply(snapshot(vec![]));
+        clock.advance(20);
+        // The server lost messages and resends the whole set in place.
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "lost", 2_000)], true));
+        f.apply(heartbeat());
+        assert_eq!(f.stats().silent_for_secs, Some(20), "a heartbeat mid-snapshot is not news");
+        clock.advance(11);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        f.apply(chunk(vec![], false));
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        assert_eq!(ready(f.check("lost", None, clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(f.stats().reconnects, 0, "no new stream");
     }
 
     #[test]
