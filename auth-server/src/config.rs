@@ -195,13 +195,26 @@ pub struct RedisConfig {
     pub pool_size: usize,
     /// Per-command timeout.
     pub command_timeout_ms: u64,
+    /// How often the revocation subscriber pings its connection (each ping
+    /// bounded by `command_timeout_ms`), so a silent partition makes the
+    /// replica's watch streams end instead of looking fresh.
+    pub subscriber_ping_ms: u64,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { url: String::new(), prefix: "auth".into(), pool_size: 4, command_timeout_ms: 2000 }
+        Self {
+            url: String::new(),
+            prefix: "auth".into(),
+            pool_size: 4,
+            command_timeout_ms: 2000,
+            subscriber_ping_ms: DEFAULT_SUBSCRIBER_PING_MS,
+        }
     }
 }
+
+/// Default of `redis.subscriber_ping_ms`.
+pub const DEFAULT_SUBSCRIBER_PING_MS: u64 = 1_000;
 
 /// WatchRevocations settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +302,12 @@ pub struct LimitsConfig {
     /// gRPC port: a PING not acknowledged within this time ends the
     /// connection.
     pub grpc_keepalive_timeout_secs: u64,
+    /// Open WatchRevocations streams per replica at most; over it a new one
+    /// gets `RESOURCE_EXHAUSTED` at once.
+    pub watch_max_streams: usize,
+    /// Open WatchRevocations streams per client identity (its mTLS
+    /// certificate; the pods of one service usually share one) at most.
+    pub watch_max_streams_per_client: usize,
 }
 
 impl Default for LimitsConfig {
@@ -319,6 +338,8 @@ impl Default for LimitsConfig {
             grpc_idle_timeout_secs: 300,
             grpc_keepalive_interval_secs: 30,
             grpc_keepalive_timeout_secs: 20,
+            watch_max_streams: 4_096,
+            watch_max_streams_per_client: 256,
         }
     }
 }
@@ -353,6 +374,8 @@ impl LimitsConfig {
         range("grpc_idle_timeout_secs", self.grpc_idle_timeout_secs, 1, 86_400);
         range("grpc_keepalive_interval_secs", self.grpc_keepalive_interval_secs, 1, 3_600);
         range("grpc_keepalive_timeout_secs", self.grpc_keepalive_timeout_secs, 1, 600);
+        range("watch_max_streams", self.watch_max_streams as u64, 1, 1_000_000);
+        range("watch_max_streams_per_client", self.watch_max_streams_per_client as u64, 1, 1_000_000);
         // A healthy client is silent at most one PING interval plus the
         // time to ack it: the idle timeout must never be shorter.
         let quiet = self.grpc_keepalive_interval_secs.saturating_add(self.grpc_keepalive_timeout_secs);
@@ -364,6 +387,9 @@ impl LimitsConfig {
                      client may send nothing but its PING acks"
                 ),
             );
+        }
+        if self.watch_max_streams_per_client > self.watch_max_streams {
+            v.err("limits.watch_max_streams_per_client", "must be at most limits.watch_max_streams");
         }
     }
 }
@@ -601,6 +627,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("prefix", &self.prefix)
             .field("pool_size", &self.pool_size)
             .field("command_timeout_ms", &self.command_timeout_ms)
+            .field("subscriber_ping_ms", &self.subscriber_ping_ms)
             .finish()
     }
 }
@@ -802,6 +829,9 @@ impl Config {
         }
         if raw.redis.command_timeout_ms == 0 {
             v.err("redis.command_timeout_ms", "must be positive");
+        }
+        if !(100..=60_000).contains(&raw.redis.subscriber_ping_ms) {
+            v.err("redis.subscriber_ping_ms", "must be between 100 and 60000");
         }
         let max_heartbeat = max_heartbeat_secs();
         if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > max_heartbeat {
@@ -1081,6 +1111,24 @@ signing = { path = "s.pem" }
         let shown = err.to_string();
         assert!(shown.contains("tokens.exchange_max_ttl_secs: must be between 1 and 600"), "{shown}");
         assert!(shown.contains("users_file: file not found"), "{shown}");
+    }
+
+    #[test]
+    fn watch_caps_and_the_subscriber_ping_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path()) + "[limits]\nwatch_max_streams = 10\nwatch_max_streams_per_client = 11\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["limits.watch_max_streams_per_client"]);
+        assert!(err.to_string().contains("must be at most limits.watch_max_streams"), "{err}");
+        let text = base(dir.path()) + "[limits]\nwatch_max_streams = 0\nwatch_max_streams_per_client = 0\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        let mut keys = err.keys();
+        keys.sort_unstable();
+        assert_eq!(keys, ["limits.watch_max_streams", "limits.watch_max_streams_per_client"]);
+        let text = base(dir.path()) + "[redis]\nsubscriber_ping_ms = 0\n";
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["redis.subscriber_ping_ms"]);
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        assert_eq!((cfg.limits.watch_max_streams, cfg.limits.watch_max_streams_per_client), (4_096, 256));
     }
 
     #[test]

@@ -316,8 +316,14 @@ impl Server {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
-                auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::new(core))
-                    .max_decoding_message_size(64 * 1024),
+                // Watch streams end as shutdown begins, so verifiers move to
+                // another replica at once instead of waiting out the grace.
+                auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::serving(
+                    core,
+                    &config.limits,
+                    stop_rx.clone(),
+                ))
+                .max_decoding_message_size(64 * 1024),
             )
             .serve_with_incoming_shutdown(
                 // mTLS per connection: the caller's identity is read once,

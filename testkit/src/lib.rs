@@ -6,7 +6,9 @@
 //!   like the binary;
 //! - [`RedisProcess`]: a real `redis-server` on a free port that a test can
 //!   kill and restart;
-//! - [`OpenBao`]: a real `bao server -dev` (Vault API).
+//! - [`OpenBao`]: a real `bao server -dev` (Vault API);
+//! - [`TcpProxy`]: a TCP forwarder a test can freeze (a silent partition)
+//!   or point at another server.
 //!
 //! It re-exports [`auth_server`], so other crates' tests reach the server's
 //! types (keys, clock, config) through this one dev-dependency.
@@ -24,10 +26,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bao;
+mod proxy;
 mod redis;
 mod server;
 
 pub use auth_server;
 pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
+pub use proxy::TcpProxy;
 pub use redis::{RedisProcess, RedisReply};
 pub use server::{TestServer, TestServerBuilder};

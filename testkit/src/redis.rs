@@ -104,6 +104,11 @@ impl RedisProcess {
         self.port
     }
 
+    /// `127.0.0.1:<port>` (e.g. for a [`TcpProxy`](crate::TcpProxy) in front).
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     /// The data directory (AOF files live here).
     pub fn dir(&self) -> &Path {
         self.dir.path()

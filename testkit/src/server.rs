@@ -220,6 +220,23 @@ impl TestServer {
         Channel::from_shared(format!("https://{}", self.grpc_addr)).expect("uri").tls_config(tls)?.connect().await
     }
 
+    /// An mTLS channel as dev client `name` to `addr`: a proxy or balancer
+    /// in front of this server (or of replicas sharing its dev directory).
+    pub async fn channel_via(&self, addr: SocketAddr, name: &str) -> Channel {
+        let (cert, key) = self.client_identity(name);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca_pem()))
+            .domain_name("localhost")
+            .identity(Identity::from_pem(cert, key));
+        Channel::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(tls)
+            .expect("TLS config")
+            .connect()
+            .await
+            .expect("mTLS channel")
+    }
+
     /// The configuration the server started with.
     pub fn config(&self) -> &Config {
         &self.config

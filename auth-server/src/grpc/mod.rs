@@ -14,6 +14,7 @@ use std::sync::Arc;
 use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use crate::config::LimitsConfig;
 use crate::core::AuthCore;
 use crate::edge::Capped;
 use crate::error::AuthError;
@@ -26,13 +27,20 @@ pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_tok
 #[derive(Clone)]
 pub struct AuthService {
     core: Arc<AuthCore>,
-    snapshots: Arc<watch::Snapshots>,
+    watch: Arc<watch::Hub>,
 }
 
 impl AuthService {
-    /// Wraps the core.
+    /// Wraps the core, with the default limits; its watch streams end only
+    /// with their clients.
     pub fn new(core: Arc<AuthCore>) -> Self {
-        Self { core, snapshots: Arc::default() }
+        Self::serving(core, &LimitsConfig::default(), tokio::sync::watch::channel(false).1)
+    }
+
+    /// Wraps the core, capping watch streams by `limits`; every watch
+    /// stream ends with `UNAVAILABLE` once `shutdown` turns true.
+    pub fn serving(core: Arc<AuthCore>, limits: &LimitsConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { core, watch: Arc::new(watch::Hub::new(limits, shutdown)) }
     }
 }
 
@@ -97,6 +105,6 @@ impl pb::auth_server::Auth for AuthService {
         &self,
         req: Request<pb::WatchRevocationsRequest>,
     ) -> Result<Response<Self::WatchRevocationsStream>, Status> {
-        watch::handle(Arc::clone(&self.core), Arc::clone(&self.snapshots), req).await
+        watch::handle(Arc::clone(&self.core), Arc::clone(&self.watch), req).await
     }
 }

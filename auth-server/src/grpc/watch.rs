@@ -1,14 +1,24 @@
 //! `WatchRevocations`: a snapshot of the deny list in bounded chunks, then
-//! each revocation as it happens, with heartbeats in between. A watcher
-//! that falls behind is closed so it reconnects for a fresh snapshot.
+//! each revocation as it happens, with heartbeats in between.
 //!
 //! Only `jti` and `sid` revocations reach watchers: refresh-token families
 //! matter to the auth server alone. Watchers that arrive together (a
-//! reconnect storm after a restart) share one read of the store and one
-//! set of chunks ([`Snapshots`]).
+//! reconnect storm after a restart, a resync) share one read of the store
+//! and one set of chunks ([`Snapshots`]).
+//!
+//! A stream follows the store's feed ([`FeedState`]): heartbeats flow only
+//! while the feed is live, so a verifier never counts as fresh a replica
+//! that cannot hear revocations made elsewhere. When the feed stops being
+//! live every stream ends with `UNAVAILABLE` (and new ones are refused), so
+//! verifiers fail over to another replica. When its epoch moves (messages
+//! may have been lost), or a watcher falls behind the store's broadcast,
+//! the stream gets a fresh snapshot in place. Shutdown ends every stream at
+//! once with `UNAVAILABLE`. Open streams are capped per replica and per
+//! client identity (`[limits] watch_max_streams*`).
 
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use auth_proto::auth::v1 as pb;
@@ -16,12 +26,15 @@ use futures_util::Stream;
 use prost::Message as _;
 use prost::encoding::encoded_len_varint;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::config::LimitsConfig;
 use crate::core::AuthCore;
+use crate::edge::ConnInfo;
 use crate::error::AuthError;
-use crate::store::{Revocation, RevocationKind, StoreError};
+use crate::store::{FeedState, Revocation, RevocationKind, StoreError};
 
 /// The stream of a watcher.
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
@@ -78,6 +91,8 @@ fn chunk_snapshot(entries: impl IntoIterator<Item = pb::Revocation>) -> Vec<pb::
 /// One read of the deny list, chunked, and the revocations heard since.
 struct Shared {
     read_at: Instant,
+    /// The feed's epoch its reader had seen before reading.
+    epoch: u64,
     /// Held by the watchers still sending them; gone once all have.
     chunks: Weak<[pb::RevocationEvent]>,
     /// Subscribed before the read: what happened since.
@@ -91,14 +106,21 @@ pub(super) struct Snapshots {
     current: tokio::sync::Mutex<Option<Shared>>,
 }
 
+/// A snapshot to send: the chunks, then revocations made since their read.
+type Snapshot = (Arc<[pb::RevocationEvent]>, Vec<pb::Revocation>);
+
 impl Snapshots {
-    /// The snapshot to send a watcher whose event receiver was subscribed
-    /// before this call: the chunks, then revocations made since they were
-    /// read (a fresh read unless one is shared). Nothing is missed: the
-    /// shared read's own receiver covers the time up to now.
-    async fn get(&self, core: &AuthCore) -> Result<(Arc<[pb::RevocationEvent]>, Vec<pb::Revocation>), StoreError> {
+    /// The snapshot to send a watcher that has seen the feed at `epoch` and
+    /// whose event receiver was subscribed before this call: the chunks,
+    /// then revocations made since they were read (a fresh read unless one
+    /// of the same epoch is shared). Nothing is missed: the shared read's
+    /// own receiver covers the time up to now, and a read is shared only
+    /// within the epoch its reader had seen, so it was made after whatever
+    /// the feed lost before that epoch.
+    async fn get(&self, core: &AuthCore, epoch: u64) -> Result<Snapshot, StoreError> {
         let mut current = self.current.lock().await;
         if let Some(shared) = current.as_mut()
+            && shared.epoch == epoch
             && shared.read_at.elapsed() < SHARE_WINDOW
             && let Some(chunks) = shared.chunks.upgrade()
             && catch_up(shared)
@@ -108,8 +130,13 @@ impl Snapshots {
         let since_rx = core.store.subscribe();
         let entries = core.store.revoked_snapshot(core.clock.now_unix()).await?;
         let chunks: Arc<[pb::RevocationEvent]> = chunk_snapshot(entries.iter().filter_map(to_pb)).into();
-        *current =
-            Some(Shared { read_at: Instant::now(), chunks: Arc::downgrade(&chunks), since_rx, since: Vec::new() });
+        *current = Some(Shared {
+            read_at: Instant::now(),
+            epoch,
+            chunks: Arc::downgrade(&chunks),
+            since_rx,
+            since: Vec::new(),
+        });
         Ok((chunks, Vec::new()))
     }
 }
@@ -125,50 +152,236 @@ fn catch_up(shared: &mut Shared) -> bool {
     }
 }
 
-pub(super) async fn handle(
-    core: Arc<AuthCore>,
-    snapshots: Arc<Snapshots>,
-    _req: Request<pb::WatchRevocationsRequest>,
-) -> Result<Response<EventStream>, Status> {
-    // Subscribe before reading the snapshot, so nothing falls between.
-    let mut events = core.store.subscribe();
-    let (chunks, since) = snapshots.get(&core).await.map_err(|e| Status::from(AuthError::Store(e)))?;
-    let heartbeat = Duration::from_secs(core.watch.heartbeat_secs);
-    let stream = channel_stream(move |tx| async move {
-        let snapshot = chunks.iter().cloned().chain(since.into_iter().map(revoked));
-        for msg in snapshot {
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
+/// What every WatchRevocations stream of one server shares: the snapshots,
+/// the stream caps and the shutdown signal.
+pub(super) struct Hub {
+    snapshots: Snapshots,
+    caps: Arc<Caps>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Hub {
+    /// Caps from `limits`; every stream ends once `stop` turns true.
+    pub(super) fn new(limits: &LimitsConfig, stop: watch::Receiver<bool>) -> Self {
+        Self {
+            snapshots: Snapshots::default(),
+            caps: Arc::new(Caps::new(limits.watch_max_streams, limits.watch_max_streams_per_client)),
+            stop,
+        }
+    }
+}
+
+/// Resolves once `stop` turns true; never if its sender is gone first.
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Open streams per replica and per client identity.
+struct Caps {
+    max_total: usize,
+    max_per_client: usize,
+    open: Mutex<OpenStreams>,
+}
+
+#[derive(Default)]
+struct OpenStreams {
+    total: usize,
+    per_client: HashMap<String, usize>,
+}
+
+/// One open stream's place under the caps, given back when dropped (the
+/// stream ended or its client went away).
+struct Permit {
+    caps: Arc<Caps>,
+    client: String,
+}
+
+impl Caps {
+    fn new(max_total: usize, max_per_client: usize) -> Self {
+        Self { max_total, max_per_client, open: Mutex::default() }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OpenStreams> {
+        // The counts stay consistent under any panic: each update is one
+        // statement.
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn acquire(self: &Arc<Self>, client: String) -> Result<Permit, AuthError> {
+        let mut open = self.lock();
+        if open.total >= self.max_total {
+            return Err(AuthError::ResourceExhausted("too many revocation watchers on this replica"));
+        }
+        let mine = open.per_client.get(&client).copied().unwrap_or(0);
+        if mine >= self.max_per_client {
+            return Err(AuthError::ResourceExhausted("too many revocation watchers for this client"));
+        }
+        open.total += 1;
+        open.per_client.insert(client.clone(), mine + 1);
+        Ok(Permit { caps: Arc::clone(self), client })
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut open = self.caps.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_client.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.per_client.remove(&self.client);
             }
         }
-        drop(chunks);
-        let mut tick = tokio::time::interval(heartbeat);
+    }
+}
+
+/// Whom a stream counts against: the caller's mTLS identity (read once per
+/// connection by the edge), else its IP address.
+fn client_key<T>(req: &Request<T>) -> String {
+    let Some(info) = req.extensions().get::<ConnInfo>() else {
+        return "unknown".into();
+    };
+    if let Some(peer) = &info.peer {
+        return peer.id.clone();
+    }
+    info.remote_addr.map_or_else(|| "unknown".into(), |a| a.ip().to_string())
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down")
+}
+
+fn not_live() -> Status {
+    Status::unavailable("this replica cannot hear revocations now; use another")
+}
+
+pub(super) async fn handle(
+    core: Arc<AuthCore>,
+    hub: Arc<Hub>,
+    req: Request<pb::WatchRevocationsRequest>,
+) -> Result<Response<EventStream>, Status> {
+    let permit = hub.caps.acquire(client_key(&req))?;
+    if *hub.stop.borrow() {
+        return Err(shutting_down());
+    }
+    let mut feed = core.store.feed_state();
+    let state = *feed.borrow_and_update();
+    if !state.live {
+        return Err(not_live());
+    }
+    // Subscribe before reading the snapshot, so nothing falls between.
+    let events = core.store.subscribe();
+    let (chunks, since) = hub.snapshots.get(&core, state.epoch).await.map_err(|e| Status::from(AuthError::Store(e)))?;
+    let stream = channel_stream(move |tx| async move {
+        let watcher = Watcher { core, hub, tx, feed, epoch: state.epoch, events, _permit: permit };
+        watcher.run((chunks, since)).await;
+    });
+    Ok(Response::new(Box::pin(stream)))
+}
+
+/// One stream's task.
+struct Watcher {
+    core: Arc<AuthCore>,
+    hub: Arc<Hub>,
+    tx: mpsc::Sender<Result<pb::RevocationEvent, Status>>,
+    feed: watch::Receiver<FeedState>,
+    /// The epoch the last snapshot sent belongs to.
+    epoch: u64,
+    events: broadcast::Receiver<Revocation>,
+    _permit: Permit,
+}
+
+impl Watcher {
+    async fn run(mut self, first: Snapshot) {
+        if !self.send_snapshot(first).await {
+            return;
+        }
+        let mut stop = self.hub.stop.clone();
+        let mut tick = tokio::time::interval(Duration::from_secs(self.core.watch.heartbeat_secs));
         tick.reset();
         loop {
             let msg = tokio::select! {
-                ev = events.recv() => match ev {
+                biased;
+                () = stopping(&mut stop) => return self.end(shutting_down()).await,
+                () = self.tx.closed() => return,
+                changed = self.feed.changed() => {
+                    let state = *self.feed.borrow_and_update();
+                    if changed.is_err() || !state.live {
+                        tracing::info!("revocation feed not live; ending watch stream");
+                        return self.end(not_live()).await;
+                    }
+                    if state.epoch != self.epoch {
+                        tracing::info!(epoch = state.epoch, "revocation feed resynced; sending a fresh snapshot");
+                        if !self.resync(state.epoch).await {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                ev = self.events.recv() => match ev {
                     Ok(r) => match to_pb(&r) {
                         Some(r) => revoked(r),
                         None => continue,
                     },
-                    Err(RecvError::Lagged(n)) => {
-                        // The client missed events: make it reconnect for a fresh snapshot.
-                        tracing::warn!(missed = n, "revocation watcher lagged; closing stream");
-                        let _ = tx.send(Err(Status::unavailable("revocation stream lagged; reconnect"))).await;
-                        return;
+                    Err(RecvError::Lagged(missed)) => {
+                        // Events were lost for this watcher alone: a fresh
+                        // snapshot on the same stream.
+                        tracing::warn!(missed, "revocation watcher lagged; sending a fresh snapshot");
+                        if !self.resync(self.epoch).await {
+                            return;
+                        }
+                        continue;
                     }
-                    Err(RecvError::Closed) => return,
+                    Err(RecvError::Closed) => return self.end(not_live()).await,
                 },
-                _ = tick.tick() => pb::RevocationEvent {
-                    event: Some(pb::revocation_event::Event::Heartbeat(pb::Heartbeat { server_time: core.clock.now_unix() })),
-                },
+                _ = tick.tick() => {
+                    // Only a live feed vouches for freshness; a change
+                    // waiting above ends the stream.
+                    if !self.feed.borrow().live {
+                        continue;
+                    }
+                    pb::RevocationEvent {
+                        event: Some(pb::revocation_event::Event::Heartbeat(pb::Heartbeat {
+                            server_time: self.core.clock.now_unix(),
+                        })),
+                    }
+                }
             };
-            if tx.send(Ok(msg)).await.is_err() {
+            if self.tx.send(Ok(msg)).await.is_err() {
                 return;
             }
         }
-    });
-    Ok(Response::new(Box::pin(stream)))
+    }
+
+    /// Sends a fresh snapshot of `epoch` on the open stream, read after a
+    /// new subscription; false when the stream is over.
+    async fn resync(&mut self, epoch: u64) -> bool {
+        self.events = self.core.store.subscribe();
+        self.epoch = epoch;
+        match self.hub.snapshots.get(&self.core, epoch).await {
+            Ok(snapshot) => self.send_snapshot(snapshot).await,
+            Err(e) => {
+                self.end(Status::from(AuthError::Store(e))).await;
+                false
+            }
+        }
+    }
+
+    /// False when the client went away.
+    async fn send_snapshot(&self, (chunks, since): Snapshot) -> bool {
+        for msg in chunks.iter().cloned().chain(since.into_iter().map(revoked)) {
+            if self.tx.send(Ok(msg)).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn end(&self, status: Status) {
+        let _ = self.tx.send(Err(status)).await;
+    }
 }
 
 fn revoked(r: pb::Revocation) -> pb::RevocationEvent {
@@ -179,10 +392,10 @@ fn revoked(r: pb::Revocation) -> pb::RevocationEvent {
 /// client goes away (the receiver is dropped).
 fn channel_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationEvent, Status>>
 where
-    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::RevocationEvent, Status>>) -> Fut,
+    F: FnOnce(mpsc::Sender<Result<pb::RevocationEvent, Status>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(f(tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
@@ -224,6 +437,22 @@ mod tests {
         let chunks = chunk_snapshot(Vec::new());
         assert_eq!(chunks.len(), 1);
         assert_eq!(entries(&chunks[0]), (&[][..], false));
+    }
+
+    #[test]
+    fn caps_count_per_replica_and_per_client_and_permits_give_back() {
+        let caps = Arc::new(Caps::new(3, 2));
+        let a1 = caps.acquire("a".into()).unwrap();
+        let _a2 = caps.acquire("a".into()).unwrap();
+        let err = caps.acquire("a".into()).err().unwrap();
+        assert!(matches!(err, AuthError::ResourceExhausted(m) if m.contains("for this client")), "{err:?}");
+        let _b1 = caps.acquire("b".into()).unwrap();
+        let err = caps.acquire("c".into()).err().unwrap();
+        assert!(matches!(err, AuthError::ResourceExhausted(m) if m.contains("on this replica")), "{err:?}");
+        drop(a1);
+        let _a3 = caps.acquire("a".into()).unwrap();
+        drop(_b1);
+        assert!(!caps.lock().per_client.contains_key("b"), "an identity with no stream is forgotten");
     }
 
     #[test]

@@ -8,9 +8,11 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
-use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+use super::{
+    ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+};
 
 #[derive(Default)]
 struct State {
@@ -51,6 +53,8 @@ impl State {
 pub struct MemoryStore {
     state: Mutex<State>,
     events: broadcast::Sender<Revocation>,
+    /// Always live, one epoch: every revocation is made here.
+    feed: watch::Sender<FeedState>,
 }
 
 impl Default for MemoryStore {
@@ -63,7 +67,8 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(4096);
-        Self { state: Mutex::new(State::default()), events }
+        let (feed, _) = watch::channel(FeedState { live: true, epoch: 0 });
+        Self { state: Mutex::new(State::default()), events, feed }
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
@@ -177,6 +182,10 @@ impl Store for MemoryStore {
 
     fn subscribe(&self) -> broadcast::Receiver<Revocation> {
         self.events.subscribe()
+    }
+
+    fn feed_state(&self) -> watch::Receiver<FeedState> {
+        self.feed.subscribe()
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -9,6 +9,9 @@
 //!   token is spent only together with the pair that replaces it;
 //! - a revocation is acknowledged (the future resolves `Ok`) only once it is
 //!   durable in the store, and is then published to [`Store::subscribe`]rs.
+//!   Whether those events can be trusted right now is the feed's state
+//!   ([`Store::feed_state`]): not live while revocations made elsewhere may
+//!   not arrive, and a new epoch whenever some may have been lost.
 //!
 //! Times are Unix seconds; every entry carries the time after which it may be
 //! forgotten, so the store never grows past the live tokens.
@@ -31,7 +34,20 @@ pub async fn open_redis(config: &crate::config::RedisConfig) -> Result<Arc<dyn S
 }
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+
+/// The state of a store's revocation feed ([`Store::subscribe`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedState {
+    /// Whether revocations made anywhere (by any replica) reach this
+    /// store's subscribers now. A shared store whose subscription is cut
+    /// off, or unconfirmed for too long, is not live.
+    pub live: bool,
+    /// Moves whenever events may have been missed (a new subscription after
+    /// a gap, a lag): what was built from earlier events must be re-read
+    /// from [`Store::revoked_snapshot`].
+    pub epoch: u64,
+}
 
 /// What a revocation applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,6 +189,10 @@ pub trait Store: Send + Sync + 'static {
     /// A receiver of revocations as they are made (by this replica or, for
     /// shared stores, any replica).
     fn subscribe(&self) -> broadcast::Receiver<Revocation>;
+
+    /// The state of the [`subscribe`](Store::subscribe) feed, as it
+    /// changes. The in-memory store is always live in one epoch.
+    fn feed_state(&self) -> watch::Receiver<FeedState>;
 
     /// Checks that the backend answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;

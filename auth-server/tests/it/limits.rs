@@ -144,6 +144,9 @@ impl Store for CountingStore {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
         self.inner.subscribe()
     }
+    fn feed_state(&self) -> tokio::sync::watch::Receiver<auth_server::store::FeedState> {
+        self.inner.feed_state()
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.pings.fetch_add(1, Ordering::SeqCst);
         self.inner.ping().await

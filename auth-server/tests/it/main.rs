@@ -12,3 +12,4 @@ mod redis;
 mod refresh;
 mod server;
 mod transport;
+mod watch;

@@ -209,12 +209,16 @@ async fn redis_down_answers_unavailable_then_recovers_with_nothing_lost() {
     let mut redis = RedisProcess::start_with_aof();
     let store = connect(&redis).await;
     let mut events = store.subscribe();
+    let mut feed = store.feed_state();
+    let connected = *feed.borrow_and_update();
+    assert!(connected.live, "connected and subscribed: live");
     let before = revocation(RevocationKind::Jti, "jti-before", NOW + 600);
     store.revoke(before.clone(), NOW).await.unwrap();
     store.put_refresh("rt-k1", &refresh_record("fam-k", "sid-k", NOW + 3600), NOW).await.unwrap();
     assert_eq!(next_event(&mut events).await, before);
 
     redis.kill();
+    within("the feed to stop being live", feed.wait_for(|s| !s.live)).await.unwrap();
     let token = IssuedToken { sub: "alice".into(), sid: None, exp: NOW + 600 };
     assert_unavailable("ping", store.ping().await);
     assert_unavailable("record_issued", store.record_issued("jti-down", &token, NOW).await);
@@ -234,8 +238,10 @@ async fn redis_down_answers_unavailable_then_recovers_with_nothing_lost() {
     assert!(store.is_revoked("jti-before", None, NOW).await.unwrap());
     assert!(!store.is_revoked("jti-during", None, NOW).await.unwrap());
     assert!(matches!(store.rotate("rt-k1", "rt-k2", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Rotated(_)));
-    // The subscriber is back: after a reconnect it replays the snapshot
-    // (messages may have been missed), then streams new revocations.
+    // The subscriber is back, live in a new epoch (messages may have been
+    // missed), and streams new revocations.
+    let back = *within("the feed to be live again", feed.wait_for(|s| s.live)).await.unwrap();
+    assert!(back.epoch > connected.epoch, "{back:?} after {connected:?}");
     let after = revocation(RevocationKind::Sid, "sid-after", NOW + 600);
     store.revoke(after.clone(), NOW).await.unwrap();
     within("the post-restart revocation", async {

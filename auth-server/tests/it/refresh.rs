@@ -87,6 +87,9 @@ impl Store for Faulty {
     fn subscribe(&self) -> broadcast::Receiver<Revocation> {
         self.inner.subscribe()
     }
+    fn feed_state(&self) -> tokio::sync::watch::Receiver<auth_server::store::FeedState> {
+        self.inner.feed_state()
+    }
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }

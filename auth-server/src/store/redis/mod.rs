@@ -14,7 +14,7 @@
 //! - `codec`: how records, bucket entries and channel messages are written
 //!   and read back, and the scripts' replies.
 //! - `subscriber`: the pub/sub subscription's lifecycle (connect,
-//!   subscribe, retry, replay, liveness).
+//!   subscribe, retry, liveness pings, epochs).
 //!
 //! Memory: an access token costs its one registry key (136 bytes by `MEMORY
 //! USAGE` while the value fits Redis's 44-byte embedded string). Revoking it
@@ -42,8 +42,10 @@
 //! client (a retried refresh could pass for a reuse); a down, slow or
 //! refusing Redis is [`StoreError::Unavailable`] (a reply the store cannot
 //! read is [`StoreError::Corrupt`]). `fred` reconnects by itself. The subscriber
-//! re-subscribes after a reconnect and then re-publishes the whole snapshot
-//! to [`Store::subscribe`]rs, since messages sent while it was away are lost.
+//! re-subscribes after a reconnect and starts a new epoch of
+//! [`Store::feed_state`], since messages sent while it was away are lost;
+//! it pings its connection, and the feed is not live while the
+//! subscription is cut off (see `subscriber`).
 //!
 //! Expiry is checked against the caller's clock (`now`); Redis TTLs are set
 //! relative to it and only bound memory.
@@ -63,12 +65,12 @@ use fred::prelude::{
 };
 use fred::types::config::UnresponsiveConfig;
 use service_sdk::redis_layout::ScriptCall;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields};
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
-use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError};
+use super::{ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError};
 use crate::config::RedisConfig;
 
 /// What both the store and its subscriber task use.
@@ -157,7 +159,8 @@ impl RedisStore {
         let shared = Arc::new(Shared { pool, layout: KeyLayout::new(&config.prefix), timeout });
         // It spawns its connection tasks; the handle is not needed.
         drop(shared.pool.connect());
-        let subscriber = Subscriber::start(&builder, Arc::clone(&shared))?;
+        let ping_every = Duration::from_millis(config.subscriber_ping_ms.max(1));
+        let subscriber = Subscriber::start(&builder, Arc::clone(&shared), ping_every)?;
 
         let ready = async {
             let _ = shared.pool.wait_for_connect().await;
@@ -234,6 +237,10 @@ impl Store for RedisStore {
         self.subscriber.subscribe()
     }
 
+    fn feed_state(&self) -> watch::Receiver<FeedState> {
+        self.subscriber.feed_state()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         // Every pooled connection, not just one: commands are never retried,
         // so "ready" must mean the next command lands on a live connection,
@@ -242,7 +249,7 @@ impl Store for RedisStore {
             let _: String = self.shared.bounded(client.ping(None)).await?;
         }
         if !self.subscriber.is_live() {
-            return Err(StoreError::Unavailable("redis revocation subscriber disconnected".into()));
+            return Err(StoreError::Unavailable("redis revocation subscriber not live".into()));
         }
         Ok(())
     }
