@@ -8,7 +8,9 @@
 //!   kill and restart;
 //! - [`OpenBao`]: a real `bao server -dev` (Vault API);
 //! - [`TcpProxy`]: a TCP forwarder a test can freeze (a silent partition)
-//!   or point at another server.
+//!   or point at another server;
+//! - [`HookedStore`]: a real store behind a test's hook, to count or fail
+//!   chosen store calls.
 //!
 //! It re-exports [`auth_server`], so other crates' tests reach the server's
 //! types (keys, clock, config) through this one dev-dependency.
@@ -29,9 +31,11 @@ mod bao;
 mod proxy;
 mod redis;
 mod server;
+mod store;
 
 pub use auth_server;
 pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
 pub use proxy::TcpProxy;
 pub use redis::{RedisProcess, RedisReply};
 pub use server::{TestServer, TestServerBuilder};
+pub use store::{HookedStore, Intercept, StoreCall, StoreHook};

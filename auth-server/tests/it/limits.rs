@@ -8,14 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{GetJwksRequest, WatchRevocationsRequest};
 use auth_server::config::RawConfig;
-use auth_server::store::{
-    ConsumeOutcome, IssuedToken, MemoryStore, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
-};
-use testkit::TestServer;
+use auth_server::store::MemoryStore;
+use testkit::{HookedStore, Intercept, StoreCall, TestServer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -109,57 +106,16 @@ async fn http_connections_over_the_cap_are_closed_at_once_and_grpc_keeps_serving
     assert_eq!(http_get(srv.http_addr, "/healthz").await, 200);
 }
 
-/// A memory store that counts `ping` calls.
-struct CountingStore {
-    inner: MemoryStore,
-    pings: Arc<AtomicUsize>,
-}
-
-#[async_trait]
-impl Store for CountingStore {
-    async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
-        self.inner.record_issued(jti, token, now).await
-    }
-    async fn issued(&self, jti: &str, now: u64) -> Result<Option<IssuedToken>, StoreError> {
-        self.inner.issued(jti, now).await
-    }
-    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError> {
-        self.inner.is_revoked(jti, sid, now).await
-    }
-    async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
-        self.inner.revoke(revocation, now).await
-    }
-    async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
-        self.inner.put_refresh(digest, record, now).await
-    }
-    async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
-        self.inner.refresh_record(digest, now).await
-    }
-    async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
-        self.inner.commit_refresh(commit, now).await
-    }
-    async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
-        self.inner.revoked_snapshot(now).await
-    }
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Revocation> {
-        self.inner.subscribe()
-    }
-    fn feed_state(&self) -> tokio::sync::watch::Receiver<auth_server::store::FeedState> {
-        self.inner.feed_state()
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.pings.fetch_add(1, Ordering::SeqCst);
-        self.inner.ping().await
-    }
-    fn name(&self) -> &'static str {
-        "counting"
-    }
-}
-
 #[tokio::test]
 async fn parallel_readyz_probes_cause_at_most_one_store_ping_per_second() {
     let pings = Arc::new(AtomicUsize::new(0));
-    let store = CountingStore { inner: MemoryStore::new(), pings: Arc::clone(&pings) };
+    let counted = Arc::clone(&pings);
+    let store = HookedStore::new(Arc::new(MemoryStore::new()), move |call| {
+        if call == StoreCall::Ping {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Intercept::Pass
+    });
     let srv = TestServer::builder().store(Arc::new(store)).start().await;
     let addr = srv.http_addr;
     // Warm the cache, then three bursts of 30 probes within its second.

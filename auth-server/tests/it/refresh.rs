@@ -6,23 +6,19 @@
 
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use auth_proto::auth::v1::RefreshRequest;
 use auth_server::clock::{Clock, ManualClock, SystemClock};
 use auth_server::config::{RedisConfig, TokensConfig};
-use auth_server::store::{
-    ConsumeOutcome, IssuedToken, MemoryStore, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store,
-    StoreError,
-};
-use testkit::{RedisProcess, TestServer};
-use tokio::sync::broadcast;
+use auth_server::store::{MemoryStore, Revocation, RevocationKind, Store, StoreError};
+use testkit::{HookedStore, Intercept, RedisProcess, StoreCall, StoreHook, TestServer};
 use tonic::Code;
 
 use crate::flows::{client, login_user};
 
 /// What the next refresh commit suffers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Fault {
+    #[default]
     None,
     /// The store fails before the commit is applied (a refused write).
     FailCommit,
@@ -31,71 +27,36 @@ enum Fault {
     LoseReply,
 }
 
-/// A store that injects one fault into the next refresh commit.
-struct Faulty {
-    inner: Arc<dyn Store>,
+/// A hook that injects one fault into the next refresh commit.
+#[derive(Default)]
+struct Faults {
     next: Mutex<Fault>,
 }
 
-impl Faulty {
-    fn new(inner: Arc<dyn Store>) -> Arc<Self> {
-        Arc::new(Self { inner, next: Mutex::new(Fault::None) })
-    }
-
+impl Faults {
     fn arm(&self, fault: Fault) {
         *self.next.lock().unwrap() = fault;
     }
+}
 
-    fn take(&self) -> Fault {
-        std::mem::replace(&mut *self.next.lock().unwrap(), Fault::None)
+impl StoreHook for Faults {
+    fn intercept(&self, call: StoreCall) -> Intercept {
+        if call != StoreCall::CommitRefresh {
+            return Intercept::Pass;
+        }
+        match std::mem::replace(&mut *self.next.lock().unwrap(), Fault::None) {
+            Fault::None => Intercept::Pass,
+            Fault::FailCommit => Intercept::Refuse(StoreError::Unavailable("injected: write refused".into())),
+            Fault::LoseReply => Intercept::LoseReply(StoreError::Unavailable("injected: reply lost".into())),
+        }
     }
 }
 
-#[async_trait]
-impl Store for Faulty {
-    async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
-        self.inner.record_issued(jti, token, now).await
-    }
-    async fn issued(&self, jti: &str, now: u64) -> Result<Option<IssuedToken>, StoreError> {
-        self.inner.issued(jti, now).await
-    }
-    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError> {
-        self.inner.is_revoked(jti, sid, now).await
-    }
-    async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
-        self.inner.revoke(revocation, now).await
-    }
-    async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
-        self.inner.put_refresh(digest, record, now).await
-    }
-    async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
-        self.inner.refresh_record(digest, now).await
-    }
-    async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
-        match self.take() {
-            Fault::None => self.inner.commit_refresh(commit, now).await,
-            Fault::FailCommit => Err(StoreError::Unavailable("injected: write refused".into())),
-            Fault::LoseReply => {
-                self.inner.commit_refresh(commit, now).await?;
-                Err(StoreError::Unavailable("injected: reply lost".into()))
-            }
-        }
-    }
-    async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
-        self.inner.revoked_snapshot(now).await
-    }
-    fn subscribe(&self) -> broadcast::Receiver<Revocation> {
-        self.inner.subscribe()
-    }
-    fn feed_state(&self) -> tokio::sync::watch::Receiver<auth_server::store::FeedState> {
-        self.inner.feed_state()
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
+/// A store whose next refresh commit suffers the armed fault.
+type Faulty = HookedStore<Faults>;
+
+fn faulty(inner: Arc<dyn Store>) -> Arc<Faulty> {
+    Arc::new(HookedStore::new(inner, Faults::default()))
 }
 
 async fn redis_store(redis: &RedisProcess) -> Arc<dyn Store> {
@@ -108,12 +69,12 @@ fn refresh(token: &str) -> RefreshRequest {
 }
 
 async fn a_failure_after_mint_spends_nothing(inner: Arc<dyn Store>) {
-    let store = Faulty::new(inner);
+    let store = faulty(inner);
     let srv = TestServer::builder().store(store.clone()).start().await;
     let mut c = client(&srv, "order").await;
     let alice = login_user(&mut c, &srv, "alice").await;
 
-    store.arm(Fault::FailCommit);
+    store.hook().arm(Fault::FailCommit);
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     // The honest retry is a plain refresh, not a reuse.
@@ -153,13 +114,13 @@ fn family_revoked(snapshot: &[Revocation]) -> bool {
 #[tokio::test]
 async fn a_lost_reply_is_retried_within_the_grace_window() {
     let redis = RedisProcess::start();
-    let store = Faulty::new(redis_store(&redis).await);
+    let store = faulty(redis_store(&redis).await);
     let clock = ManualClock::new(SystemClock.now_unix());
     let srv = server(store.clone(), 10, clock.clone()).await;
     let mut c = client(&srv, "order").await;
     let alice = login_user(&mut c, &srv, "alice").await;
 
-    store.arm(Fault::LoseReply);
+    store.hook().arm(Fault::LoseReply);
     assert_eq!(c.refresh(refresh(&alice.refresh_token)).await.unwrap_err().code(), Code::Unavailable);
     clock.advance(5);
     let retried = c.refresh(refresh(&alice.refresh_token)).await.expect("a retry in the window").into_inner();
@@ -172,13 +133,13 @@ async fn a_lost_reply_is_retried_within_the_grace_window() {
 #[tokio::test]
 async fn a_retry_after_the_grace_window_revokes_the_family() {
     let redis = RedisProcess::start();
-    let store = Faulty::new(redis_store(&redis).await);
+    let store = faulty(redis_store(&redis).await);
     let clock = ManualClock::new(SystemClock.now_unix());
     let srv = server(store.clone(), 10, clock.clone()).await;
     let mut c = client(&srv, "order").await;
     let alice = login_user(&mut c, &srv, "alice").await;
 
-    store.arm(Fault::LoseReply);
+    store.hook().arm(Fault::LoseReply);
     assert_eq!(c.refresh(refresh(&alice.refresh_token)).await.unwrap_err().code(), Code::Unavailable);
     clock.advance(11);
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
@@ -188,14 +149,14 @@ async fn a_retry_after_the_grace_window_revokes_the_family() {
 
 #[tokio::test]
 async fn without_a_grace_window_a_retry_after_a_lost_reply_revokes_the_family() {
-    let store = Faulty::new(Arc::new(MemoryStore::new()));
+    let store = faulty(Arc::new(MemoryStore::new()));
     let clock = ManualClock::new(SystemClock.now_unix());
     let srv = server(store.clone(), 0, clock.clone()).await;
     assert_eq!(TokensConfig::default().refresh_reuse_grace_secs, 0, "off by default");
     let mut c = client(&srv, "order").await;
     let alice = login_user(&mut c, &srv, "alice").await;
 
-    store.arm(Fault::LoseReply);
+    store.hook().arm(Fault::LoseReply);
     assert_eq!(c.refresh(refresh(&alice.refresh_token)).await.unwrap_err().code(), Code::Unavailable);
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
     assert_eq!(err.message(), "refresh token reused; its family is revoked");
