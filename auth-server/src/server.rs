@@ -310,6 +310,8 @@ impl Server {
             // Outermost: every RPC's span and code, whatever the layers
             // inside decide.
             .layer(crate::edge::rpc_trace())
+            // Not gRPC (content-type): HTTP 415 before any service.
+            .layer(crate::edge::GrpcContentTypeLayer)
             .layer(stack)
             // Inside the added layers, so they see refused calls too.
             .layer(ClientRateLimitLayer::from_config(&config.limits))

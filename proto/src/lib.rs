@@ -25,8 +25,11 @@ pub mod auth {
     pub mod v1 {
         #![allow(missing_docs, unreachable_pub, clippy::all)]
         include!(concat!(env!("OUT_DIR"), "/auth.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/client/auth.v1.rs"));
     }
 }
+
+pub mod codec;
 
 /// The encoded `FileDescriptorSet` of `auth/v1/auth.proto`, for
 /// `tonic-reflection`.

@@ -6,12 +6,16 @@
 //!   once from its certificate into [`ConnInfo`], which every request of
 //!   the connection finds in its extensions, and preface and idle read
 //!   deadlines ([`ConnLimits`]). Certificate reload attaches here.
+//! - [`content_type`]: a tower layer refusing requests that are not gRPC
+//!   (HTTP 415, as the gRPC over HTTP/2 spec asks).
 //! - [`trace`]: the per-RPC stage, a tower layer in the gRPC server's stack
 //!   giving every RPC a span with its method and gRPC code. Metrics, load
 //!   shedding and rate limits are layers beside it.
 
+pub mod content_type;
 pub mod incoming;
 pub mod trace;
 
+pub use content_type::GrpcContentTypeLayer;
 pub use incoming::{ConnInfo, ConnLimits, DEFAULT_HANDSHAKE_TIMEOUT, TlsConn, TlsIncoming};
 pub use trace::{Capped, RpcTraceLayer, rpc_trace};

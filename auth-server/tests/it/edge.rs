@@ -1,6 +1,8 @@
 //! The edge as layers: every RPC gets its span, method and gRPC code from
 //! the trace layer in the server's stack, and client-chosen strings reach
-//! the logs escaped.
+//! the logs escaped. Bad input over a raw HTTP/2 client on real mTLS: a
+//! request that does not decode gets `INVALID_ARGUMENT` with a fixed
+//! message, and a content-type that is not gRPC is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -119,4 +121,79 @@ async fn client_chosen_strings_reach_the_logs_escaped() {
     let text = logs.text();
     assert!(text.contains("order\\nINFO forged line"), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("INFO forged line")), "{text}");
+}
+
+/// The message of every request that does not decode.
+const MALFORMED: &str = "malformed request";
+
+#[tokio::test]
+async fn undecodable_requests_get_invalid_argument_with_a_fixed_message() {
+    use crate::transport::{RawH2, grpc_frame};
+    use prost::Message as _;
+
+    let srv = TestServer::start().await;
+    let mut h2 = RawH2::connect(&srv, "order").await;
+    let call = |path: &'static str, message: Vec<u8>| (path, grpc_frame(&message));
+
+    // Bytes from a fixed xorshift sequence.
+    let mut x: u32 = 0x9e37_79b9;
+    let random: Vec<u8> = (0..64)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x.to_le_bytes()[0]
+        })
+        .collect();
+    let whole = ExchangeTokenRequest {
+        client_id: "order".into(),
+        client_secret: "secret".into(),
+        audience: "inventory".into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    // client_id (field 1) holding bytes that are not UTF-8.
+    let bad_utf8 = vec![0x0a, 0x02, 0xc3, 0x28];
+    // Login's client_credentials grant (field 2) holding a broken varint.
+    let garbage_nested = vec![0x12, 0x04, 0xff, 0xff, 0xff, 0xff];
+    // An unknown field nested in 200 groups, past prost's recursion limit.
+    let deep: Vec<u8> = std::iter::repeat_n(0x7b, 200).chain(std::iter::repeat_n(0x7c, 200)).collect();
+
+    let cases = [
+        ("random bytes", call("/auth.v1.Auth/ExchangeToken", random.clone())),
+        ("random bytes to Login", call("/auth.v1.Auth/Login", random)),
+        ("a truncated message", call("/auth.v1.Auth/ExchangeToken", whole[..whole.len() - 3].to_vec())),
+        ("invalid UTF-8 in client_id", call("/auth.v1.Auth/ExchangeToken", bad_utf8)),
+        ("garbage in a nested message", call("/auth.v1.Auth/Login", garbage_nested)),
+        ("nesting past the recursion limit", call("/auth.v1.Auth/Login", deep)),
+    ];
+    let mut wrong = Vec::new();
+    for (what, (path, body)) in cases {
+        let reply = h2.call(path, "application/grpc", body).await.unwrap();
+        let status = reply.grpc.as_ref().map(|s| (s.code(), s.message().to_owned()));
+        if reply.http != http::StatusCode::OK || status != Some((Code::InvalidArgument, MALFORMED.into())) {
+            wrong.push(format!("{what}: HTTP {} {status:?}", reply.http));
+        }
+    }
+    assert!(wrong.is_empty(), "not INVALID_ARGUMENT \"{MALFORMED}\":\n{}", wrong.join("\n"));
+    // The same connection still serves a well-formed call.
+    h2.get_jwks().await;
+    let reply = h2.call("/auth.v1.Auth/ExchangeToken", "application/grpc+proto", grpc_frame(&whole)).await.unwrap();
+    assert_eq!(reply.grpc.map(|s| s.code()), Some(Code::Unauthenticated), "a wrong secret decodes and is judged");
+}
+
+#[tokio::test]
+async fn a_content_type_that_is_not_grpc_is_refused_with_415() {
+    use crate::transport::{RawH2, grpc_frame};
+    use prost::Message as _;
+
+    let srv = TestServer::start().await;
+    let mut h2 = RawH2::connect(&srv, "order").await;
+    let jwks = grpc_frame(&GetJwksRequest {}.encode_to_vec());
+    for content_type in ["text/plain", "application/json", "application/grpc-web"] {
+        let reply = h2.call("/auth.v1.Auth/GetJwks", content_type, jwks.clone()).await.unwrap();
+        assert_eq!(reply.http, http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "{content_type}");
+        assert!(reply.grpc.is_none() && reply.body.is_empty(), "{content_type}: {reply:?}");
+    }
+    h2.get_jwks().await;
 }
