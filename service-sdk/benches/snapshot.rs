@@ -13,6 +13,11 @@
 //! fixed cost (TLS, HTTP/2, the verifier's own structures) is measured in
 //! the same run and can be subtracted.
 //!
+//! With `SNAPSHOT_STORE=redis` the server keeps its state in a real
+//! `redis-server` started on a free port, so the time to ready includes
+//! reading the deny list out of Redis (`SNAPSHOT_REDIS_TIMEOUT_MS` sets
+//! the server's `redis.command_timeout_ms`; default: the configured default).
+//!
 //! Run: `cargo bench -p service-sdk --bench snapshot` (`SNAPSHOT_ROUNDS`,
 //! default 3). Under `cargo test` (no `--bench` argument) it runs one round
 //! with 10,000 entries.
@@ -26,8 +31,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use service_sdk::{MtlsFiles, Verifier, VerifyEvent, VerifyObserver};
-use testkit::TestServer;
 use testkit::auth_server::store::{Revocation, RevocationKind};
+use testkit::{RedisProcess, TestServer};
 
 const AUDIENCE: &str = "inventory";
 
@@ -123,12 +128,41 @@ fn run_child(srv: &TestServer) -> Round {
 }
 
 async fn fill(srv: &TestServer, n: usize) {
-    let store = Arc::clone(&srv.core().store);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    for i in 0..n {
-        let kind = if i % 10 == 0 { RevocationKind::Family } else { RevocationKind::Jti };
-        // 22 characters, the length of a real jti.
-        store.revoke(Revocation { kind, id: format!("{i:022}"), expires_at: now + 3_600 }, now).await.unwrap();
+    // 64 writers, so that a Redis store fills in seconds.
+    let writers: Vec<_> = (0..64)
+        .map(|w| {
+            let store = Arc::clone(&srv.core().store);
+            tokio::spawn(async move {
+                for i in (w..n).step_by(64) {
+                    let kind = if i % 10 == 0 { RevocationKind::Family } else { RevocationKind::Jti };
+                    // 22 characters, the length of a real jti.
+                    let revocation = Revocation { kind, id: format!("{i:022}"), expires_at: now + 3_600 };
+                    store.revoke(revocation, now).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+async fn server(redis: Option<&RedisProcess>) -> TestServer {
+    match redis {
+        Some(redis) => {
+            TestServer::builder()
+                .store_url(redis.url())
+                // `SNAPSHOT_REDIS_TIMEOUT_MS` overrides the configured default.
+                .configure(|raw| {
+                    if let Some(ms) = std::env::var("SNAPSHOT_REDIS_TIMEOUT_MS").ok().and_then(|v| v.parse().ok()) {
+                        raw.redis.command_timeout_ms = ms;
+                    }
+                })
+                .start()
+                .await
+        }
+        None => TestServer::start().await,
     }
 }
 
@@ -142,10 +176,14 @@ fn main() {
     let env = |k: &str, default: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (n, rounds) = if bench { (env("SNAPSHOT_ENTRIES", 500_000), env("SNAPSHOT_ROUNDS", 3)) } else { (10_000, 1) };
 
+    let redis = std::env::var("SNAPSHOT_STORE").is_ok_and(|s| s == "redis");
+    let (redis_empty, redis_full) =
+        if redis { (Some(RedisProcess::start()), Some(RedisProcess::start())) } else { (None, None) };
+    println!("store: {}", if redis { "redis" } else { "memory" });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (empty, full) = rt.block_on(async {
-        let empty = TestServer::start().await;
-        let full = TestServer::start().await;
+        let empty = server(redis_empty.as_ref()).await;
+        let full = server(redis_full.as_ref()).await;
         let started = Instant::now();
         fill(&full, n).await;
         println!("revoked {n} ids in {:.1} s", started.elapsed().as_secs_f64());

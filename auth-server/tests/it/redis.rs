@@ -514,3 +514,58 @@ mod replicas {
         c.login(password_login(&b, "bob")).await.unwrap();
     }
 }
+
+/// A deny list far larger than one command should carry: 400,000 revoked
+/// `jti`s over an hour of minute buckets and 25,000 revoked sessions,
+/// written straight into the layout's keys.
+const LARGE_JTIS: usize = 400_000;
+const LARGE_SIDS: usize = 25_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_deny_list_is_read_in_short_commands_within_the_command_timeout() {
+    let redis = RedisProcess::start();
+    let layout = KeyLayout::new("auth");
+    let shard = &layout.deny_shards()[0];
+    // As the revoke script writes them: `<seconds into the minute>|<jti>`
+    // in the bucket of the deny-until minute, the minute in the index, and
+    // sessions scored by deny-until.
+    let fill = r"
+        local now, n, sids = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+        for i = 1, n do
+          local until_ = now + 120 + (i % 3600)
+          local m = math.floor(until_ / 60)
+          redis.call('RPUSH', ARGV[4] .. m, (until_ % 60) .. '|' .. string.format('jti-%09d', i))
+          redis.call('ZADD', ARGV[5], m, m)
+        end
+        for i = 1, sids do
+          redis.call('ZADD', ARGV[6], now + 600 + i, string.format('sid-%09d', i))
+        end
+        return n + sids";
+    let (now, n, sids) = (NOW.to_string(), LARGE_JTIS.to_string(), LARGE_SIDS.to_string());
+    let reply = redis.command(&[
+        "EVAL",
+        fill,
+        "0",
+        &now,
+        &n,
+        &sids,
+        shard.jti_bucket_prefix(),
+        shard.jti_index(),
+        shard.sessions(),
+    ]);
+    assert_eq!(reply.int(), (LARGE_JTIS + LARGE_SIDS) as i64);
+
+    // Each command must fit a short timeout: reading the whole list in one
+    // script takes longer than that, and holds Redis meanwhile.
+    let store = RedisStore::connect(&RedisConfig { command_timeout_ms: 250, ..redis_config(&redis) }).await.unwrap();
+    let snapshot =
+        store.revoked_snapshot(NOW).await.expect("the snapshot is read in commands that each fit the timeout");
+    let count = |kind| snapshot.iter().filter(|r| r.kind == kind).count();
+    assert_eq!((count(RevocationKind::Jti), count(RevocationKind::Sid)), (LARGE_JTIS, LARGE_SIDS));
+    for probe in [1, LARGE_JTIS / 2, LARGE_JTIS] {
+        let id = format!("jti-{probe:09}");
+        let r = snapshot.iter().find(|r| r.id == id).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(r.expires_at, NOW + 120 + (probe % 3600) as u64);
+    }
+    assert!(snapshot.iter().any(|r| r.id == format!("sid-{LARGE_SIDS:09}")), "the last page of sessions");
+}

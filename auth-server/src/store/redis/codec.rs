@@ -163,22 +163,24 @@ impl Snapshot {
         *entry = (*entry).max(until);
     }
 
-    /// Adds the reply of one shard's snapshot script: triples `s`/`f`, id,
-    /// deny-until for sessions and families; `b`, minute, bucket entry for
-    /// `jti`s (dropping those no longer in force at `now`).
-    pub(super) fn add_reply(&mut self, flat: &[String], now: u64) -> Result<(), StoreError> {
-        for triple in flat.chunks(3) {
-            let [kind, id, value] = triple else {
-                return Err(StoreError::Corrupt("snapshot reply not in triples".into()));
+    /// Adds one page of a deny sorted set: `member, score` pairs.
+    pub(super) fn add_scored(&mut self, kind: RevocationKind, flat: &[String]) -> Result<(), StoreError> {
+        for pair in flat.chunks(2) {
+            let [id, score] = pair else {
+                return Err(StoreError::Corrupt("snapshot page not in pairs".into()));
             };
-            if kind == "b" {
-                let (jti, until) = parse_bucket_entry(parse_score(id)?, value)?;
-                if until > now {
-                    self.add(RevocationKind::Jti, jti, until);
-                }
-            } else {
-                let kind = kind_from_code(kind).ok_or_else(|| StoreError::Corrupt("unknown revocation kind".into()))?;
-                self.add(kind, id, parse_score(value)?);
+            self.add(kind, id, parse_score(score)?);
+        }
+        Ok(())
+    }
+
+    /// Adds one page of minute `minute`'s revoked-`jti` bucket, dropping
+    /// entries no longer in force at `now`.
+    pub(super) fn add_bucket(&mut self, minute: u64, entries: &[String], now: u64) -> Result<(), StoreError> {
+        for entry in entries {
+            let (jti, until) = parse_bucket_entry(minute, entry)?;
+            if until > now {
+                self.add(RevocationKind::Jti, jti, until);
             }
         }
         Ok(())
@@ -235,14 +237,14 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_replies_merge_by_latest_deny_time_and_drop_expired_jtis() {
-        let reply: Vec<String> =
-            ["s", "sid-1", "100", "b", "1", "5|jti-1", "b", "1", "7|jti-1", "b", "0", "30|old", "f", "fam", "1.0e+02"]
-                .map(String::from)
-                .into();
+    fn snapshot_pages_merge_by_latest_deny_time_and_drop_expired_jtis() {
+        let strings = |items: &[&str]| items.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
         let mut snapshot = Snapshot::default();
-        snapshot.add_reply(&reply, 60).unwrap();
-        snapshot.add_reply(&["s".to_owned(), "sid-1".to_owned(), "90".to_owned()], 60).unwrap();
+        snapshot.add_scored(RevocationKind::Sid, &strings(&["sid-1", "100"])).unwrap();
+        snapshot.add_scored(RevocationKind::Sid, &strings(&["sid-1", "90"])).unwrap();
+        snapshot.add_scored(RevocationKind::Family, &strings(&["fam", "1.0e+02"])).unwrap();
+        snapshot.add_bucket(1, &strings(&["5|jti-1", "7|jti-1"]), 60).unwrap();
+        snapshot.add_bucket(0, &strings(&["30|old"]), 60).unwrap();
         let mut got = snapshot.into_revocations();
         got.sort_by(|a, b| a.id.cmp(&b.id));
         let r = |kind, id: &str, expires_at| Revocation { kind, id: id.into(), expires_at };
@@ -254,8 +256,9 @@ mod tests {
                 r(RevocationKind::Sid, "sid-1", 100)
             ]
         );
-        assert!(Snapshot::default().add_reply(&["s".to_owned()], 0).is_err());
-        assert!(Snapshot::default().add_reply(&["x".to_owned(), "a".to_owned(), "1".to_owned()], 0).is_err());
+        assert!(Snapshot::default().add_scored(RevocationKind::Sid, &strings(&["sid-1"])).is_err());
+        assert!(Snapshot::default().add_scored(RevocationKind::Sid, &strings(&["sid-1", "soon"])).is_err());
+        assert!(Snapshot::default().add_bucket(1, &strings(&["no separator"]), 0).is_err());
     }
 
     #[test]

@@ -67,11 +67,17 @@ use fred::types::config::UnresponsiveConfig;
 use service_sdk::redis_layout::ScriptCall;
 use tokio::sync::{broadcast, watch};
 
-use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields};
+use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_score};
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
-use super::{ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError};
+use super::{
+    ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+};
 use crate::config::RedisConfig;
+
+/// Entries per command when a snapshot reads the deny list: a page of
+/// revoked `jti`s is about 300 KB and a few milliseconds of Redis time.
+const SNAPSHOT_PAGE: usize = 10_000;
 
 /// What both the store and its subscriber task use.
 struct Shared {
@@ -94,12 +100,46 @@ impl Shared {
         }
     }
 
-    /// Every revocation in force at `now`, from every deny shard.
+    /// Every revocation in force at `now`, from every deny shard, read in
+    /// pages of [`SNAPSHOT_PAGE`] entries: one short command each, so that
+    /// a deny list of any size neither blocks Redis for the other replicas
+    /// nor meets the command timeout.
+    ///
+    /// The pages are not one atomic read, and need not be: entries are only
+    /// ever added (or pruned once expired), and a caller that must miss
+    /// nothing subscribes before it reads. Sorted sets are read highest
+    /// deny-until first, so an entry pruned meanwhile leaves from the end
+    /// and a new one only repeats an entry already read. An entry whose
+    /// deny-until is raised meanwhile may move past the cursor, but raising
+    /// it publishes it again.
     async fn snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
         let mut snapshot = Snapshot::default();
         for shard in self.layout.deny_shards() {
-            let flat: Vec<String> = self.eval(scripts::snapshot(shard, now)).await?;
-            snapshot.add_reply(&flat, now)?;
+            let minutes: Vec<String> = self.eval(scripts::snapshot_prune(shard, now)).await?;
+            for (key, kind) in [(shard.sessions(), RevocationKind::Sid), (shard.families(), RevocationKind::Family)] {
+                let mut offset = 0;
+                loop {
+                    let page: Vec<String> = self.eval(scripts::scored_page(key, now, offset, SNAPSHOT_PAGE)).await?;
+                    snapshot.add_scored(kind, &page)?;
+                    if page.len() < 2 * SNAPSHOT_PAGE {
+                        break;
+                    }
+                    offset += SNAPSHOT_PAGE;
+                }
+            }
+            for minute in &minutes {
+                let minute = parse_score(minute)?;
+                let key = shard.jti_bucket(minute);
+                let mut start = 0;
+                loop {
+                    let page: Vec<String> = self.eval(scripts::list_page(&key, start, SNAPSHOT_PAGE)).await?;
+                    snapshot.add_bucket(minute, &page, now)?;
+                    if page.len() < SNAPSHOT_PAGE {
+                        break;
+                    }
+                    start += SNAPSHOT_PAGE;
+                }
+            }
         }
         Ok(snapshot.into_revocations())
     }

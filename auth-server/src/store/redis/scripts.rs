@@ -155,27 +155,29 @@ return {'reused', until_s}
 /// families, `b`, minute, bucket entry for `jti`s (parsed by the caller).
 /// Bucket keys are derived in the script; they share the hash tag of the
 /// declared keys, so they live in the same cluster slot.
-const LUA_SNAPSHOT: &str = r"
+// The snapshot is read in pages, one bounded command each, so that a large
+// deny list never holds Redis (or meets the command timeout) in one go.
+// First this script drops what has expired and names the minutes that have
+// revoked-`jti` buckets; then the sorted sets are read by `LUA_SCORED_PAGE`
+// and the buckets by `LUA_LIST_PAGE`.
+const LUA_SNAPSHOT_PRUNE: &str = r"
 local now = tonumber(ARGV[1])
-local out = {}
-local kinds = {'s', 'f'}
-for i = 1, 2 do
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[1])
-  local r = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  for j = 1, #r, 2 do
-    out[#out + 1] = kinds[i]; out[#out + 1] = r[j]; out[#out + 1] = r[j + 1]
-  end
-end
-local first = math.floor(now / tonumber(ARGV[3]))
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local first = math.floor(now / tonumber(ARGV[2]))
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. string.format('%d', first))
-local buckets = redis.call('ZRANGE', KEYS[3], 0, -1)
-for _, b in ipairs(buckets) do
-  local entries = redis.call('LRANGE', ARGV[2] .. b, 0, -1)
-  for _, e in ipairs(entries) do
-    out[#out + 1] = 'b'; out[#out + 1] = b; out[#out + 1] = e
-  end
-end
-return out
+return redis.call('ZRANGE', KEYS[3], 0, -1)
+";
+
+// One page of a deny sorted set, highest deny-until first: `member, score`
+// pairs in force after ARGV[1], from offset ARGV[2], at most ARGV[3].
+const LUA_SCORED_PAGE: &str = r"
+return redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. ARGV[1], 'WITHSCORES', 'LIMIT', ARGV[2], ARGV[3])
+";
+
+// One page of a revoked-`jti` bucket: entries ARGV[1]..=ARGV[2].
+const LUA_LIST_PAGE: &str = r"
+return redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
 ";
 
 static ISSUE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_ISSUE_FN, LUA_ISSUE]));
@@ -183,7 +185,9 @@ static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL,
 static PUT_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_PUT_REFRESH]));
 static COMMIT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_ISSUE_FN, LUA_COMMIT]));
-static SNAPSHOT: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT]));
+static SNAPSHOT_PRUNE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT_PRUNE]));
+static SCORED_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SCORED_PAGE]));
+static LIST_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_LIST_PAGE]));
 
 /// Records an issued token, keeping any deny mark already on its `jti`.
 /// Replies `1`.
@@ -271,13 +275,27 @@ fn refresh_key_prefix(layout: &KeyLayout) -> String {
     layout.refresh("")
 }
 
-/// Reads (and prunes) one deny shard. The reply is read by
-/// [`Snapshot::add_reply`](super::codec::Snapshot::add_reply).
-pub(super) fn snapshot(shard: &DenyShard, now: u64) -> ScriptCall<'_> {
-    SNAPSHOT.call(
+/// Prunes one deny shard of what expired by `now`; replies with the
+/// minutes that have revoked-`jti` buckets, for [`list_page`].
+pub(super) fn snapshot_prune(shard: &DenyShard, now: u64) -> ScriptCall<'static> {
+    SNAPSHOT_PRUNE.call(
         vec![shard.sessions().to_owned(), shard.families().to_owned(), shard.jti_index().to_owned()],
-        vec![now.to_string(), shard.jti_bucket_prefix().to_owned(), BUCKET_SECS.to_string()],
+        vec![now.to_string(), BUCKET_SECS.to_string()],
     )
+}
+
+/// One page of the deny sorted set `key` (sessions or families): up to
+/// `count` `member, score` pairs in force after `now`, highest score first,
+/// from `offset`. Read by [`Snapshot::add_scored`](super::codec::Snapshot::add_scored).
+pub(super) fn scored_page(key: &str, now: u64, offset: usize, count: usize) -> ScriptCall<'static> {
+    SCORED_PAGE.call(vec![key.to_owned()], vec![now.to_string(), offset.to_string(), count.to_string()])
+}
+
+/// One page of the revoked-`jti` bucket `key`: up to `count` entries from
+/// `start`. Read by [`Snapshot::add_bucket`](super::codec::Snapshot::add_bucket).
+pub(super) fn list_page(key: &str, start: usize, count: usize) -> ScriptCall<'static> {
+    let stop = start.saturating_add(count.max(1)) - 1;
+    LIST_PAGE.call(vec![key.to_owned()], vec![start.to_string(), stop.to_string()])
 }
 
 #[cfg(test)]
@@ -339,9 +357,10 @@ mod tests {
             out.push(("commit", keys));
         }
         for shard in layout.deny_shards() {
-            let mut keys = snapshot(shard, now).keys().to_vec();
-            keys.push(shard.jti_bucket(now / BUCKET_SECS));
-            out.push(("snapshot", keys));
+            out.push(("snapshot_prune", snapshot_prune(shard, now).keys().to_vec()));
+            out.push(("scored_page", scored_page(shard.sessions(), now, 0, 10).keys().to_vec()));
+            out.push(("scored_page", scored_page(shard.families(), now, 0, 10).keys().to_vec()));
+            out.push(("list_page", list_page(&shard.jti_bucket(now / BUCKET_SECS), 0, 10).keys().to_vec()));
         }
         out
     }
