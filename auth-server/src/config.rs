@@ -290,6 +290,14 @@ pub struct LimitsConfig {
     /// stay under the process's file descriptor limit, with room for the
     /// store's connections.
     pub grpc_max_connections: usize,
+    /// gRPC port: TLS handshakes in flight at most, a budget inside
+    /// `grpc_max_connections` (a handshake also holds a connection slot,
+    /// and keeps only that one once complete); more are accepted and closed
+    /// at once, so unauthenticated clients (silent TCP connects) hold at
+    /// most this many connection slots.
+    pub grpc_max_handshakes: usize,
+    /// gRPC port: time a client has to complete the TLS handshake.
+    pub grpc_handshake_timeout_ms: u64,
     /// gRPC port: after the TLS handshake, time for the client's first
     /// bytes (the HTTP/2 preface).
     pub grpc_preface_timeout_ms: u64,
@@ -334,6 +342,8 @@ impl Default for LimitsConfig {
             // 768 + the side port's 64 leave ~190 descriptors of the common
             // 1024 soft limit for listeners, the store and the runtime.
             grpc_max_connections: 768,
+            grpc_max_handshakes: 128,
+            grpc_handshake_timeout_ms: 4_000,
             grpc_preface_timeout_ms: 10_000,
             grpc_idle_timeout_secs: 300,
             grpc_keepalive_interval_secs: 30,
@@ -346,11 +356,7 @@ impl Default for LimitsConfig {
 
 impl LimitsConfig {
     fn validate(&self, v: &mut Validation<'_>) {
-        let mut range = |key: &str, value: u64, min: u64, max: u64| {
-            if value < min || value > max {
-                v.err(&format!("limits.{key}"), format!("must be between {min} and {max}"));
-            }
-        };
+        let mut range = |key: &str, value: u64, min: u64, max: u64| v.range(&format!("limits.{key}"), value, min, max);
         range("http_header_timeout_ms", self.http_header_timeout_ms, 100, 600_000);
         range("http_idle_timeout_secs", self.http_idle_timeout_secs, 1, 3_600);
         range("http_max_connections", self.http_max_connections as u64, 1, 100_000);
@@ -370,6 +376,8 @@ impl LimitsConfig {
         range("client_rate_keys", self.client_rate_keys as u64, 1, 10_000_000);
 
         range("grpc_max_connections", self.grpc_max_connections as u64, 1, 1_000_000);
+        range("grpc_max_handshakes", self.grpc_max_handshakes as u64, 1, 1_000_000);
+        range("grpc_handshake_timeout_ms", self.grpc_handshake_timeout_ms, 100, 60_000);
         range("grpc_preface_timeout_ms", self.grpc_preface_timeout_ms, 100, 600_000);
         range("grpc_idle_timeout_secs", self.grpc_idle_timeout_secs, 1, 86_400);
         range("grpc_keepalive_interval_secs", self.grpc_keepalive_interval_secs, 1, 3_600);
@@ -390,6 +398,9 @@ impl LimitsConfig {
         }
         if self.watch_max_streams_per_client > self.watch_max_streams {
             v.err("limits.watch_max_streams_per_client", "must be at most limits.watch_max_streams");
+        }
+        if self.grpc_max_handshakes > self.grpc_max_connections {
+            v.err("limits.grpc_max_handshakes", "must be at most limits.grpc_max_connections");
         }
     }
 }
@@ -887,6 +898,15 @@ impl Validation<'_> {
         self.errors.push(ConfigError::new(key, problem));
     }
 
+    /// Whether `min <= value <= max`; an error for `key` otherwise.
+    fn range(&mut self, key: &str, value: u64, min: u64, max: u64) -> bool {
+        let ok = (min..=max).contains(&value);
+        if !ok {
+            self.err(key, format!("must be between {min} and {max}"));
+        }
+        ok
+    }
+
     fn addr(&mut self, key: &str, text: &str) -> Option<SocketAddr> {
         let parsed = text.parse::<SocketAddr>().ok();
         if parsed.is_none() {
@@ -1225,5 +1245,20 @@ signing = { path = "s.pem" }
             defaults.grpc_idle_timeout_secs
                 > defaults.grpc_keepalive_interval_secs + defaults.grpc_keepalive_timeout_secs
         );
+    }
+
+    #[test]
+    fn the_handshake_budget_is_bounded_and_within_the_connection_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path()) + "[limits]\ngrpc_max_connections = 10\ngrpc_max_handshakes = 11\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["limits.grpc_max_handshakes"]);
+        let text = base(dir.path()) + "[limits]\ngrpc_max_handshakes = 0\ngrpc_handshake_timeout_ms = 60001\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        let mut keys = err.keys();
+        keys.sort_unstable();
+        assert_eq!(keys, ["limits.grpc_handshake_timeout_ms", "limits.grpc_max_handshakes"]);
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        assert_eq!((cfg.limits.grpc_max_handshakes, cfg.limits.grpc_handshake_timeout_ms), (128, 4_000));
     }
 }

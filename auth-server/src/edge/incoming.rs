@@ -15,6 +15,12 @@
 //!   and closed at once, before any TLS work, so a flood on this port holds
 //!   descriptors for microseconds and cannot take those of the HTTP side
 //!   port;
+//! - handshakes in flight have their own, smaller budget
+//!   (`max_handshakes`), also closed at once when over it: unauthenticated
+//!   clients (silent TCP connects) hold at most that many of the
+//!   `max_connections` slots, each for at most `handshake_timeout`, and a
+//!   completed handshake gives its handshake slot back, keeping its
+//!   connection slot;
 //! - after the handshake the client's first bytes (the HTTP/2 preface) must
 //!   arrive within `preface_timeout`;
 //! - after that a connection that sends nothing for `idle_timeout` is
@@ -40,8 +46,6 @@ use crate::config::LimitsConfig;
 use crate::limits::{ConnLimit, ConnPermit, Deadlines};
 use crate::tls::PeerIdentity;
 
-/// How long a client may take to finish the TLS handshake.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TCP keepalive probe interval of accepted connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
@@ -64,6 +68,8 @@ pub type TlsConn = Deadlines<tokio_rustls::server::TlsStream<TcpStream>, ConnInf
 pub struct ConnLimits {
     /// Open connections at most, handshakes included.
     pub max_connections: usize,
+    /// Handshakes in flight at most (each also holds a connection slot).
+    pub max_handshakes: usize,
     /// Time to complete the TLS handshake.
     pub handshake_timeout: Duration,
     /// Time for the first bytes after the handshake.
@@ -77,7 +83,8 @@ impl ConnLimits {
     pub fn from_config(limits: &LimitsConfig) -> Self {
         Self {
             max_connections: limits.grpc_max_connections,
-            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_handshakes: limits.grpc_max_handshakes,
+            handshake_timeout: Duration::from_millis(limits.grpc_handshake_timeout_ms),
             preface_timeout: Duration::from_millis(limits.grpc_preface_timeout_ms),
             idle_timeout: Duration::from_secs(limits.grpc_idle_timeout_secs),
         }
@@ -108,8 +115,14 @@ impl TlsIncoming {
         // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
         let tcp = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
         let cap = ConnLimit::new(limits.max_connections);
-        let state =
-            State { tcp, acceptor: TlsAcceptor::from(tls), cap: cap.clone(), limits, handshakes: JoinSet::new() };
+        let state = State {
+            tcp,
+            acceptor: TlsAcceptor::from(tls),
+            cap: cap.clone(),
+            handshake_cap: ConnLimit::new(limits.max_handshakes),
+            limits,
+            handshakes: JoinSet::new(),
+        };
         Self { inner: Box::pin(futures_util::stream::unfold(state, State::next)), cap }
     }
 
@@ -131,6 +144,7 @@ struct State {
     tcp: TcpIncoming,
     acceptor: TlsAcceptor,
     cap: ConnLimit,
+    handshake_cap: ConnLimit,
     limits: ConnLimits,
     /// Handshakes in flight; dropped (aborted) with the stream.
     handshakes: JoinSet<Option<TlsConn>>,
@@ -150,8 +164,15 @@ impl State {
                             tracing::debug!("gRPC connection cap reached; closing a new connection");
                             continue;
                         };
+                        let Some(in_handshake) = self.handshake_cap.try_acquire() else {
+                            // Too many unauthenticated clients at once:
+                            // they hold no more of the connection cap.
+                            tracing::debug!("gRPC handshake budget reached; closing a new connection");
+                            continue;
+                        };
                         let acceptor = self.acceptor.clone();
-                        self.handshakes.spawn(handshake(acceptor, stream, self.limits.clone(), permit));
+                        let limits = self.limits.clone();
+                        self.handshakes.spawn(handshake(acceptor, stream, limits, permit, in_handshake));
                     }
                     Some(Err(e)) => return Some((Err(e), self)),
                     None => return None,
@@ -167,12 +188,14 @@ impl State {
 }
 
 /// Completes one handshake, reads the client's identity, once, and puts
-/// the connection under its read deadlines.
+/// the connection under its read deadlines. The handshake slot is given
+/// back when this returns; the connection keeps its connection slot.
 async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
     limits: ConnLimits,
     permit: ConnPermit,
+    in_handshake: ConnPermit,
 ) -> Option<TlsConn> {
     let remote_addr = stream.peer_addr().ok();
     let io = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await {
@@ -193,6 +216,7 @@ async fn handshake(
         .and_then(|chain| chain.first())
         .and_then(|leaf| PeerIdentity::from_der(leaf.as_ref()))
         .map(Arc::new);
+    drop(in_handshake);
     let conn = Deadlines::new(io, Some(limits.preface_timeout), limits.idle_timeout, Some(permit));
     Some(conn.with_info(ConnInfo { remote_addr, peer }))
 }
@@ -389,5 +413,66 @@ mod tests {
         let _second = connect(addr, &connector).await.unwrap();
         let conn = next_conn(&mut conns).await;
         assert_eq!(conn.info().peer.as_ref().unwrap().id, "spiffe://auth.dev/order");
+    }
+
+    /// Whether the server has closed `stream` (EOF or reset) within `wait`.
+    async fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+            Ok(Ok(n)) => n == 0,
+            Ok(Err(_)) => true,
+            Err(_) => false,
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_connects_hold_only_the_handshake_budget_and_verified_clients_keep_their_slots() {
+        let ca = Ca::generate("edge test CA").unwrap();
+        let (listener, addr) = listen().await;
+        let limits = ConnLimits {
+            max_connections: 8,
+            max_handshakes: 2,
+            handshake_timeout: Duration::from_secs(4),
+            ..ConnLimits::default()
+        };
+        let mut conns = accept_all(TlsIncoming::with_limits(listener, server(&ca), limits));
+        let order = ca.client_cert("auth.dev", "order").unwrap();
+        let connector = client(&ca, Some(&order));
+        let mut established = connect(addr, &connector).await.unwrap();
+        let mut held = next_conn(&mut conns).await;
+
+        // Six silent TCP connects: two fit the handshake budget, the other
+        // four are closed at once, long before the handshake timeout,
+        // although the connection cap has room for all of them.
+        let mut silent = Vec::new();
+        for _ in 0..6 {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let closed =
+            futures_util::future::join_all(silent.iter_mut().map(|s| closed_within(s, Duration::from_secs(2)))).await;
+        assert_eq!(closed.iter().filter(|c| **c).count(), 4, "{closed:?}");
+
+        // The established client keeps working meanwhile.
+        established.write_all(b"still").await.unwrap();
+        established.flush().await.unwrap();
+        let mut buf = [0u8; 5];
+        held.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"still");
+
+        // The two in the budget are dropped at the handshake timeout; then
+        // new clients get every slot but the one held: silent clients left
+        // none behind.
+        for (s, closed) in silent.iter_mut().zip(closed) {
+            if !closed {
+                assert!(closed_within(s, Duration::from_secs(10)).await, "a silent client outlived the timeout");
+            }
+        }
+        let mut kept = Vec::new();
+        for _ in 0..7 {
+            let client = connect(addr, &connector).await.unwrap();
+            let conn = next_conn(&mut conns).await;
+            assert_eq!(conn.info().peer.as_ref().unwrap().id, "spiffe://auth.dev/order");
+            kept.push((client, conn));
+        }
     }
 }

@@ -17,5 +17,5 @@ pub mod incoming;
 pub mod trace;
 
 pub use content_type::GrpcContentTypeLayer;
-pub use incoming::{ConnInfo, ConnLimits, DEFAULT_HANDSHAKE_TIMEOUT, TlsConn, TlsIncoming};
+pub use incoming::{ConnInfo, ConnLimits, TlsConn, TlsIncoming};
 pub use trace::{Capped, RpcTraceLayer, rpc_trace};

@@ -191,7 +191,11 @@ async fn a_client_that_sends_nothing_after_the_tls_handshake_is_closed_at_the_pr
 
 #[tokio::test]
 async fn grpc_connections_over_the_cap_are_closed_at_once_and_a_freed_slot_serves_again() {
-    let srv = start(|raw| raw.limits.grpc_max_connections = 2).await;
+    let srv = start(|raw| {
+        raw.limits.grpc_max_connections = 2;
+        raw.limits.grpc_max_handshakes = 2;
+    })
+    .await;
     let mut first = RawH2::connect(&srv, "order").await;
     let mut second = RawH2::connect(&srv, "inventory").await;
     first.get_jwks().await;
