@@ -1,6 +1,7 @@
 //! [`TcpProxy`]: a TCP forwarder between a client and a server that a test
-//! can freeze (a silent partition: sockets stay open, nothing flows) and
-//! point at another server (a Service whose endpoints changed).
+//! can freeze (a silent partition: sockets stay open, nothing flows), cut
+//! (a loud outage: connections closed and refused) and point at another
+//! server (a Service whose endpoints changed).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -20,19 +21,26 @@ use tokio::task::{JoinHandle, JoinSet};
 /// let url = format!("redis://{}", proxy.addr());
 /// proxy.freeze(); // connections stay open; no byte passes either way
 /// proxy.resume();
+/// proxy.cut(); // open connections closed, new ones closed at once
+/// proxy.restore();
 /// # drop(url);
 /// # }
 /// ```
 pub struct TcpProxy {
     addr: SocketAddr,
     frozen: watch::Sender<bool>,
+    cut: watch::Sender<bool>,
     target: Arc<Mutex<SocketAddr>>,
     task: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for TcpProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpProxy").field("addr", &self.addr).field("frozen", &*self.frozen.borrow()).finish()
+        f.debug_struct("TcpProxy")
+            .field("addr", &self.addr)
+            .field("frozen", &*self.frozen.borrow())
+            .field("cut", &*self.cut.borrow())
+            .finish()
     }
 }
 
@@ -42,9 +50,10 @@ impl TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let (frozen, _) = watch::channel(false);
+        let (cut, _) = watch::channel(false);
         let target = Arc::new(Mutex::new(target));
-        let task = tokio::spawn(accept(listener, frozen.subscribe(), Arc::clone(&target)));
-        Self { addr, frozen, target, task }
+        let task = tokio::spawn(accept(listener, frozen.subscribe(), cut.subscribe(), Arc::clone(&target)));
+        Self { addr, frozen, cut, target, task }
     }
 
     /// Where clients connect.
@@ -64,6 +73,18 @@ impl TcpProxy {
         self.frozen.send_replace(false);
     }
 
+    /// Closes every connection it forwards and, until
+    /// [`restore`](Self::restore), closes new ones as soon as they are
+    /// accepted (the server is gone, as far as clients can tell).
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Forwards new connections again after [`cut`](Self::cut).
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+
     /// Sends connections accepted from now on to `target`; open ones stay
     /// with their server.
     pub fn set_target(&self, target: SocketAddr) {
@@ -78,14 +99,31 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept(listener: TcpListener, frozen: watch::Receiver<bool>, target: Arc<Mutex<SocketAddr>>) {
+async fn accept(
+    listener: TcpListener,
+    frozen: watch::Receiver<bool>,
+    cut: watch::Receiver<bool>,
+    target: Arc<Mutex<SocketAddr>>,
+) {
     let mut connections = JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((client, _)) = accepted else { continue };
+                if *cut.borrow() {
+                    drop(client); // closed at once: refused, in effect
+                    continue;
+                }
                 let to = *target.lock().expect("proxy target");
-                connections.spawn(forward(client, to, frozen.clone()));
+                let mut cut = cut.clone();
+                let frozen = frozen.clone();
+                connections.spawn(async move {
+                    tokio::select! {
+                        () = forward(client, to, frozen) => {}
+                        // Dropping the forwarder closes both sockets.
+                        _ = cut.wait_for(|c| *c) => {}
+                    }
+                });
             }
             Some(_) = connections.join_next() => {}
         }

@@ -31,10 +31,9 @@ use service_sdk::{
     AuthorizeRequest, BearerToken, Claims, FeedHealth, FeedOptions, JwksOptions, JwksSource, ManualClock,
     RequireAuthLayer, StalePolicy, Verifier, VerifyError, VerifyEvent, VerifyObserver,
 };
-use testkit::TestServer;
 use testkit::auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
+use testkit::{TcpProxy, TestServer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
@@ -60,49 +59,6 @@ impl Protected for Probe {
         let echo =
             json!({ "sub": claims.subject(), "jti": claims.jti, "token_len": token, "act": claims.actor_chain() });
         Ok(Response::new(pb::GetJwksResponse { jwks_json: echo.to_string() }))
-    }
-}
-
-/// A TCP proxy a test can cut (closing live connections and refusing new
-/// ones) and restore.
-struct Proxy {
-    addr: SocketAddr,
-    up: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start(target: SocketAddr, up: bool) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (up_tx, up_rx) = watch::channel(up);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
-                if !*up_rx.borrow() {
-                    continue; // dropped: connection refused in effect
-                }
-                let mut up_rx = up_rx.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = up_rx.wait_for(|up| !*up) => {}
-                    }
-                });
-            }
-        });
-        Self { addr, up: up_tx, task }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.send_replace(up);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -628,6 +584,19 @@ async fn revoked_jti_and_revoked_sid_are_refused() {
     assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "revoked sid");
 }
 
+/// Polls until the layer accepts `token` again (after the feed comes back);
+/// fails the test if that takes longer than 30 s.
+async fn wait_accepted(env: &Env, client: &mut AuthClient<Channel>, token: &str) {
+    let polled = tokio::time::timeout(Duration::from_secs(30), async {
+        while env.call(client, token).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    if polled.await.is_err() {
+        panic!("the token is still refused 30 s after the feed came back: {:?}", env.call(client, token).await.err());
+    }
+}
+
 /// Polls until the layer refuses `token`; returns how long that took.
 async fn wait_refused(env: &Env, client: &mut AuthClient<Channel>, token: &str) -> Duration {
     let start = Instant::now();
@@ -664,9 +633,10 @@ async fn revocation_push_reaches_the_layer_quickly() {
 #[tokio::test]
 async fn requests_are_unavailable_until_keys_load_then_accepted() {
     let srv = TestServer::start().await;
-    let proxy = Proxy::start(srv.grpc_addr, false).await;
+    let proxy = TcpProxy::start(srv.grpc_addr).await;
+    proxy.cut();
     let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
-        .channel(lazy_channel(&srv, proxy.addr))
+        .channel(lazy_channel(&srv, proxy.addr()))
         .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
         .build()
         .unwrap();
@@ -674,7 +644,7 @@ async fn requests_are_unavailable_until_keys_load_then_accepted() {
     let mut client = env.client("order").await;
     let token = env.service_token().await;
     assert_refused(env.call(&mut client, &token).await, Code::Unavailable, VerifyError::NoKeys, "no keys yet");
-    proxy.set_up(true);
+    proxy.restore();
     env.verifier.ready().await;
     env.call(&mut client, &token).await.unwrap();
 }
@@ -682,10 +652,10 @@ async fn requests_are_unavailable_until_keys_load_then_accepted() {
 #[tokio::test]
 async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
     let srv = TestServer::start().await;
-    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let proxy = TcpProxy::start(srv.grpc_addr).await;
     let clock = ManualClock::new(now());
     let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
-        .channel(lazy_channel(&srv, proxy.addr))
+        .channel(lazy_channel(&srv, proxy.addr()))
         .clock(clock.clone())
         .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
         .build()
@@ -696,7 +666,7 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
     let token = env.service_token().await;
     env.call(&mut client, &token).await.unwrap();
 
-    proxy.set_up(false);
+    proxy.cut();
     // A revocation the verifier cannot hear about while cut off.
     let revoked = env.service_token().await;
     env.call(&mut client, &revoked).await.unwrap();
@@ -704,10 +674,8 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
     clock.advance(31);
     assert_refused(env.call(&mut client, &token).await, Code::Unavailable, VerifyError::FeedStale, "stale feed");
 
-    proxy.set_up(true);
-    while env.call(&mut client, &token).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy.restore();
+    wait_accepted(&env, &mut client, &token).await;
     // The reconnect snapshot carried the revocation missed while away.
     assert_refused(
         env.call(&mut client, &revoked).await,
@@ -720,11 +688,11 @@ async fn stale_feed_fails_closed_and_recovers_when_the_feed_returns() {
 #[tokio::test]
 async fn serving_last_known_keeps_traffic_through_a_silence_refusing_known_revocations() {
     let srv = TestServer::start().await;
-    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let proxy = TcpProxy::start(srv.grpc_addr).await;
     let clock = ManualClock::new(now());
     let events = Events::default();
     let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
-        .channel(lazy_channel(&srv, proxy.addr))
+        .channel(lazy_channel(&srv, proxy.addr()))
         .clock(clock.clone())
         .feed_options(FeedOptions {
             on_stale: StalePolicy::ServeLastKnown { up_to: Duration::from_secs(60) },
@@ -746,7 +714,7 @@ async fn serving_last_known_keeps_traffic_through_a_silence_refusing_known_revoc
     let feed = |env: &Env| env.verifier.stats().feed.unwrap();
     assert_eq!((feed(&env).health, feed(&env).entries, feed(&env).reconnects), (FeedHealth::Fresh, 1, 0));
 
-    proxy.set_up(false);
+    proxy.cut();
     events.wait_for("FeedDisconnected", 1).await;
     // A revocation the verifier cannot hear about while cut off.
     let unseen = env.service_token().await;
@@ -764,10 +732,8 @@ async fn serving_last_known_keeps_traffic_through_a_silence_refusing_known_revoc
     assert_eq!(feed(&env).health, FeedHealth::Stale);
     assert_eq!(events.count("FeedStale"), 1);
 
-    proxy.set_up(true);
-    while env.call(&mut client, &token).await.is_err() {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    proxy.restore();
+    wait_accepted(&env, &mut client, &token).await;
     // The reconnect snapshot carried the revocation missed while away.
     assert_refused(env.call(&mut client, &unseen).await, Code::Unauthenticated, VerifyError::Revoked, "unseen");
     let back = feed(&env);
@@ -935,10 +901,10 @@ impl Events {
 #[tokio::test]
 async fn observer_sees_keys_the_feed_coming_and_going_and_each_verification() {
     let srv = TestServer::start().await;
-    let proxy = Proxy::start(srv.grpc_addr, true).await;
+    let proxy = TcpProxy::start(srv.grpc_addr).await;
     let events = Events::default();
     let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
-        .channel(lazy_channel(&srv, proxy.addr))
+        .channel(lazy_channel(&srv, proxy.addr()))
         .feed_options(FeedOptions { max_backoff: Duration::from_millis(200), ..FeedOptions::default() })
         .observer(events.clone())
         .build()
@@ -959,9 +925,9 @@ async fn observer_sees_keys_the_feed_coming_and_going_and_each_verification() {
     assert_eq!(events.count("Verified { result: Err(Missing), cache: Bypassed }"), 1);
     assert_eq!(events.count("Verified"), 3, "one event per request");
 
-    proxy.set_up(false);
+    proxy.cut();
     events.wait_for("FeedDisconnected", 1).await;
-    proxy.set_up(true);
+    proxy.restore();
     events.wait_for("FeedConnected", 2).await;
     events.wait_for("FeedSnapshot", 2).await;
 }
