@@ -90,8 +90,9 @@ pub enum VerifyEvent<'a> {
     /// back-off.
     FeedDisconnected,
     /// A complete revocation snapshot (sent on every connect, possibly in
-    /// chunks, and again when the server re-reads its store) replaced the
-    /// deny set.
+    /// chunks, and again when the server re-reads its store) took effect:
+    /// it became the deny set, with the still-live entries the feed held
+    /// before (a revocation is never lifted).
     FeedSnapshot {
         /// `jti`s and `sid`s held after it.
         entries: usize,

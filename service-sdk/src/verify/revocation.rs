@@ -230,10 +230,29 @@ impl DenySet {
         }
     }
 
-    /// Forgets entries whose tokens cannot be valid any more, even with the
-    /// largest leeway a validator allows. Runs at most every 30 s.
     fn len(&self) -> usize {
         self.jti.len() + self.sid.len()
+    }
+
+    /// Whether a token that expires at `expires_at` may still be valid at
+    /// `now`, even with the largest leeway a validator allows.
+    fn live(expires_at: u64, now: u64) -> bool {
+        expires_at.saturating_add(MAX_LEEWAY_SECS) >= now
+    }
+
+    /// Moves in the entries of `old` that are still live, keeping the later
+    /// expiry of an id held by both: a new snapshot never lifts a
+    /// revocation the feed already knew.
+    fn carry_over(&mut self, old: DenySet, now: u64) {
+        for (map, old) in [(&mut self.jti, old.jti), (&mut self.sid, old.sid)] {
+            map.reserve(old.len());
+            for (id, expires_at) in old {
+                if Self::live(expires_at, now) {
+                    let e = map.entry(id).or_insert(expires_at);
+                    *e = (*e).max(expires_at);
+                }
+            }
+        }
     }
 
     /// The ids in `self` that `old` does not hold.
@@ -243,12 +262,14 @@ impl DenySet {
         jti.chain(sid).map(|(kind, id)| RevokedId { kind, id: id.clone() }).collect()
     }
 
+    /// Forgets entries whose tokens cannot be valid any more, even with the
+    /// largest leeway a validator allows. Runs at most every 30 s.
     fn prune(&mut self, now: u64) {
         if now < self.next_prune {
             return;
         }
         self.next_prune = now.saturating_add(30);
-        let live = |_: &String, exp: &mut u64| exp.saturating_add(MAX_LEEWAY_SECS) >= now;
+        let live = |_: &String, exp: &mut u64| Self::live(*exp, now);
         self.jti.retain(live);
         self.sid.retain(live);
     }
@@ -258,8 +279,10 @@ impl DenySet {
 /// kept current by a `WatchRevocations` stream (snapshot, then events and
 /// heartbeats), reconnecting with backoff. A snapshot may come in chunks;
 /// the feed is ready only once a snapshot's last chunk is in, and each new
-/// snapshot replaces the whole set at once. Clones share one feed; the
-/// stream closes when the last clone is dropped.
+/// snapshot takes effect at once with its last chunk. A revocation is never
+/// lifted: ids the feed already held stay, whatever a later snapshot
+/// lacks, until their tokens cannot be valid any more. Clones share one
+/// feed; the stream closes when the last clone is dropped.
 ///
 /// Before the first complete snapshot every check fails closed with
 /// [`VerifyError::FeedStale`]. When nothing has been heard for longer than
@@ -476,8 +499,11 @@ impl RevocationFeed {
     /// Applies one message of the stream.
     ///
     /// A snapshot arrives in chunks (each but the last marked `more`); the
-    /// chunks are gathered aside and replace the whole deny set at once
-    /// with the last one. Until then nothing changes: the feed is neither
+    /// chunks are gathered aside and become the deny set at once with the
+    /// last one, together with the entries of the old set whose tokens may
+    /// still be valid (a revocation is never lifted: a snapshot resent on
+    /// an open stream may lack ids that follow it as separate revocations).
+    /// Until then nothing changes: the feed is neither
     /// synced nor heard from, so a feed that was stale stays stale until
     /// the whole snapshot is in. On a newly opened stream (see
     /// [`RevocationFeed::reconnected`]), and while a snapshot resent on an
@@ -509,12 +535,12 @@ impl RevocationFeed {
                 new = complete.added_since(&deny);
                 complete.next_prune = deny.next_prune;
                 let old = std::mem::replace(&mut *deny, complete);
+                // O(old) moves under the lock, as `added_since` is O(new).
+                deny.carry_over(old, now);
                 deny.prune(now);
                 snapshot = Some(deny.len());
                 self.state.entries.store(deny.len(), Ordering::Relaxed);
                 drop(deny);
-                // Freed outside the lock.
-                drop(old);
                 tracing::debug!(entries = snapshot, "revocation snapshot applied");
             }
             Some(Event::Revoked(r)) => {
@@ -832,7 +858,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_snapshot_replaces_the_set_whole_after_its_last_chunk() {
+    fn a_new_snapshot_takes_effect_after_its_last_chunk_keeping_known_ids() {
         let clock = ManualClock::new(1_000);
         let f = feed(&clock);
         f.apply(snapshot(vec![revoked(pb::RevocationKind::Jti, "old", 2_000)]));
@@ -841,10 +867,10 @@ mod tests {
         // A revocation heard mid-snapshot lands in both sets.
         f.apply(event(revoked(pb::RevocationKind::Sid, "s1", 2_000)));
         f.apply(chunk(vec![], false));
-        assert_eq!(ready(f.check("old", None, 1_000)), Ok(()), "replaced, not merged");
+        assert_eq!(ready(f.check("old", None, 1_000)), Err(VerifyError::Revoked), "never lifted");
         assert_eq!(ready(f.check("gap", None, 1_000)), Err(VerifyError::Revoked));
         assert_eq!(ready(f.check("x", Some("s1"), 1_000)), Err(VerifyError::Revoked));
-        assert_eq!(f.revoked_count(), 2);
+        assert_eq!(f.revoked_count(), 3);
     }
 
     #[test]
@@ -999,8 +1025,9 @@ mod tests {
         assert_eq!(state(&f), (FeedHealth::Fresh, Some(0), 1, 0));
         assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
         assert_eq!(ready(f.check("gap", None, clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("early", None, clock.now_unix())), Err(VerifyError::Revoked), "not lifted");
         assert_eq!(f.stats().reconnects, 1);
-        assert_eq!(events.take(), ["FeedSnapshot { entries: 1 }", "FeedHeard { at: 1100 }"]);
+        assert_eq!(events.take(), ["FeedSnapshot { entries: 2 }", "FeedHeard { at: 1100 }"]);
         // On the same stream, a heartbeat is news again.
         clock.advance(10);
         f.apply(heartbeat());
@@ -1042,6 +1069,32 @@ mod tests {
         assert_eq!(with(|o| o.on_stale = serve_for(3_601)), Err(FeedOptionsError::ServeUpTo));
         assert_eq!(with(|o| o.initial_backoff = Duration::ZERO), Err(FeedOptionsError::Backoff));
         assert_eq!(with(|o| o.max_backoff = Duration::from_secs(31)), Err(FeedOptionsError::Backoff));
+    }
+
+    #[test]
+    fn a_resent_snapshot_keeps_known_unexpired_revocations() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        let mut rx = f.subscribe().unwrap();
+        f.apply(snapshot(vec![]));
+        // Known from events; "done" can no longer be valid even with the
+        // largest leeway.
+        f.apply(event(revoked(pb::RevocationKind::Jti, "x", 2_000)));
+        f.apply(event(revoked(pb::RevocationKind::Sid, "s", 2_000)));
+        f.apply(event(revoked(pb::RevocationKind::Jti, "done", 1_000 - MAX_LEEWAY_SECS - 1)));
+        clock.advance(10);
+        // The server resends its shared snapshot, which lacks them (its
+        // `since` revocations would follow as separate messages).
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "shared", 2_000)], true));
+        f.apply(chunk(vec![], false));
+        assert!(f.is_fresh());
+        assert_eq!(ready(f.check("x", None, clock.now_unix())), Err(VerifyError::Revoked), "never lifted");
+        assert_eq!(ready(f.check("j", Some("s"), clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("shared", None, clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(ready(f.check("done", None, clock.now_unix())), Ok(()), "expired entries are not carried over");
+        assert_eq!(f.revoked_count(), 3);
+        let announced: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|r| r.id).collect();
+        assert_eq!(announced, ["x", "s", "done", "shared"], "carried-over ids are not announced again");
     }
 
     #[test]
