@@ -75,7 +75,7 @@ impl Signer {
 }
 
 fn fresh_feed(clock: &ManualClock) -> RevocationFeed {
-    let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+    let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default()).unwrap();
     feed.apply(pb::RevocationEvent {
         event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries: vec![], more: false })),
     });

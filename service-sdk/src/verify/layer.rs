@@ -185,7 +185,7 @@ mod tests {
     /// A verifier on `key` with a fresh feed, reporting to `events`.
     async fn observed_verifier(key: &TestKey, events: Arc<Recorder>) -> Verifier {
         let clock = ManualClock::new(NOW);
-        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default()).unwrap();
         feed.apply(auth_proto::auth::v1::RevocationEvent {
             event: Some(auth_proto::auth::v1::revocation_event::Event::Snapshot(Default::default())),
         });

@@ -98,8 +98,10 @@ pub trait RevocationCheck: Send + Sync + 'static {
 }
 
 /// Timing and stale policy of a [`RevocationFeed`]. Checked by
-/// [`FeedOptions::validate`], which
-/// [`VerifierBuilder::build`](super::VerifierBuilder::build) calls.
+/// [`FeedOptions::validate`], which every constructor of the feed calls
+/// ([`RevocationFeed::connect`], [`RevocationFeed::detached`], and
+/// [`VerifierBuilder::build`](super::VerifierBuilder::build) for its
+/// default feed): options that fail it are never used.
 #[derive(Clone, Debug)]
 pub struct FeedOptions {
     /// How long the feed may be silent (no snapshot, event or heartbeat)
@@ -171,10 +173,10 @@ impl FeedOptions {
     /// The longest `up_to` of [`StalePolicy::ServeLastKnown`] accepted.
     pub const MAX_SERVE_STALE: Duration = Duration::from_secs(3_600);
 
-    /// Whether these options make sense; the verifier builder refuses
-    /// them otherwise ([`BuildError::FeedOptions`](super::BuildError::FeedOptions)).
-    /// [`RevocationFeed::connect`] and [`RevocationFeed::detached`] take
-    /// them as given.
+    /// Whether these options make sense. Every feed constructor refuses
+    /// them otherwise: [`RevocationFeed::connect`] and
+    /// [`RevocationFeed::detached`] with this error, the verifier builder
+    /// with [`BuildError::FeedOptions`](super::BuildError::FeedOptions).
     pub fn validate(&self) -> Result<(), FeedOptionsError> {
         if self.stale_after.as_secs() == 0 || self.stale_after > Self::MAX_STALE_AFTER {
             return Err(FeedOptionsError::StaleAfter);
@@ -440,11 +442,11 @@ impl FeedState {
 impl RevocationFeed {
     /// Opens the `WatchRevocations` stream on `channel` (an mTLS channel to
     /// the auth service) and keeps it open. Must be called within a tokio
-    /// runtime.
-    pub fn connect(channel: Channel, clock: Arc<dyn Clock>, opts: FeedOptions) -> Self {
-        let (feed, stopped) = Self::new(clock, &opts);
+    /// runtime. Refuses options that fail [`FeedOptions::validate`].
+    pub fn connect(channel: Channel, clock: Arc<dyn Clock>, opts: FeedOptions) -> Result<Self, FeedOptionsError> {
+        let (feed, stopped) = Self::new(clock, &opts)?;
         tokio::spawn(watch_loop(channel, Arc::downgrade(&feed.state), stopped, opts));
-        feed
+        Ok(feed)
     }
 
     /// [`RevocationFeed::connect`], reporting to `observer` from the start.
@@ -453,21 +455,24 @@ impl RevocationFeed {
         clock: Arc<dyn Clock>,
         opts: FeedOptions,
         observer: Arc<dyn VerifyObserver>,
-    ) -> Self {
-        let (feed, stopped) = Self::new(clock, &opts);
+    ) -> Result<Self, FeedOptionsError> {
+        let (feed, stopped) = Self::new(clock, &opts)?;
         feed.report_to(observer);
         tokio::spawn(watch_loop(channel, Arc::downgrade(&feed.state), stopped, opts));
-        feed
+        Ok(feed)
     }
 
     /// A feed with no stream: events arrive only through
     /// [`RevocationFeed::apply`] (tests, or a service that relays
-    /// revocations itself).
-    pub fn detached(clock: Arc<dyn Clock>, opts: FeedOptions) -> Self {
-        Self::new(clock, &opts).0
+    /// revocations itself). Refuses options that fail
+    /// [`FeedOptions::validate`].
+    pub fn detached(clock: Arc<dyn Clock>, opts: FeedOptions) -> Result<Self, FeedOptionsError> {
+        Ok(Self::new(clock, &opts)?.0)
     }
 
-    fn new(clock: Arc<dyn Clock>, opts: &FeedOptions) -> (Self, watch::Receiver<()>) {
+    /// The one place a feed is made: its options are checked here.
+    fn new(clock: Arc<dyn Clock>, opts: &FeedOptions) -> Result<(Self, watch::Receiver<()>), FeedOptionsError> {
+        opts.validate()?;
         let (stop, stopped) = watch::channel(());
         let (synced, _) = watch::channel(false);
         let serve_up_to = match opts.on_stale {
@@ -493,7 +498,7 @@ impl RevocationFeed {
             served_stale: AtomicU64::new(0),
             _stop: stop,
         };
-        (Self { state: Arc::new(state) }, stopped)
+        Ok((Self { state: Arc::new(state) }, stopped))
     }
 
     /// Applies one message of the stream.
@@ -758,7 +763,7 @@ mod tests {
     }
 
     fn feed(clock: &ManualClock) -> RevocationFeed {
-        RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default())
+        RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default()).unwrap()
     }
 
     #[test]
@@ -898,7 +903,7 @@ mod tests {
     }
 
     fn feed_with(clock: &ManualClock, on_stale: StalePolicy) -> RevocationFeed {
-        RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions { on_stale, ..FeedOptions::default() })
+        RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions { on_stale, ..FeedOptions::default() }).unwrap()
     }
 
     fn serve_for(secs: u64) -> StalePolicy {
@@ -1069,6 +1074,49 @@ mod tests {
         assert_eq!(with(|o| o.on_stale = serve_for(3_601)), Err(FeedOptionsError::ServeUpTo));
         assert_eq!(with(|o| o.initial_backoff = Duration::ZERO), Err(FeedOptionsError::Backoff));
         assert_eq!(with(|o| o.max_backoff = Duration::from_secs(31)), Err(FeedOptionsError::Backoff));
+    }
+
+    #[tokio::test]
+    async fn feeds_refuse_nonsense_options_in_every_constructor() {
+        let clock = ManualClock::new(1_000);
+        let channel = || Channel::from_static("http://127.0.0.1:1").connect_lazy();
+        let bad = [
+            (FeedOptions { on_stale: serve_for(0), ..FeedOptions::default() }, FeedOptionsError::ServeUpTo),
+            (FeedOptions { on_stale: serve_for(3_601), ..FeedOptions::default() }, FeedOptionsError::ServeUpTo),
+            (
+                FeedOptions {
+                    on_stale: StalePolicy::ServeLastKnown { up_to: Duration::MAX },
+                    ..FeedOptions::default()
+                },
+                FeedOptionsError::ServeUpTo,
+            ),
+            (FeedOptions { stale_after: Duration::ZERO, ..FeedOptions::default() }, FeedOptionsError::StaleAfter),
+            (
+                FeedOptions { stale_after: Duration::from_secs(601), ..FeedOptions::default() },
+                FeedOptionsError::StaleAfter,
+            ),
+            (
+                FeedOptions { stale_after: Duration::MAX, max_backoff: Duration::MAX, ..FeedOptions::default() },
+                FeedOptionsError::StaleAfter,
+            ),
+            (FeedOptions { initial_backoff: Duration::ZERO, ..FeedOptions::default() }, FeedOptionsError::Backoff),
+        ];
+        for (opts, err) in bad {
+            let clock = || Arc::new(clock.clone());
+            assert_eq!(RevocationFeed::detached(clock(), opts.clone()).unwrap_err(), err, "{opts:?}");
+            assert_eq!(RevocationFeed::connect(channel(), clock(), opts.clone()).unwrap_err(), err, "{opts:?}");
+            let observer = Arc::new(Recorder::default());
+            let reporting = RevocationFeed::connect_reporting(channel(), clock(), opts.clone(), observer);
+            assert_eq!(reporting.unwrap_err(), err, "{opts:?}");
+        }
+        // The longest serving accepted is bounded: past it, fail closed.
+        let f = feed_with(&clock, serve_for(3_600));
+        f.apply(snapshot(vec![]));
+        clock.advance(30 + 3_600);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        clock.advance(1);
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Err(VerifyError::FeedStale));
+        RevocationFeed::connect(channel(), Arc::new(clock.clone()), FeedOptions::default()).unwrap();
     }
 
     #[test]

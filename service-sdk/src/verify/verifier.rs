@@ -43,6 +43,12 @@ pub enum BuildError {
     /// (see [`FeedOptions::validate`]).
     #[error("invalid feed options: {0}")]
     FeedOptions(#[from] FeedOptionsError),
+    /// [`feed_options`](VerifierBuilder::feed_options) were given together
+    /// with a [`revocation`](VerifierBuilder::revocation) check: they
+    /// configure only the default feed, so they would be ignored. Give them
+    /// to [`RevocationFeed::connect`] or [`RevocationFeed::detached`].
+    #[error("feed options would be ignored: a revocation check was given; configure its feed instead")]
+    FeedOptionsIgnored,
 }
 
 /// Verifies access tokens for one service: the validator's explicit
@@ -150,7 +156,7 @@ impl Verifier {
             jwks: None,
             jwks_options: JwksOptions::default(),
             revocation: None,
-            feed_options: FeedOptions::default(),
+            feed_options: None,
             clock: Arc::new(SystemClock),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             observer: None,
@@ -362,7 +368,7 @@ pub struct VerifierBuilder {
     jwks: Option<JwksSource>,
     jwks_options: JwksOptions,
     revocation: Option<Arc<dyn RevocationCheck>>,
-    feed_options: FeedOptions,
+    feed_options: Option<FeedOptions>,
     clock: Arc<dyn Clock>,
     cache_capacity: u64,
     observer: Option<Box<dyn VerifyObserver>>,
@@ -405,11 +411,15 @@ impl VerifierBuilder {
         self
     }
 
-    /// Timing and stale policy of the default revocation feed (default:
-    /// stale after 30 s of silence, then fail closed; see
-    /// [`StalePolicy`](super::StalePolicy)). Checked by [`build`](Self::build).
+    /// Timing and stale policy of the default revocation feed, the one on
+    /// the [`channel`](Self::channel) (default: stale after 30 s of
+    /// silence, then fail closed; see [`StalePolicy`](super::StalePolicy)).
+    /// Checked by [`build`](Self::build), which also refuses them
+    /// ([`BuildError::FeedOptionsIgnored`]) next to a
+    /// [`revocation`](Self::revocation) check: a feed given there carries
+    /// its own options.
     pub fn feed_options(mut self, opts: FeedOptions) -> Self {
-        self.feed_options = opts;
+        self.feed_options = Some(opts);
         self
     }
 
@@ -460,7 +470,12 @@ impl VerifierBuilder {
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(BuildError::NoRuntime);
         }
-        self.feed_options.validate()?;
+        if let Some(opts) = &self.feed_options {
+            if self.revocation.is_some() {
+                return Err(BuildError::FeedOptionsIgnored);
+            }
+            opts.validate()?;
+        }
         let source = match (self.jwks, &self.channel) {
             (Some(s), _) => s,
             (None, Some(ch)) => JwksSource::grpc(ch.clone()),
@@ -476,9 +491,9 @@ impl VerifierBuilder {
             (None, Some(ch)) => Arc::new(RevocationFeed::connect_reporting(
                 ch,
                 Arc::clone(&self.clock),
-                self.feed_options,
+                self.feed_options.unwrap_or_default(),
                 Arc::clone(&report_to),
-            )),
+            )?),
             (None, None) => return Err(BuildError::NoRevocation),
         };
         let cache = (self.cache_capacity > 0).then(|| Arc::new(TokenCache::new(self.cache_capacity)));
@@ -544,7 +559,7 @@ mod tests {
     }
 
     fn fresh_feed(clock: &ManualClock) -> RevocationFeed {
-        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default());
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), FeedOptions::default()).unwrap();
         feed.apply(snapshot(vec![]));
         feed
     }
@@ -674,18 +689,21 @@ mod tests {
     #[tokio::test]
     async fn build_refuses_nonsense_feed_options() {
         let key = TestKey::es256();
-        let clock = ManualClock::new(NOW);
+        // The options configure the feed on the channel: the one they are
+        // used for.
         let build = |opts: FeedOptions| {
             Verifier::builder("auth-service", "inventory")
                 .jwks(JwksSource::fixed(key.key_set()))
-                .revocation(fresh_feed(&clock))
+                .channel(Channel::from_static("http://127.0.0.1:1").connect_lazy())
                 .feed_options(opts)
                 .build()
         };
         let zero = FeedOptions { stale_after: std::time::Duration::ZERO, ..FeedOptions::default() };
         assert_eq!(build(zero).unwrap_err(), BuildError::FeedOptions(FeedOptionsError::StaleAfter));
+        let long = FeedOptions { stale_after: std::time::Duration::from_secs(601), ..FeedOptions::default() };
+        assert_eq!(build(long).unwrap_err(), BuildError::FeedOptions(FeedOptionsError::StaleAfter));
         let forever = FeedOptions {
-            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(86_400) },
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::MAX },
             ..FeedOptions::default()
         };
         let err = build(forever).unwrap_err();
@@ -694,7 +712,41 @@ mod tests {
             err.to_string(),
             "invalid feed options: feed on_stale ServeLastKnown up_to must be between 1 s and 3600 s"
         );
-        build(FeedOptions::default()).unwrap();
+        let v = build(FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(3_600) },
+            ..FeedOptions::default()
+        })
+        .unwrap();
+        assert_eq!(v.stats().feed.unwrap().health, FeedHealth::Syncing, "the feed on the channel");
+    }
+
+    #[tokio::test]
+    async fn build_refuses_feed_options_it_would_ignore() {
+        let key = TestKey::es256();
+        let clock = ManualClock::new(NOW);
+        let serve = FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(60) },
+            ..FeedOptions::default()
+        };
+        let with_check = |opts: FeedOptions| {
+            Verifier::builder("auth-service", "inventory")
+                .jwks(JwksSource::fixed(key.key_set()))
+                .revocation(fresh_feed(&clock))
+                .feed_options(opts)
+                .build()
+        };
+        assert_eq!(with_check(serve).unwrap_err(), BuildError::FeedOptionsIgnored);
+        assert_eq!(with_check(FeedOptions::default()).unwrap_err(), BuildError::FeedOptionsIgnored);
+        // A feed given as the check carries its own options, checked when it
+        // is made.
+        let forever = FeedOptions {
+            on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::MAX },
+            ..FeedOptions::default()
+        };
+        assert_eq!(
+            RevocationFeed::detached(Arc::new(clock.clone()), forever).unwrap_err(),
+            FeedOptionsError::ServeUpTo
+        );
     }
 
     #[tokio::test]
@@ -705,7 +757,7 @@ mod tests {
             on_stale: StalePolicy::ServeLastKnown { up_to: std::time::Duration::from_secs(60) },
             ..FeedOptions::default()
         };
-        let feed = RevocationFeed::detached(Arc::new(clock.clone()), opts);
+        let feed = RevocationFeed::detached(Arc::new(clock.clone()), opts).unwrap();
         feed.apply(snapshot(vec![]));
         let events = Arc::new(Recorder::default());
         let v = Verifier::builder("auth-service", "inventory")
