@@ -267,6 +267,10 @@ pub struct LimitsConfig {
     /// Password checks that may wait for a thread; when full, Login answers
     /// `RESOURCE_EXHAUSTED` at once.
     pub password_queue: usize,
+    /// Scheduling niceness of the password threads (0-19; Linux), so that a
+    /// password flood, which keeps every password thread busy, cannot take
+    /// the CPU that token calls need. 0 runs them like every other thread.
+    pub password_nice: u8,
     /// Failed logins of one username allowed before it must back off.
     pub login_backoff_after: u32,
     /// Seconds without an attempt after which a username's failed logins
@@ -331,6 +335,7 @@ impl Default for LimitsConfig {
             shutdown_grace_secs: 10,
             password_threads: 0,
             password_queue: 64,
+            password_nice: 10,
             login_backoff_after: 5,
             login_backoff_window_secs: 900,
             login_backoff_max_secs: 300,
@@ -367,6 +372,7 @@ impl LimitsConfig {
         range("shutdown_grace_secs", self.shutdown_grace_secs, 1, 600);
         range("password_threads", self.password_threads as u64, 0, 64);
         range("password_queue", self.password_queue as u64, 1, 100_000);
+        range("password_nice", u64::from(self.password_nice), 0, 19);
         range("login_backoff_after", u64::from(self.login_backoff_after), 1, 1_000);
         range("login_backoff_window_secs", self.login_backoff_window_secs, 1, 86_400);
         range("login_backoff_max_secs", self.login_backoff_max_secs, 1, 86_400);

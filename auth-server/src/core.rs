@@ -119,6 +119,7 @@ impl AuthCore {
                 },
                 queue: config.limits.password_queue,
                 linger: PoolConfig::LINGER,
+                nice: config.limits.password_nice,
             }),
             login_throttle: LoginThrottle::new((&config.limits).into()),
         }

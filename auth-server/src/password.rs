@@ -152,6 +152,9 @@ pub struct PoolConfig {
     pub queue: usize,
     /// How long an idle thread keeps its argon2 block.
     pub linger: Duration,
+    /// Niceness of the worker threads (0-19): above 0, token calls on the
+    /// runtime's threads win the CPU from a busy pool.
+    pub nice: u8,
 }
 
 impl PoolConfig {
@@ -166,7 +169,7 @@ impl PoolConfig {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        Self { threads: Self::threads_for_this_machine(), queue: 64, linger: Self::LINGER }
+        Self { threads: Self::threads_for_this_machine(), queue: 64, linger: Self::LINGER, nice: 10 }
     }
 }
 
@@ -256,7 +259,11 @@ impl PasswordPool {
         });
         for i in 0..config.threads {
             let shared = Arc::clone(&shared);
-            let spawned = std::thread::Builder::new().name(format!("password-{i}")).spawn(move || worker(&shared));
+            let nice = config.nice;
+            let spawned = std::thread::Builder::new().name(format!("password-{i}")).spawn(move || {
+                lower_priority(nice);
+                worker(&shared)
+            });
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "could not start a password thread");
             }
@@ -352,6 +359,38 @@ fn next(shared: &Shared, holding_memory: bool) -> Next {
     }
 }
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux applies
+/// `setpriority(PRIO_PROCESS, tid)` to that one thread). Raising niceness
+/// needs no privilege; a failure is logged and the thread runs as is.
+#[allow(unsafe_code)] // two libc calls on the calling thread; std has no thread priority API
+fn lower_priority(nice: u8) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain syscalls on the calling thread, with no pointers.
+        let done = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, libc::c_int::from(nice))
+        };
+        if done != 0 {
+            tracing::warn!(nice, error = %std::io::Error::last_os_error(), "could not lower a password thread's priority");
+        }
+    }
+}
+
+/// The calling thread's niceness (Linux), for tests.
+#[cfg(all(test, target_os = "linux"))]
+#[allow(unsafe_code)] // as in `lower_priority`
+fn current_nice() -> i32 {
+    // SAFETY: as in `lower_priority`.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::getpriority(libc::PRIO_PROCESS, tid)
+    }
+}
+
 fn worker(shared: &Shared) {
     let mut memory = PasswordMemory::default();
     loop {
@@ -383,7 +422,15 @@ mod tests {
     use super::*;
 
     fn pool(threads: usize, queue: usize) -> PasswordPool {
-        PasswordPool::new(PoolConfig { threads, queue, linger: Duration::from_millis(50) })
+        PasswordPool::new(PoolConfig { threads, queue, linger: Duration::from_millis(50), nice: 0 })
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn password_threads_run_at_the_configured_niceness() {
+        let niced = PasswordPool::new(PoolConfig { threads: 1, queue: 1, linger: Duration::ZERO, nice: 7 });
+        assert_eq!(niced.run(|_| current_nice()).await.unwrap(), 7);
+        assert_eq!(pool(1, 1).run(|_| current_nice()).await.unwrap(), 0, "nice 0 leaves the thread as it is");
     }
 
     /// Occupies every thread of `pool` until the returned sender is dropped
