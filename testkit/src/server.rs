@@ -213,26 +213,14 @@ impl TestServer {
         identity: Option<Identity>,
         ca: Certificate,
     ) -> Result<Channel, tonic::transport::Error> {
-        let mut tls = ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost");
-        if let Some(id) = identity {
-            tls = tls.identity(id);
-        }
-        Channel::from_shared(format!("https://{}", self.grpc_addr)).expect("uri").tls_config(tls)?.connect().await
+        channel_to(self.grpc_addr, identity, ca).await
     }
 
     /// An mTLS channel as dev client `name` to `addr`: a proxy or balancer
     /// in front of this server (or of replicas sharing its dev directory).
     pub async fn channel_via(&self, addr: SocketAddr, name: &str) -> Channel {
         let (cert, key) = self.client_identity(name);
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.ca_pem()))
-            .domain_name("localhost")
-            .identity(Identity::from_pem(cert, key));
-        Channel::from_shared(format!("https://{addr}"))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("TLS config")
-            .connect()
+        channel_to(addr, Some(Identity::from_pem(cert, key)), Certificate::from_pem(self.ca_pem()))
             .await
             .expect("mTLS channel")
     }
@@ -284,4 +272,18 @@ impl Drop for TestServer {
             t.abort();
         }
     }
+}
+
+/// A channel to a gRPC port at `addr` (named `localhost` in its
+/// certificate) with `identity` (or none), trusting `ca`.
+async fn channel_to(
+    addr: SocketAddr,
+    identity: Option<Identity>,
+    ca: Certificate,
+) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(ca).domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(id);
+    }
+    Channel::from_shared(format!("https://{addr}")).expect("uri").tls_config(tls)?.connect().await
 }

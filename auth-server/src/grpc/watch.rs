@@ -13,8 +13,13 @@
 //! verifiers fail over to another replica. When its epoch moves (messages
 //! may have been lost), or a watcher falls behind the store's broadcast,
 //! the stream gets a fresh snapshot in place. Shutdown ends every stream at
-//! once with `UNAVAILABLE`. Open streams are capped per replica and per
-//! client identity (`[limits] watch_max_streams*`).
+//! once with `UNAVAILABLE`. Every send to the client also watches the stop
+//! signal and the feed ([`Watcher::send_or_stop`]), so a watcher blocked on
+//! a client that stopped reading (in the middle of a large snapshot) still
+//! ends at shutdown or when the feed stops being live, dropping the rest;
+//! its final status never waits on the client's buffer. Open streams are
+//! capped per replica and per client identity (`[limits]
+//! watch_max_streams*`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -26,7 +31,7 @@ use futures_util::Stream;
 use prost::Message as _;
 use prost::encoding::encoded_len_varint;
 use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
@@ -178,6 +183,11 @@ async fn stopping(stop: &mut watch::Receiver<bool>) {
     }
 }
 
+/// Resolves once the feed is not live (or its sender is gone).
+async fn feed_lost(feed: &mut watch::Receiver<FeedState>) {
+    let _ = feed.wait_for(|s| !s.live).await;
+}
+
 /// Open streams per replica and per client identity.
 struct Caps {
     max_total: usize,
@@ -274,8 +284,8 @@ pub(super) async fn handle(
     // Subscribe before reading the snapshot, so nothing falls between.
     let events = core.store.subscribe();
     let (chunks, since) = hub.snapshots.get(&core, state.epoch).await.map_err(|e| Status::from(AuthError::Store(e)))?;
-    let stream = channel_stream(move |tx| async move {
-        let watcher = Watcher { core, hub, tx, feed, epoch: state.epoch, events, _permit: permit };
+    let stream = channel_stream(move |tx, last| async move {
+        let watcher = Watcher { core, hub, tx, last: Some(last), feed, epoch: state.epoch, events, _permit: permit };
         watcher.run((chunks, since)).await;
     });
     Ok(Response::new(Box::pin(stream)))
@@ -286,6 +296,9 @@ struct Watcher {
     core: Arc<AuthCore>,
     hub: Arc<Hub>,
     tx: mpsc::Sender<Result<pb::RevocationEvent, Status>>,
+    /// The stream's final status, sent after whatever `tx` holds, without
+    /// waiting on the client.
+    last: Option<oneshot::Sender<Status>>,
     feed: watch::Receiver<FeedState>,
     /// The epoch the last snapshot sent belongs to.
     epoch: u64,
@@ -300,17 +313,19 @@ impl Watcher {
         }
         let mut stop = self.hub.stop.clone();
         let mut tick = tokio::time::interval(Duration::from_secs(self.core.watch.heartbeat_secs));
+        // After a blocked send, one heartbeat, not a burst of missed ones.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
         loop {
             let msg = tokio::select! {
                 biased;
-                () = stopping(&mut stop) => return self.end(shutting_down()).await,
+                () = stopping(&mut stop) => return self.end(shutting_down()),
                 () = self.tx.closed() => return,
                 changed = self.feed.changed() => {
                     let state = *self.feed.borrow_and_update();
                     if changed.is_err() || !state.live {
                         tracing::info!("revocation feed not live; ending watch stream");
-                        return self.end(not_live()).await;
+                        return self.end(not_live());
                     }
                     if state.epoch != self.epoch {
                         tracing::info!(epoch = state.epoch, "revocation feed resynced; sending a fresh snapshot");
@@ -334,7 +349,7 @@ impl Watcher {
                         }
                         continue;
                     }
-                    Err(RecvError::Closed) => return self.end(not_live()).await,
+                    Err(RecvError::Closed) => return self.end(not_live()),
                 },
                 _ = tick.tick() => {
                     // Only a live feed vouches for freshness; a change
@@ -349,8 +364,32 @@ impl Watcher {
                     }
                 }
             };
-            if self.tx.send(Ok(msg)).await.is_err() {
+            if !self.send_or_stop(msg).await {
                 return;
+            }
+        }
+    }
+
+    /// Sends `msg` unless, while waiting for room, the server stops or the
+    /// feed stops being live: then the message is dropped and the stream
+    /// ends with that status. False when the stream is over.
+    async fn send_or_stop(&mut self, msg: pb::RevocationEvent) -> bool {
+        let (mut stop, mut feed) = (self.hub.stop.clone(), self.feed.clone());
+        let outcome = tokio::select! {
+            biased;
+            () = stopping(&mut stop) => Err(shutting_down()),
+            () = feed_lost(&mut feed) => Err(not_live()),
+            sent = self.tx.send(Ok(msg)) => Ok(sent.is_ok()),
+        };
+        match outcome {
+            Ok(sent) => sent,
+            Err(status) => {
+                tracing::info!(
+                    reason = status.message(),
+                    "revocation watcher blocked on its client; ending the stream"
+                );
+                self.end(status);
+                false
             }
         }
     }
@@ -363,24 +402,28 @@ impl Watcher {
         match self.hub.snapshots.get(&self.core, epoch).await {
             Ok(snapshot) => self.send_snapshot(snapshot).await,
             Err(e) => {
-                self.end(Status::from(AuthError::Store(e))).await;
+                self.end(Status::from(AuthError::Store(e)));
                 false
             }
         }
     }
 
-    /// False when the client went away.
-    async fn send_snapshot(&self, (chunks, since): Snapshot) -> bool {
+    /// False when the stream is over.
+    async fn send_snapshot(&mut self, (chunks, since): Snapshot) -> bool {
         for msg in chunks.iter().cloned().chain(since.into_iter().map(revoked)) {
-            if self.tx.send(Ok(msg)).await.is_err() {
+            if !self.send_or_stop(msg).await {
                 return false;
             }
         }
         true
     }
 
-    async fn end(&self, status: Status) {
-        let _ = self.tx.send(Err(status)).await;
+    /// Ends the stream with `status`, after what is already queued; never
+    /// waits.
+    fn end(&mut self, status: Status) {
+        if let Some(last) = self.last.take() {
+            let _ = last.send(status);
+        }
     }
 }
 
@@ -388,16 +431,20 @@ fn revoked(r: pb::Revocation) -> pb::RevocationEvent {
     pb::RevocationEvent { event: Some(pb::revocation_event::Event::Revoked(r)) }
 }
 
-/// A stream fed by a task through a small channel; the task ends when the
-/// client goes away (the receiver is dropped).
-fn channel_stream<F, Fut>(f: F) -> tokio_stream::wrappers::ReceiverStream<Result<pb::RevocationEvent, Status>>
+/// A stream fed by a task through a small channel, then closed by the
+/// status the task sends on its oneshot (if any) once it is done; the task
+/// ends when the client goes away (the receiver is dropped).
+fn channel_stream<F, Fut>(f: F) -> impl Stream<Item = Result<pb::RevocationEvent, Status>> + Send + 'static
 where
-    F: FnOnce(mpsc::Sender<Result<pb::RevocationEvent, Status>>) -> Fut,
+    F: FnOnce(mpsc::Sender<Result<pb::RevocationEvent, Status>>, oneshot::Sender<Status>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
+    use futures_util::StreamExt as _;
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    tokio::spawn(f(tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    let (last_tx, last_rx) = oneshot::channel();
+    tokio::spawn(f(tx, last_tx));
+    let last = futures_util::stream::once(last_rx).filter_map(|r| std::future::ready(r.ok().map(Err)));
+    tokio_stream::wrappers::ReceiverStream::new(rx).chain(last)
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,13 +14,11 @@ use service_sdk::redis_layout::KeyLayout;
 use testkit::RedisProcess;
 use tokio::sync::broadcast;
 
+use crate::within;
+
 // The store-level tests pass the suite's `NOW` (Redis TTLs are relative to
 // it, so any value works).
 use conformance::NOW;
-
-/// Upper bound on waiting for something that must happen; reaching it fails
-/// the test instead of hanging it. Never a performance assertion.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 fn redis_config(redis: &RedisProcess) -> RedisConfig {
     RedisConfig { url: redis.url(), command_timeout_ms: 500, ..RedisConfig::default() }
@@ -29,10 +26,6 @@ fn redis_config(redis: &RedisProcess) -> RedisConfig {
 
 async fn connect(redis: &RedisProcess) -> RedisStore {
     RedisStore::connect(&redis_config(redis)).await.unwrap()
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("gave up waiting for {what}"))
 }
 
 async fn next_event(rx: &mut broadcast::Receiver<Revocation>) -> Revocation {

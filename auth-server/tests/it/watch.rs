@@ -14,13 +14,7 @@ use tokio::time::Instant;
 use tonic::{Code, Status, Streaming};
 
 use crate::flows::{client, login_user};
-
-/// Upper bound on anything that should happen "soon" (reconnects, resyncs).
-const PATIENCE: Duration = Duration::from_secs(20);
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("gave up waiting for {what}"))
-}
+use crate::within;
 
 /// A replica on the Redis at `url`, sharing `dir`'s PKI, keys and accounts
 /// when given; heartbeats every second, short Redis timeouts.
@@ -75,20 +69,26 @@ async fn a_replica_cut_off_from_redis_fails_closed_then_recovers() {
     // A silent partition between A and Redis: A's sockets stay open, but
     // nothing flows. The revocation, made at B, can never reach A.
     link.freeze();
+    let frozen_at = Instant::now();
     revoke(&b, &alice.access_token).await;
-    let revoked_at = Instant::now();
-    // The SDK counts whole seconds: allow one more, and a little for the
-    // last message in flight.
-    let bound = stale_after + Duration::from_secs(2);
+    // A's last heartbeat may come up to one subscriber ping plus one
+    // command timeout after the freeze (detection time); the verifier then
+    // waits out its stale bound, counted in whole seconds (one more), and
+    // the rest is slack for a loaded machine. A replica that kept
+    // heartbeating while partitioned would never get there.
+    let redis_config = a.config().redis().expect("a Redis store");
+    let detection = Duration::from_millis(redis_config.subscriber_ping_ms + redis_config.command_timeout_ms);
+    let bound = stale_after + Duration::from_secs(1) + detection + Duration::from_secs(2);
     loop {
         let result = v.verify(&alice.access_token, None).await;
         if refused(&result) {
             break;
         }
         assert!(
-            revoked_at.elapsed() < bound,
-            "the verifier behind a partitioned replica still accepts a token revoked {:?} ago: {result:?}",
-            revoked_at.elapsed()
+            frozen_at.elapsed() < bound,
+            "the verifier behind a partitioned replica still accepts a token revoked {:?} after the partition: \
+             {result:?}",
+            frozen_at.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -145,7 +145,7 @@ async fn a_resubscription_resyncs_open_watchers_with_a_large_deny_list() {
     let redis = RedisProcess::start();
     // Reading 50,000 entries takes a while in a debug build on a busy machine.
     let srv =
-        TestServer::builder().store_url(redis.url()).configure(|c| c.redis.command_timeout_ms = 10_000).start().await;
+        TestServer::builder().store_url(redis.url()).configure(|c| c.redis.command_timeout_ms = 9_000).start().await;
     let store = std::sync::Arc::clone(&srv.core().store);
     let expires_at = SystemClock.now_unix() + 3_600;
     futures_util::stream::iter(0..ENTRIES)
@@ -169,9 +169,14 @@ async fn a_resubscription_resyncs_open_watchers_with_a_large_deny_list() {
     }
 
     // Drop the store's pub/sub connection: it reconnects and resubscribes,
-    // and messages published meanwhile may be lost.
+    // and messages published meanwhile are lost. A revocation made at
+    // another replica in that gap can reach the watchers only through the
+    // resent snapshot (or as an event, if it lands after the resubscription).
+    let other = TestServer::builder().dev_dir(&srv.dir).store_url(redis.url()).start().await;
     let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]).int();
     assert!(killed >= 1, "no pub/sub connection to kill");
+    let gap = Revocation { kind: RevocationKind::Jti, id: "revoked-in-the-gap".into(), expires_at };
+    other.core().store.revoke(gap, SystemClock.now_unix()).await.unwrap();
     for stream in &mut watchers {
         // The same stream carries a fresh, complete snapshot.
         let ids = within("a fresh snapshot on the open stream", async {
@@ -191,7 +196,20 @@ async fn a_resubscription_resyncs_open_watchers_with_a_large_deny_list() {
             }
         })
         .await;
-        assert_eq!(ids.len(), ENTRIES);
+        assert!(ids.len() >= ENTRIES, "{} entries", ids.len());
+        if !ids.iter().any(|id| id == "revoked-in-the-gap") {
+            within("the revocation made during the gap", async {
+                loop {
+                    let event = stream.message().await.expect("the stream stays open").expect("stream ended");
+                    match event.event {
+                        Some(Event::Revoked(r)) if r.id == "revoked-in-the-gap" => return,
+                        Some(Event::Heartbeat(_)) => {}
+                        other => panic!("the resync lost the revocation made during the gap: got {other:?}"),
+                    }
+                }
+            })
+            .await;
+        }
     }
     // And it still carries revocations as they happen.
     let alice = login(&srv, "alice").await;
@@ -327,4 +345,54 @@ async fn watch_streams_are_capped_per_replica_and_per_client_identity() {
         }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_watcher_blocked_on_a_client_that_stops_reading_ends_at_shutdown() {
+    use auth_server::clock::{Clock, SystemClock};
+    use auth_server::store::{Revocation, RevocationKind};
+
+    // About a dozen 1 MiB snapshot chunks: far more than the stream's
+    // buffers and the client's HTTP/2 window hold, so the watcher blocks
+    // sending them to a client that does not read.
+    const ENTRIES: usize = 480_000;
+    let srv = TestServer::builder().configure(|c| c.limits.shutdown_grace_secs = 600).start().await;
+    let store = std::sync::Arc::clone(&srv.core().store);
+    let expires_at = SystemClock.now_unix() + 3_600;
+    for i in 0..ENTRIES {
+        let r = Revocation { kind: RevocationKind::Jti, id: format!("bulk-{i:08}"), expires_at };
+        store.revoke(r, SystemClock.now_unix()).await.unwrap();
+    }
+    let mut c = client(&srv, "inventory").await;
+    let mut stream = c.watch_revocations(WatchRevocationsRequest {}).await.unwrap().into_inner();
+    // The client reads nothing while the server shuts down.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shutdown = tokio::spawn(srv.shutdown());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Then it reads what is left: the watcher gave up the rest of the
+    // snapshot at shutdown instead of waiting on the client, and the
+    // stream ends.
+    let mut chunks = 0;
+    let status = within("the stream to end", async {
+        loop {
+            match stream.message().await {
+                Ok(Some(RevocationEvent { event: Some(Event::Snapshot(s)) })) => {
+                    chunks += 1;
+                    assert!(s.more, "the whole snapshot was sent after shutdown began ({chunks} chunks)");
+                }
+                Ok(other) => panic!("unexpected before the end: {other:?}"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await;
+    // UNAVAILABLE, or a reset when the server closes the connection, its
+    // last stream done, before the client has read all it sent.
+    match status.code() {
+        Code::Unavailable => assert_eq!(status.message(), "server shutting down"),
+        Code::Unknown => assert!(status.message().contains("h2 protocol error"), "{status:?}"),
+        _ => panic!("{status:?}"),
+    }
+    within("the shutdown", shutdown).await.unwrap();
 }

@@ -158,6 +158,9 @@ impl Forwarder {
         let mut ping: Ping = Box::pin(Fuse::terminated());
         loop {
             tokio::select! {
+                // A new connection first: it clears `subscribed` before a
+                // pong on that connection (not subscribed yet) is seen.
+                biased;
                 connection = connections.recv() => match connection {
                     Ok(_) | Err(RecvError::Lagged(_)) => self.resubscribe(&channel).await,
                     Err(RecvError::Closed) => return,
