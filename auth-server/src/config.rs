@@ -216,6 +216,14 @@ impl Default for RedisConfig {
 /// Default of `redis.subscriber_ping_ms`.
 pub const DEFAULT_SUBSCRIBER_PING_MS: u64 = 1_000;
 
+/// The longest a silent Redis partition may go unnoticed by the revocation
+/// subscriber: `redis.subscriber_ping_ms + redis.command_timeout_ms` (the
+/// last confirmation may be a whole ping interval old, and the next ping
+/// waits out a command timeout). Well under the SDK's default 30 s stale
+/// bound, so a partitioned replica stops heartbeating before its verifiers
+/// would have noticed on their own.
+pub const MAX_PARTITION_DETECTION_MS: u64 = 10_000;
+
 /// WatchRevocations settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -847,8 +855,21 @@ impl Config {
         if raw.redis.command_timeout_ms == 0 {
             v.err("redis.command_timeout_ms", "must be positive");
         }
-        if !(100..=60_000).contains(&raw.redis.subscriber_ping_ms) {
-            v.err("redis.subscriber_ping_ms", "must be between 100 and 60000");
+        let ping = raw.redis.subscriber_ping_ms;
+        if v.range("redis.subscriber_ping_ms", ping, 100, MAX_PARTITION_DETECTION_MS - 1_000)
+            && raw.redis.command_timeout_ms > 0
+        {
+            let detection = ping.saturating_add(raw.redis.command_timeout_ms);
+            if detection > MAX_PARTITION_DETECTION_MS {
+                v.err(
+                    "redis.subscriber_ping_ms",
+                    format!(
+                        "redis.subscriber_ping_ms + redis.command_timeout_ms ({detection}) must be at most \
+                         {MAX_PARTITION_DETECTION_MS}: a silent Redis partition goes unnoticed that long, and a \
+                         verifier must stop hearing heartbeats well within its stale bound"
+                    ),
+                );
+            }
         }
         let max_heartbeat = max_heartbeat_secs();
         if raw.watch.heartbeat_secs == 0 || raw.watch.heartbeat_secs > max_heartbeat {
@@ -1251,6 +1272,27 @@ signing = { path = "s.pem" }
             defaults.grpc_idle_timeout_secs
                 > defaults.grpc_keepalive_interval_secs + defaults.grpc_keepalive_timeout_secs
         );
+    }
+
+    #[test]
+    fn partition_detection_time_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path()) + "[redis]\nsubscriber_ping_ms = 8000\ncommand_timeout_ms = 2001\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["redis.subscriber_ping_ms"]);
+        let message = err.to_string();
+        assert!(message.contains("redis.command_timeout_ms") && message.contains("10000"), "{message}");
+        let ok = text.replace("command_timeout_ms = 2001", "command_timeout_ms = 2000");
+        Config::from_toml_str(&ok, dir.path()).unwrap();
+        // A long command timeout alone breaks the bound.
+        let text = base(dir.path()) + "[redis]\ncommand_timeout_ms = 600000\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["redis.subscriber_ping_ms"]);
+        let text = base(dir.path()) + "[redis]\nsubscriber_ping_ms = 60000\ncommand_timeout_ms = 100\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["redis.subscriber_ping_ms"]);
+        let defaults = RedisConfig::default();
+        assert!(defaults.subscriber_ping_ms + defaults.command_timeout_ms <= MAX_PARTITION_DETECTION_MS);
     }
 
     #[test]
