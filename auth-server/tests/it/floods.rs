@@ -89,9 +89,11 @@ async fn a_full_password_queue_answers_resource_exhausted_at_once() {
     let exhausted = counts.get("ResourceExhausted").copied().unwrap_or(0);
     let checked = counts.get("Unauthenticated").copied().unwrap_or(0);
     assert_eq!(exhausted + checked, 40, "{counts:?}");
-    // One check runs and four wait: the first five in are checked, most of
-    // the burst is refused.
-    assert!(checked >= 5, "{counts:?}");
+    // Four wait in the queue and are checked whatever the timing; a fifth
+    // runs too when the thread took the first before the queue filled (a
+    // busy machine, or the thread's lower priority, can delay that). Most
+    // of the burst is refused.
+    assert!(checked >= 4, "{counts:?}");
     assert!(exhausted >= 20, "{counts:?}");
     for s in results.iter().filter_map(|r| r.as_ref().err()).filter(|s| s.code() == Code::ResourceExhausted) {
         assert_eq!(s.message(), "server busy: too many password checks waiting");
