@@ -312,6 +312,7 @@ impl Server {
             .layer(crate::edge::rpc_trace())
             // Not gRPC (content-type): HTTP 415 before any service.
             .layer(crate::edge::GrpcContentTypeLayer)
+            .layer(crate::edge::GrpcFramingLayer)
             .layer(stack)
             // Inside the added layers, so they see refused calls too.
             .layer(ClientRateLimitLayer::from_config(&config.limits))

@@ -66,10 +66,22 @@ fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     (captured, tracing::subscriber::set_default(subscriber))
 }
 
+/// Call once the server is up, before the calls whose logs are checked.
+/// Other tests of this binary run on other threads with no subscriber, and
+/// the first of them to reach a callsite (the RPC span, say) may store its
+/// "never" after `set_default` computed "always": tracing caches interest
+/// per callsite, process-wide. Computing it again now, with this thread's
+/// subscriber registered and every callsite of the calls long registered,
+/// closes that race.
+fn settle_interest() {
+    tracing::callsite::rebuild_interest_cache();
+}
+
 #[tokio::test]
 async fn every_rpc_is_traced_with_its_method_and_grpc_code() {
     let (logs, _guard) = capture();
     let srv = TestServer::start().await;
+    settle_interest();
     let mut c = AuthClient::new(srv.channel("order").await);
 
     c.get_jwks(GetJwksRequest {}).await.unwrap();
@@ -110,6 +122,7 @@ async fn every_rpc_is_traced_with_its_method_and_grpc_code() {
 async fn client_chosen_strings_reach_the_logs_escaped() {
     let (logs, _guard) = capture();
     let srv = TestServer::start().await;
+    settle_interest();
     let mut c = AuthClient::new(srv.channel("order").await);
     let forged = ExchangeTokenRequest {
         client_id: "order\nINFO forged line".into(),
@@ -117,7 +130,17 @@ async fn client_chosen_strings_reach_the_logs_escaped() {
         audience: "inventory".into(),
         ..Default::default()
     };
-    assert_eq!(c.exchange_token(forged).await.unwrap_err().code(), Code::Unauthenticated);
+    // Now and then, under parallel tests, the RPC's span is not recorded
+    // by this thread's subscriber (tracing's per-callsite interest cache is
+    // process-wide); another call then shows the field. Each attempt's
+    // output is checked below for forged lines all the same.
+    for _ in 0..3 {
+        assert_eq!(c.exchange_token(forged.clone()).await.unwrap_err().code(), Code::Unauthenticated);
+        if logs.text().contains("order\\nINFO forged line") {
+            break;
+        }
+        settle_interest();
+    }
     let text = logs.text();
     assert!(text.contains("order\\nINFO forged line"), "{text}");
     assert!(!text.lines().any(|l| l.starts_with("INFO forged line")), "{text}");
@@ -166,6 +189,17 @@ async fn undecodable_requests_get_invalid_argument_with_a_fixed_message() {
         ("invalid UTF-8 in client_id", call("/auth.v1.Auth/ExchangeToken", bad_utf8)),
         ("garbage in a nested message", call("/auth.v1.Auth/Login", garbage_nested)),
         ("nesting past the recursion limit", call("/auth.v1.Auth/Login", deep)),
+        // Broken framing rather than a broken message.
+        (
+            "a frame cut short of its length prefix",
+            ("/auth.v1.Auth/ExchangeToken", {
+                let mut frame = grpc_frame(&whole);
+                frame.truncate(frame.len() - 3);
+                frame
+            }),
+        ),
+        ("a cut length prefix", ("/auth.v1.Auth/Login", vec![0, 0, 0])),
+        ("no message at all", ("/auth.v1.Auth/ExchangeToken", Vec::new())),
     ];
     let mut wrong = Vec::new();
     for (what, (path, body)) in cases {
