@@ -63,14 +63,10 @@ async fn redis_store_passes_the_store_conformance_suite() {
     conformance::run_all(&green).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() {
-    let redis = RedisProcess::start();
-    // Two replicas' stores racing on one token.
-    let stores = [Arc::new(connect(&redis).await), Arc::new(connect(&redis).await)];
-    stores[0].put_refresh("rt-0", &refresh_record("fam-race", "sid-race", NOW + 3600), NOW).await.unwrap();
-    let mut events = stores[1].subscribe();
-
+/// Fifty presentations of `rt-0` at once, alternating between the two
+/// stores, each committing its own successor `rt-1-<i>` with a reuse grace
+/// window of `grace` seconds; the successors and outcomes, in racer order.
+async fn race_fifty(stores: &[Arc<RedisStore>; 2], grace: u64) -> Vec<(String, ConsumeOutcome)> {
     let start = Arc::new(tokio::sync::Barrier::new(50));
     let racers: Vec<_> = (0..50)
         .map(|i| {
@@ -79,14 +75,29 @@ async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() 
             tokio::spawn(async move {
                 start.wait().await;
                 let next = format!("rt-1-{i}");
-                let outcome = store.rotate("rt-0", &next, NOW + 7200, NOW).await.unwrap();
+                let outcome = store.rotate_with_grace("rt-0", &next, NOW + 7200, NOW, grace).await.unwrap();
                 (next, outcome)
             })
         })
         .collect();
-    let (mut rotated, mut reused, mut refused) = (Vec::new(), 0, 0);
+    let mut outcomes = Vec::new();
     for racer in racers {
-        match racer.await.unwrap() {
+        outcomes.push(racer.await.unwrap());
+    }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() {
+    let redis = RedisProcess::start();
+    // Two replicas' stores racing on one token.
+    let stores = [Arc::new(connect(&redis).await), Arc::new(connect(&redis).await)];
+    stores[0].put_refresh("rt-0", &refresh_record("fam-race", "sid-race", NOW + 3600), NOW).await.unwrap();
+    let mut events = stores[1].subscribe();
+
+    let (mut rotated, mut reused, mut refused) = (Vec::new(), 0, 0);
+    for outcome in race_fifty(&stores, 0).await {
+        match outcome {
             (next, ConsumeOutcome::Rotated(record)) => {
                 assert_eq!(record, refresh_record("fam-race", "sid-race", NOW + 3600));
                 rotated.push(next);
@@ -114,22 +125,9 @@ async fn fifty_concurrent_refreshes_in_the_grace_window_leave_exactly_one_live_s
     let redis = RedisProcess::start();
     let stores = [Arc::new(connect(&redis).await), Arc::new(connect(&redis).await)];
     stores[0].put_refresh("rt-0", &refresh_record("fam-grace", "sid-grace", NOW + 3600), NOW).await.unwrap();
-    let start = Arc::new(tokio::sync::Barrier::new(50));
-    let racers: Vec<_> = (0..50)
-        .map(|i| {
-            let store = Arc::clone(&stores[i % 2]);
-            let start = Arc::clone(&start);
-            tokio::spawn(async move {
-                start.wait().await;
-                let next = format!("rt-1-{i}");
-                let outcome = store.rotate_with_grace("rt-0", &next, NOW + 7200, NOW, 10).await.unwrap();
-                (next, outcome)
-            })
-        })
-        .collect();
     let mut issued = Vec::new();
-    for racer in racers {
-        match racer.await.unwrap() {
+    for outcome in race_fifty(&stores, 10).await {
+        match outcome {
             (next, ConsumeOutcome::Rotated(_) | ConsumeOutcome::Retried(_)) => issued.push(next),
             (_, other) => panic!("within the window every presentation is a retry: {other:?}"),
         }
