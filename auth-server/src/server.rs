@@ -253,10 +253,16 @@ impl Server {
         let tls = crate::tls::server_config(&config.tls)?;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(auth_proto::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Transport(e.to_string()))?;
+        // Reflection in both versions: grpc.reflection.v1, and v1alpha,
+        // the only one grpcurl before 1.9 and Python's grpcio-reflection
+        // speak. Each lists auth.v1.Auth and grpc.health.v1.Health.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(auth_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| StartError::Transport(e.to_string()))?;
+        let reflection = reflection().build_v1().map_err(|e| StartError::Transport(e.to_string()))?;
 
         // Readiness follows the store: NOT_SERVING while it does not answer.
         let store = Arc::clone(&core.store);
@@ -318,6 +324,7 @@ impl Server {
             .layer(ClientRateLimitLayer::from_config(&config.limits))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             .add_service(
                 // Watch streams end as shutdown begins, so verifiers move to
                 // another replica at once instead of waiting out the grace.
