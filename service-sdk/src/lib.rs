@@ -76,10 +76,56 @@
 //!   lookup instead of the pushed [`RevocationFeed`], and `redis_layout`,
 //!   the auth server's Redis key layout and read script, shared with its
 //!   Redis store.
+//! - `metrics`: the SDK's metrics (below) through the
+//!   [`metrics`](https://docs.rs/metrics/0.24) facade. Off by default; when
+//!   off, nothing is recorded and nothing is compiled in.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature the SDK records into whatever recorder the
+//! service installs, e.g. `metrics-exporter-prometheus`. Install it before
+//! building the [`Verifier`] and the [`TokenSource`]: their series are
+//! registered then (the verify hot path only adds to handles it already
+//! holds).
+//!
+//! ```no_run
+//! # async fn demo(auth_channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
+//! let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+//! let verifier = service_sdk::Verifier::builder("auth-service", "inventory").channel(auth_channel).build()?;
+//! // Serve `prometheus.render()` on the service's /metrics.
+//! # let _ = (prometheus, verifier); Ok(()) }
+//! ```
+//!
+//! Labels come from fixed sets, or from the service's own configuration:
+//! `audience` is, on a verifier's series, the verifier's own audience, and
+//! on a token source's, the audience the service asks a token for (the
+//! audience of an [`AuthChannel`]; at most 64 per source, any more are
+//! counted as `_other`). Nothing from a request or a token is a label.
+//!
+//! | metric | type | labels | what |
+//! | --- | --- | --- | --- |
+//! | `auth_sdk_verifications_total` | counter | `audience`, `outcome`, `reason` | every verification: `outcome` `accepted`, `refused` (the token's fault: `Unauthenticated`) or `unavailable` (no keys, stale feed: `Unavailable`); `reason` is the refusal's [`VerifyError::reason`] (absent when accepted) |
+//! | `auth_sdk_verify_cache_hits_total` | counter | `audience` | verifications answered from the verified-token cache |
+//! | `auth_sdk_verify_cache_misses_total` | counter | `audience` | verifications that checked a signature |
+//! | `auth_sdk_jwks_refreshes_total` | counter | `audience`, `trigger`, `outcome`, `reason` | key set fetches: `trigger` `initial`, `scheduled` or `unknown_kid`; `outcome` `ok` or `failed` with the [`JwksError::reason`](verify::JwksError::reason) |
+//! | `auth_sdk_revocation_feed_connected` | gauge | `audience` | 1 while the `WatchRevocations` stream is open |
+//! | `auth_sdk_revocation_feed_connects_total` | counter | `audience` | streams opened (more than one: reconnects) |
+//! | `auth_sdk_revocation_feed_staleness_seconds` | gauge | `audience` | seconds since the feed was last heard from (since the verifier was built, before its first snapshot), on the verifier's clock; set every second by a task of the verifier, so it is current when scraped |
+//! | `auth_sdk_revocation_feed_last_heard_timestamp_seconds` | gauge | `audience` | Unix time of the last snapshot, revocation or heartbeat (`time() - ...` is the staleness, computed by Prometheus) |
+//! | `auth_sdk_revocation_feed_entries` | gauge | `audience` | revoked `jti`s and `sid`s held |
+//! | `auth_sdk_revocation_served_stale_total` | counter | `audience` | checks answered from the last known deny set of a stale feed ([`StalePolicy::ServeLastKnown`]) |
+//! | `auth_sdk_token_exchanges_total` | counter | `audience`, `outcome` | `ExchangeToken` calls of a [`TokenSource`]: `outcome` `ok` or the [`TokenError::label`] (`credentials`: the credentials could not be read, nothing was sent) |
+//! | `auth_sdk_token_renewals_total` | counter | `audience` | exchanges sent by the background renewer |
+//! | `auth_sdk_token_waits_total` | counter | `audience` | token requests that found no valid cached token and waited for an exchange |
+//!
+//! The feed series exist only for a verifier whose revocation check has a
+//! feed (not with a per-request Redis lookup). Two verifiers with the same
+//! audience in one process share their series.
 
 pub mod backoff;
 mod claims;
 mod client;
+mod metrics;
 #[cfg(feature = "redis")]
 pub mod redis_layout;
 pub mod verify;

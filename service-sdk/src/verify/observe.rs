@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::VerifyError;
 use super::jwks::JwksError;
+use crate::metrics::VerifyMetrics;
 
 /// Receives every [`VerifyEvent`] of a verifier. Called synchronously
 /// where the event happens (often on the request path): keep it cheap and
@@ -293,26 +294,33 @@ impl Stats {
     }
 }
 
-/// Where a verifier and its parts send events: the built-in counters, then
-/// the observer set in the builder, if any.
+/// Where a verifier and its parts send events: the built-in counters, the
+/// metrics (feature `metrics`; nothing otherwise), then the observer set in
+/// the builder, if any.
 pub(crate) struct Reporter {
     stats: Stats,
+    metrics: VerifyMetrics,
     observer: Option<Box<dyn VerifyObserver>>,
 }
 
 impl Reporter {
-    pub(crate) fn new(observer: Option<Box<dyn VerifyObserver>>) -> Self {
-        Self { stats: Stats::default(), observer }
+    pub(crate) fn new(metrics: VerifyMetrics, observer: Option<Box<dyn VerifyObserver>>) -> Self {
+        Self { stats: Stats::default(), metrics, observer }
     }
 
     pub(crate) fn stats(&self) -> VerifierStats {
         self.stats.snapshot()
+    }
+
+    pub(crate) fn metrics(&self) -> &VerifyMetrics {
+        &self.metrics
     }
 }
 
 impl VerifyObserver for Reporter {
     fn on_event(&self, event: &VerifyEvent<'_>) {
         self.stats.on_event(event);
+        self.metrics.on_event(event);
         if let Some(observer) = &self.observer {
             observer.on_event(event);
         }
@@ -347,7 +355,7 @@ mod tests {
     #[test]
     fn reporter_counts_verifications_and_forwards_every_event() {
         let recorder = Arc::new(Recorder::default());
-        let reporter = Reporter::new(Some(Box::new(recorder.clone())));
+        let reporter = Reporter::new(VerifyMetrics::new("inventory"), Some(Box::new(recorder.clone())));
         let events = [
             VerifyEvent::Verified { result: Ok(()), cache: CacheUse::Miss },
             VerifyEvent::Verified { result: Ok(()), cache: CacheUse::Hit },

@@ -21,6 +21,7 @@ use super::revocation::{
 };
 use super::{Validator, VerifyError};
 use crate::claims::{Claims, Confirmation};
+use crate::metrics::{FeedTicker, VerifyMetrics};
 use crate::{Clock, SystemClock};
 
 /// The default capacity of the verified-token cache.
@@ -97,6 +98,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     reporter: Arc<Reporter>,
     _evictor: Option<AbortOnDrop>,
+    /// Keeps the feed's staleness gauge current (feature `metrics`).
+    _feed_ticker: Option<FeedTicker>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -481,7 +484,8 @@ impl VerifierBuilder {
             (None, Some(ch)) => JwksSource::grpc(ch.clone()),
             (None, None) => return Err(BuildError::NoJwksSource),
         };
-        let reporter = Arc::new(Reporter::new(self.observer));
+        let metrics = VerifyMetrics::new(self.validator.audience());
+        let reporter = Arc::new(Reporter::new(metrics, self.observer));
         let report_to: Arc<dyn VerifyObserver> = reporter.clone();
         let revocation: Arc<dyn RevocationCheck> = match (self.revocation, self.channel) {
             (Some(r), _) => {
@@ -518,6 +522,7 @@ impl VerifierBuilder {
             _ => None,
         };
         let jwks = JwksCache::start(source, self.jwks_options, report_to);
+        let feed_ticker = reporter.metrics().watch_feed(&revocation, Arc::clone(&self.clock));
         Ok(Verifier {
             inner: Arc::new(Inner {
                 validator: self.validator,
@@ -527,6 +532,7 @@ impl VerifierBuilder {
                 clock: self.clock,
                 reporter,
                 _evictor: evictor,
+                _feed_ticker: feed_ticker,
             }),
         })
     }

@@ -2,6 +2,7 @@
 
 mod client;
 mod identity;
+mod metrics;
 mod stub;
 #[cfg(feature = "vault")]
 mod vault;

@@ -47,6 +47,20 @@ impl TokenError {
         matches!(self, TokenError::Unavailable { .. } | TokenError::Credentials(_))
     }
 
+    /// A short stable label of the kind of failure, for metrics:
+    /// `unavailable`, `unauthenticated`, `permission_denied`,
+    /// `invalid_request` or `credentials` (never the audience or reason
+    /// text).
+    pub fn label(&self) -> &'static str {
+        match self {
+            TokenError::Unavailable { .. } => "unavailable",
+            TokenError::Unauthenticated { .. } => "unauthenticated",
+            TokenError::PermissionDenied { .. } => "permission_denied",
+            TokenError::InvalidRequest { .. } => "invalid_request",
+            TokenError::Credentials(_) => "credentials",
+        }
+    }
+
     /// The error of an exchange service (with its layers) for `audience`:
     ///
     /// - a [`tonic::Status`] maps by its code alone (its message is never
@@ -124,6 +138,19 @@ mod tests {
         let e = from(tonic::Status::unavailable("secret detail"));
         assert_eq!(e, TokenError::Unavailable { audience: "inventory".into(), reason: "Unavailable".into() });
         assert!(!e.to_string().contains("secret detail"));
+    }
+
+    #[test]
+    fn labels_are_fixed_and_never_carry_the_audience_or_reason() {
+        let errors = [
+            TokenError::Unavailable { audience: "inventory".into(), reason: "Unavailable".into() },
+            TokenError::Unauthenticated { audience: "inventory".into() },
+            TokenError::PermissionDenied { audience: "inventory".into() },
+            TokenError::InvalidRequest { audience: "inventory".into() },
+            TokenError::Credentials("file missing".into()),
+        ];
+        let labels = errors.map(|e| e.label());
+        assert_eq!(labels, ["unavailable", "unauthenticated", "permission_denied", "invalid_request", "credentials"]);
     }
 
     #[test]

@@ -16,7 +16,6 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -235,7 +234,7 @@ impl Inner {
                 Ok(AccessToken(cached))
             }
             Err(e) => {
-                self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                self.stats.failed();
                 let delay = retry.failed(now_ms, e.clone());
                 tracing::warn!(audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token exchange failed");
                 Err(e)
@@ -249,10 +248,17 @@ impl Inner {
         subject: Option<&str>,
         renewal: bool,
     ) -> Result<Cached, TokenError> {
-        let creds = self.creds.current().await.map_err(|e| TokenError::Credentials(e.to_string()))?;
+        // A credentials source that fails is reported like an exchange
+        // that failed, though nothing was sent.
+        let unreadable = |e: crate::client::credentials::CredentialsError| {
+            let e = TokenError::Credentials(e.to_string());
+            self.stats.exchange_done(audience, Err(&e));
+            e
+        };
+        let creds = self.creds.current().await.map_err(unreadable)?;
         match self.exchange_once(&creds, audience, subject, renewal).await {
             Err(TokenError::Unauthenticated { .. }) => {
-                let fresh = self.creds.refresh().await.map_err(|e| TokenError::Credentials(e.to_string()))?;
+                let fresh = self.creds.refresh().await.map_err(unreadable)?;
                 if fresh == creds {
                     return Err(TokenError::Unauthenticated { audience: audience.into() });
                 }
@@ -270,16 +276,17 @@ impl Inner {
         subject: Option<&str>,
         renewal: bool,
     ) -> Result<Cached, TokenError> {
-        self.stats.exchanges.fetch_add(1, Ordering::Relaxed);
-        if renewal {
-            self.stats.renewals.fetch_add(1, Ordering::Relaxed);
-        }
+        self.stats.exchange_sent(audience, renewal);
         let mut req = ExchangeRequest::new(creds.clone(), audience);
         req.scopes = self.cfg.scopes.get(audience).cloned().unwrap_or_default();
         req.subject_token = subject.map(str::to_owned);
         req.requested_ttl = Duration::from_secs(u64::from(self.cfg.requested_ttl));
-        let resp = self.exchange.clone().oneshot(req).await.map_err(|e| TokenError::from_exchange(audience, e))?;
-        cached(resp, self.clock.now_unix(), &self.cfg, audience)
+        let result = match self.exchange.clone().oneshot(req).await {
+            Ok(resp) => cached(resp, self.clock.now_unix(), &self.cfg, audience),
+            Err(e) => Err(TokenError::from_exchange(audience, e)),
+        };
+        self.stats.exchange_done(audience, result.as_ref().map(|_| ()));
+        result
     }
 }
 

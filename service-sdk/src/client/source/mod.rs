@@ -64,6 +64,7 @@ use slot::{Slot, SubjectKey, subject_digest};
 use super::clock::{Clock, SystemClock};
 use super::credentials::Credentials;
 use crate::BoxError;
+use crate::metrics::SourceMetrics;
 
 /// Counters, for monitoring and for benchmarks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,12 +80,42 @@ pub struct TokenSourceStats {
     pub waited: u64,
 }
 
+/// The source's counters, and its metrics (feature `metrics`; nothing
+/// otherwise): the one place the flows report what they did.
 #[derive(Default)]
 struct Stats {
     exchanges: AtomicU64,
     renewals: AtomicU64,
     failures: AtomicU64,
     waited: AtomicU64,
+    metrics: SourceMetrics,
+}
+
+impl Stats {
+    /// An exchange for `audience` is sent (by the renewer, if `renewal`).
+    fn exchange_sent(&self, audience: &str, renewal: bool) {
+        self.exchanges.fetch_add(1, Ordering::Relaxed);
+        if renewal {
+            self.renewals.fetch_add(1, Ordering::Relaxed);
+            self.metrics.renewing(audience);
+        }
+    }
+
+    /// An exchange sent for `audience` came back with `result`.
+    fn exchange_done(&self, audience: &str, result: Result<(), &TokenError>) {
+        self.metrics.exchanged(audience, result);
+    }
+
+    /// No token could be had for `audience` (after any retry).
+    fn failed(&self) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request for `audience` found no valid cached token.
+    fn waited(&self, audience: &str) {
+        self.waited.fetch_add(1, Ordering::Relaxed);
+        self.metrics.waited(audience);
+    }
 }
 
 struct Inner {
@@ -257,7 +288,7 @@ impl<'a> IntoFuture for TokenRequest<'a> {
 impl Inner {
     /// The slow path: no valid cached token.
     async fn miss(&self, audience: &str, subject: Option<(SubjectKey, &str)>) -> Result<AccessToken, TokenError> {
-        self.stats.waited.fetch_add(1, Ordering::Relaxed);
+        self.stats.waited(audience);
         let (key, subject_token) = match &subject {
             Some((k, t)) => (Some(k), Some(*t)),
             None => (None, None),
