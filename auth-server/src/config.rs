@@ -86,6 +86,28 @@ pub struct RawConfig {
     /// (the password pool, login back-off, per-client rate limits).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit trail (`[audit]`; restart): one JSON line per token issued,
+/// call refused, revocation, refresh reuse and key set loaded. See
+/// docs/OPERATIONS.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Write the audit trail at all.
+    pub enabled: bool,
+    /// Append to this file (created with mode 0600; relative to the config
+    /// file's directory) instead of standard output.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { enabled: true, path: None }
+    }
 }
 
 /// `[keys]` as read.
@@ -497,6 +519,8 @@ pub struct Config {
     pub watch: WatchConfig,
     /// Limits of both ports and against floods (restart).
     pub limits: LimitsConfig,
+    /// The audit trail (restart); `path` is resolved.
+    pub audit: AuditConfig,
     /// Users file (reloadable).
     pub users_file: PathBuf,
     /// Service accounts file (reloadable).
@@ -622,6 +646,7 @@ impl std::fmt::Debug for RawConfig {
             .field("redis", &self.redis)
             .field("watch", &self.watch)
             .field("limits", &self.limits)
+            .field("audit", &self.audit)
             .finish()
     }
 }
@@ -637,6 +662,7 @@ impl std::fmt::Debug for Config {
             .field("tls", &self.tls)
             .field("watch", &self.watch)
             .field("limits", &self.limits)
+            .field("audit", &self.audit)
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
             .field("keys", &self.keys)
@@ -695,8 +721,8 @@ impl RawConfig {
 impl Config {
     /// The keys whose change needs a restart (a reload keeps their old
     /// values and warns).
-    pub const RESTART_KEYS: [&'static str; 8] =
-        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch", "limits"];
+    pub const RESTART_KEYS: [&'static str; 9] =
+        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch", "limits", "audit"];
 
     /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
     /// resolves relative paths against the file's directory and validates.
@@ -748,7 +774,7 @@ impl Config {
 
     /// The restart-only keys whose value differs in `other`.
     pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
-        let [issuer, grpc, http, store, log, tls, watch, limits] = Self::RESTART_KEYS;
+        let [issuer, grpc, http, store, log, tls, watch, limits, audit] = Self::RESTART_KEYS;
         let mut changed = Vec::new();
         let mut check = |differs: bool, key| {
             if differs {
@@ -763,6 +789,7 @@ impl Config {
         check(self.tls != other.tls, tls);
         check(self.watch != other.watch, watch);
         check(self.limits != other.limits, limits);
+        check(self.audit != other.audit, audit);
         changed
     }
 
@@ -883,6 +910,10 @@ impl Config {
             );
         }
         raw.limits.validate(&mut v);
+        let audit = AuditConfig {
+            enabled: raw.audit.enabled,
+            path: raw.audit.path.as_deref().map(|p| v.output_file("audit.path", p)),
+        };
 
         match (grpc_addr, http_addr, store, log_format, users_file, accounts_file, tls, keys) {
             (
@@ -903,6 +934,7 @@ impl Config {
                 tls,
                 watch: raw.watch,
                 limits: raw.limits,
+                audit,
                 users_file,
                 accounts_file,
                 keys,
@@ -940,6 +972,20 @@ impl Validation<'_> {
             self.err(key, format!("not a socket address (host:port): {text:?}"));
         }
         parsed
+    }
+
+    /// A file the server writes, resolved against the config directory:
+    /// its directory must exist.
+    fn output_file(&mut self, key: &str, path: &Path) -> PathBuf {
+        let path = if path.is_relative() { self.base.join(path) } else { path.to_owned() };
+        if path.file_name().is_none() {
+            self.err(key, format!("not a file name: {}", path.display()));
+        } else if path.is_dir() {
+            self.err(key, format!("a directory, not a file: {}", path.display()));
+        } else if !path.parent().is_none_or(|d| d.as_os_str().is_empty() || d.is_dir()) {
+            self.err(key, format!("directory not found: {}", path.display()));
+        }
+        path
     }
 
     /// A required file, resolved against the config directory.
@@ -1254,6 +1300,31 @@ signing = { path = "s.pem" }
         let b = Config::from_toml_str(&text, dir.path()).unwrap();
         assert_eq!(a.restart_changes(&b), ["issuer", "http_addr", "limits"]);
         assert!(a.restart_changes(&a).is_empty());
+    }
+
+    #[test]
+    fn the_audit_trail_defaults_to_stdout_and_its_file_resolves_against_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        assert_eq!(cfg.audit, AuditConfig { enabled: true, path: None });
+        let text = base(dir.path()) + "[audit]\npath = \"audit.jsonl\"\n";
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        assert_eq!(cfg.audit.path, Some(dir.path().join("audit.jsonl")));
+        let off = Config::from_toml_str(&(base(dir.path()) + "[audit]\nenabled = false\n"), dir.path()).unwrap();
+        assert!(!off.audit.enabled);
+        for bad in ["no/such/dir/audit.jsonl", "."] {
+            let text = base(dir.path()) + &format!("[audit]\npath = \"{bad}\"\n");
+            let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+            assert_eq!(err.keys(), ["audit.path"], "{bad}: {err}");
+        }
+        let err = Config::from_toml_str(&(base(dir.path()) + "[audit]\nfile = \"x\"\n"), dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["audit.file"], "{err}");
+        let changed = Config::from_toml_str(&text_with_audit(dir.path()), dir.path()).unwrap();
+        assert_eq!(cfg.restart_changes(&changed), ["audit"]);
+    }
+
+    fn text_with_audit(dir: &Path) -> String {
+        base(dir) + "[audit]\npath = \"other.jsonl\"\n"
     }
 
     #[test]

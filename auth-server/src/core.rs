@@ -13,6 +13,7 @@ use crate::directory::{Directory, random_token};
 use crate::error::AuthError;
 use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
 use crate::keys::{KeyError, SigningKeys};
+use crate::observe::{Events, NoEvents};
 use crate::password::{PasswordPool, PoolConfig};
 use crate::store::{IssuedToken, RefreshRecord, Store};
 use crate::throttle::LoginThrottle;
@@ -98,6 +99,9 @@ pub struct AuthCore {
     pub passwords: PasswordPool,
     /// Back-off of failed password logins per username (`limits.login_*`).
     pub login_throttle: LoginThrottle,
+    /// Where handlers (and a flow, when only it knows) report what they
+    /// decided: the audit trail and the metrics (see [`crate::observe`]).
+    pub events: Arc<dyn Events>,
 }
 
 impl AuthCore {
@@ -122,7 +126,14 @@ impl AuthCore {
                 nice: config.limits.password_nice,
             }),
             login_throttle: LoginThrottle::new((&config.limits).into()),
+            events: Arc::new(NoEvents),
         }
+    }
+
+    /// Reports events to `events` instead of dropping them.
+    pub fn with_events(mut self, events: Arc<dyn Events>) -> Self {
+        self.events = events;
+        self
     }
 
     /// The current policy. Load it once per request and use that value

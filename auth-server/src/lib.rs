@@ -3,7 +3,7 @@
 //! It alone holds the private signing key. Over mTLS it serves Login,
 //! ExchangeToken (RFC 8693), Refresh (single-use rotation with reuse
 //! detection), Revoke, GetJwks and WatchRevocations; an HTTP side port serves
-//! `/.well-known/jwks.json`, `/healthz` and `/readyz`.
+//! `/.well-known/jwks.json`, `/healthz`, `/readyz` and `/metrics`.
 //!
 //! The flows (`login`, `exchange`, `refresh`, `revoke`) run over three
 //! ports: [`keys`] (signing and JWKS), [`store`] (memory, Redis) and the
@@ -17,6 +17,12 @@
 //! rule) is in the leaf module [`grant`], and each decides in a pure
 //! `policy` function. [`error::AuthError`] becomes a `tonic::Status` in one
 //! place.
+//!
+//! What operators watch goes through one event port, [`observe`]: handlers
+//! report each token issued, refusal, revocation, refresh reuse and key
+//! load to `AuthCore::events`, which feeds the audit trail and the
+//! Prometheus metrics; per-RPC metrics are a layer and store latency a
+//! decorator of the store port.
 //!
 //! One builder assembles the server, for the binary, the tests and the
 //! examples alike: [`server::Server::builder`] takes a validated
@@ -57,6 +63,7 @@ pub mod keys;
 pub mod limits;
 pub mod login;
 pub mod logs;
+pub mod observe;
 pub mod password;
 pub mod ratelimit;
 pub mod refresh;

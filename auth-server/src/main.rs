@@ -175,7 +175,14 @@ async fn run(cli: Cli) -> Result<(), String> {
 }
 
 async fn run_server(cfg: Config, dev_env: Option<dev::DevEnv>) -> Result<(), String> {
-    let server = Server::builder(cfg).build().await.map_err(|e| e.to_string())?;
+    // The process's metrics recorder, installed before the server registers
+    // its metrics; `/metrics` renders it.
+    let mut builder = Server::builder(cfg);
+    match auth_server::observe::metrics::install_prometheus() {
+        Ok(handle) => builder = builder.metrics(handle),
+        Err(e) => tracing::warn!(error = %e, "metrics recorder not installed: no /metrics"),
+    }
+    let server = builder.build().await.map_err(|e| e.to_string())?;
     tracing::info!(store = server.core().store.name(), "state store selected");
     let listeners = Listeners::bind(server.config()).await.map_err(|e| e.to_string())?;
     if let Some(env) = &dev_env {

@@ -37,6 +37,7 @@ use tower::{Layer, Service};
 use crate::config::LimitsConfig;
 use crate::edge::ConnInfo;
 use crate::error::AuthError;
+use crate::observe::{Caller, Events, NoEvents, Rpc};
 
 /// The RPCs limited per client.
 pub const LIMITED_PATHS: [&str; 4] =
@@ -85,6 +86,7 @@ impl Limiter {
 #[derive(Clone)]
 pub struct ClientRateLimitLayer {
     limiter: Arc<Limiter>,
+    events: Arc<dyn Events>,
 }
 
 impl std::fmt::Debug for ClientRateLimitLayer {
@@ -111,7 +113,14 @@ impl ClientRateLimitLayer {
                 calls: AtomicU64::new(0),
                 refused: AtomicU64::new(0),
             }),
+            events: Arc::new(NoEvents),
         }
+    }
+
+    /// Reports each refused call to `events` as a denial.
+    pub fn observed(mut self, events: Arc<dyn Events>) -> Self {
+        self.events = events;
+        self
     }
 
     /// The limits of `[limits]`.
@@ -140,7 +149,7 @@ impl<S> Layer<S> for ClientRateLimitLayer {
     type Service = ClientRateLimit<S>;
 
     fn layer(&self, inner: S) -> ClientRateLimit<S> {
-        ClientRateLimit { inner, limiter: Arc::clone(&self.limiter) }
+        ClientRateLimit { inner, limiter: Arc::clone(&self.limiter), events: Arc::clone(&self.events) }
     }
 }
 
@@ -149,6 +158,7 @@ impl<S> Layer<S> for ClientRateLimitLayer {
 pub struct ClientRateLimit<S> {
     inner: S,
     limiter: Arc<Limiter>,
+    events: Arc<dyn Events>,
 }
 
 impl<S> std::fmt::Debug for ClientRateLimit<S> {
@@ -184,7 +194,15 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if LIMITED_PATHS.contains(&req.uri().path()) && !self.limiter.check(&client_key(&req)) {
-            let status = tonic::Status::from(AuthError::ResourceExhausted("rate limit exceeded"));
+            let refused = AuthError::ResourceExhausted("rate limit exceeded");
+            let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.peer.as_deref()).map(|p| p.id.as_str());
+            crate::observe::denied(
+                &*self.events,
+                Rpc::from_path(req.uri().path()),
+                Caller { client_id: None, peer },
+                &refused,
+            );
+            let status = tonic::Status::from(refused);
             return Either::Left(std::future::ready(Ok(status.into_http())));
         }
         Either::Right(self.inner.call(req))

@@ -16,7 +16,8 @@ use crate::core::{AuthCore, issued_record};
 use crate::directory::random_token;
 use crate::error::AuthError;
 use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest};
-use crate::store::RefreshCommit;
+use crate::observe::Event;
+use crate::store::{ConsumeOutcome, RefreshCommit};
 
 /// Spends `presented` and returns a new access token and refresh token.
 /// Presenting a spent token revokes its family and is refused (unless it
@@ -30,6 +31,8 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
     let t = &current.tokens;
     let digest = refresh_digest(presented);
     let record = core.store.refresh_record(&digest, now).await?;
+    // Named in the audit trail should this turn out to be a reuse.
+    let family = record.as_ref().map(|r| (r.family.clone(), r.sid.clone()));
     let grant = policy::grant(record, |sub| current.directory.user(sub), t.access_ttl_secs)?;
     let access = core.sign(&current, grant, now).await?;
     let next = random_token(32)?;
@@ -42,6 +45,9 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
         reuse_grace_secs: t.refresh_reuse_grace_secs,
     };
     let outcome = core.store.commit_refresh(&commit, now).await?;
+    if let (ConsumeOutcome::Reused, Some((family, sid))) = (&outcome, &family) {
+        core.events.emit(&Event::RefreshReuse { family, sid });
+    }
     policy::committed(outcome)?;
     Ok(Issued { kind: GrantKind::Refresh, access, refresh: Some(RefreshIssued { token: next }) })
 }

@@ -45,11 +45,34 @@ pub enum RevokeTarget {
     Sid(String),
 }
 
+/// On whose authority a revocation was made (for the audit trail).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authority {
+    /// The revoked token itself was presented (an access token, or a
+    /// refresh token for its family or session): `sub` is its subject.
+    Possession {
+        /// The presented token's subject.
+        sub: String,
+    },
+    /// The caller's bearer token (revoking by `jti` or `sid`).
+    Bearer {
+        /// The bearer token's subject.
+        sub: String,
+        /// Whether it carries the admin permission.
+        admin: bool,
+    },
+}
+
 /// What a Revoke did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoked {
     /// The entry is durable on the deny list (and published).
-    Recorded(Revocation),
+    Recorded {
+        /// What was revoked.
+        revocation: Revocation,
+        /// On whose authority.
+        by: Authority,
+    },
     /// The presented access token had already expired: there was nothing
     /// to deny-list, and saying so is harmless.
     AlreadyExpired,
@@ -60,9 +83,11 @@ impl Revoked {
     /// `session`.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Recorded(Revocation { kind: RevocationKind::Jti, .. }) | Self::AlreadyExpired => "jti",
-            Self::Recorded(Revocation { kind: RevocationKind::Family, .. }) => "family",
-            Self::Recorded(Revocation { kind: RevocationKind::Sid, .. }) => "session",
+            Self::Recorded { revocation: Revocation { kind: RevocationKind::Jti, .. }, .. } | Self::AlreadyExpired => {
+                "jti"
+            }
+            Self::Recorded { revocation: Revocation { kind: RevocationKind::Family, .. }, .. } => "family",
+            Self::Recorded { revocation: Revocation { kind: RevocationKind::Sid, .. }, .. } => "session",
         }
     }
 }
@@ -73,15 +98,16 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
     let now = core.clock.now_unix();
     let current = core.policy();
     let t = &current.tokens;
-    let revocation = match target {
+    let (revocation, by) = match target {
         RevokeTarget::AccessToken(token) => {
             let keys = current.keys.public_keys();
             // Judge expiry with the verifiers' leeway: a token they still
             // accept must still be deny-listed.
             let validator = core.validator.clone().leeway_secs(t.verifier_leeway_secs);
             let checked = validator.validate_for(&token, &keys.keys, now, None);
+            let sub = checked.as_ref().map(|c| c.sub.clone()).unwrap_or_default();
             match policy::access_token(checked, t)? {
-                Some(r) => r,
+                Some(r) => (r, Authority::Possession { sub }),
                 None => return Ok(Revoked::AlreadyExpired),
             }
         }
@@ -89,20 +115,25 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
             let Some(record) = core.store.refresh_record(&refresh_digest(&token), now).await? else {
                 return Err(AuthError::Unauthenticated("invalid refresh token"));
             };
-            if end_session { policy::session_of(record, now, t) } else { policy::family(record, now, t) }
+            let by = Authority::Possession { sub: record.sub.clone() };
+            (if end_session { policy::session_of(record, now, t) } else { policy::family(record, now, t) }, by)
         }
         RevokeTarget::Jti(jti) => {
             let caller = caller(core, &current, caller_token).await?;
             let issued = if jti == caller.jti { None } else { core.store.issued(&jti, now).await? };
-            policy::jti(&caller, jti, issued.as_ref(), now, t)?
+            (policy::jti(&caller, jti, issued.as_ref(), now, t)?, bearer(&caller, t))
         }
         RevokeTarget::Sid(sid) => {
             let caller = caller(core, &current, caller_token).await?;
-            policy::sid(&caller, sid, now, t)?
+            (policy::sid(&caller, sid, now, t)?, bearer(&caller, t))
         }
     };
     core.store.revoke(revocation.clone(), now).await?;
-    Ok(Revoked::Recorded(revocation))
+    Ok(Revoked::Recorded { revocation, by })
+}
+
+fn bearer(caller: &service_sdk::Claims, t: &crate::config::TokensConfig) -> Authority {
+    Authority::Bearer { sub: caller.sub.clone(), admin: policy::is_admin(caller, t) }
 }
 
 async fn caller(core: &AuthCore, current: &Policy, token: Option<&str>) -> Result<service_sdk::Claims, AuthError> {
@@ -346,8 +377,12 @@ pub mod policy {
 
         #[test]
         fn the_response_names_what_was_revoked() {
-            use crate::revoke::Revoked;
-            let r = |kind| Revoked::Recorded(Revocation { kind, id: "x".into(), expires_at: 1 });
+            use crate::revoke::{Authority, Revoked};
+            let by = Authority::Possession { sub: "alice".into() };
+            let r = |kind| Revoked::Recorded {
+                revocation: Revocation { kind, id: "x".into(), expires_at: 1 },
+                by: by.clone(),
+            };
             assert_eq!(r(RevocationKind::Jti).label(), "jti");
             assert_eq!(r(RevocationKind::Family).label(), "family");
             assert_eq!(r(RevocationKind::Sid).label(), "session");

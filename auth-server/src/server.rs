@@ -16,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tonic::codegen::Bytes;
 use tower::layer::util::{Identity, Stack};
@@ -27,6 +28,11 @@ use crate::config::{Config, ConfigError, ConfigErrors, KeySource, StoreConfig};
 use crate::core::{AuthCore, Policy, PolicyError};
 use crate::grpc::AuthService;
 use crate::keys::{KeyError, SigningKeys};
+use crate::observe::audit::{AuditError, AuditLog};
+use crate::observe::metrics::{EventMetrics, Scrape};
+use crate::observe::rpc::RpcMetricsLayer;
+use crate::observe::store::MeteredStore;
+use crate::observe::{Event, Fanout, published_keys};
 use crate::ratelimit::ClientRateLimitLayer;
 use crate::store::{MemoryStore, Store, StoreError};
 
@@ -54,6 +60,9 @@ pub enum StartError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The audit file could not be opened.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
     /// A listener or the transport failed.
     #[error("transport: {0}")]
     Transport(String),
@@ -106,10 +115,22 @@ pub struct ServerBuilder<L = Identity> {
     keys: Option<Arc<dyn SigningKeys>>,
     store: Option<Arc<dyn Store>>,
     clock: Option<SharedClock>,
+    metrics: Option<PrometheusHandle>,
     layers: ServiceBuilder<L>,
 }
 
 impl<L> ServerBuilder<L> {
+    /// Serves `GET /metrics` on the side port, rendered from `handle`: the
+    /// Prometheus recorder installed as the global recorder (see
+    /// [`install_prometheus`](crate::observe::metrics::install_prometheus)),
+    /// before this server is built. Without it there is no `/metrics`
+    /// route; the server still reports its metrics to whatever recorder is
+    /// installed.
+    pub fn metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
     /// Signs with these keys instead of opening `config.keys`. A reload then
     /// keeps them (their owner rotates them).
     pub fn keys(mut self, keys: Arc<dyn SigningKeys>) -> Self {
@@ -138,6 +159,7 @@ impl<L> ServerBuilder<L> {
             keys: self.keys,
             store: self.store,
             clock: self.clock,
+            metrics: self.metrics,
             layers: self.layers.layer(layer),
         }
     }
@@ -164,8 +186,17 @@ impl<L> ServerBuilder<L> {
             Some(s) => s,
             None => open_store(&self.config.store).await?,
         };
+        // Timed at the port: no store holds metrics code.
+        let store = MeteredStore::wrap(store);
         let policy = Policy::load(&self.config, keys)?;
-        let core = Arc::new(AuthCore::new(&self.config, policy, store, Arc::clone(&clock)));
+        crate::observe::metrics::describe();
+        let mut events = Fanout::new().with(Arc::new(EventMetrics::new()));
+        if let Some(audit) = AuditLog::open(&self.config.audit, Arc::clone(&clock))? {
+            events = events.with(Arc::new(audit));
+        }
+        let core =
+            Arc::new(AuthCore::new(&self.config, policy, store, Arc::clone(&clock)).with_events(Arc::new(events)));
+        keys_loaded(&core, false);
         let layers = self.layers.into_inner();
         let stack = GrpcStack(Arc::new(move |inner: GrpcService| {
             BoxCloneService::new(
@@ -181,8 +212,16 @@ impl<L> ServerBuilder<L> {
                 keys_source: tokio::sync::Mutex::new(self.config.keys.clone()),
             }),
         };
-        Ok(Server { config: self.config, core, stack, reloader })
+        Ok(Server { config: self.config, core, stack, reloader, metrics: self.metrics })
     }
+}
+
+/// Reports the current policy's published keys.
+fn keys_loaded(core: &AuthCore, reload: bool) {
+    let policy = core.policy();
+    let keys = published_keys(&policy.keys.public_keys());
+    let signing_kid = policy.keys.signing_kid();
+    core.events.emit(&Event::KeysLoaded { keys: &keys, signing_kid: signing_kid.as_deref(), reload });
 }
 
 /// A built auth-server, ready to [`serve`](Server::serve).
@@ -191,6 +230,7 @@ pub struct Server {
     core: Arc<AuthCore>,
     stack: GrpcStack,
     reloader: Reloader,
+    metrics: Option<PrometheusHandle>,
 }
 
 impl std::fmt::Debug for Server {
@@ -217,7 +257,7 @@ impl Server {
     /// # Ok(()) }
     /// ```
     pub fn builder(config: Config) -> ServerBuilder {
-        ServerBuilder { config, keys: None, store: None, clock: None, layers: ServiceBuilder::new() }
+        ServerBuilder { config, keys: None, store: None, clock: None, metrics: None, layers: ServiceBuilder::new() }
     }
 
     /// The configuration the server started with.
@@ -248,7 +288,7 @@ impl Server {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let Server { config, core, stack, reloader: _ } = self;
+        let Server { config, core, stack, reloader: _, metrics } = self;
         let Listeners { grpc, http } = listeners;
         let tls = crate::tls::server_config(&config.tls)?;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -303,7 +343,17 @@ impl Server {
 
         let limits = config.limits.clone();
         let grace = Duration::from_secs(limits.shutdown_grace_secs);
-        let http_router = crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms));
+        // Watch streams end as shutdown begins, so verifiers move to another
+        // replica at once instead of waiting out the grace.
+        let auth_service = AuthService::serving(Arc::clone(&core), &config.limits, stop_rx.clone());
+        let mut http_router = crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms));
+        let mut upkeep = None;
+        if let Some(handle) = metrics {
+            let service = auth_service.clone();
+            let scrape = Arc::new(Scrape::new(handle, Arc::clone(&core), Arc::new(move || service.watch_streams())));
+            upkeep = Some(scrape.spawn_upkeep(Duration::from_secs(5)));
+            http_router = http_router.merge(crate::observe::metrics::router(scrape));
+        }
         let http_server = crate::http::serve(http, http_router, &limits, wait(stop_rx.clone()));
         let grpc_server = tonic::transport::Server::builder()
             // Every live client acks a PING per interval: the edge's idle
@@ -318,22 +368,18 @@ impl Server {
             .layer(crate::edge::rpc_trace())
             // Not gRPC (content-type): HTTP 415 before any service.
             .layer(crate::edge::GrpcContentTypeLayer)
+            // Every gRPC call's count and latency by method and code,
+            // malformed and refused ones included.
+            .layer(RpcMetricsLayer::new())
             .layer(crate::edge::GrpcFramingLayer)
             .layer(stack)
             // Inside the added layers, so they see refused calls too.
-            .layer(ClientRateLimitLayer::from_config(&config.limits))
+            .layer(ClientRateLimitLayer::from_config(&config.limits).observed(Arc::clone(&core.events)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)
             .add_service(
-                // Watch streams end as shutdown begins, so verifiers move to
-                // another replica at once instead of waiting out the grace.
-                auth_proto::auth::v1::auth_server::AuthServer::new(AuthService::serving(
-                    core,
-                    &config.limits,
-                    stop_rx.clone(),
-                ))
-                .max_decoding_message_size(64 * 1024),
+                auth_proto::auth::v1::auth_server::AuthServer::new(auth_service).max_decoding_message_size(64 * 1024),
             )
             .serve_with_incoming_shutdown(
                 // mTLS per connection: the caller's identity is read once,
@@ -363,6 +409,9 @@ impl Server {
         };
         let (g, ()) = tokio::join!(grpc_server, http_server);
         health_task.abort();
+        if let Some(task) = upkeep {
+            task.abort();
+        }
         g.map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!("auth-server stopped");
         Ok(())
@@ -472,6 +521,7 @@ impl Reloader {
         };
         s.core.swap_policy(policy);
         *source = config.keys;
+        keys_loaded(&s.core, true);
         Ok(reloaded)
     }
 }

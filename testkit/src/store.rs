@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use auth_server::store::{
-    ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -146,6 +146,10 @@ impl<H: StoreHook> Store for HookedStore<H> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.run(StoreCall::Ping, self.inner.ping()).await
+    }
+    /// Not hooked: a metrics read, passed through.
+    async fn deny_list_size(&self, now: u64) -> Result<Option<DenyListSize>, StoreError> {
+        self.inner.deny_list_size(now).await
     }
     fn name(&self) -> &'static str {
         self.inner.name()

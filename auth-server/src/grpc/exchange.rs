@@ -4,10 +4,11 @@ use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::wire::{check_field, check_list};
-use super::{note_caller, reply, token_response};
+use super::{caller, issued, note_caller, reply};
 use crate::core::AuthCore;
 use crate::exchange::{ExchangeRequest, exchange};
 use crate::grant::Secret;
+use crate::observe::{Caller, Rpc};
 use crate::tls::PeerIdentity;
 
 pub(super) async fn handle(
@@ -17,7 +18,12 @@ pub(super) async fn handle(
     let peer = PeerIdentity::of(&req);
     let r = req.into_inner();
     note_caller(&r.client_id, std::slice::from_ref(&r.audience));
+    let client_id = r.client_id.clone();
+    let peer = peer.as_deref();
     reply(
+        core,
+        Rpc::ExchangeToken,
+        caller(&client_id, peer),
         async {
             check_field(&r.client_id, "client_id too long")?;
             check_field(&r.client_secret, "client_secret too long")?;
@@ -32,7 +38,8 @@ pub(super) async fn handle(
                 scope: r.scope,
                 requested_ttl: u64::from(r.requested_ttl_seconds),
             };
-            Ok(token_response(exchange(core, request, peer.as_deref()).await?))
+            let done = exchange(core, request, peer).await?;
+            Ok(issued(core, Caller { client_id: None, peer: peer.map(|p| p.id.as_str()) }, done))
         }
         .await,
     )

@@ -4,11 +4,12 @@ use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use super::wire::{MAX_LOGIN_AUDIENCES, check_field, check_list, check_list_of};
-use super::{note_caller, reply, token_response};
+use super::{caller, issued, note_caller, reply};
 use crate::core::AuthCore;
 use crate::error::AuthError;
 use crate::grant::Secret;
 use crate::login::{LoginGrant, login};
+use crate::observe::Rpc;
 use crate::tls::PeerIdentity;
 
 pub(super) async fn handle(
@@ -16,6 +17,7 @@ pub(super) async fn handle(
     req: Request<pb::LoginRequest>,
 ) -> Result<Response<pb::TokenResponse>, Status> {
     let peer = PeerIdentity::of(&req);
+    let peer = peer.as_deref();
     let r = req.into_inner();
     let grant = match r.grant {
         Some(pb::login_request::Grant::Password(p)) => {
@@ -24,14 +26,22 @@ pub(super) async fn handle(
         Some(pb::login_request::Grant::ClientCredentials(c)) => {
             LoginGrant::ClientCredentials { client_id: c.client_id, secret: Secret(c.client_secret) }
         }
-        None => return Err(AuthError::InvalidArgument("a grant is required").into()),
+        None => {
+            let missing = Err(AuthError::InvalidArgument("a grant is required"));
+            return reply(core, Rpc::Login, caller("", peer), missing);
+        }
     };
+    // A username is not reported: a user who typed the password into it
+    // would put the password in the log.
     let client_id = match &grant {
-        LoginGrant::ClientCredentials { client_id, .. } => client_id.as_str(),
-        LoginGrant::Password { .. } => "",
+        LoginGrant::ClientCredentials { client_id, .. } => client_id.clone(),
+        LoginGrant::Password { .. } => String::new(),
     };
-    note_caller(client_id, &r.audience);
+    note_caller(&client_id, &r.audience);
     reply(
+        core,
+        Rpc::Login,
+        caller(&client_id, peer),
         async {
             // Counts and sizes first: an oversized request is malformed,
             // whatever the allow-lists would say.
@@ -47,7 +57,8 @@ pub(super) async fn handle(
                     check_field(&secret.0, "client_secret too long")?;
                 }
             }
-            Ok(token_response(login(core, grant, r.audience, r.scope, peer.as_deref()).await?))
+            let done = login(core, grant, r.audience, r.scope, peer).await?;
+            Ok(issued(core, caller("", peer), done))
         }
         .await,
     )

@@ -19,6 +19,8 @@ use crate::core::AuthCore;
 use crate::edge::Capped;
 use crate::error::AuthError;
 use crate::grant::Issued;
+use crate::observe::{Caller, Event, Rpc};
+use crate::tls::PeerIdentity;
 
 /// RFC 8693 `issued_token_type` of every access token.
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -41,6 +43,11 @@ impl AuthService {
     /// stream ends with `UNAVAILABLE` once `shutdown` turns true.
     pub fn serving(core: Arc<AuthCore>, limits: &LimitsConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
         Self { core, watch: Arc::new(watch::Hub::new(limits, shutdown)) }
+    }
+
+    /// WatchRevocations streams open now (for `/metrics`).
+    pub fn watch_streams(&self) -> usize {
+        self.watch.open_streams()
     }
 }
 
@@ -69,9 +76,30 @@ fn note_caller(client_id: &str, audience: &[String]) {
     }
 }
 
-/// The handlers' result: a flow's error becomes its one `Status`.
-fn reply<T>(result: Result<T, AuthError>) -> Result<Response<T>, Status> {
-    result.map(Response::new).map_err(Status::from)
+/// The caller of a request, for its events: the `client_id` the request
+/// named (if any) and the identity of its certificate.
+fn caller<'a>(client_id: &'a str, peer: Option<&'a PeerIdentity>) -> Caller<'a> {
+    Caller { client_id: (!client_id.is_empty()).then_some(client_id), peer: peer.map(|p| p.id.as_str()) }
+}
+
+/// The handlers' result: a flow's error becomes its one `Status`, and a
+/// refusal is reported as a denial of `rpc` by `caller`.
+fn reply<T>(
+    core: &AuthCore,
+    rpc: Rpc,
+    caller: Caller<'_>,
+    result: Result<T, AuthError>,
+) -> Result<Response<T>, Status> {
+    result.map(Response::new).map_err(|e| {
+        crate::observe::denied(&*core.events, rpc, caller, &e);
+        Status::from(e)
+    })
+}
+
+/// The response for an issued token, reported first.
+fn issued(core: &AuthCore, caller: Caller<'_>, issued: Issued) -> pb::TokenResponse {
+    core.events.emit(&Event::Issued { issued: &issued, caller });
+    token_response(issued)
 }
 
 #[tonic::async_trait]

@@ -4,18 +4,22 @@
 use auth_proto::auth::v1 as pb;
 use tonic::{Request, Response, Status};
 
-use super::reply;
 use super::wire::check_field;
+use super::{caller, reply};
 use crate::core::AuthCore;
 use crate::error::AuthError;
-use crate::revoke::{RevokeTarget, revoke};
+use crate::observe::{Event, Rpc};
+use crate::revoke::{RevokeTarget, Revoked, revoke};
+use crate::tls::PeerIdentity;
 
 pub(super) async fn handle(
     core: &AuthCore,
     req: Request<pb::RevokeRequest>,
 ) -> Result<Response<pb::RevokeResponse>, Status> {
+    let peer = PeerIdentity::of(&req);
+    let peer = peer.as_deref();
     // The SDK's parser: the one `authorization: Bearer` rule of the platform.
-    let caller = service_sdk::parse_bearer(req.metadata().as_ref()).ok().map(str::to_owned);
+    let bearer = service_sdk::parse_bearer(req.metadata().as_ref()).ok().map(str::to_owned);
     let target = match req.into_inner().target {
         Some(pb::revoke_request::Target::AccessToken(t)) => RevokeTarget::AccessToken(t),
         Some(pb::revoke_request::Target::Jti(t)) => RevokeTarget::Jti(t),
@@ -26,7 +30,10 @@ pub(super) async fn handle(
         Some(pb::revoke_request::Target::SessionRefreshToken(token)) => {
             RevokeTarget::RefreshToken { token, end_session: true }
         }
-        None => return Err(AuthError::InvalidArgument("a revocation target is required").into()),
+        None => {
+            let missing = Err(AuthError::InvalidArgument("a revocation target is required"));
+            return reply(core, Rpc::Revoke, caller("", peer), missing);
+        }
     };
     let kind = match &target {
         RevokeTarget::AccessToken(_) => "access_token",
@@ -37,9 +44,12 @@ pub(super) async fn handle(
     };
     tracing::Span::current().record("target", kind);
     reply(
+        core,
+        Rpc::Revoke,
+        caller("", peer),
         async {
             // Only revoking by jti or sid needs (and reads) the caller's token.
-            let caller = match &target {
+            let bearer = match &target {
                 RevokeTarget::AccessToken(t) => {
                     check_field(t, "access_token too long")?;
                     None
@@ -50,17 +60,20 @@ pub(super) async fn handle(
                 }
                 RevokeTarget::Jti(t) => {
                     check_field(t, "jti too long")?;
-                    caller
+                    bearer
                 }
                 RevokeTarget::Sid(t) => {
                     check_field(t, "sid too long")?;
-                    caller
+                    bearer
                 }
             };
-            if let Some(token) = &caller {
+            if let Some(token) = &bearer {
                 check_field(token, "authorization too long")?;
             }
-            let revoked = revoke(core, target, caller.as_deref()).await?;
+            let revoked = revoke(core, target, bearer.as_deref()).await?;
+            if let Revoked::Recorded { revocation, by } = &revoked {
+                core.events.emit(&Event::Revoked { revocation, by, caller: caller("", peer) });
+            }
             Ok(pb::RevokeResponse { revoked: revoked.label().into() })
         }
         .await,

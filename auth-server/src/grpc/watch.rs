@@ -39,6 +39,7 @@ use crate::config::LimitsConfig;
 use crate::core::AuthCore;
 use crate::edge::ConnInfo;
 use crate::error::AuthError;
+use crate::observe::Rpc;
 use crate::store::{FeedState, Revocation, RevocationKind, StoreError};
 
 /// The stream of a watcher.
@@ -166,6 +167,11 @@ pub(super) struct Hub {
 }
 
 impl Hub {
+    /// Streams open now on this replica.
+    pub(super) fn open_streams(&self) -> usize {
+        self.caps.lock().total
+    }
+
     /// Caps from `limits`; every stream ends once `stop` turns true.
     pub(super) fn new(limits: &LimitsConfig, stop: watch::Receiver<bool>) -> Self {
         Self {
@@ -272,7 +278,11 @@ pub(super) async fn handle(
     hub: Arc<Hub>,
     req: Request<pb::WatchRevocationsRequest>,
 ) -> Result<Response<EventStream>, Status> {
-    let permit = hub.caps.acquire(client_key(&req))?;
+    let permit = hub.caps.acquire(client_key(&req)).map_err(|e| {
+        let peer = crate::tls::PeerIdentity::of(&req);
+        crate::observe::denied(&*core.events, Rpc::WatchRevocations, super::caller("", peer.as_deref()), &e);
+        Status::from(e)
+    })?;
     if *hub.stop.borrow() {
         return Err(shutting_down());
     }

@@ -22,7 +22,10 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 
-use super::{ConsumeOutcome, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError};
+use super::{
+    ConsumeOutcome, DenyListSize, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store,
+    StoreError,
+};
 
 /// The time (Unix seconds) the suite passes as `now`, and moves forward from.
 /// Stores judge expiry by the caller's clock, so any value works.
@@ -87,6 +90,7 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
     subscribers_hear_every_revocation(&mut events).await.map_err(named("subscribers_hear_every_revocation"))?;
     // Last: its reuses add revocations the two checks above do not expect.
     refresh_retry_within_the_grace_window(store).await.map_err(named("refresh_retry_within_the_grace_window"))?;
+    deny_list_size_counts_each_kind(store).await.map_err(named("deny_list_size_counts_each_kind"))?;
     Ok(())
 }
 
@@ -345,6 +349,24 @@ async fn snapshot_holds_what_is_in_force(store: &dyn Store) -> Check {
         as_set(vec![revocation(Family, "fam-a", now + 7400)]),
         "the snapshot after an hour"
     );
+    Ok(())
+}
+
+/// The deny list's size, by kind, follows new revocations (what came before
+/// is whatever the checks above left).
+async fn deny_list_size_counts_each_kind(store: &dyn Store) -> Check {
+    use RevocationKind::{Family, Jti, Sid};
+    let now = NOW + 3_600;
+    let Some(before) = call!(store.deny_list_size(now)) else {
+        return Err("the store cannot tell its deny list's size".into());
+    };
+    call!(store.revoke(revocation(Jti, "jti-counted", now + 300), now));
+    call!(store.revoke(revocation(Sid, "sid-counted", now + 300), now));
+    call!(store.revoke(revocation(Family, "fam-counted-1", now + 300), now));
+    call!(store.revoke(revocation(Family, "fam-counted-2", now + 300), now));
+    let after = call!(store.deny_list_size(now));
+    let want = DenyListSize { jti: before.jti + 1, sid: before.sid + 1, family: before.family + 2 };
+    ensure_eq!(after, Some(want), "the deny list's size after one jti, one session and two families");
     Ok(())
 }
 

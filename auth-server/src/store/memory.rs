@@ -11,7 +11,8 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
 use super::{
-    ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind,
+    Store, StoreError,
 };
 
 #[derive(Default)]
@@ -21,6 +22,9 @@ struct State {
     denied: HashMap<(RevocationKind, String), u64>,
     refresh: HashMap<String, RefreshEntry>,
     ops: u64,
+    /// Entries of `denied` by kind, kept as they change, so counting them
+    /// never walks the map.
+    denied_count: DenyListSize,
 }
 
 /// A stored refresh token.
@@ -37,8 +41,30 @@ impl State {
 
     fn prune(&mut self, now: u64) {
         self.issued.retain(|_, t| t.exp > now);
-        self.denied.retain(|_, exp| *exp > now);
+        let count = &mut self.denied_count;
+        self.denied.retain(|(kind, _), exp| {
+            let keep = *exp > now;
+            if !keep {
+                let n = count_of(count, *kind);
+                *n = n.saturating_sub(1);
+            }
+            keep
+        });
         self.refresh.retain(|_, e| e.record.expires_at > now);
+    }
+
+    /// Denies `(kind, id)` until `until`, never shortening an entry.
+    fn deny(&mut self, kind: RevocationKind, id: String, until: u64) {
+        match self.denied.entry((kind, id)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                let exp = e.get_mut();
+                *exp = (*exp).max(until);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(until);
+                *count_of(&mut self.denied_count, kind) += 1;
+            }
+        }
     }
 
     fn tick(&mut self, now: u64) {
@@ -46,6 +72,14 @@ impl State {
         if self.ops.is_multiple_of(4096) {
             self.prune(now);
         }
+    }
+}
+
+fn count_of(count: &mut DenyListSize, kind: RevocationKind) -> &mut u64 {
+    match kind {
+        RevocationKind::Jti => &mut count.jti,
+        RevocationKind::Sid => &mut count.sid,
+        RevocationKind::Family => &mut count.family,
     }
 }
 
@@ -100,9 +134,7 @@ impl Store for MemoryStore {
         {
             let mut s = self.lock()?;
             s.tick(now);
-            let key = (revocation.kind, revocation.id.clone());
-            let exp = s.denied.entry(key).or_insert(0);
-            *exp = (*exp).max(revocation.expires_at);
+            s.deny(revocation.kind, revocation.id.clone(), revocation.expires_at);
         }
         // No receiver is not an error: nobody is watching.
         let _ = self.events.send(revocation);
@@ -165,7 +197,7 @@ impl Store for MemoryStore {
             // successor issued now (`next_expires_at`).
             let until = record.expires_at.max(c.next_expires_at);
             revoked_family = Revocation { kind: RevocationKind::Family, id: record.family.clone(), expires_at: until };
-            s.denied.insert((RevocationKind::Family, record.family), until);
+            s.deny(RevocationKind::Family, record.family, until);
         }
         let _ = self.events.send(revoked_family);
         Ok(ConsumeOutcome::Reused)
@@ -190,6 +222,10 @@ impl Store for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    async fn deny_list_size(&self, _now: u64) -> Result<Option<DenyListSize>, StoreError> {
+        Ok(Some(self.lock()?.denied_count))
     }
 
     fn name(&self) -> &'static str {

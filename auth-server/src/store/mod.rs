@@ -138,6 +138,19 @@ pub struct RefreshCommit<'a> {
     pub reuse_grace_secs: u64,
 }
 
+/// How many entries the deny list holds, by kind (for metrics). A store
+/// counts what it keeps, so an entry that expired moments ago may still be
+/// counted until the store prunes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DenyListSize {
+    /// Revoked access tokens (`jti`).
+    pub jti: u64,
+    /// Revoked login sessions (`sid`).
+    pub sid: u64,
+    /// Revoked refresh-token families.
+    pub family: u64,
+}
+
 /// A store failure. The message names no key material.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -196,6 +209,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the backend answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// How many entries the deny list holds, in one cheap, bounded read
+    /// (`/metrics`); `None` when the store cannot tell.
+    async fn deny_list_size(&self, now: u64) -> Result<Option<DenyListSize>, StoreError> {
+        let _ = now;
+        Ok(None)
+    }
 
     /// A short name for logs: `memory` or `redis`.
     fn name(&self) -> &'static str;

@@ -12,6 +12,7 @@ mod floods;
 mod flows;
 mod limits;
 mod logs;
+mod observe;
 mod ops;
 mod redis;
 mod refresh;

@@ -71,7 +71,8 @@ use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, pa
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
 use super::{
-    ConsumeOutcome, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind,
+    Store, StoreError,
 };
 use crate::config::RedisConfig;
 
@@ -279,6 +280,24 @@ impl Store for RedisStore {
 
     fn feed_state(&self) -> watch::Receiver<FeedState> {
         self.subscriber.feed_state()
+    }
+
+    async fn deny_list_size(&self, now: u64) -> Result<Option<DenyListSize>, StoreError> {
+        let mut size = DenyListSize::default();
+        for shard in self.shared.layout.deny_shards() {
+            let reply: Vec<String> = self.shared.eval(scripts::deny_counts(shard, now)).await?;
+            let [sid, family, minutes @ ..] = reply.as_slice() else {
+                return Err(StoreError::Corrupt("deny-list count reply unreadable".into()));
+            };
+            size.sid += parse_score(sid)?;
+            size.family += parse_score(family)?;
+            let minutes = minutes.iter().map(|m| parse_score(m)).collect::<Result<Vec<u64>, _>>()?;
+            if !minutes.is_empty() {
+                let jti: u64 = self.shared.eval(scripts::bucket_lengths(shard, &minutes)).await?;
+                size.jti += jti;
+            }
+        }
+        Ok(Some(size))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -180,6 +180,32 @@ const LUA_LIST_PAGE: &str = r"
 return redis.call('LRANGE', KEYS[1], ARGV[1], ARGV[2])
 ";
 
+// The deny list's size, for metrics, in two bounded reads that prune
+// nothing: the sets of sessions and families are counted by score (entries
+// in force after ARGV[1]), and the minutes that have revoked-`jti` buckets
+// from the current one on are named; `LUA_BUCKET_LENGTHS` then sums those
+// buckets' lengths (at most one bucket per minute of the longest token life).
+const LUA_DENY_COUNTS: &str = r"
+local first = math.floor(tonumber(ARGV[1]) / tonumber(ARGV[2]))
+local out = {
+  tostring(redis.call('ZCOUNT', KEYS[1], '(' .. ARGV[1], '+inf')),
+  tostring(redis.call('ZCOUNT', KEYS[2], '(' .. ARGV[1], '+inf')),
+}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], first, '+inf')) do
+  out[#out + 1] = m
+end
+return out
+";
+
+// The summed lengths of the lists KEYS (revoked-`jti` buckets).
+const LUA_BUCKET_LENGTHS: &str = r"
+local n = 0
+for _, key in ipairs(KEYS) do
+  n = n + redis.call('LLEN', key)
+end
+return n
+";
+
 static ISSUE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_ISSUE_FN, LUA_ISSUE]));
 static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_REVOKE]));
 static PUT_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_PUT_REFRESH]));
@@ -188,6 +214,8 @@ static COMMIT: LazyLock<Script> =
 static SNAPSHOT_PRUNE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT_PRUNE]));
 static SCORED_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SCORED_PAGE]));
 static LIST_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_LIST_PAGE]));
+static DENY_COUNTS: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_COUNTS]));
+static BUCKET_LENGTHS: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_BUCKET_LENGTHS]));
 
 /// Records an issued token, keeping any deny mark already on its `jti`.
 /// Replies `1`.
@@ -298,6 +326,21 @@ pub(super) fn list_page(key: &str, start: usize, count: usize) -> ScriptCall<'st
     LIST_PAGE.call(vec![key.to_owned()], vec![start.to_string(), stop.to_string()])
 }
 
+/// Counts one deny shard's sessions and families in force after `now`, and
+/// names the minutes from `now` on that have revoked-`jti` buckets: replies
+/// `[sessions, families, minute...]`, read by [`bucket_lengths`] next.
+pub(super) fn deny_counts(shard: &DenyShard, now: u64) -> ScriptCall<'static> {
+    DENY_COUNTS.call(
+        vec![shard.sessions().to_owned(), shard.families().to_owned(), shard.jti_index().to_owned()],
+        vec![now.to_string(), BUCKET_SECS.to_string()],
+    )
+}
+
+/// The summed lengths of `minutes`' revoked-`jti` buckets of `shard`.
+pub(super) fn bucket_lengths(shard: &DenyShard, minutes: &[u64]) -> ScriptCall<'static> {
+    BUCKET_LENGTHS.call(minutes.iter().map(|m| shard.jti_bucket(*m)).collect(), vec![])
+}
+
 #[cfg(test)]
 mod tests {
     use service_sdk::redis_layout::common_slot;
@@ -361,6 +404,9 @@ mod tests {
             out.push(("scored_page", scored_page(shard.sessions(), now, 0, 10).keys().to_vec()));
             out.push(("scored_page", scored_page(shard.families(), now, 0, 10).keys().to_vec()));
             out.push(("list_page", list_page(&shard.jti_bucket(now / BUCKET_SECS), 0, 10).keys().to_vec()));
+            out.push(("deny_counts", deny_counts(shard, now).keys().to_vec()));
+            let minutes: Vec<u64> = (0..20).map(|m| now / BUCKET_SECS + m).collect();
+            out.push(("bucket_lengths", bucket_lengths(shard, &minutes).keys().to_vec()));
         }
         out
     }
