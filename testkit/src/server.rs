@@ -73,9 +73,9 @@ impl TestServerBuilder {
     }
 
     /// Adjust the configuration (as read from the dev config file) before
-    /// it is validated. The audit trail starts disabled
-    /// (`raw.audit.enabled = false`), so that tests do not write it to the
-    /// harness's output; set it here to test it.
+    /// it is validated. The dev config gets `[audit] enabled = false`, so
+    /// that tests do not write the audit trail to the harness's output;
+    /// set `raw.audit` here to test it.
     pub fn configure(mut self, f: impl FnOnce(&mut RawConfig) + Send + 'static) -> Self {
         self.configure = Some(Box::new(f));
         self
@@ -102,11 +102,15 @@ impl TestServerBuilder {
             }
         };
         let env = auth_server::dev::ensure(&dir).expect("dev environment");
+        // Tests share the harness's standard output: no audit trail on it
+        // unless a test asks. Written in the file, so a reload (which
+        // re-reads it) keeps it.
+        let text = std::fs::read_to_string(&env.config_path).expect("dev config");
+        if !text.contains("\n[audit]") {
+            std::fs::write(&env.config_path, text + "\n[audit]\nenabled = false\n").expect("dev config");
+        }
         let (store_url, configure) = (self.store_url, self.configure);
         let config = Config::load_with(&env.config_path, &Overrides::default(), |raw| {
-            // Tests share the harness's standard output: no audit lines on
-            // it unless a test asks (with `configure`).
-            raw.audit.enabled = false;
             if let Some(url) = store_url {
                 raw.store = url;
             }
