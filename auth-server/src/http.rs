@@ -1,5 +1,7 @@
 //! The HTTP side port: `/.well-known/jwks.json` for non-Rust verifiers,
 //! `/healthz` (the process is up) and `/readyz` (the store answers).
+//! `/metrics` is merged in by the server when it has a Prometheus handle
+//! (see [`crate::observe::metrics::router`]).
 //!
 //! [`serve`] runs it under the side port's own limits: a connection cap
 //! (over it, a connection is accepted and closed at once), a deadline for

@@ -56,8 +56,9 @@ def fail(where: str, msg: str) -> None:
 
 TOP_KEYS = {
     "issuer", "grpc_addr", "http_addr", "store", "users_file", "accounts_file",
-    "log_format", "tls", "keys", "tokens", "redis", "watch",
+    "log_format", "tls", "keys", "tokens", "redis", "watch", "limits", "audit",
 }
+AUDIT_KEYS = {"enabled", "path"}
 REQUIRED_TOP = {"issuer", "grpc_addr", "http_addr", "store", "users_file", "accounts_file", "tls", "keys"}
 TLS_KEYS = {"cert", "key", "client_ca"}
 TOKEN_KEYS = {
@@ -88,6 +89,13 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
     for key in ("users_file", "accounts_file"):
         if key in cfg:
             paths.append(cfg[key])
+    audit = cfg.get("audit", {})
+    for key in set(audit) - AUDIT_KEYS:
+        fail(where, f"[audit] unknown key {key!r}")
+    if not isinstance(audit.get("enabled", True), bool):
+        fail(where, "[audit] enabled must be true or false")
+    if "path" in audit and not str(audit["path"]).startswith("/"):
+        fail(where, "[audit] path should be absolute in a deployment")
     tls = cfg.get("tls", {})
     if set(tls) != TLS_KEYS:
         fail(where, f"[tls] needs exactly {sorted(TLS_KEYS)}, has {sorted(tls)}")
