@@ -54,6 +54,15 @@ pub struct RawConfig {
     /// HTTP side port: JWKS, health, readiness.
     #[serde(default = "default_http_addr")]
     pub http_addr: String,
+    /// The side port's public base URL (e.g. `https://auth.example.com`),
+    /// used for the absolute URLs it publishes (`jwks_uri` in the discovery
+    /// document). Default: `http://` (`https://` with `[http_tls]`) and the
+    /// address the side port is bound to.
+    #[serde(default)]
+    pub http_public_url: Option<String>,
+    /// Serve the side port over TLS.
+    #[serde(default)]
+    pub http_tls: Option<HttpTlsConfig>,
     /// `memory`, or a Redis URL (`redis://`, `rediss://`,
     /// `redis-sentinel://`, `redis-cluster://`).
     #[serde(default = "default_store")]
@@ -126,6 +135,41 @@ pub struct RawKeysConfig {
     /// `[keys.transit]` (transit source), parsed by validation.
     #[serde(default)]
     pub transit: Option<toml::Table>,
+    /// `Cache-Control: max-age` of the HTTP JWKS and discovery document
+    /// (default 60). Must stay below the pre-publication window, so that
+    /// an HTTP cache holds a new key before it signs.
+    #[serde(default)]
+    pub jwks_max_age_secs: Option<u64>,
+    /// File keys: how long a key is published (under `keys.publish`) before
+    /// it becomes `keys.signing`, the wait at step 2 of the rotation
+    /// (default: the SDK's JWKS refresh interval, 300 s). With Transit the
+    /// window is `keys.transit.publish_grace_secs - refresh_secs`.
+    #[serde(default)]
+    pub prepublish_secs: Option<u64>,
+}
+
+/// Default of `keys.jwks_max_age_secs`.
+pub const DEFAULT_JWKS_MAX_AGE_SECS: u64 = 60;
+
+/// Default of `keys.prepublish_secs`: the JWKS refresh interval of the
+/// SDK's verifiers, the least a pre-published key must wait.
+pub fn default_prepublish_secs() -> u64 {
+    service_sdk::JwksOptions::default().refresh_interval.as_secs()
+}
+
+/// TLS of the HTTP side port (`[http_tls]`): its certificate and key, and
+/// optionally a CA that client certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate chained to this CA
+    /// bundle (PEM); otherwise any client may connect, as over plain HTTP.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// mTLS files.
@@ -509,6 +553,11 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// HTTP side-port listen address (restart).
     pub http_addr: SocketAddr,
+    /// The side port's public base URL, without a trailing `/` (restart);
+    /// `None`: derived from the address the port is bound to.
+    pub http_public_url: Option<String>,
+    /// TLS of the side port, if any (restart).
+    pub http_tls: Option<HttpTlsConfig>,
     /// The state store (restart).
     pub store: StoreConfig,
     /// Log format (restart).
@@ -527,6 +576,9 @@ pub struct Config {
     pub accounts_file: PathBuf,
     /// Signing keys (reloadable).
     pub keys: KeySource,
+    /// `keys.jwks_max_age_secs`: how long HTTP clients may cache the JWKS
+    /// (reloadable, with the keys).
+    pub jwks_max_age_secs: u64,
     /// Token lifetimes and limits (reloadable).
     pub tokens: TokensConfig,
     source: Option<ConfigSource>,
@@ -632,6 +684,8 @@ impl std::fmt::Debug for RawConfig {
             .field("issuer", &self.issuer)
             .field("grpc_addr", &self.grpc_addr)
             .field("http_addr", &self.http_addr)
+            .field("http_public_url", &self.http_public_url)
+            .field("http_tls", &self.http_tls)
             .field("store", &redact_url(&self.store))
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
@@ -640,6 +694,8 @@ impl std::fmt::Debug for RawConfig {
             .field("keys.source", &self.keys.source)
             .field("keys.signing", &self.keys.signing)
             .field("keys.publish", &self.keys.publish)
+            .field("keys.jwks_max_age_secs", &self.keys.jwks_max_age_secs)
+            .field("keys.prepublish_secs", &self.keys.prepublish_secs)
             // The raw table is shown by its keys only.
             .field("keys.transit", &self.keys.transit.as_ref().map(|t| t.keys().collect::<Vec<_>>()))
             .field("tokens", &self.tokens)
@@ -657,6 +713,8 @@ impl std::fmt::Debug for Config {
             .field("issuer", &self.issuer)
             .field("grpc_addr", &self.grpc_addr)
             .field("http_addr", &self.http_addr)
+            .field("http_public_url", &self.http_public_url)
+            .field("http_tls", &self.http_tls)
             .field("store", &self.store)
             .field("log_format", &self.log_format)
             .field("tls", &self.tls)
@@ -666,6 +724,7 @@ impl std::fmt::Debug for Config {
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
             .field("keys", &self.keys)
+            .field("jwks_max_age_secs", &self.jwks_max_age_secs)
             .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
@@ -683,6 +742,18 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
+/// The environment variables named `prefix…` as overrides, nested keys
+/// joined by `__`. The admin tools' variables ([`crate::admin::ENV_PREFIX`])
+/// are not configuration and are skipped.
+fn env_overrides(prefix: &'static str) -> Env {
+    Env::prefixed(prefix).filter(move |key| !is_admin_variable(prefix, key.as_str())).split("__")
+}
+
+/// Whether the variable `prefix` + `key` belongs to the admin tools.
+fn is_admin_variable(prefix: &str, key: &str) -> bool {
+    format!("{prefix}{key}").to_ascii_uppercase().starts_with(crate::admin::ENV_PREFIX)
+}
+
 impl RawConfig {
     /// Reads `path`, then `AUTH_*` environment overrides, then `overrides`.
     /// Only the syntax and the types are checked here.
@@ -690,10 +761,8 @@ impl RawConfig {
         if !path.is_file() {
             return Err(ConfigError::new(path.display().to_string(), "config file not found").into());
         }
-        let figment = Figment::new()
-            .merge(Toml::file(path))
-            .merge(Env::prefixed("AUTH_").split("__"))
-            .merge(Serialized::defaults(overrides));
+        let figment =
+            Figment::new().merge(Toml::file(path)).merge(env_overrides("AUTH_")).merge(Serialized::defaults(overrides));
         Self::extract(figment)
     }
 
@@ -721,8 +790,19 @@ impl RawConfig {
 impl Config {
     /// The keys whose change needs a restart (a reload keeps their old
     /// values and warns).
-    pub const RESTART_KEYS: [&'static str; 9] =
-        ["issuer", "grpc_addr", "http_addr", "store", "log_format", "tls", "watch", "limits", "audit"];
+    pub const RESTART_KEYS: [&'static str; 11] = [
+        "issuer",
+        "grpc_addr",
+        "http_addr",
+        "http_public_url",
+        "http_tls",
+        "store",
+        "log_format",
+        "tls",
+        "watch",
+        "limits",
+        "audit",
+    ];
 
     /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
     /// resolves relative paths against the file's directory and validates.
@@ -774,7 +854,7 @@ impl Config {
 
     /// The restart-only keys whose value differs in `other`.
     pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
-        let [issuer, grpc, http, store, log, tls, watch, limits, audit] = Self::RESTART_KEYS;
+        let [issuer, grpc, http, http_url, http_tls, store, log, tls, watch, limits, audit] = Self::RESTART_KEYS;
         let mut changed = Vec::new();
         let mut check = |differs: bool, key| {
             if differs {
@@ -784,6 +864,8 @@ impl Config {
         check(self.issuer != other.issuer, issuer);
         check(self.grpc_addr != other.grpc_addr, grpc);
         check(self.http_addr != other.http_addr, http);
+        check(self.http_public_url != other.http_public_url, http_url);
+        check(self.http_tls != other.http_tls, http_tls);
         check(self.store != other.store, store);
         check(self.log_format != other.log_format, log);
         check(self.tls != other.tls, tls);
@@ -840,6 +922,18 @@ impl Config {
             }
         };
         let keys = v.key_source(&raw.keys);
+        let jwks_max_age_secs = v.jwks_max_age(&raw.keys, keys.as_ref());
+        let http_public_url = raw.http_public_url.as_deref().and_then(|u| v.public_url("http_public_url", u));
+        let http_tls = raw.http_tls.as_ref().and_then(|t| {
+            let cert = v.file("http_tls.cert", Some(&t.cert));
+            let key = v.file("http_tls.key", Some(&t.key));
+            let client_ca = t.client_ca.as_ref().map(|ca| v.file("http_tls.client_ca", Some(ca)));
+            match (cert, key, client_ca) {
+                (Some(cert), Some(key), None) => Some(HttpTlsConfig { cert, key, client_ca: None }),
+                (Some(cert), Some(key), Some(Some(ca))) => Some(HttpTlsConfig { cert, key, client_ca: Some(ca) }),
+                _ => None,
+            }
+        });
 
         let t = &raw.tokens;
         if t.access_ttl_secs == 0 || t.access_ttl_secs > 86_400 {
@@ -929,6 +1023,8 @@ impl Config {
                 issuer: raw.issuer,
                 grpc_addr,
                 http_addr,
+                http_public_url,
+                http_tls,
                 store,
                 log_format,
                 tls,
@@ -938,6 +1034,7 @@ impl Config {
                 users_file,
                 accounts_file,
                 keys,
+                jwks_max_age_secs,
                 tokens: TokensConfig { self_audience, ..raw.tokens },
                 source: None,
             }),
@@ -986,6 +1083,61 @@ impl Validation<'_> {
             self.err(key, format!("directory not found: {}", path.display()));
         }
         path
+    }
+
+    /// An absolute `http(s)://host[:port][/path]` base URL, returned
+    /// without a trailing `/`.
+    fn public_url(&mut self, key: &str, url: &str) -> Option<String> {
+        let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+        let host = rest.map(|r| r.split('/').next().unwrap_or(""));
+        let ok = matches!(host, Some(h) if !h.is_empty() && !h.contains('@'))
+            && !url.contains(|c: char| c.is_whitespace() || c == '?' || c == '#');
+        if !ok {
+            self.err(key, format!("not an absolute http(s) URL without query or fragment: {url:?}"));
+            return None;
+        }
+        Some(url.trim_end_matches('/').to_owned())
+    }
+
+    /// `keys.jwks_max_age_secs`, checked against the pre-publication
+    /// window of the key source (when it is valid).
+    fn jwks_max_age(&mut self, raw: &RawKeysConfig, keys: Option<&KeySource>) -> u64 {
+        let max_age = raw.jwks_max_age_secs.unwrap_or(DEFAULT_JWKS_MAX_AGE_SECS);
+        let window = match keys {
+            Some(KeySource::File { .. }) => {
+                let prepublish = raw.prepublish_secs.unwrap_or_else(default_prepublish_secs);
+                if !self.range("keys.prepublish_secs", prepublish, 1, 7 * 86_400) {
+                    return max_age;
+                }
+                Some((prepublish, "keys.prepublish_secs"))
+            }
+            Some(KeySource::Transit(t)) => {
+                if raw.prepublish_secs.is_some() {
+                    self.err(
+                        "keys.prepublish_secs",
+                        "only used when keys.source = \"file\"; with Transit the window is \
+                         keys.transit.publish_grace_secs - keys.transit.refresh_secs",
+                    );
+                }
+                Some((
+                    t.publish_grace_secs.saturating_sub(t.refresh_secs),
+                    "keys.transit.publish_grace_secs - keys.transit.refresh_secs",
+                ))
+            }
+            None => None,
+        };
+        if let Some((window, from)) = window
+            && max_age >= window
+        {
+            self.err(
+                "keys.jwks_max_age_secs",
+                format!(
+                    "must be below the pre-publication window ({window} s, {from}): an HTTP cache that fetched \
+                     the JWKS just before a key was published must fetch it again before that key signs"
+                ),
+            );
+        }
+        max_age
     }
 
     /// A required file, resolved against the config directory.
@@ -1364,6 +1516,66 @@ signing = { path = "s.pem" }
         assert_eq!(err.keys(), ["redis.subscriber_ping_ms"]);
         let defaults = RedisConfig::default();
         assert!(defaults.subscriber_ping_ms + defaults.command_timeout_ms <= MAX_PARTITION_DETECTION_MS);
+    }
+
+    #[test]
+    fn the_jwks_max_age_stays_below_the_prepublication_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        assert_eq!(cfg.jwks_max_age_secs, DEFAULT_JWKS_MAX_AGE_SECS);
+        assert!(DEFAULT_JWKS_MAX_AGE_SECS < default_prepublish_secs());
+        let keys = |extra: &str| base(dir.path()).replace("[keys]\n", &format!("[keys]\n{extra}\n"));
+        let err = Config::from_toml_str(&keys("jwks_max_age_secs = 300"), dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.jwks_max_age_secs"]);
+        assert!(err.to_string().contains("300 s, keys.prepublish_secs"), "{err}");
+        let cfg = Config::from_toml_str(&keys("jwks_max_age_secs = 300\nprepublish_secs = 900"), dir.path()).unwrap();
+        assert_eq!(cfg.jwks_max_age_secs, 300);
+        let err = Config::from_toml_str(&keys("jwks_max_age_secs = 10\nprepublish_secs = 10"), dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.jwks_max_age_secs"]);
+
+        // Transit: the window is the publish grace less the refresh interval.
+        let transit = |extra: &str| {
+            transit_base(dir.path(), "address = \"http://v:8200\"\nkey = \"k\"\npublish_grace_secs = 100\n")
+                .replace("source = \"transit\"", &format!("source = \"transit\"\n{extra}"))
+        };
+        assert_eq!(Config::from_toml_str(&transit(""), dir.path()).unwrap().jwks_max_age_secs, 60);
+        let err = Config::from_toml_str(&transit("jwks_max_age_secs = 70"), dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.jwks_max_age_secs"]);
+        assert!(err.to_string().contains("70 s, keys.transit.publish_grace_secs"), "{err}");
+        let err = Config::from_toml_str(&transit("prepublish_secs = 600"), dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["keys.prepublish_secs"]);
+    }
+
+    #[test]
+    fn the_public_url_and_side_port_tls_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |top: &str| base(dir.path()).replace("[tls]", &format!("{top}\n[tls]"));
+        let cfg = Config::from_toml_str(&with("http_public_url = \"https://auth.example.com/\""), dir.path()).unwrap();
+        assert_eq!(cfg.http_public_url.as_deref(), Some("https://auth.example.com"));
+        for bad in ["auth.example.com", "https://", "https://a/b?c=d", "ftp://a"] {
+            let err = Config::from_toml_str(&with(&format!("http_public_url = {bad:?}")), dir.path()).unwrap_err();
+            assert_eq!(err.keys(), ["http_public_url"], "{bad}");
+        }
+        let text = base(dir.path()) + "[http_tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        let tls = cfg.http_tls.unwrap();
+        assert_eq!((tls.cert, tls.client_ca), (dir.path().join("c.pem"), None));
+        let text = base(dir.path()) + "[http_tls]\ncert = \"nope.pem\"\nkey = \"k.pem\"\nclient_ca = \"gone.pem\"\n";
+        assert_eq!(
+            Config::from_toml_str(&text, dir.path()).unwrap_err().keys(),
+            ["http_tls.cert", "http_tls.client_ca"]
+        );
+    }
+
+    #[test]
+    fn the_admin_tools_variables_are_not_configuration() {
+        for prefix in ["AUTH_", "AUTH_SERVER_"] {
+            let key = crate::admin::ENV_PREFIX.strip_prefix(prefix).unwrap().to_owned() + "ADDR";
+            assert!(is_admin_variable(prefix, &key), "{prefix}{key}");
+            assert!(is_admin_variable(prefix, &key.to_ascii_lowercase()));
+        }
+        assert!(!is_admin_variable("AUTH_", "STORE"));
+        assert!(!is_admin_variable("AUTH_SERVER_", "TOKENS__ADMIN_PERM"));
     }
 
     #[test]

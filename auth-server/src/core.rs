@@ -27,6 +27,8 @@ pub struct Policy {
     pub directory: Arc<Directory>,
     /// Signing keys.
     pub keys: Arc<dyn SigningKeys>,
+    /// How long HTTP clients may cache the JWKS (`keys.jwks_max_age_secs`).
+    pub jwks_max_age_secs: u64,
 }
 
 impl std::fmt::Debug for Policy {
@@ -66,7 +68,12 @@ impl Policy {
             }
             .into());
         }
-        Ok(Self { tokens: config.tokens.clone(), directory: Arc::new(directory), keys })
+        Ok(Self {
+            tokens: config.tokens.clone(),
+            directory: Arc::new(directory),
+            keys,
+            jwks_max_age_secs: config.jwks_max_age_secs,
+        })
     }
 
     /// The `kid`s in the published key set, sorted.

@@ -1,7 +1,17 @@
 //! The HTTP side port: `/.well-known/jwks.json` for non-Rust verifiers,
-//! `/healthz` (the process is up) and `/readyz` (the store answers).
-//! `/metrics` is merged in by the server when it has a Prometheus handle
-//! (see [`crate::observe::metrics::router`]).
+//! the RFC 8414 metadata at `/.well-known/oauth-authorization-server`
+//! ([`crate::discovery`]), `/healthz` (the process is up) and `/readyz` (the
+//! store answers). `/metrics` is merged in by the server when it has a
+//! Prometheus handle (see [`crate::observe::metrics::router`]).
+//!
+//! Both documents carry `Cache-Control: public, max-age=N` with N from
+//! `keys.jwks_max_age_secs` (below the key pre-publication window, checked
+//! by config validation) and a strong `ETag`; a request whose
+//! `If-None-Match` names the current one gets `304 Not Modified`.
+//!
+//! With `[http_tls]` the port speaks HTTPS only ([`serve_tls`]; client
+//! certificates are required when `http_tls.client_ca` is set). The files
+//! are read once, at start-up.
 //!
 //! [`serve`] runs it under the side port's own limits: a connection cap
 //! (over it, a connection is accepted and closed at once), a deadline for
@@ -13,24 +23,35 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::digest;
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 
-use crate::config::LimitsConfig;
+use crate::config::{Config, ConfigError, HttpTlsConfig, LimitsConfig};
 use crate::core::AuthCore;
+use crate::discovery;
 use crate::limits::{ConnLimit, Deadlines};
 
 #[derive(Clone)]
 struct HttpState {
     core: Arc<AuthCore>,
     ready: Arc<ReadyCache>,
+    public_url: Arc<str>,
 }
 
 /// The last store ping of `/readyz` and when it was taken. The lock is held
@@ -60,20 +81,70 @@ impl ReadyCache {
     }
 }
 
-/// The side-port router; `/readyz` reuses a store ping for `readyz_cache`.
-pub fn router(core: Arc<AuthCore>, readyz_cache: Duration) -> Router {
+/// The side-port router; `/readyz` reuses a store ping for `readyz_cache`;
+/// the URLs it publishes start with `public_url` (see [`public_url`]).
+pub fn router(core: Arc<AuthCore>, readyz_cache: Duration, public_url: &str) -> Router {
     let ready = Arc::new(ReadyCache { ttl: readyz_cache, last: tokio::sync::Mutex::new(None) });
     Router::new()
-        .route("/.well-known/jwks.json", get(jwks))
+        .route(discovery::JWKS_PATH, get(jwks))
+        .route(discovery::METADATA_PATH, get(metadata))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .with_state(HttpState { core, ready })
+        .with_state(HttpState { core, ready, public_url: public_url.into() })
 }
 
-async fn jwks(State(s): State<HttpState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "application/jwk-set+json"), (header::CACHE_CONTROL, "public, max-age=60")],
-        s.core.policy().keys.public_keys().jwks_json.clone(),
+/// The side port's public base URL: `http_public_url` when configured,
+/// else `http://` (`https://` with `[http_tls]`) and `bound`, the address
+/// the port listens on.
+pub fn public_url(config: &Config, bound: std::net::SocketAddr) -> String {
+    match &config.http_public_url {
+        Some(url) => url.clone(),
+        None => format!("{}://{bound}", if config.http_tls.is_some() { "https" } else { "http" }),
+    }
+}
+
+async fn jwks(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let policy = s.core.policy();
+    let body = policy.keys.public_keys().jwks_json.clone();
+    cacheable(&headers, "application/jwk-set+json", body, policy.jwks_max_age_secs)
+}
+
+async fn metadata(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let policy = s.core.policy();
+    let algs = discovery::jwks_algs(&policy.keys.public_keys().jwks_json);
+    let body = discovery::metadata(&s.core.issuer, &s.public_url, &algs).to_string();
+    cacheable(&headers, "application/json", body, policy.jwks_max_age_secs)
+}
+
+/// `body` with `Cache-Control: public, max-age` and a strong `ETag` (a
+/// digest of the body), or `304 Not Modified` when the request's
+/// `If-None-Match` names that tag (or is `*`).
+fn cacheable(request: &HeaderMap, content_type: &'static str, body: String, max_age_secs: u64) -> Response {
+    let tag =
+        format!("\"{}\"", URL_SAFE_NO_PAD.encode(&digest::digest(&digest::SHA256, body.as_bytes()).as_ref()[..16]));
+    let cache = format!("public, max-age={max_age_secs}");
+    let headers = |mut res: Response| {
+        let h = res.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_str(&cache).unwrap_or(HeaderValue::from_static("no-cache")));
+        if let Ok(v) = HeaderValue::from_str(&tag) {
+            h.insert(header::ETAG, v);
+        }
+        res
+    };
+    if none_match(request, &tag) {
+        return headers(StatusCode::NOT_MODIFIED.into_response());
+    }
+    headers(([(header::CONTENT_TYPE, content_type)], body).into_response())
+}
+
+/// Whether `If-None-Match` names `tag` or is `*` (weak comparison, as RFC
+/// 9110 section 13.1.2 asks for this header).
+fn none_match(request: &HeaderMap, tag: &str) -> bool {
+    request.get_all(header::IF_NONE_MATCH).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
+        |candidate| {
+            let candidate = candidate.trim();
+            candidate == "*" || candidate.strip_prefix("W/").unwrap_or(candidate) == tag
+        },
     )
 }
 
@@ -85,14 +156,87 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
+/// The side port's rustls configuration from `[http_tls]`: its
+/// certificate and key; client certificates required (and chained to
+/// `client_ca`) only when `client_ca` is set; ALPN `http/1.1`; the
+/// aws-lc-rs provider. Errors name the key and the file.
+pub fn tls_config(cfg: &HttpTlsConfig) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", path.display()) })
+    };
+    let bad = |key: &str, path: &std::path::Path, problem: String| ConfigError {
+        key: key.into(),
+        problem: format!("{}: {problem}", path.display()),
+    };
+    let chain = CertificateDer::pem_slice_iter(&read("http_tls.cert", &cfg.cert)?)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("http_tls.cert", &cfg.cert, format!("not a PEM certificate chain: {e}")))?;
+    if chain.is_empty() {
+        return Err(bad("http_tls.cert", &cfg.cert, "no certificate in the file".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&read("http_tls.key", &cfg.key)?)
+        .map_err(|e| bad("http_tls.key", &cfg.key, format!("not a PEM private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("http_tls.cert", &cfg.cert, e.to_string()))?;
+    let builder = match &cfg.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&read("http_tls.client_ca", ca)?) {
+                let c = c.map_err(|e| bad("http_tls.client_ca", ca, format!("not a PEM certificate: {e}")))?;
+                roots.add(c).map_err(|e| bad("http_tls.client_ca", ca, e.to_string()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| bad("http_tls.client_ca", ca, e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| bad("http_tls.key", &cfg.key, e.to_string()))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A connection's byte stream, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
 /// Serves `router` on `listener` (HTTP/1.1) under `limits` until `shutdown`
 /// resolves; then stops accepting, lets requests in flight finish and
 /// closes what is still open after `limits.shutdown_grace_secs`.
 pub async fn serve(listener: TcpListener, router: Router, limits: &LimitsConfig, shutdown: impl Future<Output = ()>) {
+    run(listener, router, limits, None, shutdown).await;
+}
+
+/// Like [`serve`], over TLS with `tls` (see [`tls_config`]): every
+/// connection must complete its handshake within
+/// `limits.http_header_timeout_ms` (and then send its request head within
+/// that time again); plain HTTP gets no answer. The connection cap and the
+/// idle timeout count from the TCP accept, handshake included.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: &LimitsConfig,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    run(listener, router, limits, Some(TlsAcceptor::from(tls)), shutdown).await;
+}
+
+async fn run(
+    listener: TcpListener,
+    router: Router,
+    limits: &LimitsConfig,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let cap = ConnLimit::new(limits.http_max_connections);
     let idle = Duration::from_secs(limits.http_idle_timeout_secs);
+    let head_timeout = Duration::from_millis(limits.http_header_timeout_ms);
     let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1.timer(TokioTimer::new()).header_read_timeout(Duration::from_millis(limits.http_header_timeout_ms));
+    http1.timer(TokioTimer::new()).header_read_timeout(head_timeout);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut conns = JoinSet::new();
     tokio::pin!(shutdown);
@@ -117,10 +261,25 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &LimitsConfig,
             tracing::debug!("HTTP connection cap reached; closing a new connection");
             continue;
         };
-        let io = TokioIo::new(Deadlines::new(stream, None, idle, Some(permit)));
-        let conn = http1.serve_connection(io, TowerToHyperService::new(router.clone()));
+        let plain = Deadlines::new(stream, None, idle, Some(permit));
+        let (http1, service, tls) = (http1.clone(), TowerToHyperService::new(router.clone()), tls.clone());
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(plain),
+                Some(acceptor) => match tokio::time::timeout(head_timeout, acceptor.accept(plain)).await {
+                    Ok(Ok(stream)) => Box::new(stream),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "HTTPS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!("HTTPS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let conn = http1.serve_connection(TokioIo::new(io), service);
             tokio::pin!(conn);
             tokio::select! {
                 res = conn.as_mut() => {

@@ -2,8 +2,12 @@
 //!
 //! It alone holds the private signing key. Over mTLS it serves Login,
 //! ExchangeToken (RFC 8693), Refresh (single-use rotation with reuse
-//! detection), Revoke, GetJwks and WatchRevocations; an HTTP side port serves
-//! `/.well-known/jwks.json`, `/healthz`, `/readyz` and `/metrics`.
+//! detection), Revoke, GetJwks and WatchRevocations; an HTTP side port
+//! (plain, or TLS with `[http_tls]`) serves `/.well-known/jwks.json`, the
+//! RFC 8414 metadata at `/.well-known/oauth-authorization-server`
+//! ([`discovery`]), `/healthz`, `/readyz` and `/metrics`. The operator tools of the
+//! binary (`admin revoke`, `admin keys`, `decode`, `new-account`) are in
+//! [`admin`].
 //!
 //! The flows (`login`, `exchange`, `refresh`, `revoke`) run over three
 //! ports: [`keys`] (signing and JWKS), [`store`] (memory, Redis) and the
@@ -48,11 +52,13 @@
 //! Feature flags: none. Test support (a `TestServer`, Redis and OpenBao
 //! processes) lives in the separate `testkit` crate.
 
+pub mod admin;
 pub mod clock;
 pub mod config;
 pub mod core;
 pub mod dev;
 pub mod directory;
+pub mod discovery;
 pub mod edge;
 pub mod error;
 pub mod exchange;

@@ -4,7 +4,7 @@ use auth_server::config::{Config, LogFormat, Overrides};
 use auth_server::keys::KeyAlg;
 use auth_server::logs::SampledLogs;
 use auth_server::server::{Listeners, Server};
-use auth_server::{dev, directory, keys};
+use auth_server::{admin, dev, directory, keys};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -50,12 +50,124 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Operator commands against a running server, over mTLS with an admin
+    /// certificate (defaults: the `auth-server dev` environment).
+    Admin {
+        #[command(flatten)]
+        conn: ConnFlags,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+    /// Print a token's header and claims; with a JWKS, say whether it
+    /// verifies and why not (exit 1 when it does not). Reads the token from
+    /// standard input when TOKEN is `-` or absent (keeps it out of shell
+    /// history and the process list).
+    Decode {
+        /// The token, or `-` for standard input.
+        token: Option<String>,
+        /// Check against this JWKS: a file, or an http(s):// URL.
+        #[arg(long, conflicts_with = "jwks_from_server")]
+        jwks: Option<String>,
+        /// For an https:// --jwks: trust only this CA (PEM); default: the
+        /// system's roots.
+        #[arg(long, env = "AUTH_SERVER_ADMIN_JWKS_CA")]
+        jwks_ca: Option<PathBuf>,
+        /// Check against the server's keys (GetJwks over mTLS, with the
+        /// connection flags).
+        #[arg(long)]
+        jwks_from_server: bool,
+        /// The issuer to require (default: the token's own `iss`, not checked).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// The audience to require (default: not checked).
+        #[arg(long)]
+        audience: Option<String>,
+        #[command(flatten)]
+        conn: ConnFlags,
+    },
+    /// Create a service account: print the block for the accounts file and
+    /// the credentials document (with a new secret, shown once) that the
+    /// service reads.
+    NewAccount {
+        /// The client id, also the service's own audience name.
+        name: String,
+        /// An audience it may request and its scopes: AUD=scope,scope
+        /// (repeat for more audiences).
+        #[arg(long = "audience", value_name = "AUD=SCOPES", required = true)]
+        audiences: Vec<String>,
+        /// The identity its mTLS certificate must carry (URI SAN, e.g.
+        /// spiffe://cluster.local/ns/billing/sa/billing).
+        #[arg(long)]
+        mtls_identity: Option<String>,
+        /// The role claim of its tokens.
+        #[arg(long, default_value = "service")]
+        role: String,
+        /// A permission of its own at the auth service (repeatable), e.g. the
+        /// admin permission.
+        #[arg(long = "perm")]
+        perms: Vec<String>,
+        /// Write the credentials document to this new file (mode 0600)
+        /// instead of printing the secret.
+        #[arg(long)]
+        credentials_out: Option<PathBuf>,
+    },
     /// Exit 0 if the URL answers HTTP 200 (container health checks).
     Healthcheck {
         /// e.g. http://127.0.0.1:8080/readyz
         #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
         url: String,
     },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Revoke a token by its jti, or a whole login session by its sid, as
+    /// the admin service account (needs tokens.admin_perm).
+    Revoke {
+        /// The access token's id.
+        #[arg(long, required_unless_present = "sid", conflicts_with = "sid")]
+        jti: Option<String>,
+        /// The login session's id (logout: every token of it).
+        #[arg(long)]
+        sid: Option<String>,
+        /// The admin account's credentials (JSON or TOML with client_id and
+        /// client_secret).
+        #[arg(long, env = "AUTH_SERVER_ADMIN_CREDENTIALS", default_value = ".auth-dev/credentials/admin.json")]
+        credentials: PathBuf,
+        /// The auth service's own audience (tokens.self_audience; by
+        /// default the issuer).
+        #[arg(long, env = "AUTH_SERVER_ADMIN_AUDIENCE", default_value = "auth-service")]
+        audience: String,
+    },
+    /// List the keys the server publishes: kid, algorithm, key type.
+    Keys,
+}
+
+/// Where the admin commands reach the server, and the admin's mTLS files.
+#[derive(clap::Args)]
+struct ConnFlags {
+    /// The gRPC address.
+    #[arg(long, env = "AUTH_SERVER_ADMIN_ADDR", default_value = "https://localhost:50051")]
+    addr: String,
+    /// The CA that signs the server's certificate (PEM).
+    #[arg(long, env = "AUTH_SERVER_ADMIN_CA", default_value = ".auth-dev/ca.pem")]
+    ca: PathBuf,
+    /// The admin's client certificate (PEM).
+    #[arg(long, env = "AUTH_SERVER_ADMIN_CERT", default_value = ".auth-dev/clients/admin.pem")]
+    cert: PathBuf,
+    /// The admin's client key (PEM).
+    #[arg(long, env = "AUTH_SERVER_ADMIN_KEY", default_value = ".auth-dev/clients/admin-key.pem")]
+    key: PathBuf,
+    /// The server's SPIFFE ID (default: spiffe://<trust domain of the admin
+    /// certificate>/auth-server).
+    #[arg(long, env = "AUTH_SERVER_ADMIN_SERVER_ID")]
+    server_id: Option<String>,
+}
+
+impl ConnFlags {
+    fn connection(self) -> admin::Connection {
+        admin::Connection { addr: self.addr, ca: self.ca, cert: self.cert, key: self.key, server_id: self.server_id }
+    }
 }
 
 #[derive(clap::Args)]
@@ -171,6 +283,67 @@ async fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Healthcheck { url } => healthcheck(&url).await,
+        Command::Admin { conn, command } => run_admin(conn.connection(), command).await,
+        Command::Decode { token, jwks, jwks_ca, jwks_from_server, issuer, audience, conn } => {
+            let token = match token.as_deref() {
+                None | Some("-") => {
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line).map_err(|e| format!("standard input: {e}"))?;
+                    line.trim().to_owned()
+                }
+                Some(t) => t.to_owned(),
+            };
+            let keys = match (jwks, jwks_from_server) {
+                (Some(from), _) => Some(admin::load_jwks(&from, jwks_ca.as_deref()).await.map_err(|e| e.to_string())?),
+                (None, true) => Some(admin::server_jwks(&conn.connection()).await.map_err(|e| e.to_string())?),
+                (None, false) => None,
+            };
+            let now = auth_server::clock::Clock::now_unix(&auth_server::clock::SystemClock);
+            let decoded = admin::Decoded::parse(&token).map_err(|e| e.to_string())?;
+            print!("{}", decoded.render(now));
+            let Some(keys) = keys else {
+                println!("signature: not checked (give --jwks FILE|URL or --jwks-from-server)");
+                return Ok(());
+            };
+            let verdict = admin::check(&token, &keys, issuer.as_deref(), audience.as_deref(), now);
+            println!("{verdict}");
+            match verdict {
+                admin::Verdict::Valid { .. } => Ok(()),
+                admin::Verdict::Invalid { .. } => Err("the token does not verify".into()),
+            }
+        }
+        Command::NewAccount { name, audiences, mtls_identity, role, perms, credentials_out } => {
+            let mut spec = admin::AccountSpec { name, mtls_identity, role: Some(role), perms, ..Default::default() };
+            for a in &audiences {
+                admin::add_audience(&mut spec, a).map_err(|e| e.to_string())?;
+            }
+            let made = admin::new_account(&spec).map_err(|e| e.to_string())?;
+            if let Some(path) = &credentials_out {
+                admin::write_new_private(path, &made.credentials_json).map_err(|e| e.to_string())?;
+            }
+            print!("{}", made.render(credentials_out.as_deref()));
+            Ok(())
+        }
+    }
+}
+
+async fn run_admin(conn: admin::Connection, command: AdminCommand) -> Result<(), String> {
+    match command {
+        AdminCommand::Keys => {
+            let keys = admin::keys(&conn).await.map_err(|e| e.to_string())?;
+            print!("{}", admin::render_keys(&keys));
+            Ok(())
+        }
+        AdminCommand::Revoke { jti, sid, credentials, audience } => {
+            let target = match (jti, sid) {
+                (Some(j), _) => admin::RevokeTarget::Jti(j),
+                (None, Some(s)) => admin::RevokeTarget::Sid(s),
+                (None, None) => return Err("give --jti or --sid".into()),
+            };
+            let revoked = admin::revoke(&conn, &credentials, &audience, target).await.map_err(|e| e.to_string())?;
+            println!("revoked: {revoked}");
+            Ok(())
+        }
     }
 }
 

@@ -346,7 +346,16 @@ impl Server {
         // Watch streams end as shutdown begins, so verifiers move to another
         // replica at once instead of waiting out the grace.
         let auth_service = AuthService::serving(Arc::clone(&core), &config.limits, stop_rx.clone());
-        let mut http_router = crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms));
+        let public_url = crate::http::public_url(&config, http_addr);
+        if config.http_public_url.is_none() && http_addr.ip().is_unspecified() {
+            tracing::warn!(
+                %public_url,
+                "http_public_url is not set and the side port listens on every address: the discovery \
+                 document's jwks_uri names an address clients cannot use; set http_public_url"
+            );
+        }
+        let mut http_router =
+            crate::http::router(Arc::clone(&core), Duration::from_millis(limits.readyz_cache_ms), &public_url);
         let mut upkeep = None;
         if let Some(handle) = metrics {
             let service = auth_service.clone();
@@ -354,7 +363,16 @@ impl Server {
             upkeep = Some(scrape.spawn_upkeep(Duration::from_secs(5)));
             http_router = http_router.merge(crate::observe::metrics::router(scrape));
         }
-        let http_server = crate::http::serve(http, http_router, &limits, wait(stop_rx.clone()));
+        // Read once, at start-up: a renewed side-port certificate needs a
+        // restart.
+        let http_tls = config.http_tls.as_ref().map(crate::http::tls_config).transpose()?;
+        let http_stop = wait(stop_rx.clone());
+        let http_server = async {
+            match http_tls {
+                Some(tls) => crate::http::serve_tls(http, http_router, &limits, tls, http_stop).await,
+                None => crate::http::serve(http, http_router, &limits, http_stop).await,
+            }
+        };
         let grpc_server = tonic::transport::Server::builder()
             // Every live client acks a PING per interval: the edge's idle
             // read deadline (longer, by validation) only cuts dead ones.

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+mod admin;
 mod authz;
 mod edge;
 mod enumeration;
