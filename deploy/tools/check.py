@@ -55,10 +55,11 @@ def fail(where: str, msg: str) -> None:
 # --------------------------------------------------------------------------
 
 TOP_KEYS = {
-    "issuer", "grpc_addr", "http_addr", "store", "users_file", "accounts_file",
-    "log_format", "tls", "keys", "tokens", "redis", "watch", "limits", "audit",
+    "issuer", "grpc_addr", "http_addr", "http_public_url", "http_tls", "store", "users_file",
+    "accounts_file", "log_format", "tls", "keys", "tokens", "redis", "watch", "limits", "audit",
 }
 AUDIT_KEYS = {"enabled", "path"}
+HTTP_TLS_KEYS = {"cert", "key", "client_ca"}
 REQUIRED_TOP = {"issuer", "grpc_addr", "http_addr", "store", "users_file", "accounts_file", "tls", "keys"}
 TLS_KEYS = {"cert", "key", "client_ca"}
 TOKEN_KEYS = {
@@ -96,6 +97,13 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
         fail(where, "[audit] enabled must be true or false")
     if "path" in audit and not str(audit["path"]).startswith("/"):
         fail(where, "[audit] path should be absolute in a deployment")
+    if "http_public_url" in cfg and not re.match(r"^https?://[^/?#@\s]+(/[^?#\s]*)?$", cfg["http_public_url"]):
+        fail(where, f"http_public_url is not an absolute http(s) URL: {cfg['http_public_url']!r}")
+    http_tls = cfg.get("http_tls")
+    if http_tls is not None:
+        if not {"cert", "key"} <= set(http_tls) <= HTTP_TLS_KEYS:
+            fail(where, f"[http_tls] needs cert and key (client_ca optional), has {sorted(http_tls)}")
+        paths += [http_tls[k] for k in HTTP_TLS_KEYS if k in http_tls]
     tls = cfg.get("tls", {})
     if set(tls) != TLS_KEYS:
         fail(where, f"[tls] needs exactly {sorted(TLS_KEYS)}, has {sorted(tls)}")
