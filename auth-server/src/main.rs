@@ -396,11 +396,11 @@ async fn shutdown_signal() {
 fn print_dev_banner(env: &dev::DevEnv, cfg: &Config) {
     let d = env.dir.display();
     println!(
-        "auth-server dev mode ({}) in {d}\n  gRPC (mTLS): {}\n  HTTP:        http://{}/.well-known/jwks.json\n  credentials: {d}/credentials/*.json\n\nTry (needs grpcurl):\n  grpcurl -cacert {d}/ca.pem -cert {d}/clients/order.pem -key {d}/clients/order-key.pem \\\n    -d \"$(jq -c '{{client_credentials: .}} + {{audience: [\"inventory\"]}}' {d}/credentials/order.json)\" \\\n    localhost:{} auth.v1.Auth/Login\n",
+        "auth-server dev mode ({}) in {d}\n  gRPC (mTLS): {}\n  HTTP:        http://{http}/.well-known/jwks.json\n  discovery:   http://{http}/.well-known/oauth-authorization-server\n  credentials: {d}/credentials/*.json\n\nTry (needs grpcurl):\n  grpcurl -cacert {d}/ca.pem -cert {d}/clients/order.pem -key {d}/clients/order-key.pem \\\n    -d \"$(jq -c '{{client_credentials: .}} + {{audience: [\"inventory\"]}}' {d}/credentials/order.json)\" \\\n    localhost:{port} auth.v1.Auth/Login\nAs the admin (see README, \"Operator commands\"):\n  auth-server admin --addr https://localhost:{port} --ca {d}/ca.pem \\\n    --cert {d}/clients/admin.pem --key {d}/clients/admin-key.pem keys\n",
         if env.created { "created" } else { "reused" },
         cfg.grpc_addr,
-        cfg.http_addr,
-        cfg.grpc_addr.port()
+        http = cfg.http_addr,
+        port = cfg.grpc_addr.port()
     );
 }
 
