@@ -9,7 +9,9 @@
 //!
 //! A [`Config`] has two parts:
 //! - settings that need a restart ([`Config::RESTART_KEYS`]): the listen
-//!   addresses, `issuer`, TLS, the store, the log format, `watch`;
+//!   addresses, `issuer`, `[tls]` (its paths and settings: the files
+//!   themselves are re-read when they change, see [`crate::tls::ServerTls`]),
+//!   the store, the log format, `watch`;
 //! - the reloadable policy: `tokens`, the users and accounts files and the
 //!   signing keys (`keys`). `Server::reload` re-reads the file and swaps the
 //!   policy built from them (see [`crate::core::Policy`]).
@@ -146,6 +148,11 @@ pub struct RawKeysConfig {
     /// window is `keys.transit.publish_grace_secs - refresh_secs`.
     #[serde(default)]
     pub prepublish_secs: Option<u64>,
+    /// Start even when other users can read or write a private key file
+    /// (`keys.signing`, `keys.publish`, `tls.key`), with a warning instead
+    /// of a refusal. See docs/OPERATIONS.md, "Key file modes".
+    #[serde(default)]
+    pub allow_readable_key_files: bool,
 }
 
 /// Default of `keys.jwks_max_age_secs`.
@@ -172,7 +179,8 @@ pub struct HttpTlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-/// mTLS files.
+/// mTLS files, re-read when they change (see `reload_check_secs`) and on
+/// SIGHUP.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
@@ -182,6 +190,31 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
+    /// How often (seconds) the three files are read and compared with the
+    /// running set (by content, so a Kubernetes Secret volume's symlink
+    /// swap counts); a changed set is validated and swapped in for new
+    /// handshakes. 0: only on SIGHUP.
+    #[serde(default = "default_tls_reload_check_secs")]
+    pub reload_check_secs: u64,
+    /// A warning is logged while the server certificate has fewer than this
+    /// many days left (at start-up, after each reload, then hourly). 0: no
+    /// early warning; an expired certificate is still reported.
+    #[serde(default = "default_tls_expiry_warn_days")]
+    pub expiry_warn_days: u64,
+}
+
+/// Default of `tls.reload_check_secs`.
+pub const DEFAULT_TLS_RELOAD_CHECK_SECS: u64 = 10;
+/// Default of `tls.expiry_warn_days`: below cert-manager's usual renewal
+/// window (10 days before expiry for the deploy's 30-day certificates), so
+/// the warning means renewal has failed for days.
+pub const DEFAULT_TLS_EXPIRY_WARN_DAYS: u64 = 7;
+
+fn default_tls_reload_check_secs() -> u64 {
+    DEFAULT_TLS_RELOAD_CHECK_SECS
+}
+fn default_tls_expiry_warn_days() -> u64 {
+    DEFAULT_TLS_EXPIRY_WARN_DAYS
 }
 
 /// One PKCS#8 PEM key file and its algorithm.
@@ -579,6 +612,10 @@ pub struct Config {
     /// `keys.jwks_max_age_secs`: how long HTTP clients may cache the JWKS
     /// (reloadable, with the keys).
     pub jwks_max_age_secs: u64,
+    /// `keys.allow_readable_key_files`: start with key files other users
+    /// can read (a warning, not a refusal). Read with the key files: at
+    /// start-up for `tls.key`, and on each reload for the signing keys.
+    pub allow_readable_key_files: bool,
     /// Token lifetimes and limits (reloadable).
     pub tokens: TokensConfig,
     source: Option<ConfigSource>,
@@ -696,6 +733,7 @@ impl std::fmt::Debug for RawConfig {
             .field("keys.publish", &self.keys.publish)
             .field("keys.jwks_max_age_secs", &self.keys.jwks_max_age_secs)
             .field("keys.prepublish_secs", &self.keys.prepublish_secs)
+            .field("keys.allow_readable_key_files", &self.keys.allow_readable_key_files)
             // The raw table is shown by its keys only.
             .field("keys.transit", &self.keys.transit.as_ref().map(|t| t.keys().collect::<Vec<_>>()))
             .field("tokens", &self.tokens)
@@ -725,6 +763,7 @@ impl std::fmt::Debug for Config {
             .field("accounts_file", &self.accounts_file)
             .field("keys", &self.keys)
             .field("jwks_max_age_secs", &self.jwks_max_age_secs)
+            .field("allow_readable_key_files", &self.allow_readable_key_files)
             .field("tokens", &self.tokens)
             .finish_non_exhaustive()
     }
@@ -908,11 +947,13 @@ impl Config {
         let accounts_file = v.file("accounts_file", raw.accounts_file.as_deref());
         let tls = match &raw.tls {
             Some(t) => {
+                v.range("tls.reload_check_secs", t.reload_check_secs, 0, 3_600);
+                v.range("tls.expiry_warn_days", t.expiry_warn_days, 0, 365);
                 let cert = v.file("tls.cert", Some(&t.cert));
                 let key = v.file("tls.key", Some(&t.key));
                 let client_ca = v.file("tls.client_ca", Some(&t.client_ca));
                 match (cert, key, client_ca) {
-                    (Some(cert), Some(key), Some(client_ca)) => Some(TlsConfig { cert, key, client_ca }),
+                    (Some(cert), Some(key), Some(client_ca)) => Some(TlsConfig { cert, key, client_ca, ..t.clone() }),
                     _ => None,
                 }
             }
@@ -1035,6 +1076,7 @@ impl Config {
                 accounts_file,
                 keys,
                 jwks_max_age_secs,
+                allow_readable_key_files: raw.keys.allow_readable_key_files,
                 tokens: TokensConfig { self_audience, ..raw.tokens },
                 source: None,
             }),

@@ -15,6 +15,7 @@ use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_dig
 use crate::keys::{KeyError, SigningKeys};
 use crate::observe::{Events, NoEvents};
 use crate::password::{PasswordPool, PoolConfig};
+use crate::readiness::Readiness;
 use crate::store::{IssuedToken, RefreshRecord, Store};
 use crate::throttle::LoginThrottle;
 
@@ -109,6 +110,9 @@ pub struct AuthCore {
     /// Where handlers (and a flow, when only it knows) report what they
     /// decided: the audit trail and the metrics (see [`crate::observe`]).
     pub events: Arc<dyn Events>,
+    /// Conditions besides the store that make the replica not ready (an
+    /// expired server certificate): `/readyz` and gRPC health follow them.
+    pub readiness: Readiness,
 }
 
 impl AuthCore {
@@ -134,6 +138,7 @@ impl AuthCore {
             }),
             login_throttle: LoginThrottle::new((&config.limits).into()),
             events: Arc::new(NoEvents),
+            readiness: Readiness::new(),
         }
     }
 

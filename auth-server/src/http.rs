@@ -1,7 +1,8 @@
 //! The HTTP side port: `/.well-known/jwks.json` for non-Rust verifiers,
 //! the RFC 8414 metadata at `/.well-known/oauth-authorization-server`
 //! ([`crate::discovery`]), `/healthz` (the process is up) and `/readyz` (the
-//! store answers). `/metrics` is merged in by the server when it has a
+//! store answers and no other readiness condition, such as an expired
+//! certificate, is raised). `/metrics` is merged in by the server when it has a
 //! Prometheus handle (see [`crate::observe::metrics::router`]).
 //!
 //! Both documents carry `Cache-Control: public, max-age=N` with N from
@@ -148,11 +149,19 @@ fn none_match(request: &HeaderMap, tag: &str) -> bool {
     )
 }
 
+/// 200 `ready`, or 503 with one reason per line: the store, then every
+/// raised [`Readiness`](crate::readiness::Readiness) condition (an expired
+/// server certificate, ...).
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.ready.ready(&s.core).await {
-        (StatusCode::OK, "ready")
+    let mut reasons = Vec::new();
+    if !s.ready.ready(&s.core).await {
+        reasons.push("store unavailable".to_owned());
+    }
+    reasons.extend(s.core.readiness.reasons());
+    if reasons.is_empty() {
+        (StatusCode::OK, "ready".to_owned())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n"))
     }
 }
 

@@ -72,6 +72,7 @@ pub mod logs;
 pub mod observe;
 pub mod password;
 pub mod ratelimit;
+pub mod readiness;
 pub mod refresh;
 pub mod revoke;
 pub mod server;

@@ -3,7 +3,8 @@
 //! first [`Policy`] and builds the [`AuthCore`]; [`Server::serve`] runs the
 //! gRPC (mTLS) and HTTP ports on already-bound [`Listeners`] until shutdown.
 //! [`Server::reload`] (or a [`Reloader`] handle, e.g. for SIGHUP) re-reads the
-//! config file and swaps the policy.
+//! config file and swaps the policy, and re-reads the TLS files
+//! ([`ServerTls`], which also polls them while serving).
 //!
 //! Extra tower layers for the gRPC stack (metrics, load shedding) go in with
 //! [`ServerBuilder::layer`]; the first one added is the outermost, as with
@@ -35,6 +36,7 @@ use crate::observe::store::MeteredStore;
 use crate::observe::{Event, Fanout, published_keys};
 use crate::ratelimit::ClientRateLimitLayer;
 use crate::store::{MemoryStore, Store, StoreError};
+use crate::tls::{ReloadTrigger, ServerTls, TlsFiles, TlsWatch};
 
 /// A boxed error, as tower and tonic use it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -164,9 +166,10 @@ impl<L> ServerBuilder<L> {
         }
     }
 
-    /// Opens what was not given (keys from `config.keys`, the store from
-    /// `config.store`), reads the users and accounts files, and builds the
-    /// server.
+    /// Reads and checks the TLS files (a key that is not the
+    /// certificate's fails here, before anything listens), opens what was
+    /// not given (keys from `config.keys`, the store from `config.store`),
+    /// reads the users and accounts files, and builds the server.
     pub async fn build<ResBody>(self) -> Result<Server, StartError>
     where
         L: Layer<GrpcService> + Send + Sync + 'static,
@@ -177,10 +180,13 @@ impl<L> ServerBuilder<L> {
         ResBody::Error: Into<BoxError>,
     {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let tls = Arc::new(ServerTls::load(TlsFiles::grpc(&self.config.tls, self.config.allow_readable_key_files))?);
         let fixed_keys = self.keys.is_some();
         let keys = match self.keys {
             Some(k) => k,
-            None => crate::keys::open(&self.config.keys, Arc::clone(&clock)).await?,
+            None => {
+                crate::keys::open(&self.config.keys, Arc::clone(&clock), self.config.allow_readable_key_files).await?
+            }
         };
         let store = match self.store {
             Some(s) => s,
@@ -210,9 +216,10 @@ impl<L> ServerBuilder<L> {
                 fixed_keys,
                 clock,
                 keys_source: tokio::sync::Mutex::new(self.config.keys.clone()),
+                tls: Arc::clone(&tls),
             }),
         };
-        Ok(Server { config: self.config, core, stack, reloader, metrics: self.metrics })
+        Ok(Server { config: self.config, core, stack, tls, reloader, metrics: self.metrics })
     }
 }
 
@@ -229,6 +236,7 @@ pub struct Server {
     config: Config,
     core: Arc<AuthCore>,
     stack: GrpcStack,
+    tls: Arc<ServerTls>,
     reloader: Reloader,
     metrics: Option<PrometheusHandle>,
 }
@@ -270,8 +278,13 @@ impl Server {
         &self.core
     }
 
-    /// A handle that reloads the policy, usable after `serve` took the
-    /// server (SIGHUP, file watches).
+    /// The gRPC port's TLS identity (reloadable).
+    pub fn tls(&self) -> &Arc<ServerTls> {
+        &self.tls
+    }
+
+    /// A handle that reloads the policy and the TLS files, usable after
+    /// `serve` took the server (SIGHUP, file watches).
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
     }
@@ -288,11 +301,17 @@ impl Server {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let Server { config, core, stack, reloader: _, metrics } = self;
+        let Server { config, core, stack, tls, reloader: _, metrics } = self;
         let Listeners { grpc, http } = listeners;
-        let tls = crate::tls::server_config(&config.tls)?;
+        // Logs the certificate's expiry, raises the `tls` readiness
+        // condition once it has passed, and reloads changed files.
+        let tls_watch = tls.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), core.readiness.clone());
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
+        if core.readiness.is_ready() {
+            health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
+        } else {
+            health_reporter.set_not_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
+        }
         // Reflection in both versions: grpc.reflection.v1, and v1alpha,
         // the only one grpcurl before 1.9 and Python's grpcio-reflection
         // speak. Each lists auth.v1.Auth and grpc.health.v1.Health.
@@ -304,22 +323,34 @@ impl Server {
         let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| StartError::Transport(e.to_string()))?;
         let reflection = reflection().build_v1().map_err(|e| StartError::Transport(e.to_string()))?;
 
-        // Readiness follows the store: NOT_SERVING while it does not answer.
+        // Readiness, as /readyz reports it: NOT_SERVING while the store
+        // does not answer or a readiness condition (an expired certificate)
+        // is raised. Checked every 2 s, and at once when a condition changes.
         let store = Arc::clone(&core.store);
+        let readiness = core.readiness.clone();
         let health_task = tokio::spawn(async move {
-            let mut ready = true;
+            let mut changes = readiness.subscribe();
+            let mut serving = readiness.is_ready();
             loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let ok = store.ping().await.is_ok();
-                if ok != ready {
-                    ready = ok;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    Ok(()) = changes.changed() => {}
+                }
+                let mut reasons = Vec::new();
+                if store.ping().await.is_err() {
+                    reasons.push("store unavailable".to_owned());
+                }
+                reasons.extend(readiness.reasons());
+                let ok = reasons.is_empty();
+                if ok != serving {
+                    serving = ok;
                     if ok {
-                        tracing::info!("store reachable again: serving");
+                        tracing::info!("ready again: serving");
                         health_reporter
                             .set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>()
                             .await;
                     } else {
-                        tracing::warn!("store unreachable: not serving");
+                        tracing::warn!(?reasons, "not ready: not serving");
                         health_reporter
                             .set_not_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>()
                             .await;
@@ -400,9 +431,9 @@ impl Server {
                 auth_proto::auth::v1::auth_server::AuthServer::new(auth_service).max_decoding_message_size(64 * 1024),
             )
             .serve_with_incoming_shutdown(
-                // mTLS per connection: the caller's identity is read once,
-                // at the handshake; connection cap, preface and idle
-                // deadlines.
+                // mTLS per connection, with the TLS files current at the
+                // handshake: the caller's identity is read once, at the
+                // handshake; connection cap, preface and idle deadlines.
                 crate::edge::TlsIncoming::with_limits(grpc, tls, crate::edge::ConnLimits::from_config(&limits)),
                 wait(stop_rx.clone()),
             );
@@ -430,6 +461,7 @@ impl Server {
         if let Some(task) = upkeep {
             task.abort();
         }
+        tls_watch.abort();
         g.map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!("auth-server stopped");
         Ok(())
@@ -480,6 +512,8 @@ struct ReloadState {
     /// The key source of the current policy; the lock also makes reloads
     /// run one at a time.
     keys_source: tokio::sync::Mutex<KeySource>,
+    /// The gRPC port's TLS files, re-read with each reload.
+    tls: Arc<ServerTls>,
 }
 
 /// Reloads a running server's [`Policy`]. Cheap to clone.
@@ -501,7 +535,12 @@ impl Reloader {
     /// then swaps the new policy in at once. On any error the old policy
     /// stays and the error is logged and returned. Restart-only settings
     /// that changed are logged as warnings and keep their running values.
+    ///
+    /// The TLS files are re-read too, on their own: a broken set keeps the
+    /// running one and is logged ([`ServerTls::reload_logged`]), whatever
+    /// becomes of the policy, and the other way round.
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
+        let _ = self.inner.tls.reload_logged(ReloadTrigger::Signal);
         let result = self.try_reload().await;
         match &result {
             Ok(r) => {
@@ -528,7 +567,7 @@ impl Reloader {
         let keys = if s.fixed_keys || (config.keys == *source && matches!(config.keys, KeySource::Transit(_))) {
             Arc::clone(&old.keys)
         } else {
-            crate::keys::open(&config.keys, Arc::clone(&s.clock)).await?
+            crate::keys::open(&config.keys, Arc::clone(&s.clock), config.allow_readable_key_files).await?
         };
         let policy = Policy::load(&config, keys)?;
         let reloaded = Reloaded {

@@ -1,18 +1,40 @@
-//! mTLS: the server's rustls configuration and the caller's identity as read
-//! from its verified client certificate.
+//! mTLS: the server's rustls configuration, loaded from its files and
+//! reloaded when they change ([`ServerTls`]), and the caller's identity as
+//! read from its verified client certificate ([`PeerIdentity`]).
+//!
+//! A [`ServerTls`] holds the rustls configuration built from one set of
+//! files ([`TlsFiles`]: certificate chain, private key, client CA). Every
+//! set is validated before use: the key must be the certificate's (a
+//! mismatch names both files), the key file must not be readable by other
+//! users (see [`crate::keys::check_key_file`]), and the client CA must
+//! parse. [`ServerTls::reload`] re-reads the files and swaps a valid new
+//! set in whole; a broken set keeps the running one and says why, naming
+//! the file. Each new handshake takes the configuration current at that
+//! moment, so open connections keep the one they started with.
+//!
+//! [`ServerTls::watch`] polls the files by content (a Kubernetes Secret
+//! volume swaps them through a symlink, which no file watch on the path
+//! sees), logs the certificate's expiry, warns ahead of it, and raises the
+//! `tls` [readiness](crate::readiness) condition once it has passed.
+//! Nothing here is specific to the gRPC port: another port builds its own
+//! [`TlsFiles`].
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use aws_lc_rs::digest;
-use rustls::RootCertStore;
-use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::{CertifiedKey, SingleCertAndKey};
+use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+use crate::clock::SharedClock;
 use crate::config::{ConfigError, TlsConfig};
 use crate::edge::ConnInfo;
+use crate::readiness::Readiness;
 
 /// Who is on the other end of the mTLS connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,56 +75,599 @@ impl PeerIdentity {
     }
 }
 
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-    std::fs::read(path).map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", path.display()) })
+/// The files of a server TLS identity, and how to use them. Reusable by any
+/// port: the gRPC port's is [`TlsFiles::grpc`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The config section that names the files in messages and the
+    /// readiness condition (`tls`: `tls.cert`, `tls.key`, `tls.client_ca`).
+    pub section: String,
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Private key (PEM) of the leaf certificate.
+    pub key: PathBuf,
+    /// CA bundle (PEM) that client certificates must chain to; with it,
+    /// every client must present one. `None`: no client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// ALPN protocols offered, most preferred first.
+    pub alpn: Vec<Vec<u8>>,
+    /// Start (with a warning) when other users can read the key file
+    /// (`keys.allow_readable_key_files`).
+    pub allow_readable_key: bool,
+}
+
+impl TlsFiles {
+    /// The gRPC port's `[tls]`: client certificates required, ALPN `h2`.
+    pub fn grpc(cfg: &TlsConfig, allow_readable_key: bool) -> Self {
+        Self {
+            section: "tls".into(),
+            cert: cfg.cert.clone(),
+            key: cfg.key.clone(),
+            client_ca: Some(cfg.client_ca.clone()),
+            alpn: vec![b"h2".to_vec()],
+            allow_readable_key,
+        }
+    }
+
+    /// The config key of one of the files (`tls.key`).
+    fn name(&self, file: &str) -> String {
+        format!("{}.{file}", self.section)
+    }
+
+    /// An error about `file` at `path`.
+    fn error(&self, file: &str, path: &Path, problem: impl std::fmt::Display) -> ConfigError {
+        ConfigError { key: self.name(file), problem: format!("{}: {problem}", path.display()) }
+    }
+}
+
+/// What an operator needs to know of a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The subject, as an RFC 4514 string.
+    pub subject: String,
+    /// The serial number, colon-separated hex.
+    pub serial: String,
+    /// Start of validity, Unix seconds.
+    pub not_before: i64,
+    /// End of validity (`notAfter`), Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertInfo {
+    /// Reads a DER certificate.
+    pub fn from_der(der: &[u8]) -> Result<Self, String> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        Ok(Self {
+            subject: cert.subject().to_string(),
+            serial: cert.raw_serial_as_string(),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+        })
+    }
+}
+
+/// A Unix time as RFC 3339 UTC (`2026-12-31T23:59:59Z`).
+pub fn rfc3339(unix: i64) -> String {
+    // Days to civil date: H. Hinnant's algorithm (proleptic Gregorian).
+    let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3_600, secs % 3_600 / 60, secs % 60)
+}
+
+/// The contents of one read of the files.
+struct Pems {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+/// SHA-256 over the three files' contents (each framed by its length):
+/// whether anything changed, without keeping a copy of the key.
+type Digest = [u8; 32];
+
+impl Pems {
+    fn read(files: &TlsFiles) -> Result<Self, ConfigError> {
+        let read = |file: &str, path: &Path| std::fs::read(path).map_err(|e| files.error(file, path, e));
+        Ok(Self {
+            cert: read("cert", &files.cert)?,
+            key: read("key", &files.key)?,
+            client_ca: files.client_ca.as_deref().map(|p| read("client_ca", p)).transpose()?,
+        })
+    }
+
+    /// Reads until two reads in a row agree, so a set being replaced while
+    /// read (new certificate, old key) is never taken for a broken one.
+    fn read_stable(files: &TlsFiles) -> Result<(Self, Digest), ConfigError> {
+        let mut last = Self::read(files)?;
+        let mut last_digest = last.digest();
+        for _ in 0..4 {
+            let again = Self::read(files)?;
+            let digest = again.digest();
+            if digest == last_digest {
+                return Ok((again, digest));
+            }
+            (last, last_digest) = (again, digest);
+        }
+        drop(last);
+        Err(files.error("cert", &files.cert, "the TLS files kept changing while being read"))
+    }
+
+    fn digest(&self) -> Digest {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        for part in [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()] {
+            let part = part.map_or(&[][..], Vec::as_slice);
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part);
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+}
+
+/// One validated set, ready for handshakes.
+struct Loaded {
+    config: Arc<ServerConfig>,
+    cert: CertInfo,
+    digest: Digest,
+}
+
+/// Validates one read of the files and builds its rustls configuration.
+fn build(files: &TlsFiles, pems: &Pems, digest: Digest) -> Result<Loaded, ConfigError> {
+    let chain = CertificateDer::pem_slice_iter(&pems.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| files.error("cert", &files.cert, format!("not a PEM certificate chain: {e}")))?;
+    let leaf = chain.first().ok_or_else(|| files.error("cert", &files.cert, "no certificate in the file"))?;
+    let cert = CertInfo::from_der(leaf.as_ref()).map_err(|e| files.error("cert", &files.cert, e))?;
+
+    match crate::keys::check_key_file(&files.name("key"), &files.key, files.allow_readable_key) {
+        Ok(None) => {}
+        Ok(Some(warning)) => tracing::warn!("{warning}"),
+        Err(refused) => {
+            let problem = refused.strip_prefix(&format!("{}: ", files.name("key"))).unwrap_or(&refused).to_owned();
+            return Err(ConfigError { key: files.name("key"), problem });
+        }
+    }
+    let key = PrivateKeyDer::from_pem_slice(&pems.key)
+        .map_err(|e| files.error("key", &files.key, format!("not a PEM private key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let certified = CertifiedKey::from_der(chain, key, &provider).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => files.error(
+            "key",
+            &files.key,
+            format!(
+                "does not match the certificate in {} ({}): the private key is not the one the certificate was \
+                 issued for; install the key and the certificate of the same issuance",
+                files.name("cert"),
+                files.cert.display()
+            ),
+        ),
+        other => files.error("key", &files.key, format!("unusable private key: {other}")),
+    })?;
+
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| files.error("cert", &files.cert, e))?;
+    let builder = match (&files.client_ca, &pems.client_ca) {
+        (Some(path), Some(pem)) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(pem) {
+                let c = c.map_err(|e| files.error("client_ca", path, format!("not a PEM certificate: {e}")))?;
+                roots.add(c).map_err(|e| files.error("client_ca", path, e))?;
+            }
+            if roots.is_empty() {
+                return Err(files.error("client_ca", path, "no CA certificate in the file"));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| files.error("client_ca", path, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    // A new configuration starts with an empty session cache: no session
+    // resumed from the old one (whose client was checked against the old
+    // client CA) carries over.
+    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    config.alpn_protocols = files.alpn.clone();
+    Ok(Loaded { config: Arc::new(config), cert, digest })
 }
 
 /// The gRPC server's rustls configuration from the configured files: see
-/// [`server_config_from_pem`].
+/// [`server_config_from_pem`] and [`ServerTls`], which also reloads them.
 pub fn server_config(cfg: &TlsConfig) -> Result<Arc<ServerConfig>, ConfigError> {
-    let cert = read("tls.cert", &cfg.cert)?;
-    let key = read("tls.key", &cfg.key)?;
-    let ca = read("tls.client_ca", &cfg.client_ca)?;
-    server_config_from_pem(&cert, &key, &ca).map_err(|e| {
-        let path = match e.key.as_str() {
-            "tls.cert" => &cfg.cert,
-            "tls.key" => &cfg.key,
-            _ => &cfg.client_ca,
-        };
-        ConfigError { problem: format!("{}: {}", path.display(), e.problem), key: e.key }
-    })
+    Ok(ServerTls::load(TlsFiles::grpc(cfg, false))?.server_config())
 }
 
 /// The gRPC server's rustls configuration: client certificates are
 /// required and must chain to `client_ca_pem` (no certificate, or one from
 /// another CA, is refused at the handshake); ALPN offers `h2` only; the
-/// crypto provider is aws-lc-rs. There is no plaintext mode.
+/// crypto provider is aws-lc-rs. There is no plaintext mode. The key must
+/// be the certificate's.
 pub fn server_config_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
     client_ca_pem: &[u8],
 ) -> Result<Arc<ServerConfig>, ConfigError> {
-    let bad = |key: &str, problem: String| ConfigError { key: key.into(), problem };
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("tls.cert", format!("not a PEM certificate chain: {e}")))?;
-    let key =
-        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| bad("tls.key", format!("not a PEM private key: {e}")))?;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(client_ca_pem) {
-        let c = c.map_err(|e| bad("tls.client_ca", format!("not a PEM certificate: {e}")))?;
-        roots.add(c).map_err(|e| bad("tls.client_ca", e.to_string()))?;
+    let files = TlsFiles {
+        section: "tls".into(),
+        cert: "(PEM)".into(),
+        key: "(PEM)".into(),
+        client_ca: Some("(PEM)".into()),
+        alpn: vec![b"h2".to_vec()],
+        allow_readable_key: false,
+    };
+    let pems = Pems { cert: cert_pem.to_vec(), key: key_pem.to_vec(), client_ca: Some(client_ca_pem.to_vec()) };
+    let digest = pems.digest();
+    Ok(build(&files, &pems, digest)?.config)
+}
+
+/// What [`ServerTls::reload`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsReload {
+    /// The files hold the running set.
+    Unchanged,
+    /// A new set was validated and swapped in for new handshakes.
+    Swapped {
+        /// The certificate before.
+        previous: CertInfo,
+        /// The certificate now.
+        current: CertInfo,
+    },
+}
+
+/// Why [`ServerTls::reload`] kept the running set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct TlsReloadError {
+    /// What is wrong, naming the file.
+    pub error: ConfigError,
+    /// The files are as they were at the last refusal (a poll does not log
+    /// it again).
+    pub repeated: bool,
+}
+
+/// What started a reload: it decides what is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// An operator (SIGHUP): every outcome is logged.
+    Signal,
+    /// The periodic check: a swap, and a broken set once per content.
+    Poll,
+}
+
+/// A server TLS identity loaded from [`TlsFiles`], reloadable while
+/// serving; see the [module docs](self).
+pub struct ServerTls {
+    files: TlsFiles,
+    current: ArcSwap<Loaded>,
+    /// The content (or read error) of the last set refused. The lock also
+    /// makes reloads run one at a time.
+    refused: Mutex<Option<Vec<u8>>>,
+    /// Wakes the watcher after a swap.
+    swapped: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for ServerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .field("certificate", &self.current.load().cert)
+            .finish_non_exhaustive()
     }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-        .build()
-        .map_err(|e| bad("tls.client_ca", e.to_string()))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("tls.cert", e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| bad("tls.key", e.to_string()))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+}
+
+impl ServerTls {
+    /// Reads and validates the files (at start-up: an error stops the
+    /// server before it listens, naming the file).
+    pub fn load(files: TlsFiles) -> Result<Self, ConfigError> {
+        let (pems, digest) = Pems::read_stable(&files)?;
+        let loaded = build(&files, &pems, digest)?;
+        Ok(Self {
+            files,
+            current: ArcSwap::from_pointee(loaded),
+            refused: Mutex::new(None),
+            swapped: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The files this identity comes from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// The configuration new handshakes use now.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::clone(&self.current.load().config)
+    }
+
+    /// The running leaf certificate.
+    pub fn certificate(&self) -> CertInfo {
+        self.current.load().cert.clone()
+    }
+
+    /// Re-reads the files; when their content differs from the running
+    /// set, validates it and swaps it in for new handshakes. A broken set
+    /// (unreadable file, key not the certificate's, key file readable by
+    /// others, client CA that does not parse) keeps the running one.
+    pub fn reload(&self) -> Result<TlsReload, TlsReloadError> {
+        fn refuse(refused: &mut Option<Vec<u8>>, fingerprint: Vec<u8>, error: ConfigError) -> TlsReloadError {
+            let repeated = refused.as_ref() == Some(&fingerprint);
+            *refused = Some(fingerprint);
+            TlsReloadError { error, repeated }
+        }
+        let mut refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (pems, digest) = match Pems::read_stable(&self.files) {
+            Ok(read) => read,
+            Err(e) => return Err(refuse(&mut refused, e.to_string().into_bytes(), e)),
+        };
+        let previous = self.current.load_full();
+        if digest == previous.digest {
+            *refused = None;
+            return Ok(TlsReload::Unchanged);
+        }
+        let loaded = build(&self.files, &pems, digest).map_err(|e| refuse(&mut refused, digest.to_vec(), e))?;
+        let current = loaded.cert.clone();
+        self.current.store(Arc::new(loaded));
+        *refused = None;
+        self.swapped.notify_one();
+        Ok(TlsReload::Swapped { previous: previous.cert.clone(), current })
+    }
+
+    /// [`ServerTls::reload`], logging the outcome as `trigger` calls for.
+    pub fn reload_logged(&self, trigger: ReloadTrigger) -> Result<TlsReload, TlsReloadError> {
+        let result = self.reload();
+        let section = self.files.section.as_str();
+        match &result {
+            Ok(TlsReload::Swapped { previous, current }) => tracing::info!(
+                section,
+                serial = %current.serial,
+                subject = %current.subject,
+                not_after = %rfc3339(current.not_after),
+                previous_serial = %previous.serial,
+                "TLS files reloaded: new handshakes use the new certificate, key and client CA; open connections \
+                 keep theirs"
+            ),
+            Ok(TlsReload::Unchanged) if trigger == ReloadTrigger::Signal => {
+                tracing::info!(section, "TLS files unchanged");
+            }
+            Ok(TlsReload::Unchanged) => {}
+            Err(e) if trigger == ReloadTrigger::Signal || !e.repeated => tracing::error!(
+                section,
+                error = %e.error,
+                "TLS files not reloaded: keeping the running certificate, key and client CA"
+            ),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// Checks the certificate's expiry now (logging it and setting the
+    /// readiness condition named after the section), then, in a task until
+    /// aborted: polls the files every `options.poll`, re-checks the expiry
+    /// every [`EXPIRY_CHECK`] and after every swap.
+    pub fn watch(
+        self: &Arc<Self>,
+        options: TlsWatch,
+        clock: SharedClock,
+        readiness: Readiness,
+    ) -> tokio::task::JoinHandle<()> {
+        let mut report = ExpiryReport::new(self.files.section.clone(), options.warn_before, readiness);
+        report.check(&self.certificate(), unix(&clock));
+        let tls = Arc::clone(self);
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let mut poll = options.poll.map(|every| {
+                let mut i = tokio::time::interval_at(start + every, every);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                i
+            });
+            let mut expiry = tokio::time::interval_at(start + EXPIRY_CHECK, EXPIRY_CHECK);
+            expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = async {
+                        match poll.as_mut() {
+                            Some(i) => i.tick().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        // Small files, but a slow volume must not hold a
+                        // runtime thread. The logs go where this task's go.
+                        let t = Arc::clone(&tls);
+                        let logs = tracing::dispatcher::get_default(Clone::clone);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            tracing::dispatcher::with_default(&logs, || t.reload_logged(ReloadTrigger::Poll))
+                        })
+                        .await;
+                    }
+                    _ = expiry.tick() => {}
+                    () = tls.swapped.notified() => {}
+                }
+                report.check(&tls.certificate(), unix(&clock));
+            }
+        })
+    }
+}
+
+fn unix(clock: &SharedClock) -> i64 {
+    i64::try_from(clock.now_unix()).unwrap_or(i64::MAX)
+}
+
+/// How often the watcher compares the certificate's `notAfter` with the
+/// clock.
+pub const EXPIRY_CHECK: Duration = Duration::from_secs(60);
+/// How often a warning about a certificate near or past its expiry is
+/// repeated while it lasts.
+pub const EXPIRY_REPEAT: Duration = Duration::from_secs(3_600);
+
+/// What [`ServerTls::watch`] does besides its first check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsWatch {
+    /// How often the files are re-read; `None`: only on SIGHUP.
+    pub poll: Option<Duration>,
+    /// Warn while less than this is left before `notAfter` (zero: never).
+    pub warn_before: Duration,
+}
+
+impl TlsWatch {
+    /// `tls.reload_check_secs` and `tls.expiry_warn_days`.
+    pub fn from_config(cfg: &TlsConfig) -> Self {
+        Self {
+            poll: (cfg.reload_check_secs > 0).then(|| Duration::from_secs(cfg.reload_check_secs)),
+            warn_before: Duration::from_secs(cfg.expiry_warn_days.saturating_mul(86_400)),
+        }
+    }
+}
+
+/// How a certificate stands against the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// More than the warning threshold left.
+    Valid,
+    /// Less than the warning threshold left.
+    Soon,
+    /// Past `notAfter`.
+    Expired,
+}
+
+impl Expiry {
+    /// Where `cert` stands at `now` with a warning threshold of
+    /// `warn_before`.
+    pub fn of(cert: &CertInfo, now: i64, warn_before: Duration) -> Self {
+        let warn = i64::try_from(warn_before.as_secs()).unwrap_or(i64::MAX);
+        if now > cert.not_after {
+            Self::Expired
+        } else if cert.not_after.saturating_sub(now) < warn {
+            Self::Soon
+        } else {
+            Self::Valid
+        }
+    }
+}
+
+/// Logs a certificate's expiry (once per certificate, and hourly while it
+/// is near or past) and keeps the readiness condition in step.
+struct ExpiryReport {
+    section: String,
+    warn_before: Duration,
+    readiness: Readiness,
+    /// The serial and state last logged, and when.
+    last: Option<(String, Expiry, i64)>,
+}
+
+impl ExpiryReport {
+    fn new(section: String, warn_before: Duration, readiness: Readiness) -> Self {
+        Self { section, warn_before, readiness, last: None }
+    }
+
+    fn check(&mut self, cert: &CertInfo, now: i64) -> Expiry {
+        let state = Expiry::of(cert, now, self.warn_before);
+        let section = self.section.as_str();
+        let not_after = rfc3339(cert.not_after);
+        if state == Expiry::Expired {
+            self.readiness.set_not_ready(
+                section,
+                format!("server certificate ({section}.cert, serial {}) expired at {not_after}", cert.serial),
+            );
+        } else {
+            self.readiness.set_ready(section);
+        }
+        let repeat = i64::try_from(EXPIRY_REPEAT.as_secs()).unwrap_or(i64::MAX);
+        let due = match &self.last {
+            None => true,
+            Some((serial, last, at)) => {
+                serial != &cert.serial || *last != state || (state != Expiry::Valid && now - at >= repeat)
+            }
+        };
+        if !due {
+            return state;
+        }
+        self.last = Some((cert.serial.clone(), state, now));
+        let days_left = (cert.not_after - now) / 86_400;
+        let serial = cert.serial.as_str();
+        match state {
+            Expiry::Valid => tracing::info!(section, serial, not_after, days_left, "server certificate in use"),
+            Expiry::Soon => tracing::warn!(
+                section,
+                serial,
+                not_after,
+                days_left,
+                warn_days = self.warn_before.as_secs() / 86_400,
+                "server certificate expires soon: renew it (the files are re-read when they change, or on SIGHUP)"
+            ),
+            Expiry::Expired => tracing::error!(
+                section,
+                serial,
+                not_after,
+                "server certificate has expired: not ready (/readyz 503, gRPC health NOT_SERVING); clients refuse \
+                 new connections until it is renewed"
+            ),
+        }
+        state
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_798_761_599), "2026-12-31T23:59:59Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn expiry_states_follow_the_threshold() {
+        let cert = CertInfo { subject: String::new(), serial: "01".into(), not_before: 0, not_after: 100 * 86_400 };
+        let week = Duration::from_secs(7 * 86_400);
+        assert_eq!(Expiry::of(&cert, 0, week), Expiry::Valid);
+        assert_eq!(Expiry::of(&cert, 93 * 86_400, week), Expiry::Valid);
+        assert_eq!(Expiry::of(&cert, 93 * 86_400 + 1, week), Expiry::Soon);
+        assert_eq!(Expiry::of(&cert, 100 * 86_400, week), Expiry::Soon);
+        assert_eq!(Expiry::of(&cert, 100 * 86_400 + 1, week), Expiry::Expired);
+        assert_eq!(Expiry::of(&cert, 99 * 86_400, Duration::ZERO), Expiry::Valid);
+    }
+
+    #[test]
+    fn an_expired_certificate_raises_the_readiness_condition_and_a_new_one_clears_it() {
+        let readiness = Readiness::new();
+        let mut report = ExpiryReport::new("tls".into(), Duration::from_secs(86_400), readiness.clone());
+        let old = CertInfo { subject: String::new(), serial: "0a".into(), not_before: 0, not_after: 1_000 };
+        assert_eq!(report.check(&old, 500), Expiry::Soon);
+        assert!(readiness.is_ready());
+        assert_eq!(report.check(&old, 1_001), Expiry::Expired);
+        assert_eq!(
+            readiness.reasons(),
+            ["tls: server certificate (tls.cert, serial 0a) expired at 1970-01-01T00:16:40Z"]
+        );
+        let new = CertInfo { serial: "0b".into(), not_after: 1_000_000, ..old };
+        assert_eq!(report.check(&new, 1_002), Expiry::Valid);
+        assert!(readiness.is_ready());
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_refused_naming_both() {
+        let ca = crate::dev::pki::Ca::generate("test CA").unwrap();
+        let a = ca.server_cert("auth.dev", &[]).unwrap();
+        let b = ca.server_cert("auth.dev", &[]).unwrap();
+        let err =
+            server_config_from_pem(a.cert_pem.as_bytes(), b.key_pem.as_bytes(), ca.cert_pem.as_bytes()).unwrap_err();
+        assert_eq!(err.key, "tls.key");
+        assert!(err.problem.contains("does not match the certificate in tls.cert"), "{err}");
+        server_config_from_pem(a.cert_pem.as_bytes(), a.key_pem.as_bytes(), ca.cert_pem.as_bytes()).unwrap();
+    }
 }

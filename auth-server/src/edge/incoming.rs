@@ -28,7 +28,11 @@
 //!   least once per PING interval, so only a dead or stuck one is cut
 //!   (config validation keeps the idle timeout above a PING round).
 //!
-//! Certificate reload attaches here.
+//! Certificate reload attaches here: each handshake takes the rustls
+//! configuration current at that moment from its [`HandshakeConfig`] (a
+//! reloadable [`ServerTls`] for the server), so a reloaded certificate,
+//! key or client CA applies to every new connection, while connections
+//! already open keep the configuration they started with.
 
 use std::io;
 use std::pin::Pin;
@@ -44,7 +48,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::LimitsConfig;
 use crate::limits::{ConnLimit, ConnPermit, Deadlines};
-use crate::tls::PeerIdentity;
+use crate::tls::{PeerIdentity, ServerTls};
 
 /// TCP keepalive probe interval of accepted connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
@@ -97,6 +101,46 @@ impl Default for ConnLimits {
     }
 }
 
+/// Where each handshake's rustls configuration comes from.
+#[derive(Clone)]
+pub enum HandshakeConfig {
+    /// The same configuration for every connection.
+    Fixed(Arc<rustls::ServerConfig>),
+    /// Whatever the [`ServerTls`] holds when the connection arrives.
+    Reloadable(Arc<ServerTls>),
+}
+
+impl HandshakeConfig {
+    /// The configuration for a connection arriving now.
+    pub fn current(&self) -> Arc<rustls::ServerConfig> {
+        match self {
+            Self::Fixed(config) => Arc::clone(config),
+            Self::Reloadable(tls) => tls.server_config(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HandshakeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Fixed(_) => f.write_str("HandshakeConfig::Fixed"),
+            Self::Reloadable(tls) => f.debug_tuple("HandshakeConfig::Reloadable").field(tls).finish(),
+        }
+    }
+}
+
+impl From<Arc<rustls::ServerConfig>> for HandshakeConfig {
+    fn from(config: Arc<rustls::ServerConfig>) -> Self {
+        Self::Fixed(config)
+    }
+}
+
+impl From<Arc<ServerTls>> for HandshakeConfig {
+    fn from(tls: Arc<ServerTls>) -> Self {
+        Self::Reloadable(tls)
+    }
+}
+
 /// The stream of mTLS connections of a listener, ready for tonic.
 pub struct TlsIncoming {
     inner: Pin<Box<dyn Stream<Item = io::Result<TlsConn>> + Send>>,
@@ -106,18 +150,18 @@ pub struct TlsIncoming {
 impl TlsIncoming {
     /// Accepts on `listener` and completes handshakes with `tls` under the
     /// default [`ConnLimits`].
-    pub fn new(listener: TcpListener, tls: Arc<rustls::ServerConfig>) -> Self {
+    pub fn new(listener: TcpListener, tls: impl Into<HandshakeConfig>) -> Self {
         Self::with_limits(listener, tls, ConnLimits::default())
     }
 
     /// As [`TlsIncoming::new`], under `limits`.
-    pub fn with_limits(listener: TcpListener, tls: Arc<rustls::ServerConfig>, limits: ConnLimits) -> Self {
+    pub fn with_limits(listener: TcpListener, tls: impl Into<HandshakeConfig>, limits: ConnLimits) -> Self {
         // Without TCP_NODELAY, small responses wait on delayed ACKs (~40 ms).
         let tcp = TcpIncoming::from(listener).with_nodelay(Some(true)).with_keepalive(Some(TCP_KEEPALIVE));
         let cap = ConnLimit::new(limits.max_connections);
         let state = State {
             tcp,
-            acceptor: TlsAcceptor::from(tls),
+            tls: tls.into(),
             cap: cap.clone(),
             handshake_cap: ConnLimit::new(limits.max_handshakes),
             limits,
@@ -142,7 +186,7 @@ impl Stream for TlsIncoming {
 
 struct State {
     tcp: TcpIncoming,
-    acceptor: TlsAcceptor,
+    tls: HandshakeConfig,
     cap: ConnLimit,
     handshake_cap: ConnLimit,
     limits: ConnLimits,
@@ -170,7 +214,7 @@ impl State {
                             tracing::debug!("gRPC handshake budget reached; closing a new connection");
                             continue;
                         };
-                        let acceptor = self.acceptor.clone();
+                        let acceptor = TlsAcceptor::from(self.tls.current());
                         let limits = self.limits.clone();
                         self.handshakes.spawn(handshake(acceptor, stream, limits, permit, in_handshake));
                     }

@@ -22,5 +22,5 @@ pub mod trace;
 
 pub use content_type::GrpcContentTypeLayer;
 pub use framing::GrpcFramingLayer;
-pub use incoming::{ConnInfo, ConnLimits, TlsConn, TlsIncoming};
+pub use incoming::{ConnInfo, ConnLimits, HandshakeConfig, TlsConn, TlsIncoming};
 pub use trace::{Capped, RpcTraceLayer, rpc_trace};

@@ -7,9 +7,11 @@
 //! straight through aws-lc-rs) and, in `transit`, Vault Transit.
 
 mod file;
+mod permissions;
 mod transit;
 
 pub use file::{FileKeys, KeyAlg, LoadedKey, generate_pkcs8_pem};
+pub use permissions::{KeyFileWarning, check_key_file};
 pub use transit::{TransitAuth, TransitConfig, TransitKeys};
 
 use std::sync::Arc;
@@ -73,9 +75,27 @@ pub trait SigningKeys: Send + Sync + 'static {
 
 /// Opens the keys `source` names: reads the PEM files, or logs in to
 /// Transit and reads the key (with `clock` for its publish grace period).
-pub async fn open(source: &KeySource, clock: SharedClock) -> Result<Arc<dyn SigningKeys>, KeyError> {
+/// Key files other users can read are refused unless
+/// `allow_readable_key_files`, and other loose modes are logged as
+/// warnings (see [`check_key_file`]).
+pub async fn open(
+    source: &KeySource,
+    clock: SharedClock,
+    allow_readable_key_files: bool,
+) -> Result<Arc<dyn SigningKeys>, KeyError> {
     Ok(match source {
-        KeySource::File { signing, publish } => Arc::new(FileKeys::open(signing, publish)?),
+        KeySource::File { signing, publish } => {
+            let named = std::iter::once(("keys.signing.path".to_owned(), signing))
+                .chain(publish.iter().enumerate().map(|(i, k)| (format!("keys.publish[{i}].path"), k)));
+            for (name, file) in named {
+                match check_key_file(&name, &file.path, allow_readable_key_files) {
+                    Ok(None) => {}
+                    Ok(Some(warning)) => tracing::warn!("{warning}"),
+                    Err(refused) => return Err(KeyError::Config(refused)),
+                }
+            }
+            Arc::new(FileKeys::open(signing, publish)?)
+        }
         KeySource::Transit(cfg) => TransitKeys::open_with_clock(cfg.clone(), clock).await?,
     })
 }

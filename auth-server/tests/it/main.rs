@@ -18,6 +18,7 @@ mod ops;
 mod redis;
 mod refresh;
 mod server;
+mod tls;
 mod transport;
 mod watch;
 

@@ -73,7 +73,11 @@ pub(crate) struct RawH2 {
 impl RawH2 {
     /// Connects as dev client `name`.
     pub(crate) async fn connect(srv: &TestServer, name: &str) -> Self {
-        let tls = tls_connect(srv, name).await.expect("mTLS connection");
+        Self::over(tls_connect(srv, name).await.expect("mTLS connection")).await
+    }
+
+    /// HTTP/2 over an mTLS connection the caller made.
+    pub(crate) async fn over(tls: TlsStream<TcpStream>) -> Self {
         let (send, conn) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
         Self { send, conn: tokio::spawn(conn) }
     }
