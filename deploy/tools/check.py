@@ -62,6 +62,7 @@ AUDIT_KEYS = {"enabled", "path"}
 HTTP_TLS_KEYS = {"cert", "key", "client_ca"}
 REQUIRED_TOP = {"issuer", "grpc_addr", "http_addr", "store", "users_file", "accounts_file", "tls", "keys"}
 TLS_KEYS = {"cert", "key", "client_ca"}
+TLS_OPTIONAL = {"reload_check_secs": (0, 3600), "expiry_warn_days": (0, 365)}
 TOKEN_KEYS = {
     "access_ttl_secs", "refresh_ttl_secs", "exchange_default_ttl_secs",
     "exchange_max_ttl_secs", "max_act_depth", "user_audiences", "admin_perm",
@@ -105,8 +106,11 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
             fail(where, f"[http_tls] needs cert and key (client_ca optional), has {sorted(http_tls)}")
         paths += [http_tls[k] for k in HTTP_TLS_KEYS if k in http_tls]
     tls = cfg.get("tls", {})
-    if set(tls) != TLS_KEYS:
-        fail(where, f"[tls] needs exactly {sorted(TLS_KEYS)}, has {sorted(tls)}")
+    if set(tls) - TLS_OPTIONAL.keys() != TLS_KEYS:
+        fail(where, f"[tls] needs {sorted(TLS_KEYS)}, optionally {sorted(TLS_OPTIONAL)}, has {sorted(tls)}")
+    for key, (low, high) in TLS_OPTIONAL.items():
+        if key in tls and not (isinstance(tls[key], int) and low <= tls[key] <= high):
+            fail(where, f"[tls] {key} must be an integer from {low} to {high}")
     paths += [tls[k] for k in TLS_KEYS if k in tls]
     keys = cfg.get("keys", {})
     source = keys.get("source")
@@ -147,6 +151,8 @@ def check_server_config(where: str, cfg: dict[str, Any]) -> list[str]:
             fail(where, "[keys] signing is set but source = 'transit'")
     else:
         fail(where, f"[keys] source must be 'file' or 'transit', got {source!r}")
+    if not isinstance(keys.get("allow_readable_key_files", False), bool):
+        fail(where, "[keys] allow_readable_key_files must be true or false")
     publish = keys.get("publish", [])
     if not isinstance(publish, list):
         fail(where, "[keys] publish must be a list")
