@@ -31,3 +31,18 @@ const PATIENCE: Duration = Duration::from_secs(30);
 async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(PATIENCE, f).await.unwrap_or_else(|_| panic!("gave up waiting for {what}"))
 }
+
+/// Writes a new private key file as `auth-server keygen` does: readable by
+/// its owner only (the server refuses a key file other users can read).
+fn write_key_file(path: impl AsRef<std::path::Path>, pem: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = path.as_ref();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.write_all(pem.as_bytes()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+}

@@ -360,7 +360,7 @@ async fn metrics_count_exactly_what_a_scripted_flow_did_and_promtool_accepts_the
 
     // A new signing key, swapped in by SIGHUP: the old kid drops to 0.
     let pem = auth_server::keys::generate_pkcs8_pem(auth_server::keys::KeyAlg::EdDSA).unwrap();
-    std::fs::write(dir.path().join("keys/next.pem"), pem).unwrap();
+    crate::write_key_file(dir.path().join("keys/next.pem"), &pem);
     let config_path = dir.path().join("auth-server.toml");
     let config = std::fs::read_to_string(&config_path).unwrap();
     let rotated = config.replace(

@@ -110,15 +110,7 @@ async fn reload_with_a_new_signing_key_changes_jwks_and_the_signing_kid_without_
     // Rotation: a new active key at a new path, the old one published.
     let pem = generate_pkcs8_pem(KeyAlg::EdDSA).unwrap();
     let new_kid = LoadedKey::from_pem(KeyAlg::EdDSA, pem.as_bytes()).unwrap().kid().to_owned();
-    {
-        // As `auth-server keygen` writes it: readable by its owner only (a
-        // key file other users can read is refused).
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let path = srv.dir.join("keys/next.pem");
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
-        file.write_all(pem.as_bytes()).unwrap();
-    }
+    crate::write_key_file(srv.dir.join("keys/next.pem"), &pem);
     edit_config(&srv, |t| {
         t.replace(
             "signing = { path = \"keys/signing.pem\", alg = \"ES256\" }",

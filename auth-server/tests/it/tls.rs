@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead as _, BufReader};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -108,7 +108,7 @@ impl SecretVolume {
         let dir = self.dir.path().join(&version);
         std::fs::create_dir(&dir).unwrap();
         for (name, text) in Self::FILES.into_iter().zip([cert_pem, key_pem, client_ca]) {
-            write_private(&dir.join(name), text);
+            crate::write_key_file(dir.join(name), text);
         }
         let tmp = self.dir.path().join("..data_tmp");
         std::os::unix::fs::symlink(&version, &tmp).unwrap();
@@ -129,12 +129,6 @@ impl SecretVolume {
             expiry_warn_days: 7,
         }
     }
-}
-
-fn write_private(path: &Path, text: &str) {
-    use std::io::Write as _;
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).unwrap();
-    f.write_all(text.as_bytes()).unwrap();
 }
 
 /// A dev environment made ahead of the server, so the test knows its
