@@ -2,7 +2,8 @@
 //! a bare `jsonwebtoken::decode` of the same tokens, and the whole
 //! [`RequireAuthLayer`] around a no-op tower service.
 //!
-//! Run: `cargo bench -p service-sdk --bench verify`.
+//! Run: `cargo bench -p service-sdk --bench verify`. The `_recorded` rows
+//! are the same with the SDK's metrics recorded into a Prometheus recorder.
 //!
 //! Tokens are ES256 (the platform default), shaped like the auth server's
 //! on-behalf-of tokens. The verifier uses a fixed key set and a revocation
@@ -109,6 +110,16 @@ fn benches(c: &mut Criterion) {
     g.bench_function("cache_hit", |b| {
         b.iter(|| black_box(v.verify(black_box(&token), None).now_or_never().unwrap().unwrap()))
     });
+    // The same verifier's twin recording into a Prometheus recorder
+    // (feature `metrics`, which the dev-dependencies turn on): the cost of
+    // the metrics on the hot path. The plain `cache_hit` above has no
+    // recorder, so its handles do nothing.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let recorded = metrics::with_local_recorder(&prometheus, || verifier(&rt, &signer, &clock, 100_000));
+    recorded.verify(&token, None).now_or_never().unwrap().unwrap();
+    g.bench_function("cache_hit_recorded", |b| {
+        b.iter(|| black_box(recorded.verify(black_box(&token), None).now_or_never().unwrap().unwrap()))
+    });
     g.bench_function("miss", |b| {
         b.iter_batched(
             || signer.token(),
@@ -154,6 +165,10 @@ fn benches(c: &mut Criterion) {
     let mut bare = noop;
     g.bench_function("noop_service_alone", |b| {
         b.iter(|| black_box(bare.call(request()).now_or_never().unwrap().unwrap()))
+    });
+    let mut recorded_layer = RequireAuthLayer::new(recorded.clone()).layer(noop);
+    g.bench_function("require_auth_cache_hit_recorded", |b| {
+        b.iter(|| black_box(recorded_layer.call(request()).now_or_never().unwrap().unwrap()))
     });
     let mut layered = RequireAuthLayer::new(v.clone()).layer(noop);
     g.bench_function("require_auth_cache_hit", |b| {

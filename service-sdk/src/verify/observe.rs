@@ -8,7 +8,8 @@
 //! The key cache and the revocation feed report their own events to the
 //! same observer. [`Verifier::stats`](super::Verifier::stats) is itself an
 //! observer of these events, so the counters it returns and what a custom
-//! observer sees cannot disagree.
+//! observer sees cannot disagree; so are the SDK's metrics (feature
+//! `metrics`, listed in the crate docs).
 //!
 //! Observers are called on the request path: they take `&self`, get an
 //! event that borrows instead of allocating, and should do no more than

@@ -66,7 +66,8 @@ use super::credentials::Credentials;
 use crate::BoxError;
 use crate::metrics::SourceMetrics;
 
-/// Counters, for monitoring and for benchmarks.
+/// Counters, for monitoring and for benchmarks (with the `metrics` feature
+/// the same events are recorded as `auth_sdk_token_*` metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenSourceStats {
     /// ExchangeToken calls sent to the auth service.
