@@ -11,7 +11,8 @@
 //! - settings that need a restart ([`Config::RESTART_KEYS`]): the listen
 //!   addresses, `issuer`, `[tls]` (its paths and settings: the files
 //!   themselves are re-read when they change, see [`crate::tls::ServerTls`]),
-//!   the store, the log format, `watch`;
+//!   the store, the log format, `watch`, `limits`, `otel` (trace export;
+//!   the standard `OTEL_*` variables fill what the file leaves unset);
 //! - the reloadable policy: `tokens`, the users and accounts files and the
 //!   signing keys (`keys`). `Server::reload` re-reads the file and swaps the
 //!   policy built from them (see [`crate::core::Policy`]).
@@ -26,6 +27,7 @@ use service_sdk::FeedOptions;
 use service_sdk::verify::MAX_LEEWAY_SECS;
 
 use crate::keys::{KeyAlg, TransitAuth, TransitConfig};
+pub use crate::telemetry::OtelConfig;
 
 /// The largest exchange TTL any configuration may allow (10 minutes).
 pub const EXCHANGE_TTL_HARD_CAP_SECS: u64 = 600;
@@ -100,6 +102,10 @@ pub struct RawConfig {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// OpenTelemetry trace export (off unless an endpoint is set here or in
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    #[serde(default)]
+    pub otel: OtelConfig,
 }
 
 /// The audit trail (`[audit]`; restart): one JSON line per token issued,
@@ -603,6 +609,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The audit trail (restart); `path` is resolved.
     pub audit: AuditConfig,
+    /// OpenTelemetry trace export, with the standard `OTEL_*` variables
+    /// applied (restart).
+    pub otel: OtelConfig,
     /// Users file (reloadable).
     pub users_file: PathBuf,
     /// Service accounts file (reloadable).
@@ -741,6 +750,7 @@ impl std::fmt::Debug for RawConfig {
             .field("watch", &self.watch)
             .field("limits", &self.limits)
             .field("audit", &self.audit)
+            .field("otel", &self.otel)
             .finish()
     }
 }
@@ -759,6 +769,7 @@ impl std::fmt::Debug for Config {
             .field("watch", &self.watch)
             .field("limits", &self.limits)
             .field("audit", &self.audit)
+            .field("otel", &self.otel)
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
             .field("keys", &self.keys)
@@ -802,7 +813,10 @@ impl RawConfig {
         }
         let figment =
             Figment::new().merge(Toml::file(path)).merge(env_overrides("AUTH_")).merge(Serialized::defaults(overrides));
-        Self::extract(figment)
+        let mut raw = Self::extract(figment)?;
+        // The standard OpenTelemetry variables fill what `[otel]` leaves unset.
+        raw.otel = raw.otel.with_env(|k| std::env::var(k).ok());
+        Ok(raw)
     }
 
     /// Parses TOML text (no environment).
@@ -829,7 +843,7 @@ impl RawConfig {
 impl Config {
     /// The keys whose change needs a restart (a reload keeps their old
     /// values and warns).
-    pub const RESTART_KEYS: [&'static str; 11] = [
+    pub const RESTART_KEYS: [&'static str; 12] = [
         "issuer",
         "grpc_addr",
         "http_addr",
@@ -841,6 +855,7 @@ impl Config {
         "watch",
         "limits",
         "audit",
+        "otel",
     ];
 
     /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
@@ -893,7 +908,7 @@ impl Config {
 
     /// The restart-only keys whose value differs in `other`.
     pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
-        let [issuer, grpc, http, http_url, http_tls, store, log, tls, watch, limits, audit] = Self::RESTART_KEYS;
+        let [issuer, grpc, http, http_url, http_tls, store, log, tls, watch, limits, audit, otel] = Self::RESTART_KEYS;
         let mut changed = Vec::new();
         let mut check = |differs: bool, key| {
             if differs {
@@ -911,6 +926,7 @@ impl Config {
         check(self.watch != other.watch, watch);
         check(self.limits != other.limits, limits);
         check(self.audit != other.audit, audit);
+        check(self.otel != other.otel, otel);
         changed
     }
 
@@ -1049,6 +1065,9 @@ impl Config {
             enabled: raw.audit.enabled,
             path: raw.audit.path.as_deref().map(|p| v.output_file("audit.path", p)),
         };
+        for (key, problem) in raw.otel.problems() {
+            v.err(key, problem);
+        }
 
         match (grpc_addr, http_addr, store, log_format, users_file, accounts_file, tls, keys) {
             (
@@ -1072,6 +1091,7 @@ impl Config {
                 watch: raw.watch,
                 limits: raw.limits,
                 audit,
+                otel: raw.otel,
                 users_file,
                 accounts_file,
                 keys,

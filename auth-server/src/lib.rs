@@ -49,6 +49,10 @@
 //! # Ok(()) }
 //! ```
 //!
+//! The binary's logs and its OpenTelemetry span export (off unless
+//! `[otel]` or `OTEL_EXPORTER_OTLP_ENDPOINT` names a collector) are set up
+//! by [`logs::init`] from [`telemetry::OtelConfig`].
+//!
 //! Feature flags: none. Test support (a `TestServer`, Redis and OpenBao
 //! processes) lives in the separate `testkit` crate.
 
@@ -77,5 +81,6 @@ pub mod refresh;
 pub mod revoke;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod throttle;
 pub mod tls;

@@ -13,15 +13,22 @@
 //! Sampling sits at the subscriber, not in the flows' error mapping, so it
 //! also covers the lines of the libraries (h2, hyper, tonic). The table is
 //! keyed by call site, which the binary has a fixed number of.
+//!
+//! [`init`] installs the binary's subscriber: filter, sampling, the log
+//! lines, and the OTLP span export of [`crate::telemetry`] when it is on.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::io::IsTerminal as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::callsite::Identifier;
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, Layer};
+
+use crate::config::LogFormat;
+use crate::telemetry::OtelConfig;
 
 /// The target of the "suppressed" lines (never sampled themselves).
 pub const REPORT_TARGET: &str = "auth_server::logs";
@@ -185,6 +192,56 @@ impl<S: Subscriber> Layer<S> for SampledLogs {
         inner.sites.entry(id.clone()).or_insert(meta);
         inner.sampler.admit(&id, Instant::now())
     }
+}
+
+/// What [`init`] started: the sampled-lines reporter and, when trace export
+/// is on, the OTLP exporter. [`shutdown`](Self::shutdown) it at exit, so the
+/// last spans are sent.
+#[derive(Debug)]
+pub struct Telemetry {
+    otlp: Option<service_sdk::otel::OtlpTracing>,
+    reporter: tokio::task::JoinHandle<()>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.otlp.is_some()
+    }
+
+    /// Sends the spans still buffered and stops the exporter.
+    pub async fn shutdown(self) {
+        self.reporter.abort();
+        if let Some(otlp) = self.otlp {
+            otlp.shutdown().await;
+        }
+    }
+}
+
+/// Installs the process's `tracing` subscriber (within a Tokio runtime):
+/// `RUST_LOG` (default `info`) filters; lines go to standard output in
+/// `format`, coloured only when standard output is a terminal, with
+/// repeated lines sampled ([`SampledLogs`], reported every interval); and,
+/// when `otel` asks for it, spans go to an OTLP collector
+/// ([`crate::telemetry`]).
+pub fn init(format: LogFormat, otel: &OtelConfig) -> Result<Telemetry, service_sdk::otel::OtelError> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let otlp = otel.export().map(service_sdk::otel::OtlpExport::start).transpose()?;
+    let sampled = SampledLogs::default();
+    let ansi = std::io::stdout().is_terminal();
+    let registry =
+        tracing_subscriber::registry().with(filter).with(sampled.clone()).with(otlp.as_ref().map(|o| o.layer()));
+    match format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init(),
+    }
+    if let Some(o) = &otlp {
+        tracing::info!(endpoint = o.endpoint(), "exporting spans over OTLP");
+    }
+    Ok(Telemetry { otlp, reporter: sampled.spawn_reporter() })
 }
 
 #[cfg(test)]

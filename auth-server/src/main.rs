@@ -1,8 +1,7 @@
 //! The `auth-server` binary.
 
-use auth_server::config::{Config, LogFormat, Overrides};
+use auth_server::config::{Config, Overrides};
 use auth_server::keys::KeyAlg;
-use auth_server::logs::SampledLogs;
 use auth_server::server::{Listeners, Server};
 use auth_server::{admin, dev, directory, keys};
 use clap::{Parser, Subcommand};
@@ -197,23 +196,6 @@ impl Flags {
     }
 }
 
-/// Logs to standard output, with repeated lines sampled (see
-/// [`SampledLogs`]); reports the suppressed ones every interval.
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let sampled = SampledLogs::default();
-    let registry = tracing_subscriber::registry().with(filter).with(sampled.clone());
-    match format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
-    }
-    // Runs for the life of the process.
-    drop(sampled.spawn_reporter());
-}
-
 fn parse_alg(s: &str) -> Result<KeyAlg, String> {
     match s {
         "ES256" => Ok(KeyAlg::ES256),
@@ -241,13 +223,11 @@ async fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve { config, flags } => {
             let cfg = Config::load(&config, &flags.overrides()).map_err(|e| e.to_string())?;
-            init_tracing(cfg.log_format);
             run_server(cfg, None).await
         }
         Command::Dev { dir, flags } => {
             let env = dev::ensure(&dir).map_err(|e| e.to_string())?;
             let cfg = Config::load(&env.config_path, &flags.overrides()).map_err(|e| e.to_string())?;
-            init_tracing(cfg.log_format);
             run_server(cfg, Some(env)).await
         }
         Command::HashPassword => {
@@ -348,6 +328,14 @@ async fn run_admin(conn: admin::Connection, command: AdminCommand) -> Result<(),
 }
 
 async fn run_server(cfg: Config, dev_env: Option<dev::DevEnv>) -> Result<(), String> {
+    let telemetry = auth_server::logs::init(cfg.log_format, &cfg.otel).map_err(|e| e.to_string())?;
+    let served = serve(cfg, dev_env).await;
+    // The last spans go out after the last RPC.
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve(cfg: Config, dev_env: Option<dev::DevEnv>) -> Result<(), String> {
     // The process's metrics recorder, installed before the server registers
     // its metrics; `/metrics` renders it.
     let mut builder = Server::builder(cfg);

@@ -414,7 +414,7 @@ impl Server {
             .timeout(Duration::from_millis(limits.grpc_request_timeout_ms))
             // Outermost: every RPC's span and code, whatever the layers
             // inside decide.
-            .layer(crate::edge::rpc_trace())
+            .layer(crate::edge::rpc_trace(config.otel.enabled()))
             // Not gRPC (content-type): HTTP 415 before any service.
             .layer(crate::edge::GrpcContentTypeLayer)
             // Every gRPC call's count and latency by method and code,

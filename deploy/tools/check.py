@@ -56,7 +56,7 @@ def fail(where: str, msg: str) -> None:
 
 TOP_KEYS = {
     "issuer", "grpc_addr", "http_addr", "http_public_url", "http_tls", "store", "users_file",
-    "accounts_file", "log_format", "tls", "keys", "tokens", "redis", "watch", "limits", "audit",
+    "accounts_file", "log_format", "tls", "keys", "tokens", "redis", "watch", "limits", "audit", "otel",
 }
 AUDIT_KEYS = {"enabled", "path"}
 HTTP_TLS_KEYS = {"cert", "key", "client_ca"}

@@ -5,11 +5,17 @@
 //! - `order`: an HTTP front that calls inventory on behalf of the user.
 //! - `demo`: the whole story in one process; `cargo run -p examples --bin demo`.
 //! - `loadgen`: load for the auth service; see BENCHMARKS.md.
+//!
+//! `order` and `inventory` export their spans over OTLP when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` is set ([`telemetry`]); with the SDK's
+//! `otel` feature one trace follows a user's order through order, the auth
+//! server's token exchange and inventory.
 
 pub mod demo;
 pub mod env;
 pub mod inventory;
 pub mod order;
+pub mod telemetry;
 
 /// Generated code of the example services' proto (`shop.v1`).
 pub mod shop {

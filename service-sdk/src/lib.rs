@@ -79,6 +79,12 @@
 //! - `metrics`: the SDK's metrics (below) through the
 //!   [`metrics`](https://docs.rs/metrics/0.24) facade. Off by default; when
 //!   off, nothing is recorded and nothing is compiled in.
+//! - `otel`: W3C trace context end to end and OTLP span export ([`otel`]):
+//!   [`AuthChannel`] and the token source's exchange call send the current
+//!   span's `traceparent`; [`RequireAuthLayer`] opens a `request` span per
+//!   checked request, a child of the caller's; [`otel::OtlpExport`] exports
+//!   spans to an OTLP/gRPC collector. Off by default, so services that do
+//!   not trace compile no OpenTelemetry.
 //!
 //! # Metrics
 //!
@@ -126,6 +132,8 @@ pub mod backoff;
 mod claims;
 mod client;
 mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
 #[cfg(feature = "redis")]
 pub mod redis_layout;
 pub mod verify;

@@ -8,6 +8,12 @@
 //! span's empty fields with [`Span::current`]. Routine outcomes are logged
 //! at debug level; refusals and failures are logged where
 //! [`AuthError`](crate::error::AuthError) becomes a `Status`.
+//!
+//! With trace export on ([`crate::telemetry`]), the span is named after the
+//! RPC (`auth.v1.Auth/ExchangeToken`), is a server span, and continues the
+//! W3C `traceparent` the caller sent: the exchange made for a user's
+//! request shows in that request's trace. With export off no `traceparent`
+//! is read. No field ever holds a token, a secret or a header value.
 
 use std::fmt;
 use std::time::Duration;
@@ -24,10 +30,11 @@ use super::incoming::ConnInfo;
 /// The gRPC server's tracing layer.
 pub type RpcTraceLayer = TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, RpcSpan, (), RpcDone, (), RpcDone, ()>;
 
-/// The tracing layer for the gRPC server's stack.
-pub fn rpc_trace() -> RpcTraceLayer {
+/// The tracing layer for the gRPC server's stack; `propagate`: whether
+/// spans are exported, so that each continues its caller's trace.
+pub fn rpc_trace(propagate: bool) -> RpcTraceLayer {
     TraceLayer::new_for_grpc()
-        .make_span_with(RpcSpan)
+        .make_span_with(RpcSpan { propagate })
         .on_request(())
         .on_response(RpcDone)
         .on_body_chunk(())
@@ -37,7 +44,11 @@ pub fn rpc_trace() -> RpcTraceLayer {
 
 /// Opens the `rpc` span of a request.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RpcSpan;
+pub struct RpcSpan {
+    /// Name the span for OpenTelemetry and continue the caller's
+    /// `traceparent` (trace export on).
+    pub propagate: bool,
+}
 
 impl<B> MakeSpan<B> for RpcSpan {
     fn make_span(&mut self, req: &http::Request<B>) -> Span {
@@ -46,7 +57,7 @@ impl<B> MakeSpan<B> for RpcSpan {
         let path = req.uri().path();
         let method = path.strip_prefix("/auth.v1.Auth/").unwrap_or(path);
         let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.peer.as_deref()).map(|p| Capped(&p.id));
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "rpc",
             method = ?Capped(method),
             peer = ?peer,
@@ -54,7 +65,16 @@ impl<B> MakeSpan<B> for RpcSpan {
             audience = Empty,
             target = Empty,
             code = Empty,
-        )
+            otel.name = Empty,
+            otel.kind = Empty,
+        );
+        if self.propagate {
+            let grpc = true;
+            span.record("otel.name", service_sdk::otel::span_name(req.method(), path, grpc).as_ref());
+            span.record("otel.kind", "server");
+            service_sdk::otel::continue_trace(&span, req.headers());
+        }
+        span
     }
 }
 

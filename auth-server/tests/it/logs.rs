@@ -77,3 +77,41 @@ async fn client_chosen_strings_cannot_forge_or_flood_log_lines() {
         assert!(line.len() <= 2_048, "a {}-byte log line: {}…", line.len(), &line[..200]);
     }
 }
+
+/// Log lines written to a pipe (a container's log, a file) carry no ANSI
+/// colour codes; the binary colours only a terminal.
+#[tokio::test]
+async fn log_lines_to_a_pipe_carry_no_colour_codes() {
+    use std::io::Read as _;
+    let dir = tempfile::tempdir().unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_auth-server"))
+        .arg("dev")
+        .arg("--dir")
+        .arg(dir.path())
+        .args(["--grpc-addr", &format!("127.0.0.1:{}", free()), "--http-addr", &format!("127.0.0.1:{}", free())])
+        .env_clear()
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start auth-server");
+    let mut stdout = child.stdout.take().unwrap();
+    // Read until the server says it listens (a log line), then stop it.
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).contains("auth-server listening") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let out = crate::within("the listening line", out).await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(out.contains("auth-server listening"), "no log line:\n{out}");
+    assert!(!out.contains("\x1b["), "colour codes in piped logs:\n{out}");
+}

@@ -3,24 +3,31 @@
 
 use std::path::PathBuf;
 
+use clap::Parser;
+
+/// The end-to-end demo: the auth server, inventory and order in this
+/// process against a dev PKI, then five steps (login, an order on behalf of
+/// the user, a refused exchange, logout, refresh-token reuse). Exits
+/// non-zero when any step misbehaves.
+#[derive(Parser)]
+#[command(about, after_help = "Environment:\n  RUST_LOG    log filter (default warn)")]
+struct Cli {
+    /// The dev directory (created when missing).
+    #[arg(long, default_value = ".auth-dev")]
+    dir: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let mut args = std::env::args().skip(1);
-    let dir = match (args.next().as_deref(), args.next()) {
-        (Some("--dir"), Some(d)) => PathBuf::from(d),
-        (None, _) => PathBuf::from(".auth-dev"),
-        _ => {
-            eprintln!("usage: demo [--dir DIR]");
+    let cli = Cli::parse();
+    let telemetry = match examples::telemetry::init("demo", "warn") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("demo: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
-    match examples::demo::run(dir).await {
+    let code = match examples::demo::run(cli.dir).await {
         Ok(_) => {
             println!("demo: every step behaved as it should");
             std::process::ExitCode::SUCCESS
@@ -29,5 +36,7 @@ async fn main() -> std::process::ExitCode {
             eprintln!("demo failed: {e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -1,13 +1,41 @@
-//! The inventory example service.
-//!
-//! Environment: see `ServiceEnv::from_env` (`AUTH_URL`, `AUTH_SERVER_ID`, `AUTH_TLS_*`,
-//! `AUTH_CREDENTIALS_FILE`, else the dev layout under `AUTH_DEV_DIR`), `AUTH_ISSUER` (default `auth-service`),
-//! `LISTEN` (default `127.0.0.1:50062`).
+//! The inventory example service (mTLS gRPC).
+
+use clap::Parser;
+
+/// The inventory example service: `GetStock` and `Reserve` over mTLS gRPC,
+/// behind the SDK's verify layer.
+#[derive(Parser)]
+#[command(
+    about,
+    after_help = "Environment:
+  AUTH_URL, AUTH_SERVER_ID, AUTH_TLS_CA, AUTH_TLS_CERT, AUTH_TLS_KEY, AUTH_CREDENTIALS_FILE
+                        the auth server and this service's mTLS material and credentials
+                        (unset: the dev layout under AUTH_DEV_DIR, default .auth-dev)
+  AUTH_ISSUER           the tokens' issuer (default auth-service)
+  LISTEN                mTLS gRPC listen address (default 127.0.0.1:50062)
+  RUST_LOG              log filter (default info)
+  OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME
+                        export spans to this OTLP/gRPC collector (default: no export; name inventory)"
+)]
+struct Cli {}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    Cli::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    tracing_subscriber::fmt().init();
+    let telemetry = match examples::telemetry::init("inventory", "info") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("inventory: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = run().await;
+    telemetry.shutdown().await;
+    code
+}
+
+async fn run() -> std::process::ExitCode {
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
     let env = examples::env::ServiceEnv::from_env("inventory");
     let listen = var("LISTEN", "127.0.0.1:50062");
@@ -19,10 +47,8 @@ async fn main() -> std::process::ExitCode {
         }
     };
     println!("inventory listening on {listen} (mTLS)");
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match examples::inventory::serve(listener, &env, &var("AUTH_ISSUER", "auth-service"), shutdown).await {
+    let issuer = var("AUTH_ISSUER", "auth-service");
+    match examples::inventory::serve(listener, &env, &issuer, examples::telemetry::stop_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("inventory: {e}");

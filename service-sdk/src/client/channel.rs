@@ -10,6 +10,9 @@
 //! expire) does the call wait for an exchange. If no token can be had, the
 //! call fails with the `Status` of the [`TokenError`](super::TokenError)
 //! (`UNAVAILABLE`, `PERMISSION_DENIED`, ...), without reaching the target.
+//!
+//! With the `otel` feature it also sends the current span's trace context
+//! (`traceparent`), so the target's spans join the caller's trace.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -134,6 +137,9 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        // The caller's span goes along as `traceparent` (feature `otel`).
+        #[cfg(feature = "otel")]
+        crate::otel::inject_current(req.headers_mut());
         let ready = match &self.fixed {
             Some(t) => Some(t.bearer().clone()),
             None => self.source.cached(&self.audience).map(|t| t.bearer().clone()),

@@ -3,6 +3,12 @@
 //! service, so the same layer sits in a tonic server and in an axum router.
 //! The decision is the authorizer's; the layer only routes it, the way
 //! tower-http's `AsyncRequireAuthorization` does.
+//!
+//! With the `otel` feature, each checked request runs in a `request` span
+//! (named after its route, e.g. `shop.v1.Inventory/Reserve`), the child of
+//! the caller's `traceparent` when it sent one: the authorizer's decision
+//! and the handler both happen inside it. The span records the route and
+//! whether the request was refused, nothing from the headers.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -13,6 +19,7 @@ use http::header::AUTHORIZATION;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+use tracing::Span;
 
 use super::authorize::AuthorizeRequest;
 use super::verifier::Verifier;
@@ -98,14 +105,18 @@ where
         }
         let path = req.uri().path();
         if self.public.iter().any(|p| path.starts_with(p.as_str())) {
-            return ResponseFuture { state: State::Inner { future: self.inner.call(req) } };
+            return ResponseFuture { state: State::Inner { future: self.inner.call(req) }, span: Span::none() };
         }
-        let authorize = self.authorizer.authorize(req);
+        #[cfg(feature = "otel")]
+        let span = crate::otel::request_span(&req);
+        #[cfg(not(feature = "otel"))]
+        let span = Span::none();
+        let authorize = span.in_scope(|| self.authorizer.authorize(req));
         // The service that was polled ready goes with the future; this one
         // keeps a fresh clone (tower's usual hand-over).
         let clone = self.inner.clone();
         let service = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture { state: State::Authorize { authorize, service } }
+        ResponseFuture { state: State::Authorize { authorize, service }, span }
     }
 }
 
@@ -119,6 +130,9 @@ pin_project! {
     {
         #[pin]
         state: State<F, S, B>,
+        // The request's span (feature `otel`; `Span::none()` otherwise),
+        // entered at every poll.
+        span: Span,
     }
 }
 
@@ -141,12 +155,17 @@ where
     type Output = Result<Response<R>, S::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.project().state;
+        let this = self.project();
+        let _entered = this.span.enter();
+        let mut state = this.state;
         loop {
             let future = match state.as_mut().project() {
                 StateProj::Authorize { authorize, service } => match ready!(authorize.poll(cx)) {
                     Ok(request) => service.call(request),
-                    Err(refusal) => return Poll::Ready(Ok(refusal)),
+                    Err(refusal) => {
+                        this.span.record("refused", true);
+                        return Poll::Ready(Ok(refusal));
+                    }
                 },
                 StateProj::Inner { future } => return future.poll(cx),
             };

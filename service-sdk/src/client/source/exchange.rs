@@ -155,8 +155,16 @@ impl Service<ExchangeRequest> for GrpcExchange {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: ExchangeRequest) -> Self::Future {
+    fn call(&mut self, #[allow(unused_mut)] mut req: ExchangeRequest) -> Self::Future {
         let mut client = AuthClient::clone(&self.client.load());
+        // The exchange joins the trace of the call that needed the token
+        // (feature `otel`), unless a layer set a trace context already.
+        #[cfg(feature = "otel")]
+        if !req.metadata.contains_key(crate::otel::TRACEPARENT) {
+            let mut headers = std::mem::take(&mut req.metadata).into_headers();
+            crate::otel::inject_current(&mut headers);
+            req.metadata = MetadataMap::from_headers(headers);
+        }
         Box::pin(async move {
             let ExchangeRequest { credentials, audience, scopes, subject_token, requested_ttl, metadata } = req;
             let message = ExchangeTokenRequest {
