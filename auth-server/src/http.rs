@@ -11,8 +11,10 @@
 //! `If-None-Match` names the current one gets `304 Not Modified`.
 //!
 //! With `[http_tls]` the port speaks HTTPS only ([`serve_tls`]; client
-//! certificates are required when `http_tls.client_ca` is set). The files
-//! are read once, at start-up.
+//! certificates are required when `http_tls.client_ca` is set). Its files
+//! ([`tls_files`]) are a [`ServerTls`] like the gRPC port's: checked at
+//! start-up, re-read when they change and on SIGHUP, each new connection
+//! taking the set current at its accept.
 //!
 //! [`serve`] runs it under the side port's own limits: a connection cap
 //! (over it, a connection is accepted and closed at once), a deadline for
@@ -34,19 +36,16 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use rustls::RootCertStore;
-use rustls::server::WebPkiClientVerifier;
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, ConfigError, HttpTlsConfig, LimitsConfig};
+use crate::config::{Config, HttpTlsConfig, LimitsConfig};
 use crate::core::AuthCore;
 use crate::discovery;
 use crate::limits::{ConnLimit, Deadlines};
+use crate::tls::{ServerTls, TlsFiles};
 
 #[derive(Clone)]
 struct HttpState {
@@ -165,47 +164,19 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
-/// The side port's rustls configuration from `[http_tls]`: its
-/// certificate and key; client certificates required (and chained to
-/// `client_ca`) only when `client_ca` is set; ALPN `http/1.1`; the
-/// aws-lc-rs provider. Errors name the key and the file.
-pub fn tls_config(cfg: &HttpTlsConfig) -> Result<Arc<rustls::ServerConfig>, ConfigError> {
-    let read = |key: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", path.display()) })
-    };
-    let bad = |key: &str, path: &std::path::Path, problem: String| ConfigError {
-        key: key.into(),
-        problem: format!("{}: {problem}", path.display()),
-    };
-    let chain = CertificateDer::pem_slice_iter(&read("http_tls.cert", &cfg.cert)?)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("http_tls.cert", &cfg.cert, format!("not a PEM certificate chain: {e}")))?;
-    if chain.is_empty() {
-        return Err(bad("http_tls.cert", &cfg.cert, "no certificate in the file".into()));
+/// The side port's TLS files from `[http_tls]`: client certificates
+/// required (and chained to `client_ca`) only when `client_ca` is set; ALPN
+/// `http/1.1`. Load them with [`ServerTls::load`]; errors name
+/// `http_tls.cert`, `http_tls.key` or `http_tls.client_ca` and the file.
+pub fn tls_files(cfg: &HttpTlsConfig, allow_readable_key: bool) -> TlsFiles {
+    TlsFiles {
+        section: "http_tls".into(),
+        cert: cfg.cert.clone(),
+        key: cfg.key.clone(),
+        client_ca: cfg.client_ca.clone(),
+        alpn: vec![b"http/1.1".to_vec()],
+        allow_readable_key,
     }
-    let key = PrivateKeyDer::from_pem_slice(&read("http_tls.key", &cfg.key)?)
-        .map_err(|e| bad("http_tls.key", &cfg.key, format!("not a PEM private key: {e}")))?;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("http_tls.cert", &cfg.cert, e.to_string()))?;
-    let builder = match &cfg.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for c in CertificateDer::pem_slice_iter(&read("http_tls.client_ca", ca)?) {
-                let c = c.map_err(|e| bad("http_tls.client_ca", ca, format!("not a PEM certificate: {e}")))?;
-                roots.add(c).map_err(|e| bad("http_tls.client_ca", ca, e.to_string()))?;
-            }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| bad("http_tls.client_ca", ca, e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| bad("http_tls.key", &cfg.key, e.to_string()))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// A connection's byte stream, plain or TLS.
@@ -219,7 +190,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: &LimitsConfig,
     run(listener, router, limits, None, shutdown).await;
 }
 
-/// Like [`serve`], over TLS with `tls` (see [`tls_config`]): every
+/// Like [`serve`], over TLS with `tls` (see [`tls_files`]; each connection
+/// takes its configuration current at the accept, so a reload applies to
+/// new connections): every
 /// connection must complete its handshake within
 /// `limits.http_header_timeout_ms` (and then send its request head within
 /// that time again); plain HTTP gets no answer. The connection cap and the
@@ -228,17 +201,17 @@ pub async fn serve_tls(
     listener: TcpListener,
     router: Router,
     limits: &LimitsConfig,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Arc<ServerTls>,
     shutdown: impl Future<Output = ()>,
 ) {
-    run(listener, router, limits, Some(TlsAcceptor::from(tls)), shutdown).await;
+    run(listener, router, limits, Some(tls), shutdown).await;
 }
 
 async fn run(
     listener: TcpListener,
     router: Router,
     limits: &LimitsConfig,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()>,
 ) {
     let cap = ConnLimit::new(limits.http_max_connections);
@@ -271,10 +244,11 @@ async fn run(
             continue;
         };
         let plain = Deadlines::new(stream, None, idle, Some(permit));
-        let (http1, service, tls) = (http1.clone(), TowerToHyperService::new(router.clone()), tls.clone());
+        let acceptor = tls.as_ref().map(|t| TlsAcceptor::from(t.server_config()));
+        let (http1, service) = (http1.clone(), TowerToHyperService::new(router.clone()));
         let mut stop = stop_rx.clone();
         conns.spawn(async move {
-            let io: Box<dyn Io> = match tls {
+            let io: Box<dyn Io> = match acceptor {
                 None => Box::new(plain),
                 Some(acceptor) => match tokio::time::timeout(head_timeout, acceptor.accept(plain)).await {
                     Ok(Ok(stream)) => Box::new(stream),

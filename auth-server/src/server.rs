@@ -181,6 +181,12 @@ impl<L> ServerBuilder<L> {
     {
         let clock = self.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let tls = Arc::new(ServerTls::load(TlsFiles::grpc(&self.config.tls, self.config.allow_readable_key_files))?);
+        let http_tls = match &self.config.http_tls {
+            Some(t) => {
+                Some(Arc::new(ServerTls::load(crate::http::tls_files(t, self.config.allow_readable_key_files))?))
+            }
+            None => None,
+        };
         let fixed_keys = self.keys.is_some();
         let keys = match self.keys {
             Some(k) => k,
@@ -217,9 +223,10 @@ impl<L> ServerBuilder<L> {
                 clock,
                 keys_source: tokio::sync::Mutex::new(self.config.keys.clone()),
                 tls: Arc::clone(&tls),
+                http_tls: http_tls.clone(),
             }),
         };
-        Ok(Server { config: self.config, core, stack, tls, reloader, metrics: self.metrics })
+        Ok(Server { config: self.config, core, stack, tls, http_tls, reloader, metrics: self.metrics })
     }
 }
 
@@ -237,6 +244,7 @@ pub struct Server {
     core: Arc<AuthCore>,
     stack: GrpcStack,
     tls: Arc<ServerTls>,
+    http_tls: Option<Arc<ServerTls>>,
     reloader: Reloader,
     metrics: Option<PrometheusHandle>,
 }
@@ -301,7 +309,7 @@ impl Server {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let Server { config, core, stack, tls, reloader: _, metrics } = self;
+        let Server { config, core, stack, tls, http_tls, reloader: _, metrics } = self;
         let Listeners { grpc, http } = listeners;
         // Logs the certificate's expiry, raises the `tls` readiness
         // condition once it has passed, and reloads changed files.
@@ -394,9 +402,13 @@ impl Server {
             upkeep = Some(scrape.spawn_upkeep(Duration::from_secs(5)));
             http_router = http_router.merge(crate::observe::metrics::router(scrape));
         }
-        // Read once, at start-up: a renewed side-port certificate needs a
-        // restart.
-        let http_tls = config.http_tls.as_ref().map(crate::http::tls_config).transpose()?;
+        // The side port's TLS files reload like the gRPC port's, with the
+        // same poll and expiry warning. Its own readiness: an expired
+        // side-port certificate is logged, but does not take the replica's
+        // gRPC service out of rotation.
+        let http_tls_watch = http_tls.as_ref().map(|t| {
+            t.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), crate::readiness::Readiness::new())
+        });
         let http_stop = wait(stop_rx.clone());
         let http_server = async {
             match http_tls {
@@ -462,6 +474,9 @@ impl Server {
             task.abort();
         }
         tls_watch.abort();
+        if let Some(w) = http_tls_watch {
+            w.abort();
+        }
         g.map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!("auth-server stopped");
         Ok(())
@@ -514,6 +529,8 @@ struct ReloadState {
     keys_source: tokio::sync::Mutex<KeySource>,
     /// The gRPC port's TLS files, re-read with each reload.
     tls: Arc<ServerTls>,
+    /// The side port's, if it serves TLS, likewise.
+    http_tls: Option<Arc<ServerTls>>,
 }
 
 /// Reloads a running server's [`Policy`]. Cheap to clone.
@@ -541,6 +558,9 @@ impl Reloader {
     /// becomes of the policy, and the other way round.
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
         let _ = self.inner.tls.reload_logged(ReloadTrigger::Signal);
+        if let Some(http_tls) = &self.inner.http_tls {
+            let _ = http_tls.reload_logged(ReloadTrigger::Signal);
+        }
         let result = self.try_reload().await;
         match &result {
             Ok(r) => {

@@ -333,6 +333,63 @@ async fn the_https_side_port_closes_connections_over_the_cap_before_any_tls() {
     .await;
 }
 
+/// The DER of the first certificate in `pem`.
+fn der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
+/// The certificate the HTTPS side port presents to a new connection.
+async fn served_certificate(srv: &TestServer, ca_pem: &str) -> Vec<u8> {
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).unwrap()])
+        .tls_info(true)
+        .build()
+        .unwrap();
+    let res = get(&client, &format!("https://localhost:{}/healthz", srv.http_addr.port())).await;
+    assert_eq!(res.status(), 200);
+    res.extensions().get::<reqwest::tls::TlsInfo>().unwrap().peer_certificate().unwrap().to_vec()
+}
+
+#[tokio::test]
+async fn the_https_side_port_takes_a_renewed_certificate_on_reload_and_keeps_it_over_a_broken_one() {
+    use auth_server::dev::pki::Ca;
+    // The side port has its own CA and certificate, apart from the gRPC
+    // port's.
+    let dir = tempfile::tempdir().unwrap();
+    auth_server::dev::ensure(dir.path()).unwrap();
+    let side_ca = Ca::generate("side port CA").unwrap();
+    let first = side_ca.server_cert("auth.dev", &[]).unwrap();
+    std::fs::write(dir.path().join("http.pem"), &first.cert_pem).unwrap();
+    crate::write_key_file(dir.path().join("http-key.pem"), &first.key_pem);
+    let srv = TestServer::builder()
+        .dev_dir(dir.path())
+        .configure(|raw| {
+            raw.http_tls = Some(HttpTlsConfig { cert: "http.pem".into(), key: "http-key.pem".into(), client_ca: None });
+            // Only the reload (SIGHUP) re-reads the files here.
+            if let Some(tls) = raw.tls.as_mut() {
+                tls.reload_check_secs = 0;
+            }
+        })
+        .start()
+        .await;
+    assert_eq!(served_certificate(&srv, &side_ca.cert_pem).await, der(&first.cert_pem));
+
+    // Renewed in place (a new key renamed over the old, as a Secret volume
+    // swaps its files), then SIGHUP.
+    let renewed = side_ca.server_cert("auth.dev", &[]).unwrap();
+    std::fs::write(dir.path().join("http.pem"), &renewed.cert_pem).unwrap();
+    crate::write_key_file(dir.path().join("http-key.next.pem"), &renewed.key_pem);
+    std::fs::rename(dir.path().join("http-key.next.pem"), dir.path().join("http-key.pem")).unwrap();
+    srv.reload().await.unwrap();
+    assert_eq!(served_certificate(&srv, &side_ca.cert_pem).await, der(&renewed.cert_pem));
+
+    // A certificate without its key is refused: the running pair stays.
+    std::fs::write(dir.path().join("http.pem"), &first.cert_pem).unwrap();
+    srv.reload().await.unwrap();
+    assert_eq!(served_certificate(&srv, &side_ca.cert_pem).await, der(&renewed.cert_pem));
+}
+
 /// A response body as JSON.
 trait JsonText {
     async fn json_text(self) -> serde_json::Value;
