@@ -295,6 +295,32 @@ async fn new_account_writes_the_credentials_to_a_private_file_when_asked() {
     assert_eq!(unchanged["client_secret"], secret);
 }
 
+#[tokio::test]
+async fn the_admin_variables_in_the_environment_do_not_break_serve() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let env = auth_server::dev::ensure(dir.path()).unwrap();
+    let config = env.config_path.display().to_string();
+    let run = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_auth-server"))
+            .args(["serve", "--config", &config, "--grpc-addr=127.0.0.1:0", "--http-addr=127.0.0.1:0"])
+            .env("AUTH_SERVER_ADMIN_ADDR", "https://localhost:1")
+            .env("AUTH_SERVER_ADMIN_CREDENTIALS", "admin.json")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let listening = lines.map_while(Result::ok).any(|l| l.contains("auth-server listening"));
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        (listening, String::from_utf8_lossy(&out.stderr).into_owned())
+    });
+    let (listening, stderr) = within("serve to start", run).await.unwrap();
+    assert!(listening, "serve did not start with AUTH_SERVER_ADMIN_* set: {stderr}");
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).unwrap().permissions().mode()
