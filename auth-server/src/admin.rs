@@ -427,6 +427,33 @@ pub async fn load_jwks(from: &str, ca: Option<&Path>) -> Result<KeySet, AdminErr
     KeySet::from_jwks_json(&json).map_err(|e| bad(e.to_string()))
 }
 
+/// `auth-server healthcheck` for an `https://` URL (the side port with
+/// `[http_tls]`): `Ok` if it answers 200 within a few seconds, trusting
+/// only `ca` when given; errors name the URL and say why.
+pub async fn healthcheck_https(url: &str, ca: Option<&Path>) -> Result<(), String> {
+    let fail = |why: String| format!("healthcheck {url}: {why}");
+    let mut builder = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .redirect(reqwest::redirect::Policy::none())
+        .https_only(true);
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).map_err(|e| fail(format!("CA {}: {e}", ca.display())))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| fail(format!("CA {}: not PEM certificates: {e}", ca.display())))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    let client = builder.build().map_err(|e| fail(e.to_string()))?;
+    let res = client.get(url).send().await.map_err(|e| fail(error_chain(&e)))?;
+    let status = res.status();
+    if status == reqwest::StatusCode::OK {
+        return Ok(());
+    }
+    // The body says why (`/readyz`), on one short line.
+    let body = res.text().await.unwrap_or_default();
+    let why: String = body.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(300).collect();
+    Err(fail(if why.is_empty() { format!("unhealthy: {status}") } else { format!("unhealthy: {status}: {why}") }))
+}
+
 /// The JWK Set the server publishes, from `GetJwks` over mTLS.
 pub async fn server_jwks(conn: &Connection) -> Result<KeySet, AdminError> {
     let mut client = conn.client()?;

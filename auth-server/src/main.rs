@@ -112,9 +112,14 @@ enum Command {
     },
     /// Exit 0 if the URL answers HTTP 200 (container health checks).
     Healthcheck {
-        /// e.g. http://127.0.0.1:8080/readyz
+        /// e.g. http://127.0.0.1:8080/readyz, or https://… when the side
+        /// port serves TLS (`[http_tls]`).
         #[arg(long, default_value = "http://127.0.0.1:8080/readyz")]
         url: String,
+        /// For an https:// URL: trust only this CA (PEM); default: the
+        /// system's roots.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -262,7 +267,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             println!("wrote {} ({}), kid {}", out.display(), alg.as_str(), key.kid());
             Ok(())
         }
-        Command::Healthcheck { url } => healthcheck(&url).await,
+        Command::Healthcheck { url, ca } if url.starts_with("https://") => {
+            admin::healthcheck_https(&url, ca.as_deref()).await
+        }
+        Command::Healthcheck { url, .. } => healthcheck(&url).await,
         Command::Admin { conn, command } => run_admin(conn.connection(), command).await,
         Command::Decode { token, jwks, jwks_ca, jwks_from_server, issuer, audience, conn } => {
             let token = match token.as_deref() {

@@ -321,6 +321,31 @@ async fn the_admin_variables_in_the_environment_do_not_break_serve() {
     assert!(listening, "serve did not start with AUTH_SERVER_ADMIN_* set: {stderr}");
 }
 
+#[tokio::test]
+async fn healthcheck_probes_the_https_side_port_with_the_given_ca() {
+    let srv = TestServer::builder()
+        .configure(|raw| {
+            raw.http_tls = Some(auth_server::config::HttpTlsConfig {
+                cert: "server.pem".into(),
+                key: "server-key.pem".into(),
+                client_ca: None,
+            })
+        })
+        .start()
+        .await;
+    let url = format!("https://localhost:{}/readyz", srv.http_addr.port());
+    let ca = format!("--ca={}", srv.dir.join("ca.pem").display());
+    let out = auth_server(vec!["healthcheck".into(), format!("--url={url}"), ca], vec![], None).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Without the CA the system's roots do not trust the dev certificate.
+    let out = auth_server(vec!["healthcheck".into(), format!("--url={url}")], vec![], None).await;
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("healthcheck {url}")), "{}", stderr(&out));
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = format!("--url=http://127.0.0.1:{}/readyz", srv.http_addr.port());
+    assert!(!auth_server(vec!["healthcheck".into(), plain], vec![], None).await.status.success());
+}
+
 fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).unwrap().permissions().mode()
