@@ -268,6 +268,49 @@ pub struct TokensConfig {
     /// deny list this long past its `exp`, since verifiers accept it until
     /// then.
     pub verifier_leeway_secs: u64,
+    /// Which issued access tokens the store records (`none`, the default;
+    /// `sessions`; `all`). Revocation needs no record (see
+    /// [`RecordIssued`]); a registry serves audit or listing, and lets an
+    /// owner revoke another of its tokens by `jti` alone.
+    pub record_issued: RecordIssued,
+}
+
+/// `tokens.record_issued`: which issued access tokens the store records in
+/// its registry of `jti`s. Every record is one store write per token and
+/// one entry per live token.
+///
+/// No token needs a record to be revocable: a user's tokens end with their
+/// session (`sid`); any token is revoked by presenting it (it carries its
+/// own `exp` and `sub`); an admin's `Revoke{jti}` deny-lists the `jti` for
+/// the longest a token can live. What a record adds is that an owner may
+/// revoke another of its tokens by `jti` without presenting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordIssued {
+    /// Record nothing (the default): issuing a token touches no store.
+    #[default]
+    None,
+    /// Record the tokens of login sessions (those with a `sid`: the
+    /// password grant, refresh, and exchanges for a user).
+    Sessions,
+    /// Record every token.
+    All,
+}
+
+impl RecordIssued {
+    /// Whether a token of session `sid` (if any) is recorded.
+    pub fn records(self, sid: Option<&str>) -> bool {
+        match self {
+            Self::None => false,
+            Self::Sessions => sid.is_some(),
+            Self::All => true,
+        }
+    }
+
+    /// Whether there is a registry to look a `jti` up in.
+    pub fn is_on(self) -> bool {
+        self != Self::None
+    }
 }
 
 impl Default for TokensConfig {
@@ -283,6 +326,7 @@ impl Default for TokensConfig {
             self_audience: String::new(),
             refresh_reuse_grace_secs: 0,
             verifier_leeway_secs: service_sdk::verify::DEFAULT_LEEWAY_SECS,
+            record_issued: RecordIssued::None,
         }
     }
 }
@@ -1348,6 +1392,26 @@ signing = { path = "s.pem" }
                 publish: vec![]
             }
         );
+    }
+
+    #[test]
+    fn record_issued_is_off_by_default_and_takes_sessions_or_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        assert_eq!(cfg.tokens.record_issued, RecordIssued::None);
+        for (value, want) in
+            [("none", RecordIssued::None), ("sessions", RecordIssued::Sessions), ("all", RecordIssued::All)]
+        {
+            let text = base(dir.path()) + &format!("[tokens]\nrecord_issued = \"{value}\"\n");
+            assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap().tokens.record_issued, want);
+        }
+        let text = base(dir.path()) + "[tokens]\nrecord_issued = \"some\"\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("record_issued"), "{err}");
+        // Which tokens each setting records.
+        assert!(!RecordIssued::None.records(Some("s")));
+        assert!(RecordIssued::Sessions.records(Some("s")) && !RecordIssued::Sessions.records(None));
+        assert!(RecordIssued::All.records(None));
     }
 
     #[test]

@@ -77,6 +77,12 @@ impl Policy {
         })
     }
 
+    /// What the registry records of a token with `claims`, if
+    /// `tokens.record_issued` records it at all.
+    pub fn recorded(&self, claims: &Claims) -> Option<IssuedToken> {
+        self.tokens.record_issued.records(claims.sid.as_deref()).then(|| issued_record(claims))
+    }
+
     /// The `kid`s in the published key set, sorted.
     pub fn published_kids(&self) -> Vec<String> {
         let mut kids: Vec<String> = self.keys.public_keys().keys.kids().map(str::to_owned).collect();
@@ -160,20 +166,24 @@ impl AuthCore {
         self.policy.swap(Arc::new(policy))
     }
 
-    /// Signs a token for `grant` with `policy`'s keys, issued at `now`, and
-    /// records its `jti` (one store write). A flow reads the clock once and
+    /// Signs a token for `grant` with `policy`'s keys, issued at `now`. It
+    /// is recorded in the store's registry (one store write) only when
+    /// `tokens.record_issued` asks for it ([`Policy::recorded`]); by
+    /// default issuing touches no store. A flow reads the clock once and
     /// passes that `now` to every step, so the token's `exp` is exactly the
     /// lifetime the flow decided on (never past a subject token's `exp`).
     pub async fn mint(&self, policy: &Policy, grant: Grant, now: u64) -> Result<Minted, AuthError> {
         let minted = self.sign(policy, grant, now).await?;
-        self.store.record_issued(&minted.claims.jti, &issued_record(&minted.claims), now).await?;
+        if let Some(record) = policy.recorded(&minted.claims) {
+            self.store.record_issued(&minted.claims.jti, &record, now).await?;
+        }
         Ok(minted)
     }
 
-    /// Signs a token for `grant`, issued at `now`, without recording it:
-    /// for a flow that records it in the same store step as its other
-    /// effects (refresh). A token that is never recorded is never handed
-    /// out.
+    /// Signs a token for `grant`, issued at `now`, and records nothing: for
+    /// a flow that records it (when [`Policy::recorded`] says so) in the
+    /// same store step as its other effects (refresh). A token whose
+    /// recording failed is never handed out.
     pub async fn sign(&self, policy: &Policy, grant: Grant, now: u64) -> Result<Minted, AuthError> {
         let claims = Claims {
             iss: self.issuer.clone(),

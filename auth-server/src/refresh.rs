@@ -3,8 +3,8 @@
 //!
 //! Mint first, then commit: the flow reads the presented token's record,
 //! decides and signs the new access token, and only then spends the token,
-//! stores its successor and records the new access token in one atomic
-//! store step. A failure before that step spends nothing, so the client's
+//! stores its successor and (if `tokens.record_issued` records it) records
+//! the new access token in one atomic store step. A failure before that step spends nothing, so the client's
 //! retry is a plain refresh. A reply lost after it (a timeout, a dropped
 //! connection) makes the retry look like reuse; `tokens.refresh_reuse_grace_secs`
 //! (default 0 = off) lets a retry within that window get a new pair, which
@@ -12,7 +12,7 @@
 //! family. The decisions are in [`policy`], pure functions; this module
 //! reads, signs and commits (two store round trips, as before).
 
-use crate::core::{AuthCore, issued_record};
+use crate::core::AuthCore;
 use crate::directory::random_token;
 use crate::error::AuthError;
 use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest};
@@ -36,12 +36,13 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
     let grant = policy::grant(record, |sub| current.directory.user(sub), t.access_ttl_secs)?;
     let access = core.sign(&current, grant, now).await?;
     let next = random_token(32)?;
+    let recorded = current.recorded(&access.claims);
     let commit = RefreshCommit {
         digest: &digest,
         next_digest: &refresh_digest(&next),
         next_expires_at: now + t.refresh_ttl_secs,
         jti: &access.claims.jti,
-        issued: &issued_record(&access.claims),
+        issued: recorded.as_ref(),
         reuse_grace_secs: t.refresh_reuse_grace_secs,
     };
     let outcome = core.store.commit_refresh(&commit, now).await?;

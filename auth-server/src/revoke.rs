@@ -14,6 +14,14 @@
 //!   (`tokens.self_audience`) without `act`: for the caller's own session
 //!   and the caller's own tokens (same `sub`), or anyone's when it also
 //!   carries `tokens.admin_perm`.
+//! - Tokens are not recorded at issue unless `tokens.record_issued` says
+//!   so, and none needs a record to be revoked: a user's tokens end with
+//!   their session, any token by presenting it (it carries its own `exp`
+//!   and `sub`), and an admin's `jti` is deny-listed for the longest a
+//!   token can live. Only an owner's `Revoke{jti}` of another of its
+//!   tokens, which must show the token is the caller's, needs the
+//!   registry; without a record of that `jti` the owner must present the
+//!   token itself.
 //!
 //! Every revocation is acknowledged only after the store has made it
 //! durable, and is kept until the revoked tokens' `exp` plus
@@ -120,8 +128,19 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
         }
         RevokeTarget::Jti(jti) => {
             let caller = caller(core, &current, caller_token).await?;
-            let issued = if jti == caller.jti { None } else { core.store.issued(&jti, now).await? };
-            (policy::jti(&caller, jti, issued.as_ref(), now, t)?, bearer(&caller, t))
+            // The registry is asked only when there is one, and only about
+            // another token than the caller's own.
+            let issued = if jti == caller.jti || !t.record_issued.is_on() {
+                None
+            } else {
+                Some(core.store.issued(&jti, now).await?)
+            };
+            let registered = match &issued {
+                None => policy::Registered::NoRegistry,
+                Some(Some(record)) => policy::Registered::Found(record),
+                Some(None) => policy::Registered::NotFound,
+            };
+            (policy::jti(&caller, jti, registered, now, t)?, bearer(&caller, t))
         }
         RevokeTarget::Sid(sid) => {
             let caller = caller(core, &current, caller_token).await?;
@@ -200,15 +219,38 @@ pub mod policy {
         session(record.sid, now, t)
     }
 
+    /// What the registry of issued tokens says of a `jti` to revoke.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Registered<'a> {
+        /// There is no registry (`tokens.record_issued = "none"`), or it
+        /// was not asked (the caller revokes itself).
+        NoRegistry,
+        /// Recorded at issue: its owner and expiry.
+        Found(&'a IssuedToken),
+        /// Not on record: expired, not this issuer's, or issued unrecorded
+        /// (`record_issued = "sessions"` records only session tokens).
+        NotFound,
+    }
+
+    /// The longest any access token of this policy can live: the larger of
+    /// the Login and the ExchangeToken lifetimes (a refreshed token lives
+    /// as long as a Login's, a client-credentials token at most the
+    /// exchange maximum).
+    pub fn longest_token_life(t: &TokensConfig) -> u64 {
+        t.access_ttl_secs.max(t.exchange_max_ttl_secs)
+    }
+
     /// A jti. A token may always revoke itself. Another jti needs a token
     /// for the auth service ([`speaks_for_its_subject`]): the caller's own
-    /// (the same `sub`, as the store recorded it at issue), or anyone's for
-    /// an admin. An unknown jti is either expired or not ours; only an admin
-    /// may deny-list it blindly, for the longest a token can live.
+    /// (the same `sub`, as the registry recorded it at issue), or anyone's
+    /// for an admin. An admin's jti that is not on record (no registry, or
+    /// an unknown jti: expired or not ours) is deny-listed blindly, for the
+    /// longest a token can live. An owner without a record of the jti
+    /// cannot show the token is theirs and must present the token itself.
     pub fn jti(
         caller: &Claims,
         jti: String,
-        issued: Option<&IssuedToken>,
+        registered: Registered<'_>,
         now: u64,
         t: &TokensConfig,
     ) -> Result<Revocation, AuthError> {
@@ -219,10 +261,16 @@ pub mod policy {
             return Err(AuthError::PermissionDenied("a token for another service can revoke only itself"));
         }
         let admin = is_admin(caller, t);
-        let exp = match issued {
-            Some(rec) if admin || rec.sub == caller.sub => rec.exp,
-            None if admin => now + t.access_ttl_secs.max(t.exchange_max_ttl_secs),
-            _ => return Err(AuthError::PermissionDenied("not your token")),
+        let exp = match registered {
+            Registered::Found(rec) if admin || rec.sub == caller.sub => rec.exp,
+            Registered::Found(_) => return Err(AuthError::PermissionDenied("not your token")),
+            _ if admin => now.saturating_add(longest_token_life(t)),
+            Registered::NotFound => return Err(AuthError::PermissionDenied("not your token")),
+            Registered::NoRegistry => {
+                return Err(AuthError::PermissionDenied(
+                    "no registry of issued tokens: revoke another token by presenting it (access_token)",
+                ));
+            }
         };
         Ok(Revocation { kind: RevocationKind::Jti, id: jti, expires_at: deny_until(exp, t) })
     }
@@ -249,6 +297,7 @@ pub mod policy {
     mod tests {
         use service_sdk::{Actor, Audience};
 
+        use super::Registered::{Found, NoRegistry, NotFound};
         use super::*;
 
         const SELF: &str = "auth-service";
@@ -330,15 +379,16 @@ pub mod policy {
         fn a_token_for_another_service_revokes_only_itself() {
             let t = tokens();
             let held_by_inventory = claims("alice", "inventory", Some("s1"), &[]);
-            let r = jti(&held_by_inventory, "j-own".into(), None, 1_000, &t).unwrap();
+            let r = jti(&held_by_inventory, "j-own".into(), NoRegistry, 1_000, &t).unwrap();
             assert_eq!(r.expires_at, 2_000 + t.verifier_leeway_secs);
-            let err = jti(&held_by_inventory, "j1".into(), Some(&issued("alice")), 1_000, &t).unwrap_err();
+            let err = jti(&held_by_inventory, "j1".into(), Found(&issued("alice")), 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied("a token for another service can revoke only itself")));
             let err = sid(&held_by_inventory, "s1".into(), 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied(_)));
             // Even with the admin permission.
             let admin_elsewhere = claims("svc:admin", "inventory", None, &["auth:admin"]);
-            assert!(jti(&admin_elsewhere, "j1".into(), Some(&issued("bob")), 1_000, &t).is_err());
+            assert!(jti(&admin_elsewhere, "j1".into(), Found(&issued("bob")), 1_000, &t).is_err());
+            assert!(jti(&admin_elsewhere, "j1".into(), NoRegistry, 1_000, &t).is_err());
             assert!(sid(&admin_elsewhere, "s2".into(), 1_000, &t).is_err());
         }
 
@@ -346,19 +396,47 @@ pub mod policy {
         fn a_jti_is_revocable_by_its_owner_or_an_admin_only() {
             let t = tokens();
             let alice = claims("alice", SELF, None, &[]);
-            let r = jti(&alice, "j1".into(), Some(&issued("alice")), 1_000, &t).unwrap();
+            let r = jti(&alice, "j1".into(), Found(&issued("alice")), 1_000, &t).unwrap();
             let until = 1_500 + t.verifier_leeway_secs;
             assert_eq!(r, Revocation { kind: RevocationKind::Jti, id: "j1".into(), expires_at: until });
-            let err = jti(&alice, "j1".into(), Some(&issued("bob")), 1_000, &t).unwrap_err();
+            let err = jti(&alice, "j1".into(), Found(&issued("bob")), 1_000, &t).unwrap_err();
             assert!(matches!(err, AuthError::PermissionDenied("not your token")));
-            let err = jti(&alice, "j1".into(), None, 1_000, &t).unwrap_err();
-            assert!(matches!(err, AuthError::PermissionDenied(_)));
+            let err = jti(&alice, "j1".into(), NotFound, 1_000, &t).unwrap_err();
+            assert!(matches!(err, AuthError::PermissionDenied("not your token")));
 
             let admin = claims("svc:admin", SELF, None, &["auth:admin"]);
-            assert_eq!(jti(&admin, "j1".into(), Some(&issued("bob")), 1_000, &t).unwrap().expires_at, until);
-            let blind = jti(&admin, "j2".into(), None, 1_000, &t).unwrap();
+            assert_eq!(jti(&admin, "j1".into(), Found(&issued("bob")), 1_000, &t).unwrap().expires_at, until);
+            let blind = jti(&admin, "j2".into(), NotFound, 1_000, &t).unwrap();
             let longest = 1_000 + t.access_ttl_secs.max(t.exchange_max_ttl_secs) + t.verifier_leeway_secs;
             assert_eq!(blind.expires_at, longest);
+        }
+
+        #[test]
+        fn without_a_registry_an_owner_must_present_the_token_and_an_admin_denies_for_the_longest_life() {
+            let mut t = tokens();
+            let alice = claims("alice", SELF, None, &[]);
+            let err = jti(&alice, "j1".into(), NoRegistry, 1_000, &t).unwrap_err();
+            assert!(
+                matches!(err, AuthError::PermissionDenied(m) if m.contains("presenting it")),
+                "an owner cannot show an unrecorded token is theirs: {err:?}"
+            );
+            // Its own jti needs no registry.
+            assert_eq!(jti(&alice, "j-own".into(), NoRegistry, 1_000, &t).unwrap().expires_at, 2_000 + 30);
+
+            let admin = claims("svc:admin", SELF, None, &["auth:admin"]);
+            for (access, exchange_max, leeway) in [(900, 600, 30), (300, 600, 0), (600, 600, 300)] {
+                (t.access_ttl_secs, t.exchange_max_ttl_secs, t.verifier_leeway_secs) = (access, exchange_max, leeway);
+                let r = jti(&admin, "j2".into(), NoRegistry, 1_000, &t).unwrap();
+                assert_eq!(longest_token_life(&t), access.max(exchange_max));
+                assert_eq!(
+                    r,
+                    Revocation {
+                        kind: RevocationKind::Jti,
+                        id: "j2".into(),
+                        expires_at: 1_000 + access.max(exchange_max) + leeway
+                    }
+                );
+            }
         }
 
         #[test]

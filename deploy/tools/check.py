@@ -67,6 +67,7 @@ TOKEN_KEYS = {
     "access_ttl_secs", "refresh_ttl_secs", "exchange_default_ttl_secs",
     "exchange_max_ttl_secs", "max_act_depth", "user_audiences", "admin_perm",
     "self_audience", "refresh_reuse_grace_secs", "verifier_leeway_secs",
+    "record_issued",
 }
 REDIS_KEYS = {"prefix", "pool_size", "command_timeout_ms"}
 ALGS = {"ES256", "EdDSA", "RS256", "PS256"}

@@ -5,7 +5,8 @@
 //!
 //! [`run_all`] plays one story of operations on an empty store and checks
 //! every outcome, as a sequence of named checks: a failure names the check
-//! and what differed. It covers the issued-`jti` registry, deny entries by
+//! and what differed. It covers the issued-`jti` registry (for deployments
+//! that keep one: `tokens.record_issued`), deny entries by
 //! `jti`, session and family (never shortened, forgotten at expiry),
 //! refresh rotation, reuse and expiry, the snapshot at several times, and
 //! the events subscribers hear.
@@ -84,6 +85,7 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
     deny_never_shortens(store).await.map_err(named("deny_never_shortens"))?;
     refresh_rotation_and_reuse(store).await.map_err(named("refresh_rotation_and_reuse"))?;
     expired_refresh_is_invalid(store).await.map_err(named("expired_refresh_is_invalid"))?;
+    rotation_without_a_registry_record(store).await.map_err(named("rotation_without_a_registry_record"))?;
     logout_revokes_the_session(store).await.map_err(named("logout_revokes_the_session"))?;
     family_revocation(store).await.map_err(named("family_revocation"))?;
     snapshot_holds_what_is_in_force(store).await.map_err(named("snapshot_holds_what_is_in_force"))?;
@@ -145,7 +147,7 @@ impl<S: Store + ?Sized> Rotate for S {
             next_digest: next,
             next_expires_at,
             jti: &jti,
-            issued: &issued,
+            issued: Some(&issued),
             reuse_grace_secs: grace,
         };
         self.commit_refresh(&commit, now).await
@@ -291,6 +293,33 @@ async fn expired_refresh_is_invalid(store: &dyn Store) -> Check {
         ConsumeOutcome::Invalid,
         "spending an expired token"
     );
+    Ok(())
+}
+
+/// With the registry off (`tokens.record_issued`), a rotation stores the
+/// successor and records no access token.
+async fn rotation_without_a_registry_record(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("rt-n1", &refresh_record("fam-n", "sid-n", now + 3600), now));
+    let commit = RefreshCommit {
+        digest: "rt-n1",
+        next_digest: "rt-n2",
+        next_expires_at: now + 7200,
+        jti: "jti-rt-n2",
+        issued: None,
+        reuse_grace_secs: 0,
+    };
+    ensure_eq!(
+        call!(store.commit_refresh(&commit, now)),
+        ConsumeOutcome::Rotated(refresh_record("fam-n", "sid-n", now + 3600)),
+        "spending a live token"
+    );
+    ensure_eq!(
+        call!(store.refresh_record("rt-n2", now)),
+        Some(refresh_record("fam-n", "sid-n", now + 7200)),
+        "the successor"
+    );
+    ensure_eq!(call!(store.issued("jti-rt-n2", now)), None, "an access token the registry does not record");
     Ok(())
 }
 

@@ -174,7 +174,9 @@ impl Store for MemoryStore {
                 }
                 let next = RefreshRecord { expires_at: c.next_expires_at, ..record.clone() };
                 s.refresh.insert(c.next_digest.to_owned(), RefreshEntry { record: next, spent: None });
-                s.issued.insert(c.jti.to_owned(), c.issued.clone());
+                if let Some(issued) = c.issued {
+                    s.issued.insert(c.jti.to_owned(), issued.clone());
+                }
             };
             match spent {
                 None => {

@@ -1,5 +1,7 @@
-//! The state-store port: issued `jti`s, the deny list, revoked sessions and
-//! refresh-token families.
+//! The state-store port: the deny list, revoked sessions, refresh-token
+//! families, and the optional registry of issued `jti`s (written only when
+//! `tokens.record_issued` asks for it: no token needs a record to be
+//! revocable).
 //!
 //! Every method is one atomic step in the store, so an implementation on
 //! Redis can run each as a single command, transaction or Lua script:
@@ -119,8 +121,8 @@ pub enum ConsumeOutcome {
 
 /// One refresh rotation, committed in one atomic store step: spend
 /// `digest`, store `next_digest` as its successor (same family, session and
-/// grant, expiring at `next_expires_at`) and record the new access token
-/// `jti`. Nothing is written unless all of it is.
+/// grant, expiring at `next_expires_at`) and, when `issued` is set, record
+/// the new access token `jti`. Nothing is written unless all of it is.
 #[derive(Debug, Clone, Copy)]
 pub struct RefreshCommit<'a> {
     /// Digest of the presented refresh token.
@@ -131,8 +133,9 @@ pub struct RefreshCommit<'a> {
     pub next_expires_at: u64,
     /// The new access token's `jti`.
     pub jti: &'a str,
-    /// The new access token, as the registry records it.
-    pub issued: &'a IssuedToken,
+    /// The new access token, as the registry records it; `None` when the
+    /// registry does not record it (`tokens.record_issued`).
+    pub issued: Option<&'a IssuedToken>,
     /// How long after a token was spent a second presentation counts as a
     /// retry ([`ConsumeOutcome::Retried`]) rather than a reuse; 0 = never.
     pub reuse_grace_secs: u64,
@@ -187,7 +190,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Commits a refresh rotation atomically (see [`RefreshCommit`]):
     /// a live token is spent, its successor stored and the new access token
-    /// recorded ([`ConsumeOutcome::Rotated`]). A spent token presented again
+    /// recorded if it is to be ([`ConsumeOutcome::Rotated`]). A spent token presented again
     /// within `reuse_grace_secs` of its spend, whose successor was never
     /// used, replaces that successor ([`ConsumeOutcome::Retried`]). Any
     /// other second presentation revokes its family in the same step (until

@@ -18,6 +18,7 @@ mod ops;
 mod redis;
 mod refresh;
 mod server;
+mod stateless;
 mod tls;
 mod transport;
 mod watch;

@@ -16,21 +16,24 @@
 //! - `subscriber`: the pub/sub subscription's lifecycle (connect,
 //!   subscribe, retry, liveness pings, epochs).
 //!
-//! Memory: an access token costs its one registry key (136 bytes by `MEMORY
-//! USAGE` while the value fits Redis's 44-byte embedded string). Revoking it
-//! rewrites the mark in place and adds a list entry of about 28 bytes to its
-//! minute's bucket, where a second key or a sorted-set member would cost 80
-//! to 120 bytes: a revoked live token costs about 162 bytes, under the 200
-//! budget. `docs/REDIS.md` has the measured figures.
+//! Memory: an issued access token costs nothing unless
+//! `tokens.record_issued` records it, in one registry key (136 bytes by
+//! `MEMORY USAGE` while the value fits Redis's 44-byte embedded string).
+//! Revoking a token writes its deny mark in that key (in place, when it is
+//! recorded) and adds a list entry of about 28 bytes to its minute's
+//! bucket, where a second key or a sorted-set member would cost 80 to 120
+//! bytes: a revoked live token costs under the 200-byte budget either way.
+//! `docs/REDIS.md` has the measured figures.
 //!
 //! # Atomicity and durability
 //!
 //! Every write is one Lua script (`EVALSHA`, falling back to `EVAL` after a
 //! script-cache flush), so it is one atomic step and one round trip:
-//! issuing a token writes one key; committing a refresh checks the token's
-//! family and session, marks it spent, stores its successor and records the
-//! new access token (signed before the script runs), or on reuse revokes
-//! the family, all in one script. A revocation script writes the
+//! recording an issued token (when the registry is on) writes one key;
+//! committing a refresh checks the token's family and session, marks it
+//! spent, stores its successor and records the new access token if it is
+//! to be (signed before the script runs), or on reuse revokes the family,
+//! all in one script. A revocation script writes the
 //! deny entry and then `PUBLISH`es it; Redis writes replies and pub/sub
 //! messages only after the script's effects are in the AOF (and fsynced, with
 //! `appendfsync always`), so no replica hears of a revocation that is not

@@ -91,10 +91,10 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return 1
 ";
 
-/// KEYS: refresh key, successor key, family set, sid set, registry key of
-/// the new access token. ARGV: now, next_expires_at, channel, reuse grace,
-/// access exp, registry body, registry slack, successor digest, refresh key
-/// prefix.
+/// KEYS: refresh key, successor key, family set, sid set, and the registry
+/// key of the new access token only when it is recorded. ARGV: now,
+/// next_expires_at, channel, reuse grace, access exp, registry body,
+/// registry slack, successor digest, refresh key prefix.
 ///
 /// `spent` is `0` (live), `1` (spent while no grace window was set) or
 /// `<spent at>|<successor digest>` (spent with a grace window), which a
@@ -125,7 +125,7 @@ local function rotate(spent_at)
   local ttl = nexp - now
   if ttl < 1 then ttl = 1 end
   redis.call('EXPIRE', KEYS[2], ttl)
-  issue(KEYS[5], now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]))
+  if KEYS[5] then issue(KEYS[5], now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])) end
 end
 local spent = h[8] or '0'
 if spent == '0' then
@@ -276,20 +276,22 @@ pub(super) fn put_refresh(
 }
 
 /// Commits a refresh rotation (see [`RefreshCommit`]): spends the token,
-/// stores its successor and records the new access token, or on reuse
-/// revokes and publishes the family. The reply is read by
-/// [`parse_commit_reply`](super::codec::parse_commit_reply).
+/// stores its successor and records the new access token (when
+/// `c.issued` is set), or on reuse revokes and publishes the family. The
+/// reply is read by [`parse_commit_reply`](super::codec::parse_commit_reply).
 pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> ScriptCall<'static> {
     let [families, sessions] = layout.refresh_guards(c.digest);
+    let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest), families, sessions];
+    keys.extend(c.issued.map(|_| layout.issued(c.jti)));
     COMMIT.call(
-        vec![layout.refresh(c.digest), layout.refresh(c.next_digest), families, sessions, layout.issued(c.jti)],
+        keys,
         vec![
             now.to_string(),
             c.next_expires_at.to_string(),
             layout.channel().to_owned(),
             c.reuse_grace_secs.to_string(),
-            c.issued.exp.to_string(),
-            encode_issued(c.issued),
+            c.issued.map_or(0, |t| t.exp).to_string(),
+            c.issued.map(encode_issued).unwrap_or_default(),
             ISSUED_SLACK_SECS.to_string(),
             c.next_digest.to_owned(),
             refresh_key_prefix(layout),
@@ -388,11 +390,22 @@ mod tests {
                     next_digest: &next,
                     next_expires_at: now + 7200,
                     jti: &jti_next,
-                    issued: &token,
+                    issued: Some(&token),
                     reuse_grace_secs: 10,
                 },
                 now,
             );
+            let unrecorded = RefreshCommit {
+                digest: &digest,
+                next_digest: &next,
+                next_expires_at: now + 7200,
+                jti: &jti_next,
+                issued: None,
+                reuse_grace_secs: 0,
+            };
+            let unrecorded = commit(layout, &unrecorded, now).keys().to_vec();
+            assert_eq!(unrecorded.len(), commit_call.keys().len() - 1, "no registry key without a record");
+            out.push(("commit", unrecorded));
             // With the successor key the script derives on a retry.
             let mut keys = commit_call.keys().to_vec();
             keys.push(format!("{}p{i}", refresh_key_prefix(layout)));
