@@ -30,9 +30,10 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
-use super::{Event, Events, jws_header};
+use super::{Event, Events};
 use crate::clock::SharedClock;
 use crate::config::AuditConfig;
 use crate::revoke::Authority;
@@ -110,95 +111,162 @@ impl AuditLog {
 
     /// The JSON object of `event`, at `now_millis`.
     pub fn line(event: &Event<'_>, now_millis: u64) -> Value {
-        let (name, mut m) = members(event);
-        m.insert("audit".into(), name.into());
-        m.insert("ts".into(), rfc3339_millis(now_millis).into());
-        Value::Object(m)
+        Self::encode(event, now_millis).and_then(|bytes| serde_json::from_slice(&bytes)).unwrap_or(Value::Null)
     }
 
-    /// The line of `event` at `now_millis`, as written: `audit` and `ts`
-    /// first, then the other members by name, without the newline.
+    /// The line of `event` at `now_millis`, as written (without the
+    /// newline): `audit` and `ts` first, then the event's members in a fixed
+    /// order, borrowed from the event.
     pub fn encode(event: &Event<'_>, now_millis: u64) -> Result<Vec<u8>, serde_json::Error> {
-        let (name, m) = members(event);
+        let ts = rfc3339_millis(now_millis);
         let mut out = Vec::with_capacity(512);
-        out.extend_from_slice(b"{\"audit\":");
-        serde_json::to_writer(&mut out, name)?;
-        out.extend_from_slice(b",\"ts\":");
-        serde_json::to_writer(&mut out, &rfc3339_millis(now_millis))?;
-        for (k, v) in &m {
-            out.push(b',');
-            serde_json::to_writer(&mut out, k)?;
-            out.push(b':');
-            serde_json::to_writer(&mut out, v)?;
+        match event {
+            Event::Issued { issued, caller } => {
+                let c = issued.claims();
+                let decoded = jws_header_bytes(&issued.access.token);
+                let header: Option<BorrowedHeader<'_>> =
+                    decoded.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+                let mut act = Vec::new();
+                let mut next = c.act.as_ref();
+                while let Some(a) = next {
+                    act.push(a.sub.as_str());
+                    next = a.act.as_deref();
+                }
+                let line = IssuedLine {
+                    audit: "token_issued",
+                    ts: &ts,
+                    grant: issued.kind.as_str(),
+                    sub: &c.sub,
+                    act,
+                    aud: c.aud.iter().collect(),
+                    scope: &c.perms,
+                    jti: &c.jti,
+                    sid: c.sid.as_deref(),
+                    client_id: &c.client_id,
+                    peer: caller.peer,
+                    exp: c.exp,
+                    alg: header.as_ref().map(|h| super::alg_label(h.alg)),
+                    kid: header.as_ref().and_then(|h| h.kid),
+                };
+                serde_json::to_writer(&mut out, &line)?;
+            }
+            Event::Denied { rpc, reason, caller } => {
+                let line = DeniedLine {
+                    audit: "denied",
+                    ts: &ts,
+                    rpc: rpc.as_str(),
+                    reason: reason.as_str(),
+                    client_id: caller.client_id.map(capped),
+                    peer: caller.peer,
+                };
+                serde_json::to_writer(&mut out, &line)?;
+            }
+            Event::Revoked { revocation, by, caller } => {
+                let (how, sub) = match by {
+                    Authority::Possession { sub } => ("possession", sub),
+                    Authority::Bearer { sub, admin: false } => ("owner", sub),
+                    Authority::Bearer { sub, admin: true } => ("admin", sub),
+                };
+                let line = RevokedLine {
+                    audit: "revoked",
+                    ts: &ts,
+                    kind: super::metrics::kind_label(revocation.kind),
+                    id: &revocation.id,
+                    by: how,
+                    sub,
+                    peer: caller.peer,
+                };
+                serde_json::to_writer(&mut out, &line)?;
+            }
+            Event::RefreshReuse { family, sid } => {
+                let line = ReuseLine { audit: "refresh_reuse", ts: &ts, family, sid };
+                serde_json::to_writer(&mut out, &line)?;
+            }
+            Event::KeysLoaded { keys, signing_kid, reload } => {
+                let kids = keys.iter().map(|k| KeyEntry { kid: &k.kid, alg: k.alg }).collect();
+                let line = KeysLine { audit: "keys_loaded", ts: &ts, reload: *reload, kids, signing_kid: *signing_kid };
+                serde_json::to_writer(&mut out, &line)?;
+            }
         }
-        out.push(b'}');
         Ok(out)
     }
 }
 
-/// The name of `event` and its members (but `audit` and `ts`).
-fn members(event: &Event<'_>) -> (&'static str, Map<String, Value>) {
-    let mut m = Map::new();
-    let name = match event {
-        Event::Issued { .. } => "token_issued",
-        Event::Denied { .. } => "denied",
-        Event::Revoked { .. } => "revoked",
-        Event::RefreshReuse { .. } => "refresh_reuse",
-        Event::KeysLoaded { .. } => "keys_loaded",
-    };
-    match event {
-        Event::Issued { issued, caller } => {
-            let c = issued.claims();
-            let header = jws_header(&issued.access.token);
-            let mut act = Vec::new();
-            let mut next = c.act.as_ref();
-            while let Some(a) = next {
-                act.push(Value::from(a.sub.as_str()));
-                next = a.act.as_deref();
-            }
-            m.insert("grant".into(), issued.kind.as_str().into());
-            m.insert("sub".into(), c.sub.as_str().into());
-            m.insert("act".into(), act.into());
-            m.insert("aud".into(), c.aud.iter().collect::<Vec<_>>().into());
-            m.insert("scope".into(), c.perms.clone().into());
-            m.insert("jti".into(), c.jti.as_str().into());
-            m.insert("sid".into(), c.sid.as_deref().into());
-            m.insert("client_id".into(), c.client_id.as_str().into());
-            m.insert("peer".into(), caller.peer.into());
-            m.insert("exp".into(), c.exp.into());
-            m.insert("alg".into(), header.as_ref().map(|h| super::alg_label(&h.alg)).into());
-            m.insert("kid".into(), header.and_then(|h| h.kid).into());
-        }
-        Event::Denied { rpc, reason, caller } => {
-            m.insert("rpc".into(), rpc.as_str().into());
-            m.insert("reason".into(), reason.as_str().into());
-            m.insert("client_id".into(), caller.client_id.map(capped).into());
-            m.insert("peer".into(), caller.peer.into());
-        }
-        Event::Revoked { revocation, by, caller } => {
-            let (how, sub) = match by {
-                Authority::Possession { sub } => ("possession", sub),
-                Authority::Bearer { sub, admin: false } => ("owner", sub),
-                Authority::Bearer { sub, admin: true } => ("admin", sub),
-            };
-            m.insert("kind".into(), super::metrics::kind_label(revocation.kind).into());
-            m.insert("id".into(), revocation.id.as_str().into());
-            m.insert("by".into(), how.into());
-            m.insert("sub".into(), sub.as_str().into());
-            m.insert("peer".into(), caller.peer.into());
-        }
-        Event::RefreshReuse { family, sid } => {
-            m.insert("family".into(), (*family).into());
-            m.insert("sid".into(), (*sid).into());
-        }
-        Event::KeysLoaded { keys, signing_kid, reload } => {
-            let kids: Vec<Value> = keys.iter().map(|k| json!({ "kid": k.kid, "alg": k.alg })).collect();
-            m.insert("reload".into(), (*reload).into());
-            m.insert("kids".into(), kids.into());
-            m.insert("signing_kid".into(), (*signing_kid).into());
-        }
-    }
-    (name, m)
+#[derive(Serialize)]
+struct IssuedLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    grant: &'static str,
+    sub: &'a str,
+    act: Vec<&'a str>,
+    aud: Vec<&'a str>,
+    scope: &'a [String],
+    jti: &'a str,
+    sid: Option<&'a str>,
+    client_id: &'a str,
+    peer: Option<&'a str>,
+    exp: u64,
+    alg: Option<&'static str>,
+    kid: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct DeniedLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    rpc: &'static str,
+    reason: &'static str,
+    client_id: Option<&'a str>,
+    peer: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RevokedLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    kind: &'static str,
+    id: &'a str,
+    by: &'static str,
+    sub: &'a str,
+    peer: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ReuseLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    family: &'a str,
+    sid: &'a str,
+}
+
+#[derive(Serialize)]
+struct KeysLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    reload: bool,
+    kids: Vec<KeyEntry<'a>>,
+    signing_kid: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct KeyEntry<'a> {
+    kid: &'a str,
+    alg: &'static str,
+}
+
+/// The members of a JWS header the trail reports, borrowed from it.
+#[derive(serde::Deserialize)]
+struct BorrowedHeader<'a> {
+    alg: &'a str,
+    #[serde(default)]
+    kid: Option<&'a str>,
+}
+
+/// The decoded protected header of a compact JWS.
+fn jws_header_bytes(token: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let (header, _) = token.split_once('.')?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()
 }
 
 impl Events for AuditLog {
@@ -263,6 +331,8 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     use service_sdk::{Actor, Audience, Claims};
 
+    use serde_json::json;
+
     use super::*;
     use crate::grant::{GrantKind, Issued, Minted, RefreshIssued};
     use crate::observe::{Caller, DenyReason, PublishedKey, Rpc};
@@ -310,7 +380,7 @@ mod tests {
         });
         assert_eq!(line, want);
         let text = String::from_utf8(AuditLog::encode(&Event::Issued { issued: &issued, caller }, 0).unwrap()).unwrap();
-        assert!(text.starts_with(r#"{"audit":"token_issued","ts":"1970-01-01T00:00:00.000Z","act":"#), "{text}");
+        assert!(text.starts_with(r#"{"audit":"token_issued","ts":"1970-01-01T00:00:00.000Z","grant":"#), "{text}");
         assert!(!text.contains("SECRET"), "{text}");
         assert!(!text.contains('\n'));
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["jti"], "jti-1");

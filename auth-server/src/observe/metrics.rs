@@ -379,6 +379,14 @@ mod tests {
     }
 
     #[test]
+    fn a_second_recorder_is_refused_without_panicking() {
+        // The first install may lose to another test of this process; the
+        // second always finds a recorder in place.
+        let _ = install_prometheus();
+        assert!(install_prometheus().is_err());
+    }
+
+    #[test]
     fn the_alg_of_a_token_is_read_once_per_header() {
         use base64::Engine as _;
         let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
