@@ -155,7 +155,7 @@ pub struct RawKeysConfig {
     #[serde(default)]
     pub prepublish_secs: Option<u64>,
     /// Start even when other users can read or write a private key file
-    /// (`keys.signing`, `keys.publish`, `tls.key`), with a warning instead
+    /// (`keys.signing`, `keys.publish`, `tls.key`, `http_tls.key`), with a warning instead
     /// of a refusal. See docs/OPERATIONS.md, "Key file modes".
     #[serde(default)]
     pub allow_readable_key_files: bool,
@@ -171,7 +171,9 @@ pub fn default_prepublish_secs() -> u64 {
 }
 
 /// TLS of the HTTP side port (`[http_tls]`): its certificate and key, and
-/// optionally a CA that client certificates must chain to.
+/// optionally a CA that client certificates must chain to. The files are
+/// checked and reloaded like `[tls]`'s, on `tls.reload_check_secs`, and
+/// their expiry is warned about after `tls.expiry_warn_days`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTlsConfig {
@@ -196,8 +198,8 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// CA bundle that client certificates must chain to (PEM).
     pub client_ca: PathBuf,
-    /// How often (seconds) the three files are read and compared with the
-    /// running set (by content, so a Kubernetes Secret volume's symlink
+    /// How often (seconds) the three files (and `[http_tls]`'s) are read and
+    /// compared with the running set (by content, so a Kubernetes Secret volume's symlink
     /// swap counts); a changed set is validated and swapped in for new
     /// handshakes. 0: only on SIGHUP.
     #[serde(default = "default_tls_reload_check_secs")]

@@ -30,7 +30,7 @@ use crate::core::{AuthCore, Policy, PolicyError};
 use crate::grpc::AuthService;
 use crate::keys::{KeyError, SigningKeys};
 use crate::observe::audit::{AuditError, AuditLog};
-use crate::observe::metrics::{EventMetrics, Scrape};
+use crate::observe::metrics::{EventMetrics, Scrape, TlsPort};
 use crate::observe::rpc::RpcMetricsLayer;
 use crate::observe::store::MeteredStore;
 use crate::observe::{Event, Fanout, published_keys};
@@ -291,6 +291,11 @@ impl Server {
         &self.tls
     }
 
+    /// The HTTP side port's TLS identity (reloadable), with `[http_tls]`.
+    pub fn http_tls(&self) -> Option<&Arc<ServerTls>> {
+        self.http_tls.as_ref()
+    }
+
     /// A handle that reloads the policy and the TLS files, usable after
     /// `serve` took the server (SIGHUP, file watches).
     pub fn reloader(&self) -> Reloader {
@@ -313,7 +318,8 @@ impl Server {
         let Listeners { grpc, http } = listeners;
         // Logs the certificate's expiry, raises the `tls` readiness
         // condition once it has passed, and reloads changed files.
-        let tls_watch = tls.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), core.readiness.clone());
+        let tls_watch =
+            tls.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), Some(core.readiness.clone()));
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         if core.readiness.is_ready() {
             health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
@@ -398,17 +404,22 @@ impl Server {
         let mut upkeep = None;
         if let Some(handle) = metrics {
             let service = auth_service.clone();
-            let scrape = Arc::new(Scrape::new(handle, Arc::clone(&core), Arc::new(move || service.watch_streams())));
+            // The TLS series (certificate expiry, reloads) of each port.
+            let mut scrape = Scrape::new(handle, Arc::clone(&core), Arc::new(move || service.watch_streams()))
+                .with_tls(TlsPort::Grpc, Arc::clone(&tls));
+            if let Some(t) = &http_tls {
+                scrape = scrape.with_tls(TlsPort::Http, Arc::clone(t));
+            }
+            let scrape = Arc::new(scrape);
             upkeep = Some(scrape.spawn_upkeep(Duration::from_secs(5)));
             http_router = http_router.merge(crate::observe::metrics::router(scrape));
         }
         // The side port's TLS files reload like the gRPC port's, with the
-        // same poll and expiry warning. Its own readiness: an expired
-        // side-port certificate is logged, but does not take the replica's
-        // gRPC service out of rotation.
-        let http_tls_watch = http_tls.as_ref().map(|t| {
-            t.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), crate::readiness::Readiness::new())
-        });
+        // same poll and expiry warning. No readiness condition: an expired
+        // side-port certificate is logged (and shows in /metrics), but does
+        // not take the replica's gRPC service out of rotation.
+        let http_tls_watch =
+            http_tls.as_ref().map(|t| t.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), None));
         let http_stop = wait(stop_rx.clone());
         let http_server = async {
             match http_tls {

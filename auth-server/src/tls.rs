@@ -14,12 +14,18 @@
 //!
 //! [`ServerTls::watch`] polls the files by content (a Kubernetes Secret
 //! volume swaps them through a symlink, which no file watch on the path
-//! sees), logs the certificate's expiry, warns ahead of it, and raises the
-//! `tls` [readiness](crate::readiness) condition once it has passed.
-//! Nothing here is specific to the gRPC port: another port builds its own
-//! [`TlsFiles`].
+//! sees), logs the certificate's expiry, warns ahead of it, and, when given
+//! a [readiness](crate::readiness) handle, raises the condition named after
+//! its section (`tls`) once it has passed. Nothing here is specific to one
+//! port: the gRPC port's files are [`TlsFiles::grpc`] (`[tls]`), the HTTP
+//! side port's [`crate::http::tls_files`] (`[http_tls]`, whose expiry is
+//! logged but leaves readiness alone). What `/metrics` reports
+//! of them (the certificate's `notAfter`, reloads applied and refused) is
+//! read at scrape time from [`ServerTls::certificate`] and
+//! [`ServerTls::reload_counts`].
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,7 +82,8 @@ impl PeerIdentity {
 }
 
 /// The files of a server TLS identity, and how to use them. Reusable by any
-/// port: the gRPC port's is [`TlsFiles::grpc`].
+/// port: the gRPC port's is [`TlsFiles::grpc`], the side port's
+/// [`crate::http::tls_files`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// The config section that names the files in messages and the
@@ -336,6 +343,18 @@ pub struct TlsReloadError {
     pub repeated: bool,
 }
 
+/// How many reloads a [`ServerTls`] has applied and refused since it was
+/// loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlsReloadCounts {
+    /// New sets swapped in.
+    pub applied: u64,
+    /// Changed sets refused (the running one kept), each content once: a
+    /// broken set the poll finds again, or SIGHUP re-reads, is not counted
+    /// again, as it is not logged again by the poll.
+    pub rejected: u64,
+}
+
 /// What started a reload: it decides what is logged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadTrigger {
@@ -355,6 +374,9 @@ pub struct ServerTls {
     refused: Mutex<Option<Vec<u8>>>,
     /// Wakes the watcher after a swap.
     swapped: tokio::sync::Notify,
+    /// Reloads applied and refused (see [`TlsReloadCounts`]).
+    applied: AtomicU64,
+    rejected: AtomicU64,
 }
 
 impl std::fmt::Debug for ServerTls {
@@ -377,6 +399,8 @@ impl ServerTls {
             current: ArcSwap::from_pointee(loaded),
             refused: Mutex::new(None),
             swapped: tokio::sync::Notify::new(),
+            applied: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
         })
     }
 
@@ -395,16 +419,27 @@ impl ServerTls {
         self.current.load().cert.clone()
     }
 
+    /// Reloads applied and refused since start.
+    pub fn reload_counts(&self) -> TlsReloadCounts {
+        TlsReloadCounts {
+            applied: self.applied.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+
     /// Re-reads the files; when their content differs from the running
     /// set, validates it and swaps it in for new handshakes. A broken set
     /// (unreadable file, key not the certificate's, key file readable by
     /// others, client CA that does not parse) keeps the running one.
     pub fn reload(&self) -> Result<TlsReload, TlsReloadError> {
-        fn refuse(refused: &mut Option<Vec<u8>>, fingerprint: Vec<u8>, error: ConfigError) -> TlsReloadError {
+        let refuse = |refused: &mut Option<Vec<u8>>, fingerprint: Vec<u8>, error: ConfigError| {
             let repeated = refused.as_ref() == Some(&fingerprint);
+            if !repeated {
+                self.rejected.fetch_add(1, Ordering::Relaxed);
+            }
             *refused = Some(fingerprint);
             TlsReloadError { error, repeated }
-        }
+        };
         let mut refused = self.refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (pems, digest) = match Pems::read_stable(&self.files) {
             Ok(read) => read,
@@ -419,6 +454,7 @@ impl ServerTls {
         let current = loaded.cert.clone();
         self.current.store(Arc::new(loaded));
         *refused = None;
+        self.applied.fetch_add(1, Ordering::Relaxed);
         self.swapped.notify_one();
         Ok(TlsReload::Swapped { previous: previous.cert.clone(), current })
     }
@@ -451,15 +487,17 @@ impl ServerTls {
         result
     }
 
-    /// Checks the certificate's expiry now (logging it and setting the
-    /// readiness condition named after the section), then, in a task until
-    /// aborted: polls the files every `options.poll`, re-checks the expiry
-    /// every [`EXPIRY_CHECK`] and after every swap.
+    /// Checks the certificate's expiry now (logging it and, with
+    /// `readiness`, setting the condition named after the section: an
+    /// expired certificate makes the replica not ready), then, in a task
+    /// until aborted: polls the files every `options.poll`, re-checks the
+    /// expiry every [`EXPIRY_CHECK`] and after every swap. Without
+    /// `readiness` an expired certificate is logged only.
     pub fn watch(
         self: &Arc<Self>,
         options: TlsWatch,
         clock: SharedClock,
-        readiness: Readiness,
+        readiness: Option<Readiness>,
     ) -> tokio::task::JoinHandle<()> {
         let mut report = ExpiryReport::new(self.files.section.clone(), options.warn_before, readiness);
         report.check(&self.certificate(), unix(&clock));
@@ -520,7 +558,8 @@ pub struct TlsWatch {
 }
 
 impl TlsWatch {
-    /// `tls.reload_check_secs` and `tls.expiry_warn_days`.
+    /// `tls.reload_check_secs` and `tls.expiry_warn_days`, which apply to
+    /// the side port's `[http_tls]` files too.
     pub fn from_config(cfg: &TlsConfig) -> Self {
         Self {
             poll: (cfg.reload_check_secs > 0).then(|| Duration::from_secs(cfg.reload_check_secs)),
@@ -556,17 +595,17 @@ impl Expiry {
 }
 
 /// Logs a certificate's expiry (once per certificate, and hourly while it
-/// is near or past) and keeps the readiness condition in step.
+/// is near or past) and keeps the readiness condition, if any, in step.
 struct ExpiryReport {
     section: String,
     warn_before: Duration,
-    readiness: Readiness,
+    readiness: Option<Readiness>,
     /// The serial and state last logged, and when.
     last: Option<(String, Expiry, i64)>,
 }
 
 impl ExpiryReport {
-    fn new(section: String, warn_before: Duration, readiness: Readiness) -> Self {
+    fn new(section: String, warn_before: Duration, readiness: Option<Readiness>) -> Self {
         Self { section, warn_before, readiness, last: None }
     }
 
@@ -574,13 +613,13 @@ impl ExpiryReport {
         let state = Expiry::of(cert, now, self.warn_before);
         let section = self.section.as_str();
         let not_after = rfc3339(cert.not_after);
-        if state == Expiry::Expired {
-            self.readiness.set_not_ready(
+        match &self.readiness {
+            Some(readiness) if state == Expiry::Expired => readiness.set_not_ready(
                 section,
                 format!("server certificate ({section}.cert, serial {}) expired at {not_after}", cert.serial),
-            );
-        } else {
-            self.readiness.set_ready(section);
+            ),
+            Some(readiness) => readiness.set_ready(section),
+            None => {}
         }
         let repeat = i64::try_from(EXPIRY_REPEAT.as_secs()).unwrap_or(i64::MAX);
         let due = match &self.last {
@@ -605,12 +644,19 @@ impl ExpiryReport {
                 warn_days = self.warn_before.as_secs() / 86_400,
                 "server certificate expires soon: renew it (the files are re-read when they change, or on SIGHUP)"
             ),
-            Expiry::Expired => tracing::error!(
+            Expiry::Expired if self.readiness.is_some() => tracing::error!(
                 section,
                 serial,
                 not_after,
                 "server certificate has expired: not ready (/readyz 503, gRPC health NOT_SERVING); clients refuse \
                  new connections until it is renewed"
+            ),
+            Expiry::Expired => tracing::error!(
+                section,
+                serial,
+                not_after,
+                "server certificate has expired: clients refuse new connections to this port until it is renewed \
+                 (readiness unchanged)"
             ),
         }
         state
@@ -645,7 +691,7 @@ mod tests {
     #[test]
     fn an_expired_certificate_raises_the_readiness_condition_and_a_new_one_clears_it() {
         let readiness = Readiness::new();
-        let mut report = ExpiryReport::new("tls".into(), Duration::from_secs(86_400), readiness.clone());
+        let mut report = ExpiryReport::new("tls".into(), Duration::from_secs(86_400), Some(readiness.clone()));
         let old = CertInfo { subject: String::new(), serial: "0a".into(), not_before: 0, not_after: 1_000 };
         assert_eq!(report.check(&old, 500), Expiry::Soon);
         assert!(readiness.is_ready());

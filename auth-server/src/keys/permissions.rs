@@ -1,6 +1,6 @@
 //! Who else can read a private key file: the signing keys (`keys.signing`,
-//! `keys.publish`) and the TLS key (`tls.key`) are checked each time they
-//! are read.
+//! `keys.publish`) and the TLS keys (`tls.key`, `http_tls.key`) are checked
+//! each time they are read.
 //!
 //! - **Other users** can read or write it (`o+r` or `o+w`): refused, unless
 //!   `keys.allow_readable_key_files = true`, which starts anyway with a

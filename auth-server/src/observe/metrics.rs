@@ -25,6 +25,8 @@
 //! | `auth_watch_streams` | gauge | |
 //! | `auth_deny_list_entries` | gauge | `kind` |
 //! | `auth_published_keys` | gauge | `kid`, `alg` |
+//! | `auth_tls_certificate_expiry_timestamp_seconds` | gauge | `port` |
+//! | `auth_tls_reloads_total` | counter | `port`, `outcome` |
 //!
 //! Per-event counters are registered once and kept in tables indexed by
 //! their fixed labels, so counting an event allocates nothing and looks
@@ -47,6 +49,7 @@ use super::{DenyReason, Event, Events, PublishedKey, Rpc, alg_label, published_k
 use crate::core::AuthCore;
 use crate::grant::GrantKind;
 use crate::store::RevocationKind;
+use crate::tls::ServerTls;
 
 /// Counter of finished RPCs.
 pub const RPC_REQUESTS: &str = "auth_rpc_requests_total";
@@ -78,6 +81,11 @@ pub const DENY_LIST_ENTRIES: &str = "auth_deny_list_entries";
 /// life and since retired (0).
 pub const PUBLISHED_KEYS: &str = "auth_published_keys";
 
+/// Gauge: the `notAfter` of the certificate a port serves, Unix seconds.
+pub const TLS_CERT_EXPIRY: &str = "auth_tls_certificate_expiry_timestamp_seconds";
+/// Counter: TLS file reloads, by port and outcome (`applied`, `rejected`).
+pub const TLS_RELOADS: &str = "auth_tls_reloads_total";
+
 /// Latency buckets (seconds) of the RPC histogram: 0.5 ms to 10 s.
 pub const RPC_BUCKETS: [f64; 14] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -106,6 +114,16 @@ pub fn describe() {
     describe_gauge!(WATCH_STREAMS, "Open WatchRevocations streams on this replica");
     describe_gauge!(DENY_LIST_ENTRIES, "Entries on the deny list, by kind (jti, session, family)");
     describe_gauge!(PUBLISHED_KEYS, "Keys in the published key set (1), or retired since start (0), by kid and alg");
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "notAfter of the server certificate each port serves now, as Unix seconds, by port (grpc, http)"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "TLS file sets found changed, by port and outcome (applied: serving new connections; rejected: broken, the \
+         running set kept)"
+    );
 }
 
 /// Builds the Prometheus recorder (histogram buckets for the latency
@@ -259,9 +277,37 @@ impl Events for EventMetrics {
 /// Open WatchRevocations streams, read at scrape time.
 pub type StreamCount = Arc<dyn Fn() -> usize + Send + Sync>;
 
+/// The port a [`ServerTls`] serves: the `port` label of the TLS metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPort {
+    /// The gRPC port (`[tls]`).
+    Grpc,
+    /// The HTTP side port (`[http_tls]`).
+    Http,
+}
+
+impl TlsPort {
+    /// The label value: `grpc` or `http`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::Http => "http",
+        }
+    }
+}
+
+/// The TLS series of one port, set from its [`ServerTls`] at each scrape.
+struct TlsSeries {
+    tls: Arc<ServerTls>,
+    expiry: Gauge,
+    applied: Counter,
+    rejected: Counter,
+}
+
 /// What `/metrics` renders: the recorder's handle, and the gauges read when
 /// it is scraped (store subscription, password queue, watch streams, deny
-/// list, published keys).
+/// list, published keys, and the TLS series of each port given with
+/// [`Scrape::with_tls`]).
 pub struct Scrape {
     handle: PrometheusHandle,
     core: Arc<AuthCore>,
@@ -273,6 +319,7 @@ pub struct Scrape {
     deny: [Gauge; 3],
     /// Every key published since start, so a retired one is set to 0.
     keys_seen: Mutex<BTreeSet<PublishedKey>>,
+    tls: Vec<TlsSeries>,
 }
 
 impl std::fmt::Debug for Scrape {
@@ -295,7 +342,22 @@ impl Scrape {
             streams: metrics::gauge!(WATCH_STREAMS),
             deny: KINDS.map(|k| metrics::gauge!(DENY_LIST_ENTRIES, "kind" => kind_label(k))),
             keys_seen: Mutex::new(BTreeSet::new()),
+            tls: Vec::new(),
         }
+    }
+
+    /// Also reports `tls`, the TLS identity `port` serves: its certificate's
+    /// `notAfter` and its reloads by outcome, read at each scrape (so a
+    /// reload, by poll or SIGHUP, shows at the next one).
+    pub fn with_tls(mut self, port: TlsPort, tls: Arc<ServerTls>) -> Self {
+        let port = port.as_str();
+        self.tls.push(TlsSeries {
+            tls,
+            expiry: metrics::gauge!(TLS_CERT_EXPIRY, "port" => port),
+            applied: metrics::counter!(TLS_RELOADS, "port" => port, "outcome" => "applied"),
+            rejected: metrics::counter!(TLS_RELOADS, "port" => port, "outcome" => "rejected"),
+        });
+        self
     }
 
     /// Updates the polled gauges. The deny-list count is one bounded store
@@ -307,6 +369,12 @@ impl Scrape {
         self.queue_depth.set(pool.waiting as f64);
         self.queue_capacity.set(pool.capacity as f64);
         self.streams.set((self.watch_streams)() as f64);
+        for series in &self.tls {
+            series.expiry.set(series.tls.certificate().not_after as f64);
+            let counts = series.tls.reload_counts();
+            series.applied.absolute(counts.applied);
+            series.rejected.absolute(counts.rejected);
+        }
         match core.store.deny_list_size(core.clock.now_unix()).await {
             Ok(Some(size)) => {
                 for (gauge, n) in self.deny.iter().zip([size.jti, size.sid, size.family]) {

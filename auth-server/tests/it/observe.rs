@@ -30,11 +30,11 @@ use tonic::{Code, Request};
 use crate::within;
 
 /// The real binary, its output captured; killed when dropped.
-struct AuthProcess {
-    child: Child,
+pub(crate) struct AuthProcess {
+    pub(crate) child: Child,
     output: Arc<Mutex<Vec<u8>>>,
     grpc: SocketAddr,
-    http: SocketAddr,
+    pub(crate) http: SocketAddr,
     dir: PathBuf,
 }
 
@@ -66,7 +66,7 @@ impl AuthProcess {
     /// A dev environment in `dir` on free ports; `extra` is appended to its
     /// config file. Runs `auth-server serve` on it at debug level, so the
     /// sweep covers every line the server and its libraries can log.
-    async fn start(dir: &Path, extra: &str) -> Self {
+    pub(crate) async fn start(dir: &Path, extra: &str) -> Self {
         let (grpc, http) = (free_addr(), free_addr());
         let env = auth_server::dev::ensure_with(dir, &grpc.to_string(), &http.to_string()).unwrap();
         let mut config = std::fs::read_to_string(&env.config_path).unwrap();
@@ -153,7 +153,7 @@ impl AuthProcess {
         Metrics::parse(&body)
     }
 
-    fn printed(&self) -> String {
+    pub(crate) fn printed(&self) -> String {
         String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
     }
 }
@@ -172,13 +172,13 @@ fn dechunk(mut body: &str) -> String {
 }
 
 /// A scraped Prometheus text: each sample by name and labels.
-struct Metrics {
-    text: String,
+pub(crate) struct Metrics {
+    pub(crate) text: String,
     samples: Vec<(String, BTreeMap<String, String>, f64)>,
 }
 
 impl Metrics {
-    fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         let mut samples = Vec::new();
         for line in text.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
             let (series, value) = line.rsplit_once(' ').unwrap();
@@ -205,7 +205,7 @@ impl Metrics {
 
     /// The value of the one sample of `name` whose labels include `labels`;
     /// `None` when there is none.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    pub(crate) fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let found: Vec<f64> = self
             .samples
             .iter()
@@ -216,7 +216,7 @@ impl Metrics {
         found.first().copied()
     }
 
-    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.get(name, labels).unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{}", self.text))
     }
 
@@ -227,7 +227,7 @@ impl Metrics {
 }
 
 /// `promtool check metrics` on `text`; fails loudly when promtool is absent.
-fn promtool_check(text: &str) {
+pub(crate) fn promtool_check(text: &str) {
     use std::io::Write as _;
     let mut child = match Command::new("promtool")
         .args(["check", "metrics"])

@@ -3,11 +3,14 @@
 //! atomic symlink swap), found by the server's poll or on SIGHUP, with
 //! connections open throughout; a broken replacement; an expired
 //! certificate; and the real binary refusing a key that is not its
-//! certificate's, or a key file other users can read.
+//! certificate's, or a key file other users can read. The HTTP side port's
+//! `[http_tls]` files go through the same, and `/metrics` shows each port's
+//! certificate expiry and TLS reloads.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use auth_server::clock::ManualClock;
-use auth_server::config::TlsConfig;
+use auth_server::config::{HttpTlsConfig, TlsConfig};
 use auth_server::dev::pki::Ca;
 use auth_server::tls::{CertInfo, rfc3339};
 use rcgen::{
@@ -33,6 +36,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::edge::Captured;
+use crate::observe::{AuthProcess, Metrics, promtool_check};
 use crate::transport::RawH2;
 use crate::{PATIENCE, within};
 
@@ -119,6 +123,12 @@ impl SecretVolume {
         self.dir.path().join(name)
     }
 
+    /// `[http_tls]` pointing at this volume's certificate and key (no
+    /// client certificates).
+    fn http_tls_config(&self) -> HttpTlsConfig {
+        HttpTlsConfig { cert: self.path("tls.crt"), key: self.path("tls.key"), client_ca: None }
+    }
+
     /// `[tls]` pointing at this volume.
     fn tls_config(&self, reload_check_secs: u64) -> TlsConfig {
         TlsConfig {
@@ -173,7 +183,12 @@ fn dev_client(dev: &Path, trust: &[&str], name: &str) -> TlsConnector {
 
 /// A new mTLS connection and the leaf certificate the server presented.
 async fn connect(srv: &TestServer, client: &TlsConnector) -> std::io::Result<(TlsStream<TcpStream>, CertInfo)> {
-    let tcp = TcpStream::connect(srv.grpc_addr).await?;
+    connect_to(srv.grpc_addr, client).await
+}
+
+/// A new TLS connection to `addr` and the leaf certificate it presented.
+async fn connect_to(addr: SocketAddr, client: &TlsConnector) -> std::io::Result<(TlsStream<TcpStream>, CertInfo)> {
+    let tcp = TcpStream::connect(addr).await?;
     let tls = client.connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
     let leaf = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).expect("a server certificate");
     let info = CertInfo::from_der(leaf.as_ref()).unwrap();
@@ -182,9 +197,14 @@ async fn connect(srv: &TestServer, client: &TlsConnector) -> std::io::Result<(Tl
 
 /// Connects until the server presents the certificate with `serial`.
 async fn until_served(srv: &TestServer, client: &TlsConnector, serial: &str) -> TlsStream<TcpStream> {
-    within(&format!("the server to present serial {serial}"), async {
+    until_served_at(srv.grpc_addr, client, serial).await
+}
+
+/// Connects to `addr` until it presents the certificate with `serial`.
+async fn until_served_at(addr: SocketAddr, client: &TlsConnector, serial: &str) -> TlsStream<TcpStream> {
+    within(&format!("{addr} to present serial {serial}"), async {
         loop {
-            if let Ok((tls, info)) = connect(srv, client).await
+            if let Ok((tls, info)) = connect_to(addr, client).await
                 && info.serial == serial
             {
                 return tls;
@@ -543,4 +563,277 @@ fn key_files_other_users_can_read_stop_the_binary_unless_allowed() {
     for key in ["keys.signing.path", "tls.key"] {
         assert!(out.contains(&format!("{key}: ")) && out.contains("starting anyway"), "{out}");
     }
+}
+
+// ---------------------------------------------------------------------------
+// The HTTP side port's `[http_tls]`, and what /metrics shows of both ports.
+
+/// A client of the HTTPS side port trusting `trust` (no client certificate).
+fn https_client(trust: &[&str]) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in trust {
+        roots.add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap()).unwrap();
+    }
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    TlsConnector::from(Arc::new(config))
+}
+
+/// `GET path` on an open HTTP/1.1 connection, which stays open for the
+/// next request: the status and the body.
+async fn get_on(conn: &mut TlsStream<TcpStream>, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut more = async |buf: &mut Vec<u8>| {
+        let mut chunk = [0u8; 8192];
+        let n = within("an HTTP response", conn.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "the connection closed mid-response: {:?}", String::from_utf8_lossy(buf));
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        more(&mut buf).await;
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).unwrap();
+    let status = head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("a status line: {head}"));
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length").then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("a content-length: {head}"));
+    while buf.len() < head_end + length {
+        more(&mut buf).await;
+    }
+    (status, String::from_utf8(buf[head_end..head_end + length].to_vec()).unwrap())
+}
+
+fn not_after_of(cert_pem: &str) -> i64 {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    CertInfo::from_der(der.as_ref()).unwrap().not_after
+}
+
+#[test]
+fn a_side_port_key_that_is_not_the_certificates_stops_the_binary_before_it_listens_naming_both_files() {
+    let dev = dev_dir();
+    let config = dev.path().join("auth-server.toml");
+    // The side port serves the dev server certificate, with another
+    // certificate's key.
+    let (key, cert) = (dev.path().join("http-key.pem"), dev.path().join("server.pem"));
+    std::fs::copy(dev.path().join("clients/order-key.pem"), &key).unwrap();
+    std::fs::write(&config, read(&config) + "\n[http_tls]\ncert = \"server.pem\"\nkey = \"http-key.pem\"\n").unwrap();
+    let (status, out, err) = run_binary(&config, None);
+    let status = status.expect("the binary exits");
+    assert!(!status.success(), "{out}{err}");
+    assert!(!out.contains("listening"), "{out}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "auth-server: config: http_tls.key: {}: does not match the certificate in http_tls.cert ({}): the private \
+             key is not the one the certificate was issued for; install the key and the certificate of the same \
+             issuance",
+            key.display(),
+            cert.display()
+        )
+    );
+
+    // The certificate's own key, readable by other users: refused as
+    // tls.key would be, naming http_tls.key.
+    std::fs::copy(dev.path().join("server-key.pem"), &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (status, out, err) = run_binary(&config, None);
+    assert!(!status.expect("the binary exits").success(), "{out}{err}");
+    assert!(!out.contains("listening"), "{out}");
+    assert!(err.contains(&format!("http_tls.key: {} has mode 0644", key.display())), "{err}");
+    assert!(err.contains(&format!("chmod 600 {}", key.display())), "{err}");
+}
+
+#[tokio::test]
+async fn a_rotated_side_port_certificate_reaches_new_https_connections_while_open_ones_keep_working() {
+    let dev = dev_dir();
+    let dev_ca = read(dev.path().join("ca.pem"));
+    let (old_ca, new_ca) = (ServingCa::new("side port CA 1"), ServingCa::new("side port CA 2"));
+    let first = old_ca.server_cert(1, 2090);
+    let mut volume = SecretVolume::new(&first, &dev_ca);
+    let http_tls = volume.http_tls_config();
+    let srv = TestServer::builder()
+        .dev_dir(dev.path())
+        .configure(move |raw| {
+            raw.http_tls = Some(http_tls);
+            // The side port's files are checked on [tls]'s schedule.
+            raw.tls.as_mut().expect("the dev config's [tls]").reload_check_secs = 1;
+        })
+        .start()
+        .await;
+    let client = https_client(&[&old_ca.cert_pem, &new_ca.cert_pem]);
+    let (mut open, served) = connect_to(srv.http_addr, &client).await.unwrap();
+    assert_eq!(served.serial, serial_of(&first));
+    assert_eq!(get_on(&mut open, "/healthz").await, (200, "ok".to_owned()));
+
+    // cert-manager renews: a new key and a certificate from a new CA,
+    // swapped in as the kubelet swaps a Secret volume. No SIGHUP: the poll
+    // finds it.
+    let second = new_ca.server_cert(2, 2091);
+    volume.update(&second, &dev_ca);
+    let mut fresh = until_served_at(srv.http_addr, &client, &serial_of(&second)).await;
+    let (status, jwks) = get_on(&mut fresh, "/.well-known/jwks.json").await;
+    assert_eq!(status, 200);
+    assert!(jwks.contains("\"keys\""), "{jwks}");
+    // The connection made before the renewal was never cut.
+    assert_eq!(get_on(&mut open, "/healthz").await, (200, "ok".to_owned()));
+    let (_, served) = connect_to(srv.http_addr, &client).await.unwrap();
+    assert_eq!((served.serial, rfc3339(served.not_after)), (serial_of(&second), "2091-12-31T00:00:00Z".to_owned()));
+    // A client trusting only the old CA is now refused.
+    assert!(connect_to(srv.http_addr, &https_client(&[&old_ca.cert_pem])).await.is_err());
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_expired_side_port_certificate_is_logged_as_http_tls_and_leaves_the_replica_ready() {
+    let captured = Captured::default();
+    let subscriber = tracing_subscriber::fmt().with_writer(captured.clone()).with_ansi(false).finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    let dev = dev_dir();
+    let ca = ServingCa::new("side port CA");
+    let cert = ca.server_cert(9, 2090);
+    let volume = SecretVolume::new(&cert, &read(dev.path().join("ca.pem")));
+    let http_tls = volume.http_tls_config();
+    // The server's clock is past the side port's notAfter (the gRPC dev
+    // certificate lasts far longer); the client's, the real one, is not.
+    let clock = Arc::new(ManualClock::new(u64::try_from(not_after_of(&cert.cert_pem)).unwrap() + 1));
+    let srv = TestServer::builder()
+        .dev_dir(dev.path())
+        .clock(clock)
+        .configure(move |raw| raw.http_tls = Some(http_tls))
+        .start()
+        .await;
+    tracing::callsite::rebuild_interest_cache();
+
+    // The server checks the expiry as it starts serving.
+    let expired = || captured.text().lines().find(|l| l.contains("server certificate has expired")).map(str::to_owned);
+    let line = within("the expiry error", async {
+        loop {
+            if let Some(line) = expired() {
+                return line;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let serial = serial_of(&cert);
+    assert!(line.contains("section=\"http_tls\"") || line.contains("section=http_tls"), "{line}");
+    assert!(line.contains(&serial) && line.contains("2090-12-31T00:00:00Z"), "{line}");
+    assert!(line.contains("readiness unchanged") && !line.contains("not ready"), "{line}");
+    // Still ready, on the side port itself (over HTTPS) and on gRPC health.
+    let (mut conn, _) = connect_to(srv.http_addr, &https_client(&[&ca.cert_pem])).await.unwrap();
+    assert_eq!(get_on(&mut conn, "/readyz").await, (200, "ready".to_owned()));
+    let mut health = HealthClient::new(srv.channel("admin").await);
+    assert_eq!(grpc_health(&mut health).await, ServingStatus::Serving);
+}
+
+#[tokio::test]
+async fn metrics_show_each_ports_certificate_expiry_and_its_tls_reloads_by_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ServingCa::new("side port CA");
+    let first = ca.server_cert(1, 2090);
+    // No client CA on the side port: the volume's ca.crt is not read.
+    let mut volume = SecretVolume::new(&first, "");
+    let extra = format!(
+        "\n[http_tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        volume.path("tls.crt").display(),
+        volume.path("tls.key").display()
+    );
+    let srv = AuthProcess::start(dir.path(), &extra).await;
+    let client = https_client(&[&ca.cert_pem]);
+    let scrape = async || {
+        let (mut conn, _) = connect_to(srv.http, &client).await.unwrap();
+        let (status, body) = get_on(&mut conn, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    };
+    let hup = || {
+        let sent = Command::new("kill").args(["-HUP", &srv.child.id().to_string()]).status().unwrap();
+        assert!(sent.success());
+    };
+    let (expiry, reloads) = ("auth_tls_certificate_expiry_timestamp_seconds", "auth_tls_reloads_total");
+    let reloaded = |m: &Metrics, port: &str, outcome: &str| m.value(reloads, &[("port", port), ("outcome", outcome)]);
+
+    let m = scrape().await;
+    promtool_check(&m.text);
+    let grpc_not_after = not_after_of(&read(dir.path().join("server.pem")));
+    assert_eq!(m.value(expiry, &[("port", "grpc")]), grpc_not_after as f64);
+    assert_eq!(m.value(expiry, &[("port", "http")]), not_after_of(&first.cert_pem) as f64);
+    for port in ["grpc", "http"] {
+        for outcome in ["applied", "rejected"] {
+            assert_eq!(reloaded(&m, port, outcome), 0.0, "{port} {outcome}:\n{}", m.text);
+        }
+    }
+
+    // Renewed, then SIGHUP: the next scrape shows the new notAfter.
+    let second = ca.server_cert(2, 2095);
+    volume.update(&second, "");
+    hup();
+    let m = within("the renewed certificate in /metrics", async {
+        loop {
+            let m = scrape().await;
+            if m.value(expiry, &[("port", "http")]) == not_after_of(&second.cert_pem) as f64 {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!((reloaded(&m, "http", "applied"), reloaded(&m, "http", "rejected")), (1.0, 0.0));
+    assert_eq!(m.value(expiry, &[("port", "grpc")]), grpc_not_after as f64);
+    assert_eq!((reloaded(&m, "grpc", "applied"), reloaded(&m, "grpc", "rejected")), (0.0, 0.0));
+
+    // A broken set (a certificate with the running key) is refused and
+    // counted; the gauge keeps the running certificate's notAfter.
+    let stray = ca.server_cert(3, 2099);
+    volume.update_raw(&stray.cert_pem, &second.key_pem, "");
+    let refusals = || srv.printed().lines().filter(|l| l.contains("TLS files not reloaded")).count();
+    hup();
+    let m = within("the refusal in /metrics", async {
+        loop {
+            let m = scrape().await;
+            if reloaded(&m, "http", "rejected") > 0.0 {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert_eq!((reloaded(&m, "http", "applied"), reloaded(&m, "http", "rejected")), (1.0, 1.0));
+    assert_eq!(m.value(expiry, &[("port", "http")]), not_after_of(&second.cert_pem) as f64);
+    // SIGHUP on the same broken files logs the refusal again, but counts
+    // one broken set once.
+    let logged = within("the refusal in the log", async {
+        loop {
+            let n = refusals();
+            if n > 0 {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    hup();
+    within("the second refusal in the log", async {
+        while refusals() <= logged {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let m = scrape().await;
+    assert_eq!((reloaded(&m, "http", "applied"), reloaded(&m, "http", "rejected")), (1.0, 1.0));
+    promtool_check(&m.text);
 }
