@@ -519,6 +519,14 @@ def cmd_manifests(versions: list[str], files: list[str]) -> None:
                                 port = int(cfg.get(akey, ":0").rsplit(":", 1)[1])
                                 if port not in ports:
                                     fail(cfg_where, f"{akey} port {port} is not a container port")
+                            # A scraper must find /metrics where the server serves it.
+                            notes = tmpl["metadata"].get("annotations", {}) or {}
+                            if notes.get("prometheus.io/scrape") == "true":
+                                http_port = int(cfg.get("http_addr", ":0").rsplit(":", 1)[1])
+                                if notes.get("prometheus.io/port") != str(http_port):
+                                    fail(where, f"prometheus.io/port is not http_addr's port {http_port}")
+                                if notes.get("prometheus.io/path", "/metrics") != "/metrics":
+                                    fail(where, "prometheus.io/path is not /metrics")
 
         # Accounts pinned to an mTLS identity must name one that a Certificate issues.
         cert_uris = {u for d in by_kind.get("Certificate", []) for u in d.get("spec", {}).get("uris", [])}
