@@ -1,5 +1,11 @@
-//! Configuration: a TOML file, `AUTH_*` environment overrides (nested keys
-//! joined by `__`, e.g. `AUTH_TLS__CERT`), then CLI flags.
+//! Configuration: a TOML file, `AUTH_SERVER_*` environment overrides
+//! ([`EnvOverrides`]: nested keys joined by `__`, e.g.
+//! `AUTH_SERVER_TLS__CERT`), then CLI flags.
+//!
+//! The prefix is the server's own: the SDK's variables (`AUTH_URL`,
+//! `AUTH_TLS_*`, `AUTH_CREDENTIALS_FILE`, ...) are not read, and neither are
+//! `AUTH_SERVER_CONFIG` (the config file's path, for `serve`) and the SDK's
+//! `AUTH_SERVER_ID`. An error caused by a variable names the variable.
 //!
 //! What figment reads is a [`RawConfig`]: plain serde data, unknown keys
 //! refused. [`Config::from_raw`] turns it into a [`Config`], checking every
@@ -20,8 +26,9 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 use service_sdk::FeedOptions;
 use service_sdk::verify::MAX_LEEWAY_SECS;
@@ -625,6 +632,7 @@ pub enum KeySource {
 #[derive(Debug, Clone)]
 struct ConfigSource {
     path: PathBuf,
+    env: EnvOverrides,
     overrides: Overrides,
 }
 
@@ -680,7 +688,7 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config: {key}: {problem}")]
 pub struct ConfigError {
-    /// The offending key (dotted path) or file.
+    /// The offending key (dotted path), file, or environment variable.
     pub key: String,
     /// What is wrong with it.
     pub problem: String,
@@ -753,21 +761,30 @@ pub struct Overrides {
     pub log_format: Option<String>,
 }
 
-/// A Redis URL with any userinfo password replaced by `***`.
+/// A Redis URL with any userinfo password replaced by `***`, and the value
+/// of any query parameter named like a password (`sentinelPassword`).
+///
+/// Written for malformed URLs too: everything before the last `@` is taken
+/// for userinfo (a password holding an unescaped `/` or `?` stays hidden),
+/// and only a user name before a `:` is kept.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, path) = rest.split_once('/').map_or((rest, None), |(a, p)| (a, Some(p)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}:***@{host}")
-        }
-        None => authority.to_owned(),
+    let rest = match rest.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) if !user.contains(['/', '?', '#']) => format!("{user}:***@{host}"),
+            _ => format!("***@{host}"),
+        },
+        None => rest.to_owned(),
     };
-    match path {
-        Some(p) => format!("{scheme}://{authority}/{p}"),
-        None => format!("{scheme}://{authority}"),
-    }
+    let Some((before, query)) = rest.split_once('?') else { return format!("{scheme}://{rest}") };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.to_ascii_lowercase().contains("password") => format!("{name}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{scheme}://{before}?{}", query.join("&"))
 }
 
 impl std::fmt::Debug for RawConfig {
@@ -838,28 +855,175 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
-/// The environment variables named `prefix…` as overrides, nested keys
-/// joined by `__`. The admin tools' variables ([`crate::admin::ENV_PREFIX`])
-/// are not configuration and are skipped.
-fn env_overrides(prefix: &'static str) -> Env {
-    Env::prefixed(prefix).filter(move |key| !is_admin_variable(prefix, key.as_str())).split("__")
+/// The prefix of the server's environment overrides.
+pub const ENV_PREFIX: &str = "AUTH_SERVER_";
+/// What joins nested keys in a variable name (`AUTH_SERVER_LIMITS__PASSWORD_QUEUE`).
+pub const ENV_SEPARATOR: &str = "__";
+/// The variable `serve` reads the config file's path from (`--config`).
+pub const CONFIG_PATH_VAR: &str = "AUTH_SERVER_CONFIG";
+/// Variables under [`ENV_PREFIX`] that are not config keys: the config
+/// file's path, and the SDK's `AUTH_SERVER_ID` (the auth server's identity,
+/// which a shell or pod running services next to the server may export).
+/// The admin tools' variables ([`crate::admin::ENV_PREFIX`], `AUTH_SERVER_ADMIN_*`)
+/// are not config keys either.
+pub const ENV_NOT_KEYS: [&str; 2] = [CONFIG_PATH_VAR, "AUTH_SERVER_ID"];
+
+/// Whether `name` is a variable under [`ENV_PREFIX`] that is not a config
+/// key: one of [`ENV_NOT_KEYS`] or an admin tool's.
+fn is_not_a_key(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    ENV_NOT_KEYS.contains(&upper.as_str()) || upper.starts_with(crate::admin::ENV_PREFIX)
 }
 
-/// Whether the variable `prefix` + `key` belongs to the admin tools.
-fn is_admin_variable(prefix: &str, key: &str) -> bool {
-    format!("{prefix}{key}").to_ascii_uppercase().starts_with(crate::admin::ENV_PREFIX)
+/// One `AUTH_SERVER_*` variable.
+#[derive(Clone)]
+struct EnvVar {
+    /// The variable's name, as set.
+    name: String,
+    /// The dotted config key it sets (lower case).
+    key: String,
+    value: String,
+}
+
+/// The server's environment overrides: every `AUTH_SERVER_*` variable
+/// (prefix matched in any case) except [`ENV_NOT_KEYS`], each setting the
+/// key its name spells (`AUTH_SERVER_TOKENS__ACCESS_TTL_SECS=600` sets
+/// `tokens.access_ttl_secs`). Values are read as TOML-like literals
+/// (numbers, booleans, arrays), else as strings. `Debug` shows the names
+/// only: a value may hold a password.
+#[derive(Clone, Default)]
+pub struct EnvOverrides {
+    vars: Vec<EnvVar>,
+}
+
+impl std::fmt::Debug for EnvOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.vars.iter().map(|v| &v.name)).finish()
+    }
+}
+
+impl EnvOverrides {
+    /// The overrides in this process's environment.
+    pub fn from_env() -> Self {
+        Self::from_vars(
+            std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned()))),
+        )
+    }
+
+    /// The overrides among `vars` (name, value); other names are ignored.
+    pub fn from_vars<N: Into<String>, V: Into<String>>(vars: impl IntoIterator<Item = (N, V)>) -> Self {
+        let mut vars: Vec<EnvVar> = vars
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let name: String = name.into();
+                let rest = name.get(ENV_PREFIX.len()..)?;
+                if !name[..ENV_PREFIX.len()].eq_ignore_ascii_case(ENV_PREFIX) || is_not_a_key(&name) {
+                    return None;
+                }
+                let key = rest.split(ENV_SEPARATOR).map(str::to_ascii_lowercase).collect::<Vec<_>>().join(".");
+                Some(EnvVar { name, key, value: value.into() })
+            })
+            .collect();
+        vars.sort_by(|a, b| a.name.cmp(&b.name));
+        Self { vars }
+    }
+
+    /// Whether no override is set.
+    pub fn is_empty(&self) -> bool {
+        self.vars.is_empty()
+    }
+
+    /// The variables' names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.vars.iter().map(|v| v.name.as_str())
+    }
+
+    /// The variable that sets `key` exactly.
+    fn setting(&self, key: &str) -> Option<&str> {
+        self.vars.iter().find(|v| v.key == key).map(|v| v.name.as_str())
+    }
+
+    /// The variable an extraction error at `key` comes from: one that sets
+    /// `key`, a key under it, or a table above it.
+    fn behind(&self, key: &str) -> Option<&str> {
+        let under = |outer: &str, inner: &str| inner.strip_prefix(outer).is_some_and(|r| r.starts_with('.'));
+        self.vars.iter().find(|v| v.key == key || under(key, &v.key) || under(&v.key, key)).map(|v| v.name.as_str())
+    }
+
+    /// Variables whose name spells no key (an empty part, as in
+    /// `AUTH_SERVER_LIMITS____X`), as errors naming them.
+    fn malformed(&self) -> Vec<ConfigError> {
+        self.vars
+            .iter()
+            .filter(|v| v.key.split('.').any(str::is_empty))
+            .map(|v| {
+                ConfigError::new(&v.name, format!("names no config key (nested keys are joined by {ENV_SEPARATOR:?})"))
+            })
+            .collect()
+    }
+}
+
+impl Provider for EnvOverrides {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("`{ENV_PREFIX}` environment variables"))
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        for v in self.vars.iter().filter(|v| !v.key.split('.').any(str::is_empty)) {
+            let value: Value = v.value.parse().unwrap_or_else(|never| match never {});
+            insert(&mut dict, &v.key.split('.').collect::<Vec<_>>(), value);
+        }
+        Ok(Profile::Default.collect(dict))
+    }
+}
+
+/// Sets `parts` (a key path) in `dict` to `value`, making the tables on the
+/// way; a value in the way is replaced (the later variable wins).
+fn insert(dict: &mut Dict, parts: &[&str], value: Value) {
+    match parts {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_owned(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict.entry((*first).to_owned()).or_insert_with(|| Dict::new().into());
+            if !matches!(entry, Value::Dict(..)) {
+                *entry = Dict::new().into();
+            }
+            if let Value::Dict(_, inner) = entry {
+                insert(inner, rest, value);
+            }
+        }
+    }
 }
 
 impl RawConfig {
-    /// Reads `path`, then `AUTH_*` environment overrides, then `overrides`.
-    /// Only the syntax and the types are checked here.
+    /// Reads `path`, then the `AUTH_SERVER_*` environment overrides, then
+    /// `overrides`. Only the syntax and the types are checked here.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigErrors> {
+        Self::load_from(path, &EnvOverrides::from_env(), overrides)
+    }
+
+    /// Reads `path`, then `env`, then `overrides`. An error caused by a
+    /// variable names the variable.
+    pub fn load_from(path: &Path, env: &EnvOverrides, overrides: &Overrides) -> Result<Self, ConfigErrors> {
+        if path.is_dir() {
+            return Err(ConfigError::new(
+                path.display().to_string(),
+                "is a directory; --config takes the TOML file (e.g. auth-server.toml)",
+            )
+            .into());
+        }
         if !path.is_file() {
             return Err(ConfigError::new(path.display().to_string(), "config file not found").into());
         }
-        let figment =
-            Figment::new().merge(Toml::file(path)).merge(env_overrides("AUTH_")).merge(Serialized::defaults(overrides));
-        let mut raw = Self::extract(figment)?;
+        let malformed = env.malformed();
+        if !malformed.is_empty() {
+            return Err(ConfigErrors(malformed));
+        }
+        let figment = Figment::new().merge(Toml::file(path)).merge(env).merge(Serialized::defaults(overrides));
+        let mut raw = Self::extract(figment, env)?;
         // The standard OpenTelemetry variables fill what `[otel]` leaves unset.
         raw.otel = raw.otel.with_env(|k| std::env::var(k).ok());
         Ok(raw)
@@ -867,17 +1031,27 @@ impl RawConfig {
 
     /// Parses TOML text (no environment).
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigErrors> {
-        Self::extract(Figment::new().merge(Toml::string(text)))
+        Self::extract(Figment::new().merge(Toml::string(text)), &EnvOverrides::default())
     }
 
-    fn extract(figment: Figment) -> Result<Self, ConfigErrors> {
+    fn extract(figment: Figment, env: &EnvOverrides) -> Result<Self, ConfigErrors> {
         figment.extract().map_err(|errors| {
             ConfigErrors(
                 errors
                     .into_iter()
                     .map(|e| {
-                        let key = e.path.join(".");
-                        let key = if key.is_empty() { "config".to_owned() } else { key };
+                        let mut path = e.path.clone();
+                        if let figment::error::Kind::UnknownField(field, _) = &e.kind
+                            && path.last() != Some(field)
+                        {
+                            path.push(field.clone());
+                        }
+                        let key = path.join(".");
+                        let key = match env.behind(&key) {
+                            Some(var) => var.to_owned(),
+                            None if key.is_empty() => "config".to_owned(),
+                            None => key,
+                        };
                         ConfigError::new(key, e.kind.to_string())
                     })
                     .collect(),
@@ -904,9 +1078,10 @@ impl Config {
         "otel",
     ];
 
-    /// Loads `path`, applies `AUTH_*` environment overrides and `overrides`,
-    /// resolves relative paths against the file's directory and validates.
-    /// The result remembers where it came from, for [`Config::reread`].
+    /// Loads `path`, applies the `AUTH_SERVER_*` environment overrides
+    /// ([`EnvOverrides::from_env`]) and `overrides`, resolves relative paths
+    /// against the file's directory and validates. The result remembers
+    /// where it came from, for [`Config::reread`].
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Self, ConfigErrors> {
         Self::load_with(path, overrides, |_| {})
     }
@@ -923,10 +1098,29 @@ impl Config {
         overrides: &Overrides,
         adjust: impl FnOnce(&mut RawConfig),
     ) -> Result<Self, ConfigErrors> {
-        let mut raw = RawConfig::load(path, overrides)?;
+        Self::load_with_env(path, &EnvOverrides::from_env(), overrides, adjust)
+    }
+
+    /// Like [`Config::load_with`], with these environment overrides instead
+    /// of the process's. A value a variable set that fails validation is
+    /// reported with the variable's name.
+    pub fn load_with_env(
+        path: &Path,
+        env: &EnvOverrides,
+        overrides: &Overrides,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> Result<Self, ConfigErrors> {
+        let mut raw = RawConfig::load_from(path, env, overrides)?;
         adjust(&mut raw);
-        let mut config = Self::from_raw(raw, path.parent().unwrap_or(Path::new(".")))?;
-        config.source = Some(ConfigSource { path: path.to_owned(), overrides: overrides.clone() });
+        let mut config = Self::from_raw(raw, path.parent().unwrap_or(Path::new("."))).map_err(|mut errors| {
+            for e in &mut errors.0 {
+                if let Some(var) = env.setting(&e.key) {
+                    e.problem = format!("{} (set by {var})", e.problem);
+                }
+            }
+            errors
+        })?;
+        config.source = Some(ConfigSource { path: path.to_owned(), env: env.clone(), overrides: overrides.clone() });
         Ok(config)
     }
 
@@ -935,13 +1129,14 @@ impl Config {
         self.source.as_ref().map(|s| s.path.as_path())
     }
 
-    /// Reads the same file (and environment, and overrides) again.
+    /// Reads the same file again, with the environment overrides and flags
+    /// it was first loaded with.
     pub fn reread(&self) -> Result<Self, ConfigErrors> {
         let source = self
             .source
             .as_ref()
             .ok_or_else(|| ConfigError::new("config", "not loaded from a file: nothing to re-read"))?;
-        Self::load(&source.path, &source.overrides)
+        Self::load_with_env(&source.path, &source.env, &source.overrides, |_| {})
     }
 
     /// The Redis settings, when the store is Redis.
@@ -992,7 +1187,22 @@ impl Config {
             .iter()
             .any(|s| raw.store.starts_with(s))
         {
-            Some(StoreConfig::Redis(RedisConfig { url: raw.store.clone(), ..raw.redis.clone() }))
+            // What the store will parse at start-up, parsed now: a URL fred
+            // cannot read is a configuration error, not an outage.
+            match fred::prelude::Config::from_url(&raw.store) {
+                Ok(_) => Some(StoreConfig::Redis(RedisConfig { url: raw.store.clone(), ..raw.redis.clone() })),
+                Err(e) => {
+                    v.err(
+                        "store",
+                        format!(
+                            "not a valid Redis URL {}: {}",
+                            redact_url(&raw.store),
+                            e.details().trim_end_matches('.')
+                        ),
+                    );
+                    None
+                }
+            }
         } else {
             v.err("store", "must be \"memory\" or a redis:// or rediss:// URL");
             None
@@ -1427,6 +1637,15 @@ signing = { path = "s.pem" }
         let raw = format!("{:?}", RawConfig::from_toml_str(&text).unwrap());
         assert!(!raw.contains("hunter2"), "{raw}");
         assert_eq!(redact_url("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redact_url("redis://:hunter2@redis:6379"), "redis://:***@redis:6379");
+        // Malformed: a password with an unescaped '/', or with no user.
+        assert_eq!(redact_url("redis://app:hun/ter2@redis:6379"), "redis://app:***@redis:6379");
+        assert_eq!(redact_url("redis://:hun/ter2@redis:x"), "redis://:***@redis:x");
+        assert_eq!(redact_url("redis://hunter2@redis"), "redis://***@redis");
+        assert_eq!(
+            redact_url("redis-sentinel://s:26379/0?sentinelServiceName=m&sentinelPassword=hunter2"),
+            "redis-sentinel://s:26379/0?sentinelServiceName=m&sentinelPassword=***"
+        );
     }
 
     #[test]
@@ -1439,6 +1658,85 @@ signing = { path = "s.pem" }
         assert!(!err.to_string().contains("hunter2"), "{err}");
         let raw = format!("{:?}", RawConfig::from_toml_str(&text).unwrap());
         assert!(!raw.contains("hunter2"), "{raw}");
+    }
+
+    /// Writes `text` as a config file in `dir` and loads it with `vars`.
+    fn load_env(dir: &Path, text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let path = dir.join("auth-server.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_with_env(&path, &EnvOverrides::from_vars(vars.iter().copied()), &Overrides::default(), |_| {})
+    }
+
+    #[test]
+    fn only_auth_server_variables_override_and_the_sdk_ones_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = load_env(
+            dir.path(),
+            &text,
+            &[
+                ("AUTH_URL", "https://auth:50051"),
+                ("AUTH_TLS_CA", "/ca.pem"),
+                ("AUTH_CREDENTIALS_FILE", "/c.json"),
+                ("AUTH_SERVER_ID", "spiffe://x/auth-server"),
+                ("AUTH_SERVER_CONFIG", "/etc/auth/auth-server.toml"),
+                ("AUTH_STORE", "redis://old-prefix:6379"),
+                ("AUTH_SERVER_STORE", "redis://redis:6379"),
+                ("AUTH_SERVER_LIMITS__PASSWORD_QUEUE", "8"),
+                ("auth_server_tokens__access_ttl_secs", "600"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.redis().map(|r| r.url.as_str()), Some("redis://redis:6379"));
+        assert_eq!(cfg.limits.password_queue, 8);
+        assert_eq!(cfg.tokens.access_ttl_secs, 600);
+        // A reload reads the same variables.
+        assert_eq!(cfg.reread().unwrap().limits.password_queue, 8);
+    }
+
+    #[test]
+    fn an_error_from_a_variable_names_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path()) + "[limits]\npassword_queue = 4\n";
+        let err = load_env(dir.path(), &text, &[("AUTH_SERVER_LIMITS__FOO", "1")]).unwrap_err();
+        assert_eq!(err.keys(), ["AUTH_SERVER_LIMITS__FOO"]);
+        assert!(err.to_string().starts_with("config: AUTH_SERVER_LIMITS__FOO: unknown field"), "{err}");
+        let err = load_env(dir.path(), &text, &[("AUTH_SERVER_NOPE__DEEP", "1")]).unwrap_err();
+        assert_eq!(err.keys(), ["AUTH_SERVER_NOPE__DEEP"], "{err}");
+        let err = load_env(dir.path(), &text, &[("AUTH_SERVER_LIMITS__PASSWORD_QUEUE", "lots")]).unwrap_err();
+        assert_eq!(err.keys(), ["AUTH_SERVER_LIMITS__PASSWORD_QUEUE"], "{err}");
+        let err = load_env(dir.path(), &text, &[("AUTH_SERVER_LIMITS____X", "1")]).unwrap_err();
+        assert_eq!(err.keys(), ["AUTH_SERVER_LIMITS____X"], "{err}");
+        // Validation keeps the key and adds the variable.
+        let err = load_env(dir.path(), &text, &[("AUTH_SERVER_LIMITS__PASSWORD_QUEUE", "0")]).unwrap_err();
+        assert_eq!(err.keys(), ["limits.password_queue"]);
+        assert!(err.to_string().contains("(set by AUTH_SERVER_LIMITS__PASSWORD_QUEUE)"), "{err}");
+        // The file's own mistakes still name the key.
+        let err = load_env(dir.path(), &(text + "stroe = 1\n"), &[]).unwrap_err();
+        assert_eq!(err.keys(), ["limits.stroe"], "{err}");
+        // Debug shows the names, never the values.
+        let env = EnvOverrides::from_vars([("AUTH_SERVER_STORE", "redis://:hunter2@r:6379")]);
+        assert_eq!(format!("{env:?}"), "[\"AUTH_SERVER_STORE\"]");
+    }
+
+    #[test]
+    fn a_directory_given_as_the_config_file_is_named_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Config::load(dir.path(), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        let err = Config::load(&dir.path().join("missing.toml"), &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("config file not found"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_redis_url_is_a_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for url in ["redis://:hunter2@redis:port", "redis://:hunter2@redis:6379/x", "redis-cluster://:hunter2@"] {
+            let text = base(dir.path()).replace("[tls]", &format!("store = \"{url}\"\n[tls]"));
+            let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+            assert_eq!(err.keys(), ["store"], "{url}: {err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 
     #[test]
@@ -1697,13 +1995,13 @@ signing = { path = "s.pem" }
 
     #[test]
     fn the_admin_tools_variables_are_not_configuration() {
-        for prefix in ["AUTH_", "AUTH_SERVER_"] {
-            let key = crate::admin::ENV_PREFIX.strip_prefix(prefix).unwrap().to_owned() + "ADDR";
-            assert!(is_admin_variable(prefix, &key), "{prefix}{key}");
-            assert!(is_admin_variable(prefix, &key.to_ascii_lowercase()));
-        }
-        assert!(!is_admin_variable("AUTH_", "STORE"));
-        assert!(!is_admin_variable("AUTH_SERVER_", "TOKENS__ADMIN_PERM"));
+        let key = crate::admin::ENV_PREFIX.to_owned() + "ADDR";
+        let env = EnvOverrides::from_vars([
+            (key.as_str(), "https://auth:50051"),
+            (&key.to_ascii_lowercase(), "https://auth:50051"),
+            ("AUTH_SERVER_TOKENS__ADMIN_PERM", "ops:admin"),
+        ]);
+        assert_eq!(env.names().collect::<Vec<_>>(), ["AUTH_SERVER_TOKENS__ADMIN_PERM"]);
     }
 
     #[test]

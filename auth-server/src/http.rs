@@ -1,9 +1,10 @@
 //! The HTTP side port: `/.well-known/jwks.json` for non-Rust verifiers,
 //! the RFC 8414 metadata at `/.well-known/oauth-authorization-server`
 //! ([`crate::discovery`]), `/healthz` (the process is up) and `/readyz` (the
-//! store answers and no other readiness condition, such as an expired
-//! certificate, is raised). `/metrics` is merged in by the server when it has a
-//! Prometheus handle (see [`crate::observe::metrics::router`]).
+//! store answers and accepts writes, and no other readiness condition, such
+//! as an expired certificate, is raised; a 503 says why not). `/metrics` is
+//! merged in by the server when it has a Prometheus handle (see
+//! [`crate::observe::metrics::router`]).
 //!
 //! Both documents carry `Cache-Control: public, max-age=N` with N from
 //! `keys.jwks_max_age_secs` (below the key pre-publication window, checked
@@ -58,26 +59,25 @@ struct HttpState {
 /// across the ping, so concurrent probes wait for one ping and share it.
 struct ReadyCache {
     ttl: Duration,
-    last: tokio::sync::Mutex<Option<(Instant, bool)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
 }
 
 impl ReadyCache {
-    async fn ready(&self, core: &AuthCore) -> bool {
+    /// Ready, or why not (the store's error, e.g. that Redis refuses
+    /// writes).
+    async fn ready(&self, core: &AuthCore) -> Result<(), String> {
         let mut last = self.last.lock().await;
-        if let Some((at, ok)) = *last
+        if let Some((at, result)) = &*last
             && at.elapsed() < self.ttl
         {
-            return ok;
+            return result.clone();
         }
-        let ok = match core.store.ping().await {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "not ready");
-                false
-            }
-        };
-        *last = Some((Instant::now(), ok));
-        ok
+        let result = core.store.ping().await.map_err(|e| {
+            tracing::warn!(error = %e, "not ready");
+            e.to_string()
+        });
+        *last = Some((Instant::now(), result.clone()));
+        result
     }
 }
 
@@ -148,13 +148,14 @@ fn none_match(request: &HeaderMap, tag: &str) -> bool {
     )
 }
 
-/// 200 `ready`, or 503 with one reason per line: the store, then every
-/// raised [`Readiness`](crate::readiness::Readiness) condition (an expired
-/// server certificate, ...).
+/// 200 `ready`, or 503 with one reason per line: the store's (`store
+/// unavailable: redis refuses writes: OOM ...`), then every raised
+/// [`Readiness`](crate::readiness::Readiness) condition (an expired server
+/// certificate, ...).
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     let mut reasons = Vec::new();
-    if !s.ready.ready(&s.core).await {
-        reasons.push("store unavailable".to_owned());
+    if let Err(why) = s.ready.ready(&s.core).await {
+        reasons.push(why);
     }
     reasons.extend(s.core.readiness.reasons());
     if reasons.is_empty() {

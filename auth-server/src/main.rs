@@ -21,8 +21,10 @@ struct Cli {
 enum Command {
     /// Serve with a configuration file.
     Serve {
-        /// The TOML configuration file.
-        #[arg(long, short, env = "AUTH_CONFIG")]
+        /// The TOML configuration file. Keys can be overridden by
+        /// `AUTH_SERVER_*` variables (nested keys joined by `__`, e.g.
+        /// `AUTH_SERVER_STORE`, `AUTH_SERVER_LIMITS__PASSWORD_QUEUE`).
+        #[arg(long, short, env = auth_server::config::CONFIG_PATH_VAR)]
         config: PathBuf,
         #[command(flatten)]
         flags: Flags,
@@ -400,7 +402,12 @@ fn print_dev_banner(env: &dev::DevEnv, cfg: &Config) {
     );
 }
 
+/// Exits 0 if `url` answers 200; any failure names the URL.
 async fn healthcheck(url: &str) -> Result<(), String> {
+    probe(url).await.map_err(|e| format!("healthcheck {url}: {e}"))
+}
+
+async fn probe(url: &str) -> Result<(), String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported")?;
     let (host, path) = rest.split_once('/').map_or((rest, "/".to_owned()), |(h, p)| (h, format!("/{p}")));
@@ -411,15 +418,19 @@ async fn healthcheck(url: &str) -> Result<(), String> {
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
+    // A readiness answer is a few bytes; read at most 4 KiB of it.
     let mut buf = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(3), s.read_to_end(&mut buf))
+    tokio::time::timeout(std::time::Duration::from_secs(3), (&mut s).take(4096).read_to_end(&mut buf))
         .await
         .map_err(|_| "timed out".to_owned())?
         .map_err(|e| e.to_string())?;
-    let head = String::from_utf8_lossy(&buf[..buf.len().min(32)]).to_string();
-    if head.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!("unhealthy: {}", head.lines().next().unwrap_or("")))
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.lines().next().unwrap_or("");
+    if status.starts_with("HTTP/1.1 200") {
+        return Ok(());
     }
+    // The body says why (`/readyz`), on one short line.
+    let why: String = body.split_whitespace().collect::<Vec<_>>().join(" ").chars().take(300).collect();
+    Err(if why.is_empty() { format!("unhealthy: {status}") } else { format!("unhealthy: {status}: {why}") })
 }

@@ -338,8 +338,9 @@ impl Server {
         let reflection = reflection().build_v1().map_err(|e| StartError::Transport(e.to_string()))?;
 
         // Readiness, as /readyz reports it: NOT_SERVING while the store
-        // does not answer or a readiness condition (an expired certificate)
-        // is raised. Checked every 2 s, and at once when a condition changes.
+        // does not answer or refuses writes, or a readiness condition (an
+        // expired certificate) is raised. Checked every 2 s, and at once when
+        // a condition changes.
         let store = Arc::clone(&core.store);
         let readiness = core.readiness.clone();
         let health_task = tokio::spawn(async move {
@@ -351,8 +352,8 @@ impl Server {
                     Ok(()) = changes.changed() => {}
                 }
                 let mut reasons = Vec::new();
-                if store.ping().await.is_err() {
-                    reasons.push("store unavailable".to_owned());
+                if let Err(e) = store.ping().await {
+                    reasons.push(e.to_string());
                 }
                 reasons.extend(readiness.reasons());
                 let ok = reasons.is_empty();
@@ -384,7 +385,17 @@ impl Server {
 
         let grpc_addr = grpc.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
         let http_addr = http.local_addr().map_err(|e| StartError::Transport(e.to_string()))?;
-        tracing::info!(%grpc_addr, %http_addr, store = core.store.name(), issuer = %core.issuer, "auth-server listening");
+        let policy = core.policy();
+        tracing::info!(
+            %grpc_addr,
+            %http_addr,
+            store = core.store.name(),
+            issuer = %core.issuer,
+            signing_kid = %policy.keys.signing_kid().as_deref().unwrap_or("unknown"),
+            published_kids = ?policy.published_kids(),
+            "auth-server listening"
+        );
+        drop(policy);
 
         let limits = config.limits.clone();
         let grace = Duration::from_secs(limits.shutdown_grace_secs);
@@ -581,7 +592,7 @@ impl Reloader {
                 tracing::info!(
                     old_kids = ?r.old_kids,
                     new_kids = ?r.new_kids,
-                    signing_kid = ?r.signing_kid,
+                    signing_kid = %r.signing_kid.as_deref().unwrap_or("unknown"),
                     "policy reloaded"
                 );
             }

@@ -475,6 +475,19 @@ def cmd_manifests(versions: list[str], files: list[str]) -> None:
                     ref = env.get("valueFrom", {}).get("secretKeyRef")
                     if ref and ("Secret", ns, ref["name"]) not in names and (ns, ref["name"]) not in EXTERNAL_SECRETS:
                         fail(where, f"env {env['name']}: Secret {ref['name']} is not defined")
+                # The auth-server reads AUTH_SERVER_<KEY> (nested keys joined by
+                # "__") as config overrides, and no other AUTH_ variable.
+                if c["name"] == "auth-server":
+                    for env in c.get("env", []):
+                        name = env["name"]
+                        if name in ("AUTH_SERVER_CONFIG", "AUTH_SERVER_ID"):
+                            continue
+                        if name.startswith("AUTH_SERVER_"):
+                            top = name[len("AUTH_SERVER_"):].split("__")[0].lower()
+                            if top not in TOP_KEYS | {"limits"}:
+                                fail(where, f"env {name}: {top!r} is not an auth-server config key")
+                        elif name.startswith("AUTH_"):
+                            fail(where, f"env {name}: the auth-server reads AUTH_SERVER_* overrides only")
                 # Files the SDK reads must be mounted (or rendered by the Vault Agent).
                 dirs = mounted_dirs(tmpl["metadata"], c)
                 rendered = vault_files(tmpl["metadata"])

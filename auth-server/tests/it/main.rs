@@ -6,6 +6,7 @@ use std::time::Duration;
 
 mod admin;
 mod authz;
+mod diag;
 mod edge;
 mod enumeration;
 mod expiry;

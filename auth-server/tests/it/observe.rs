@@ -77,7 +77,7 @@ impl AuthProcess {
             .arg("--config")
             .arg(&env.config_path)
             .env("RUST_LOG", "debug")
-            .env_remove("AUTH_CONFIG")
+            .env_remove("AUTH_SERVER_CONFIG")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

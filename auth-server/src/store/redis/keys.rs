@@ -10,6 +10,13 @@ pub(super) const ISSUED_SLACK_SECS: u64 = 60;
 /// Width of a revoked-`jti` bucket.
 pub(super) const BUCKET_SECS: u64 = 60;
 
+/// The key the readiness probe writes (`{P}:ready`, a short-lived string):
+/// a write that Redis refuses (`OOM`, `READONLY`, `MISCONF`) makes the store
+/// not ready.
+pub(super) fn ready_probe(layout: &KeyLayout) -> String {
+    format!("{{{}}}:ready", layout.prefix())
+}
+
 /// The revoked-`jti` bucket a deny-until time falls in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Bucket {

@@ -50,6 +50,15 @@
 //! it pings its connection, and the feed is not live while the
 //! subscription is cut off (see `subscriber`).
 //!
+//! Why a connection fails is logged once per cause, with the URL (its
+//! password redacted) and fred's error (an authentication refusal such as
+//! `NOAUTH` or `WRONGPASS`, a failed DNS lookup, a refused connection), and
+//! a command that fails while the store is not connected names that cause
+//! instead of a bare timeout. [`Store::ping`] (readiness) also writes a
+//! short-lived probe key (`{P}:ready`), so a Redis that answers but refuses
+//! writes (`OOM` under `maxmemory`, a `READONLY` replica, `MISCONF` after a
+//! failed snapshot) is not ready, and says why.
+//!
 //! Expiry is checked against the caller's clock (`now`); Redis TTLs are set
 //! relative to it and only bound memory.
 
@@ -63,8 +72,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::{
-    Builder, ClientLike, Config, Error as RedisError, ErrorKind, FromValue, HashesInterface, KeysInterface, Pool,
-    ReconnectPolicy,
+    Builder, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface, Expiration, FromValue,
+    HashesInterface, KeysInterface, Pool, ReconnectPolicy,
 };
 use fred::types::config::UnresponsiveConfig;
 use service_sdk::redis_layout::ScriptCall;
@@ -77,17 +86,26 @@ use super::{
     ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind,
     Store, StoreError,
 };
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, redact_url};
 
 /// Entries per command when a snapshot reads the deny list: a page of
 /// revoked `jti`s is about 300 KB and a few milliseconds of Redis time.
 const SNAPSHOT_PAGE: usize = 10_000;
+
+/// How long the readiness probe key lives: it only shows that a write
+/// went through.
+const READY_PROBE_TTL_MS: i64 = 10_000;
 
 /// What both the store and its subscriber task use.
 struct Shared {
     pool: Pool,
     layout: KeyLayout,
     timeout: Duration,
+    /// The Redis URL with its password redacted, for logs.
+    url: String,
+    /// Why the last connection attempt failed, until a connection works
+    /// again.
+    connect_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -96,11 +114,89 @@ impl Shared {
         self.bounded(call.run(&self.pool)).await
     }
 
-    /// Bounds any fred call by the command timeout and maps its error.
+    /// Bounds any fred call by the command timeout and maps its error. A
+    /// call that fails while connections are failing names their cause.
     async fn bounded<R>(&self, call: impl Future<Output = Result<R, RedisError>>) -> Result<R, StoreError> {
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map_err(map_error),
-            Err(_) => Err(StoreError::Unavailable("redis command timed out".into())),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.with_cause(map_error(e))),
+            Err(_) => Err(self.with_cause(StoreError::Unavailable("redis command timed out".into()))),
+        }
+    }
+
+    /// An outage while connections are failing is reported as their cause.
+    fn with_cause(&self, error: StoreError) -> StoreError {
+        match (&error, self.connect_error()) {
+            (StoreError::Unavailable(_), Some(cause)) => {
+                StoreError::Unavailable(format!("redis not connected: {cause}"))
+            }
+            _ => error,
+        }
+    }
+
+    /// Why connections are failing, if they are.
+    fn connect_error(&self) -> Option<String> {
+        self.connect_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// A connection attempt (or an open connection) failed: logs the cause
+    /// with the URL when it differs from the last one logged.
+    fn connection_failed(&self, error: &RedisError) {
+        let cause = describe(error);
+        let Ok(mut last) = self.connect_error.lock() else { return };
+        if last.as_deref() != Some(cause.as_str()) {
+            tracing::warn!(url = %self.url, error = %cause, "redis connection failed; reconnecting");
+        }
+        *last = Some(cause);
+    }
+
+    /// A connection was made: once every pooled connection is up, the last
+    /// failure is over.
+    fn connected(&self) {
+        if !self.pool.clients().iter().all(ClientLike::is_connected) {
+            return;
+        }
+        let Ok(mut last) = self.connect_error.lock() else { return };
+        if last.take().is_some() {
+            tracing::info!(url = %self.url, "redis connection restored");
+        }
+    }
+
+    /// Watches `client`'s connection events: failures and reconnections.
+    fn watch(self: &Arc<Self>, client: &impl EventInterface) -> tokio::task::JoinHandle<()> {
+        use tokio::sync::broadcast::error::RecvError;
+        let (mut errors, mut connections) = (client.error_rx(), client.reconnect_rx());
+        let shared = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    error = errors.recv() => match error {
+                        Ok((error, _)) => shared.connection_failed(&error),
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return,
+                    },
+                    connection = connections.recv() => match connection {
+                        Ok(_) | Err(RecvError::Lagged(_)) => shared.connected(),
+                        Err(RecvError::Closed) => return,
+                    },
+                }
+            }
+        })
+    }
+
+    /// A tiny write with a short expiry: fails, saying why, when Redis
+    /// answers but refuses writes.
+    async fn probe_write(&self) -> Result<(), StoreError> {
+        let key = keys::ready_probe(&self.layout);
+        let write =
+            self.pool.set::<Option<String>, _, _>(key, 1, Some(Expiration::PX(READY_PROBE_TTL_MS)), None, false);
+        match tokio::time::timeout(self.timeout, write).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if WRITE_REFUSALS.contains(&reply_code(&e)) => {
+                Err(StoreError::Unavailable(format!("redis refuses writes: {}", describe(&e))))
+            }
+            Ok(Err(e)) => Err(self.with_cause(map_error(e))),
+            Err(_) => Err(self.with_cause(StoreError::Unavailable("redis command timed out".into()))),
         }
     }
 
@@ -154,6 +250,8 @@ impl Shared {
 pub struct RedisStore {
     shared: Arc<Shared>,
     subscriber: Subscriber,
+    /// The tasks watching connection events.
+    watchers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -167,14 +265,16 @@ impl RedisStore {
     /// Connects to Redis and subscribes to the revocation channel.
     ///
     /// Waits up to the command timeout for the first connection; if Redis is
-    /// down it still returns the store, which keeps reconnecting in the
-    /// background and answers [`StoreError::Unavailable`] (and fails
-    /// [`Store::ping`]) until Redis is back. Fails only on a URL `fred`
-    /// cannot parse.
+    /// down (or refuses the credentials) it still returns the store, which
+    /// logs why, keeps reconnecting in the background and answers
+    /// [`StoreError::Unavailable`] (and fails [`Store::ping`]) until Redis is
+    /// back. Fails only on a URL `fred` cannot parse, which configuration
+    /// validation already refuses.
     pub async fn connect(config: &RedisConfig) -> Result<Self, StoreError> {
         let timeout = Duration::from_millis(config.command_timeout_ms.max(1));
+        let url = redact_url(&config.url);
         let mut redis_config = Config::from_url(&config.url)
-            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL ({:?})", e.kind())))?;
+            .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL {url}: {}", e.details())))?;
         // Keep reconnecting when Redis is down at start-up, too.
         redis_config.fail_fast = false;
         let mut builder = Builder::from_config(redis_config);
@@ -200,27 +300,49 @@ impl RedisStore {
         let pool_size = config.pool_size.max(1);
         let pool = builder.build_pool(pool_size).map_err(map_error)?;
 
-        let shared = Arc::new(Shared { pool, layout: KeyLayout::new(&config.prefix), timeout });
+        let shared = Arc::new(Shared {
+            pool,
+            layout: KeyLayout::new(&config.prefix),
+            timeout,
+            url,
+            connect_error: std::sync::Mutex::new(None),
+        });
+        // Watch before connecting, so the first failure is not missed.
+        let mut watchers: Vec<_> = shared.pool.clients().iter().map(|c| shared.watch(c)).collect();
         // It spawns its connection tasks; the handle is not needed.
         drop(shared.pool.connect());
         let ping_every = Duration::from_millis(config.subscriber_ping_ms.max(1));
-        let subscriber = Subscriber::start(&builder, Arc::clone(&shared), ping_every)?;
+        let subscriber = Subscriber::start(&builder, Arc::clone(&shared), ping_every, |client| {
+            watchers.push(shared.watch(client));
+        })?;
 
         let ready = async {
             let _ = shared.pool.wait_for_connect().await;
             subscriber.subscribed().await;
         };
+        let url = &shared.url;
         if tokio::time::timeout(timeout, ready).await.is_err() {
-            tracing::warn!(prefix = %config.prefix, "redis not reachable yet; the store reconnects in the background");
+            let error = shared.connect_error().unwrap_or_else(|| {
+                format!("no connection within redis.command_timeout_ms ({} ms)", timeout.as_millis())
+            });
+            tracing::warn!(
+                %url,
+                %error,
+                prefix = %config.prefix,
+                "redis not reachable yet; the store reconnects in the background"
+            );
         } else {
-            tracing::info!(prefix = %config.prefix, pool_size, "redis store connected");
+            tracing::info!(%url, prefix = %config.prefix, pool_size, "redis store connected");
         }
-        Ok(Self { shared, subscriber })
+        Ok(Self { shared, subscriber, watchers })
     }
 }
 
 impl Drop for RedisStore {
     fn drop(&mut self) {
+        for watcher in &self.watchers {
+            watcher.abort();
+        }
         // The subscriber closes its own connection when dropped.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let pool = self.shared.pool.clone();
@@ -310,6 +432,9 @@ impl Store for RedisStore {
         for client in self.shared.pool.clients() {
             let _: String = self.shared.bounded(client.ping(None)).await?;
         }
+        // Answering is not enough: a full (OOM), read-only or MISCONF Redis
+        // answers PING and refuses every write.
+        self.shared.probe_write().await?;
         if !self.subscriber.is_live() {
             return Err(StoreError::Unavailable("redis revocation subscriber not live".into()));
         }
@@ -321,8 +446,69 @@ impl Store for RedisStore {
     }
 }
 
-/// Maps a fred error to a store error. The text names the error class and
-/// Redis's error code only, never keys or arguments.
+/// Redis error codes of server states whose message is a fixed text (no
+/// keys or arguments), shown in full.
+const SERVER_STATES: [&str; 11] = [
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+    "CLUSTERDOWN",
+];
+
+/// The codes of a Redis that answers but refuses writes: out of memory
+/// under `maxmemory-policy noeviction`, a read-only replica, a failed
+/// snapshot (`stop-writes-on-bgsave-error`), too few replicas
+/// (`min-replicas-to-write`).
+const WRITE_REFUSALS: [&str; 4] = ["OOM", "READONLY", "MISCONF", "NOREPLICAS"];
+
+/// The first word of an error reply (Redis's error code).
+fn reply_code(e: &RedisError) -> &str {
+    e.details().split_whitespace().next().unwrap_or("")
+}
+
+/// A fred error as logs show it: a fixed server-state reply in full (`OOM
+/// command not allowed when used memory > 'maxmemory'.`); otherwise fred's
+/// kind and, for connection-level errors (I/O, DNS, TLS, authentication,
+/// configuration), its message, else only Redis's error code.
+fn describe(e: &RedisError) -> String {
+    let details = e.details().trim();
+    let code = reply_code(e);
+    if SERVER_STATES.contains(&code) {
+        return details.to_owned();
+    }
+    let kind = e.kind();
+    let whole = matches!(
+        kind,
+        ErrorKind::IO | ErrorKind::Auth | ErrorKind::Tls | ErrorKind::Config | ErrorKind::Url | ErrorKind::Timeout
+    );
+    let shown = match (whole, kind) {
+        (true, ErrorKind::IO) => io_message(details),
+        (true, _) => details,
+        (false, _) => code,
+    };
+    format!("{kind:?}: {shown}").trim_end_matches([':', ' ']).to_owned()
+}
+
+/// The message of an I/O error fred shows in its `Debug` form
+/// (`Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }`,
+/// `Custom { kind: Uncategorized, error: "failed to lookup address ..." }`).
+fn io_message(details: &str) -> &str {
+    ["message: \"", "error: \""]
+        .iter()
+        .find_map(|field| details.split_once(field).and_then(|(_, rest)| rest.split_once('"')).map(|(m, _)| m))
+        .unwrap_or(details)
+}
+
+/// Maps a fred error to a store error. The text names the error class, and
+/// Redis's error code or a fixed message ([`describe`]), never keys or
+/// arguments.
 fn map_error(e: RedisError) -> StoreError {
     let code = e.details().split_whitespace().next().unwrap_or("").to_owned();
     match e.kind() {
@@ -332,6 +518,36 @@ fn map_error(e: RedisError) -> StoreError {
         ErrorKind::Unknown if code == "ERR" => StoreError::Corrupt("redis script failed".into()),
         // IO, timeouts, cancellation, TLS, auth, cluster and server states
         // such as LOADING, MISCONF, OOM, READONLY, BUSY.
-        kind => StoreError::Unavailable(format!("redis {kind:?} {code}").trim_end().to_owned()),
+        _ => StoreError::Unavailable(format!("redis {}", describe(&e))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_show_connection_causes_and_server_states_but_not_arguments() {
+        let e = RedisError::new(
+            ErrorKind::IO,
+            "Os { code: 111, kind: ConnectionRefused, message: \"Connection refused\" }",
+        );
+        assert_eq!(describe(&e), "IO: Connection refused");
+        let e = RedisError::new(
+            ErrorKind::IO,
+            "Custom { kind: Uncategorized, error: \"failed to lookup address information: Name or service not known\" }",
+        );
+        assert_eq!(describe(&e), "IO: failed to lookup address information: Name or service not known");
+        let e = RedisError::new(ErrorKind::IO, "Broken pipe");
+        assert_eq!(describe(&e), "IO: Broken pipe");
+        let e = RedisError::new(ErrorKind::Auth, "WRONGPASS invalid username-password pair or user is disabled.");
+        assert!(describe(&e).contains("WRONGPASS invalid username-password pair"), "{}", describe(&e));
+        let e = RedisError::new(ErrorKind::Unknown, "OOM command not allowed when used memory > 'maxmemory'.");
+        assert_eq!(describe(&e), "OOM command not allowed when used memory > 'maxmemory'.");
+        let StoreError::Unavailable(text) = map_error(e) else { panic!("OOM is an outage") };
+        assert_eq!(text, "redis OOM command not allowed when used memory > 'maxmemory'.");
+        // A reply that may echo keys or arguments shows its code only.
+        let e = RedisError::new(ErrorKind::Cluster, "MOVED 3999 10.0.0.7:6381 secret-key");
+        assert_eq!(describe(&e), "Cluster: MOVED");
     }
 }

@@ -62,8 +62,16 @@ impl Subscriber {
     /// Builds the subscriber's client from `builder` and starts it: it
     /// connects and subscribes in the background, reconnecting by itself,
     /// and pings its connection every `ping_every`.
-    pub(super) fn start(builder: &Builder, shared: Arc<Shared>, ping_every: Duration) -> Result<Self, StoreError> {
+    /// `watch` sees the client before it connects (to follow its
+    /// connection events).
+    pub(super) fn start(
+        builder: &Builder,
+        shared: Arc<Shared>,
+        ping_every: Duration,
+        watch: impl FnOnce(&SubscriberClient),
+    ) -> Result<Self, StoreError> {
         let client = builder.build_subscriber_client().map_err(map_error)?;
+        watch(&client);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (subscribed_tx, subscribed) = watch::channel(false);
         let (state_tx, state) = watch::channel(FeedState { live: false, epoch: 0 });
