@@ -4,7 +4,8 @@
 //! - `inventory`: a tonic service behind `RequireAuthLayer`.
 //! - `order`: an HTTP front that calls inventory on behalf of the user.
 //! - `demo`: the whole story in one process; `cargo run -p examples --bin demo`.
-//! - `loadgen`: load for the auth service; see BENCHMARKS.md.
+//! - `loadgen`: load for the auth service; see BENCHMARKS.md. How it paces
+//!   and times a load, and writes its report, is in [`loadgen`].
 //!
 //! `order` and `inventory` export their spans over OTLP when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set ([`telemetry`]); with the SDK's
@@ -14,6 +15,7 @@
 pub mod demo;
 pub mod env;
 pub mod inventory;
+pub mod loadgen;
 pub mod order;
 pub mod telemetry;
 

@@ -8,7 +8,11 @@
 //! Prints achieved RPS, p50/p90/p99/max latency, errors by status code, and
 //! the raw single-core sign rate of the server's algorithm measured in the
 //! same run, with the ratio between the two. `--rate R` paces the load to R
-//! requests per second in total (for latency at a fixed fraction of peak).
+//! requests per second in total (for latency at a fixed fraction of peak),
+//! on a fixed schedule with latency counted from each request's intended
+//! send time, so a stall is never hidden (see `examples::loadgen`); the
+//! report then adds how many sends were late and how many were never sent.
+//! A closed standard output (`loadgen ... | head`) ends the run quietly.
 //!
 //! `--rpc login-wrong` drives wrong-password Logins, each for a new unknown
 //! username (a password flood). `--flood N` measures the chosen RPC twice in
@@ -29,6 +33,7 @@ use auth_proto::auth::v1::{
 };
 use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use clap::{Parser, ValueEnum};
+use examples::loadgen::{Pacer, Report, ReportError};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -111,8 +116,18 @@ async fn connect(args: &Args, client: &str) -> Result<Channel, String> {
 
 #[derive(Default)]
 struct Tally {
+    /// Latencies of the answered requests, from their intended send time
+    /// when paced.
     latencies_us: Vec<u32>,
     errors: BTreeMap<String, u64>,
+    /// Paced only: measured requests sent more than one interval late, and
+    /// the largest lag.
+    late: u64,
+    max_lag: Duration,
+    /// Paced only: requests due in the measured window that were never
+    /// sent (the workers were still behind when it ended).
+    unsent: u64,
+    paced: bool,
 }
 
 fn percentile(sorted: &[u32], p: f64) -> f64 {
@@ -140,13 +155,57 @@ fn raw_sign_rate(alg: KeyAlg) -> Result<f64, String> {
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Why a run ended early.
+enum Stop {
+    /// The report could not be written (standard output closed: quietly).
+    Report(ReportError),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(e: String) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(e: &str) -> Self {
+        Stop::Failed(e.to_owned())
+    }
+}
+
+impl From<ReportError> for Stop {
+    fn from(e: ReportError) -> Self {
+        Stop::Report(e)
+    }
+}
+
+/// The report on standard output.
+type Out = Report<std::io::Stdout>;
+
+/// Writes a line of the report (`say!(out, "...", args)?`).
+macro_rules! say {
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(format_args!($($arg)*))
+    };
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    use std::io::Write as _;
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    match run(Args::parse()).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("loadgen: {e}");
+    let mut out = Report::new(std::io::stdout());
+    match run(Args::parse(), &mut out).await {
+        // A closed pipe (`loadgen ... | head`) is how a reader says it has
+        // read enough.
+        Ok(()) | Err(Stop::Report(ReportError::Closed)) => std::process::ExitCode::SUCCESS,
+        Err(Stop::Report(e)) => {
+            let _ = writeln!(std::io::stderr(), "loadgen: {e}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(Stop::Failed(e)) => {
+            let _ = writeln!(std::io::stderr(), "loadgen: {e}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -163,21 +222,27 @@ struct Load {
     rate: f64,
 }
 
-/// Drives `load` over `channels` until `stop_at`, recording from `measure_from`.
+/// Drives `load` over `channels` from `start` until `stop_at`, recording
+/// from `measure_from`. Paced, each worker keeps its own schedule (see
+/// `examples::loadgen`), the workers' ticks spread evenly over an interval.
 async fn drive(
     load: Arc<Load>,
     channels: &[Channel],
+    start: Instant,
     measure_from: Instant,
     stop_at: Instant,
 ) -> Result<Tally, String> {
+    let workers = load.concurrency.max(1);
     let per_worker_interval =
-        if load.rate > 0.0 { Some(Duration::from_secs_f64(load.concurrency.max(1) as f64 / load.rate)) } else { None };
+        if load.rate > 0.0 { Some(Duration::from_secs_f64(workers as f64 / load.rate)) } else { None };
     let mut tasks = Vec::new();
-    for w in 0..load.concurrency.max(1) {
+    for w in 0..workers {
         let mut client = AuthClient::new(channels[w % channels.len()].clone());
         let load = Arc::clone(&load);
+        let mut pacer = per_worker_interval.map(|iv| Pacer::new(start + iv.mul_f64(w as f64 / workers as f64), iv));
         tasks.push(tokio::spawn(async move {
-            let mut tally = Tally::default();
+            let mut tally = Tally { paced: pacer.is_some(), ..Tally::default() };
+            let mut sent_measured = 0u64;
             let mut refresh_token = String::new();
             if let (Rpc::Refresh, Some((username, password))) = (load.rpc, &load.user) {
                 match client
@@ -198,20 +263,32 @@ async fn drive(
                     }
                 }
             }
-            let mut next = Instant::now();
             let mut n = 0u64;
             loop {
-                if let Some(iv) = per_worker_interval {
-                    next += iv;
-                    let now = Instant::now();
-                    if next > now {
-                        tokio::time::sleep(next - now).await;
-                    }
-                }
-                let t0 = Instant::now();
-                if t0 >= stop_at {
+                let now = Instant::now();
+                if now >= stop_at {
                     break;
                 }
+                // When this request is meant to leave: its tick when paced
+                // (latency counts from there), else now.
+                let t0 = match pacer.as_mut() {
+                    Some(pacer) => {
+                        let tick = pacer.next(now);
+                        if tick.due >= stop_at {
+                            break;
+                        }
+                        if tick.due >= measure_from {
+                            sent_measured += 1;
+                            if let Some(lag) = tick.late {
+                                tally.late += 1;
+                                tally.max_lag = tally.max_lag.max(lag);
+                            }
+                        }
+                        tokio::time::sleep(tick.wait).await;
+                        tick.due
+                    }
+                    None => now,
+                };
                 n += 1;
                 let (id, secret, aud) = (&load.client_id, &load.client_secret, &load.audience);
                 let res = match load.rpc {
@@ -261,41 +338,61 @@ async fn drive(
                     }
                 }
             }
+            if let Some(pacer) = &pacer {
+                // The ticks of the measured window this worker never sent.
+                let last = stop_at - Duration::from_nanos(1);
+                let due = pacer.due_by(last).saturating_sub(pacer.due_by(measure_from - Duration::from_nanos(1)));
+                tally.unsent = due.saturating_sub(sent_measured);
+            }
             tally
         }));
     }
-    let mut all = Tally::default();
+    let mut all = Tally { paced: per_worker_interval.is_some(), ..Tally::default() };
     for t in tasks {
         let t = t.await.map_err(|e| e.to_string())?;
         all.latencies_us.extend(t.latencies_us);
         for (k, v) in t.errors {
             *all.errors.entry(k).or_default() += v;
         }
+        all.late += t.late;
+        all.max_lag = all.max_lag.max(t.max_lag);
+        all.unsent += t.unsent;
     }
     all.latencies_us.sort_unstable();
     Ok(all)
 }
 
 /// Prints a tally's rate, latencies and statuses; returns its rate.
-fn print_tally(label: &str, tally: &Tally, measure: Duration) -> f64 {
+fn print_tally(out: &mut Out, label: &str, tally: &Tally, measure: Duration) -> Result<f64, ReportError> {
     let ok = tally.latencies_us.len() as f64;
     let rps = ok / measure.as_secs_f64();
-    println!("{label}ok: {} ({rps:.0}/s)", tally.latencies_us.len());
-    println!(
-        "{label}latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+    say!(out, "{label}ok: {} ({rps:.0}/s)", tally.latencies_us.len())?;
+    say!(
+        out,
+        "{label}latency ms{}: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
+        if tally.paced { " (from the intended send time)" } else { "" },
         percentile(&tally.latencies_us, 0.50),
         percentile(&tally.latencies_us, 0.90),
         percentile(&tally.latencies_us, 0.99),
         tally.latencies_us.last().map_or(0.0, |v| f64::from(*v) / 1000.0)
-    );
+    )?;
+    if tally.paced {
+        say!(
+            out,
+            "{label}pace: {} sent late (over one interval; max lag {:.2} ms), {} never sent",
+            tally.late,
+            tally.max_lag.as_secs_f64() * 1000.0,
+            tally.unsent
+        )?;
+    }
     if tally.errors.is_empty() {
-        println!("{label}errors: none");
+        say!(out, "{label}errors: none")?;
     } else {
         for (code, n) in &tally.errors {
-            println!("{label}errors: {code} x{n}");
+            say!(out, "{label}errors: {code} x{n}")?;
         }
     }
-    rps
+    Ok(rps)
 }
 
 /// Resident memory of `pid` in MiB, from /proc.
@@ -328,7 +425,7 @@ fn credentials(args: &Args, name: &str) -> Result<(String, String), String> {
     ))
 }
 
-async fn run(args: Args) -> Result<(), String> {
+async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
     let (client_id, client_secret) = credentials(&args, &args.client)?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -369,25 +466,26 @@ async fn run(args: Args) -> Result<(), String> {
         rate: args.rate,
     });
 
-    println!(
+    say!(
+        out,
         "rpc={:?} connections={} concurrency={} duration={}s rate={}",
         args.rpc,
         args.connections,
         args.concurrency,
         args.duration,
         if args.rate > 0.0 { format!("{}/s", args.rate) } else { "max".into() }
-    );
+    )?;
     let warmup = Duration::from_secs(2);
     let measure = Duration::from_secs(args.duration);
     let rss_before = args.server_pid.and_then(rss_mib);
     let start = Instant::now();
     let stop_at = start + warmup + measure;
     let rss_watch = watch_rss(args.server_pid, stop_at);
-    let alone = drive(Arc::clone(&load), &channels, start + warmup, stop_at).await?;
+    let alone = drive(Arc::clone(&load), &channels, start, start + warmup, stop_at).await?;
     let label = if args.flood > 0 { "alone: " } else { "" };
-    let rps = print_tally(label, &alone, measure);
+    let rps = print_tally(out, label, &alone, measure)?;
     if let (Some(before), Ok(Some(max))) = (rss_before, rss_watch.await) {
-        println!("{label}server RSS MiB: before {before:.1}, max {max:.1}");
+        say!(out, "{label}server RSS MiB: before {before:.1}, max {max:.1}")?;
     }
 
     if args.flood > 0 {
@@ -410,42 +508,45 @@ async fn run(args: Args) -> Result<(), String> {
         let rss_watch = watch_rss(args.server_pid, stop_at);
         let flood_task = {
             let flood_channels = flood_channels.clone();
-            tokio::spawn(async move { drive(flood, &flood_channels, start + warmup, stop_at).await })
+            tokio::spawn(async move { drive(flood, &flood_channels, start, start + warmup, stop_at).await })
         };
-        let with_flood = drive(Arc::clone(&load), &channels, start + warmup, stop_at).await?;
+        let with_flood = drive(Arc::clone(&load), &channels, start, start + warmup, stop_at).await?;
         let flood_tally = flood_task.await.map_err(|e| e.to_string())??;
-        print_tally("with flood: ", &with_flood, measure);
+        print_tally(out, "with flood: ", &with_flood, measure)?;
         let total: u64 = flood_tally.errors.values().sum::<u64>() + flood_tally.latencies_us.len() as u64;
-        println!(
+        say!(
+            out,
             "flood: {} wrong-password Logins in flight from {}: {total} answered ({:.0}/s)",
             args.flood,
             args.flood_client,
             total as f64 / measure.as_secs_f64()
-        );
+        )?;
         for (code, n) in &flood_tally.errors {
-            println!("flood: {code} x{n}");
+            say!(out, "flood: {code} x{n}")?;
         }
         let max = rss_watch.await.ok().flatten();
         // The pool's idle threads give their memory back within a second or two.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let after = args.server_pid.and_then(rss_mib);
         if let (Some(before), Some(max), Some(after)) = (rss_before, max, after) {
-            println!("with flood: server RSS MiB: before {before:.1}, max {max:.1}, 3 s after {after:.1}");
+            say!(out, "with flood: server RSS MiB: before {before:.1}, max {max:.1}, 3 s after {after:.1}")?;
         }
         let (p99_alone, p99_flood) =
             (percentile(&alone.latencies_us, 0.99), percentile(&with_flood.latencies_us, 0.99));
-        println!(
+        say!(
+            out,
             "{:?} p99: alone {p99_alone:.2} ms, with flood {p99_flood:.2} ms ({:.2}x)",
             args.rpc,
             if p99_alone > 0.0 { p99_flood / p99_alone } else { 0.0 }
-        );
+        )?;
     }
 
     let raw = tokio::task::spawn_blocking(move || raw_sign_rate(alg)).await.map_err(|e| e.to_string())??;
-    println!(
+    say!(
+        out,
         "raw {} sign rate (one core, this process): {raw:.0}/s; achieved/raw = {:.1}%",
         alg.as_str(),
         100.0 * rps / raw
-    );
+    )?;
     Ok(())
 }
