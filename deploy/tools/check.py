@@ -484,7 +484,7 @@ def cmd_manifests(versions: list[str], files: list[str]) -> None:
                             continue
                         if name.startswith("AUTH_SERVER_"):
                             top = name[len("AUTH_SERVER_"):].split("__")[0].lower()
-                            if top not in TOP_KEYS | {"limits"}:
+                            if top not in TOP_KEYS:
                                 fail(where, f"env {name}: {top!r} is not an auth-server config key")
                         elif name.startswith("AUTH_"):
                             fail(where, f"env {name}: the auth-server reads AUTH_SERVER_* overrides only")
