@@ -337,7 +337,7 @@ async fn the_signing_kid_is_logged_at_start_up_and_after_each_reload() {
 
     let pem = generate_pkcs8_pem(KeyAlg::EdDSA).unwrap();
     let next = LoadedKey::from_pem(KeyAlg::EdDSA, pem.as_bytes()).unwrap().kid().to_owned();
-    std::fs::write(srv.dir.join("keys/next.pem"), &pem).unwrap();
+    crate::write_key_file(srv.dir.join("keys/next.pem"), &pem);
     let path = srv.config_path();
     let text = std::fs::read_to_string(&path).unwrap().replace(
         "signing = { path = \"keys/signing.pem\", alg = \"ES256\" }",
