@@ -82,7 +82,9 @@
 //! - `otel`: W3C trace context end to end and OTLP span export ([`otel`]):
 //!   [`AuthChannel`] and the token source's exchange call send the current
 //!   span's `traceparent`; [`RequireAuthLayer`] opens a `request` span per
-//!   checked request, a child of the caller's; [`otel::OtlpExport`] exports
+//!   checked request, a child of the caller's when the caller is trusted
+//!   (by default: mTLS with a verified client certificate; see
+//!   [`TraceTrust`]), a new trace otherwise; [`otel::OtlpExport`] exports
 //!   spans to an OTLP/gRPC collector. Off by default, so services that do
 //!   not trace compile no OpenTelemetry.
 //!
@@ -149,6 +151,6 @@ pub use client::{
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use verify::{
     AuthorizeRequest, BearerToken, FeedHealth, FeedOptions, FeedStats, JwksOptions, JwksSource, KeySet,
-    PeerCertificate, RequireAuth, RequireAuthLayer, RevocationCheck, RevocationFeed, StalePolicy, Validator, Verifier,
-    VerifierStats, VerifyError, VerifyEvent, VerifyKey, VerifyObserver, parse_bearer,
+    PeerCertificate, RequireAuth, RequireAuthLayer, RevocationCheck, RevocationFeed, StalePolicy, TraceTrust,
+    Validator, Verifier, VerifierStats, VerifyError, VerifyEvent, VerifyKey, VerifyObserver, parse_bearer,
 };

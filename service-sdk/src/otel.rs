@@ -5,9 +5,12 @@
 //! and the token source's `ExchangeToken` call send the current span's
 //! context as a `traceparent` (and `tracestate`) header, and
 //! [`RequireAuthLayer`](crate::RequireAuthLayer) opens one `request` span per
-//! checked request, a child of the caller's `traceparent` when there is one.
-//! So one trace follows a user's call from service to service and through
-//! the auth server's exchange. The spans carry the route and nothing from
+//! checked request, a child of the caller's `traceparent` when there is one
+//! and the caller is trusted ([`TraceTrust`]; by default, a caller that came
+//! over mTLS with a verified client certificate). So one trace follows a
+//! user's call from service to service and through the auth server's
+//! exchange, while a user's own call into an HTTP front starts a new trace:
+//! no end user can join another trace or decide its sampling. The spans carry the route and nothing from
 //! the request's headers or body: never a token, a secret or an
 //! `authorization` header. Without an OpenTelemetry layer in the process's
 //! `tracing` subscriber, no context is valid and nothing is sent.
@@ -48,6 +51,8 @@ use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt as _};
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::TraceTrust;
 
 /// The W3C trace context header.
 pub const TRACEPARENT: &str = "traceparent";
@@ -135,15 +140,37 @@ pub fn span_name(method: &http::Method, path: &str, grpc: bool) -> Cow<'static, 
     }
 }
 
+/// Whether `req` came over mTLS with a client certificate the server
+/// verified: tonic's TLS connection info names one, or a TLS acceptor in
+/// front of an axum or hyper service put a
+/// [`PeerCertificate`](crate::PeerCertificate) into its extensions.
+pub fn from_verified_peer<B>(req: &http::Request<B>) -> bool {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let tonic = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .is_some_and(|certs| !certs.is_empty());
+    tonic || req.extensions().get::<crate::PeerCertificate>().is_some()
+}
+
 /// The `request` span [`RequireAuthLayer`](crate::RequireAuthLayer) opens
-/// for a checked request: named after the route, a child of the caller's
-/// trace context.
-pub(crate) fn request_span<B>(req: &http::Request<B>) -> Span {
+/// for a checked request: named after the route; a child of the caller's
+/// trace context when `trust` admits the caller, else the start of a new
+/// trace (the caller's `traceparent` is ignored, sampled flag and all).
+pub(crate) fn request_span<B>(req: &http::Request<B>, trust: TraceTrust) -> Span {
     let grpc =
         req.headers().get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let name = span_name(req.method(), req.uri().path(), grpc);
     let span = tracing::info_span!("request", otel.name = %name, otel.kind = "server", refused = tracing::field::Empty);
-    continue_trace(&span, req.headers());
+    let trusted = match trust {
+        TraceTrust::Always => true,
+        TraceTrust::Never => false,
+        TraceTrust::MutualTls => from_verified_peer(req),
+    };
+    if trusted {
+        continue_trace(&span, req.headers());
+    }
     span
 }
 
@@ -200,7 +227,8 @@ impl OtlpExport {
     }
 
     /// Samples this share (0.0 to 1.0) of new traces; a trace continued
-    /// from a caller follows the caller's decision. Unset: the SDK's
+    /// from a trusted caller (see [`TraceTrust`]) follows the caller's
+    /// decision, and an untrusted caller's request is a new trace. Unset: the SDK's
     /// default (`OTEL_TRACES_SAMPLER`, else every trace).
     pub fn sample_ratio(mut self, ratio: f64) -> Self {
         self.sample_ratio = Some(ratio.clamp(0.0, 1.0));
@@ -359,9 +387,10 @@ mod tests {
                 .uri("/shop.v1.Inventory/Reserve")
                 .header(TRACEPARENT, incoming[TRACEPARENT].clone())
                 .header(http::header::CONTENT_TYPE, "application/grpc")
+                .extension(crate::PeerCertificate(rustls_pki_types::CertificateDer::from(b"mesh".to_vec())))
                 .body(())
                 .unwrap();
-            let span = request_span(&req);
+            let span = request_span(&req, TraceTrust::MutualTls);
             let _entered = span.enter();
             let mut outgoing = HeaderMap::new();
             inject_current(&mut outgoing);

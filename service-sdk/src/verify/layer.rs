@@ -5,10 +5,14 @@
 //! tower-http's `AsyncRequireAuthorization` does.
 //!
 //! With the `otel` feature, each checked request runs in a `request` span
-//! (named after its route, e.g. `shop.v1.Inventory/Reserve`), the child of
-//! the caller's `traceparent` when it sent one: the authorizer's decision
-//! and the handler both happen inside it. The span records the route and
-//! whether the request was refused, nothing from the headers.
+//! (named after its route, e.g. `shop.v1.Inventory/Reserve`): the
+//! authorizer's decision and the handler both happen inside it. The span
+//! records the route and whether the request was refused, nothing from the
+//! headers. It continues the caller's `traceparent` only from a trusted
+//! caller ([`RequireAuthLayer::trust_incoming_trace`]; by default, one that
+//! came over mTLS with a verified client certificate). Anyone else's
+//! request starts a new trace, sampled by this service's own sampler: an
+//! end user cannot join another trace or force sampling.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -49,13 +53,48 @@ use super::verifier::Verifier;
 pub struct RequireAuthLayer<A = Verifier> {
     authorizer: A,
     public: Arc<[String]>,
+    trust_trace: TraceTrust,
+}
+
+/// Whose W3C trace context (`traceparent`) a [`RequireAuthLayer`] continues
+/// (feature `otel`; without it no trace context is read at all).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TraceTrust {
+    /// Callers that came over mTLS with a client certificate the server
+    /// verified (tonic's TLS connection info, or a [`PeerCertificate`]
+    /// extension): the services of the mesh. Others start a new trace.
+    ///
+    /// [`PeerCertificate`]: super::PeerCertificate
+    #[default]
+    MutualTls,
+    /// Every caller (only behind a proxy that strips or sets the header).
+    Always,
+    /// No caller: every request starts a new trace.
+    Never,
 }
 
 impl<A> RequireAuthLayer<A> {
     /// A layer asking `authorizer` (a [`Verifier`], or any
     /// [`AuthorizeRequest`]).
     pub fn new(authorizer: A) -> Self {
-        Self { authorizer, public: Arc::from(Vec::new()) }
+        Self { authorizer, public: Arc::from(Vec::new()), trust_trace: TraceTrust::default() }
+    }
+
+    /// Whether a caller's `traceparent` is continued: `true`, from every
+    /// caller; `false`, from none. Unset, from mTLS callers with a verified
+    /// client certificate only ([`TraceTrust::MutualTls`]). An untrusted
+    /// caller's context is ignored: its request starts a new trace, which
+    /// this service's sampler (e.g. `otel::OtlpExport::sample_ratio`)
+    /// decides on.
+    pub fn trust_incoming_trace(mut self, trust: bool) -> Self {
+        self.trust_trace = if trust { TraceTrust::Always } else { TraceTrust::Never };
+        self
+    }
+
+    /// Whose `traceparent` is continued, as a [`TraceTrust`].
+    pub fn trace_trust(mut self, trust: TraceTrust) -> Self {
+        self.trust_trace = trust;
+        self
     }
 
     /// Lets requests whose path starts with `prefix` through without asking
@@ -72,7 +111,12 @@ impl<S, A: Clone> Layer<S> for RequireAuthLayer<A> {
     type Service = RequireAuth<S, A>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequireAuth { inner, authorizer: self.authorizer.clone(), public: Arc::clone(&self.public) }
+        RequireAuth {
+            inner,
+            authorizer: self.authorizer.clone(),
+            public: Arc::clone(&self.public),
+            trust_trace: self.trust_trace,
+        }
     }
 }
 
@@ -82,6 +126,7 @@ pub struct RequireAuth<S, A = Verifier> {
     inner: S,
     authorizer: A,
     public: Arc<[String]>,
+    trust_trace: TraceTrust,
 }
 
 impl<S, A, ReqBody, ResBody> Service<Request<ReqBody>> for RequireAuth<S, A>
@@ -108,9 +153,12 @@ where
             return ResponseFuture { state: State::Inner { future: self.inner.call(req) }, span: Span::none() };
         }
         #[cfg(feature = "otel")]
-        let span = crate::otel::request_span(&req);
+        let span = crate::otel::request_span(&req, self.trust_trace);
         #[cfg(not(feature = "otel"))]
-        let span = Span::none();
+        let span = {
+            let _ = self.trust_trace;
+            Span::none()
+        };
         let authorize = span.in_scope(|| self.authorizer.authorize(req));
         // The service that was polled ready goes with the future; this one
         // keeps a fresh clone (tower's usual hand-over).
@@ -330,6 +378,79 @@ mod tests {
         let stats = v.stats();
         assert_eq!((stats.accepted, stats.cache_hits, stats.cache_misses), (2, 1, 3));
         assert_eq!((stats.rejected("missing"), stats.rejected("expired"), stats.rejected("malformed")), (1, 1, 1));
+    }
+
+    /// Answers with the `traceparent` the handler would send on.
+    #[cfg(feature = "otel")]
+    fn trace_echo() -> impl Service<
+        Request<String>,
+        Response = Response<String>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<String>, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(|_req: Request<String>| async move {
+            let mut out = http::HeaderMap::new();
+            crate::otel::inject_current(&mut out);
+            let sent = out.get(crate::otel::TRACEPARENT).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+            Ok::<_, Infallible>(Response::new(sent))
+        })
+    }
+
+    #[cfg(feature = "otel")]
+    #[tokio::test]
+    async fn only_trusted_callers_traceparent_is_continued() {
+        use opentelemetry::trace::TracerProvider as _;
+        use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+        use tracing_subscriber::layer::SubscriberExt as _;
+
+        // A service sampling no new trace at all: whatever is sampled was
+        // decided by a caller.
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(0.0))))
+            .build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let key = TestKey::es256();
+        let v = verifier(&key).await;
+        let token = key.sign(&claims(NOW, "j"));
+        const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+        let traced = |peer: Option<&[u8]>| {
+            let mut req = request("/x", Some(&token), peer);
+            req.headers_mut().insert(
+                crate::otel::TRACEPARENT,
+                HeaderValue::from_str(&format!("00-{CALLER_TRACE}-00f067aa0ba902b7-01")).unwrap(),
+            );
+            req
+        };
+        let sent = |resp: Response<String>| {
+            assert_eq!(resp.status(), StatusCode::OK);
+            let body = resp.into_body();
+            assert_eq!(body.len(), 55, "a traceparent: {body:?}");
+            body
+        };
+
+        // Default: a caller without a verified client certificate (an end
+        // user on an HTTP front) starts a new trace, which this service's
+        // sampler decides on.
+        let default = RequireAuthLayer::new(v.clone()).layer(trace_echo());
+        let anonymous = sent(default.clone().oneshot(traced(None)).await.unwrap());
+        assert!(!anonymous.contains(CALLER_TRACE), "the caller's trace was adopted: {anonymous}");
+        assert!(anonymous.ends_with("-00"), "the caller's sampled flag decided: {anonymous}");
+        // An mTLS caller of the mesh continues its trace, sampled as it says.
+        let mesh = sent(default.oneshot(traced(Some(b"mesh peer"))).await.unwrap());
+        assert!(mesh.starts_with(&format!("00-{CALLER_TRACE}-")) && mesh.ends_with("-01"), "{mesh}");
+
+        // Explicit settings win either way.
+        let never = RequireAuthLayer::new(v.clone()).trust_incoming_trace(false).layer(trace_echo());
+        let ignored = sent(never.oneshot(traced(Some(b"mesh peer"))).await.unwrap());
+        assert!(!ignored.contains(CALLER_TRACE), "{ignored}");
+        let always = RequireAuthLayer::new(v).trust_incoming_trace(true).layer(trace_echo());
+        let followed = sent(always.oneshot(traced(None)).await.unwrap());
+        assert!(followed.contains(CALLER_TRACE), "{followed}");
     }
 
     /// A custom authorizer: the verifier's decision, then a permission.

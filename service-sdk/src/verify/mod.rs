@@ -38,7 +38,7 @@ pub use authorize::{AuthorizeRequest, BearerToken, PeerCertificate, VerifyReques
 pub use bearer::parse_bearer;
 pub use jwks::{JwksError, JwksOptions, JwksSource};
 pub use keys::{KeySet, VerifyKey};
-pub use layer::{RequireAuth, RequireAuthLayer, ResponseFuture};
+pub use layer::{RequireAuth, RequireAuthLayer, ResponseFuture, TraceTrust};
 pub use observe::{CacheUse, FeedHealth, FeedStats, JwksTrigger, VerifierStats, VerifyEvent, VerifyObserver};
 #[cfg(feature = "redis")]
 pub use redis::{RedisRevocation, RedisSetupError};
