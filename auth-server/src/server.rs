@@ -612,6 +612,8 @@ impl Reloader {
             crate::keys::open(&config.keys, Arc::clone(&s.clock), config.allow_readable_key_files).await?
         };
         let policy = Policy::load(&config, keys)?;
+        let before = (published_keys(&old.keys.public_keys()), old.keys.signing_kid());
+        let after = (published_keys(&policy.keys.public_keys()), policy.keys.signing_kid());
         let reloaded = Reloaded {
             old_kids: old.published_kids(),
             new_kids: policy.published_kids(),
@@ -620,7 +622,10 @@ impl Reloader {
         };
         s.core.swap_policy(policy);
         *source = config.keys;
-        keys_loaded(&s.core, true);
+        // Only a changed key set is news for the audit trail.
+        if before != after {
+            keys_loaded(&s.core, true);
+        }
         Ok(reloaded)
     }
 }

@@ -49,6 +49,8 @@ pub enum StoreCall {
     RevokedSnapshot,
     /// [`Store::ping`].
     Ping,
+    /// [`Store::deny_list_size`].
+    DenyListSize,
 }
 
 /// What a hook does to one call.
@@ -147,9 +149,8 @@ impl<H: StoreHook> Store for HookedStore<H> {
     async fn ping(&self) -> Result<(), StoreError> {
         self.run(StoreCall::Ping, self.inner.ping()).await
     }
-    /// Not hooked: a metrics read, passed through.
     async fn deny_list_size(&self, now: u64) -> Result<Option<DenyListSize>, StoreError> {
-        self.inner.deny_list_size(now).await
+        self.run(StoreCall::DenyListSize, self.inner.deny_list_size(now)).await
     }
     fn name(&self) -> &'static str {
         self.inner.name()

@@ -34,7 +34,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use axum::Router;
@@ -48,7 +48,7 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 use super::{DenyReason, Event, Events, PublishedKey, Rpc, alg_label, published_keys};
 use crate::core::AuthCore;
 use crate::grant::GrantKind;
-use crate::store::RevocationKind;
+use crate::store::{DenyListSize, RevocationKind};
 use crate::tls::ServerTls;
 
 /// Counter of finished RPCs.
@@ -85,6 +85,10 @@ pub const PUBLISHED_KEYS: &str = "auth_published_keys";
 pub const TLS_CERT_EXPIRY: &str = "auth_tls_certificate_expiry_timestamp_seconds";
 /// Counter: TLS file reloads, by port and outcome (`applied`, `rejected`).
 pub const TLS_RELOADS: &str = "auth_tls_reloads_total";
+
+/// How long `/metrics` reuses a deny-list count before reading it again
+/// (see [`Scrape::deny_list_ttl`]).
+pub const DENY_LIST_TTL: Duration = Duration::from_secs(15);
 
 /// Latency buckets (seconds) of the RPC histogram: 0.5 ms to 10 s.
 pub const RPC_BUCKETS: [f64; 14] =
@@ -317,6 +321,10 @@ pub struct Scrape {
     queue_capacity: Gauge,
     streams: Gauge,
     deny: [Gauge; 3],
+    /// The last deny-list read and when it was taken. The lock is held
+    /// across the read, so concurrent scrapes wait for one read and share it.
+    deny_cache: tokio::sync::Mutex<Option<(Instant, Option<DenyListSize>)>>,
+    deny_ttl: Duration,
     /// Every key published since start, so a retired one is set to 0.
     keys_seen: Mutex<BTreeSet<PublishedKey>>,
     tls: Vec<TlsSeries>,
@@ -341,6 +349,8 @@ impl Scrape {
             queue_capacity: metrics::gauge!(PASSWORD_QUEUE_CAPACITY),
             streams: metrics::gauge!(WATCH_STREAMS),
             deny: KINDS.map(|k| metrics::gauge!(DENY_LIST_ENTRIES, "kind" => kind_label(k))),
+            deny_cache: tokio::sync::Mutex::new(None),
+            deny_ttl: DENY_LIST_TTL,
             keys_seen: Mutex::new(BTreeSet::new()),
             tls: Vec::new(),
         }
@@ -360,8 +370,40 @@ impl Scrape {
         self
     }
 
+
+    /// Reuses a deny-list count for `ttl` (default [`DENY_LIST_TTL`]; zero
+    /// reads it at every scrape).
+    pub fn deny_list_ttl(mut self, ttl: Duration) -> Self {
+        self.deny_ttl = ttl;
+        self
+    }
+
+    /// The deny-list count: the last read while younger than the TTL, else
+    /// a new one (`None` when the store cannot count or the read failed).
+    /// Concurrent scrapes share one read; a failed read is reused too, so a
+    /// failing store is not asked at every scrape.
+    async fn deny_list_size(&self) -> Option<DenyListSize> {
+        let mut last = self.deny_cache.lock().await;
+        if let Some((at, size)) = *last
+            && at.elapsed() < self.deny_ttl
+        {
+            return size;
+        }
+        let core = &self.core;
+        let size = match core.store.deny_list_size(core.clock.now_unix()).await {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::debug!(error = %e, "deny-list size not read for /metrics");
+                None
+            }
+        };
+        *last = Some((Instant::now(), size));
+        size
+    }
+
     /// Updates the polled gauges. The deny-list count is one bounded store
-    /// read (skipped, keeping the last value, when the store fails).
+    /// read, reused for the TTL (skipped, keeping the last value, when the
+    /// store fails).
     pub async fn refresh(&self) {
         let core = &self.core;
         self.subscription_up.set(if core.store.feed_state().borrow().live { 1.0 } else { 0.0 });
@@ -375,14 +417,10 @@ impl Scrape {
             series.applied.absolute(counts.applied);
             series.rejected.absolute(counts.rejected);
         }
-        match core.store.deny_list_size(core.clock.now_unix()).await {
-            Ok(Some(size)) => {
-                for (gauge, n) in self.deny.iter().zip([size.jti, size.sid, size.family]) {
-                    gauge.set(n as f64);
-                }
+        if let Some(size) = self.deny_list_size().await {
+            for (gauge, n) in self.deny.iter().zip([size.jti, size.sid, size.family]) {
+                gauge.set(n as f64);
             }
-            Ok(None) => {}
-            Err(e) => tracing::debug!(error = %e, "deny-list size not read for /metrics"),
         }
         let now: BTreeSet<PublishedKey> = published_keys(&core.policy().keys.public_keys()).into_iter().collect();
         let mut seen = self.keys_seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

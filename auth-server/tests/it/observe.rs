@@ -591,3 +591,57 @@ async fn the_audit_trail_records_each_decision_and_nothing_printed_holds_a_secre
         }
     }
 }
+
+/// Concurrent and repeated scrapes within the deny-list TTL share one store
+/// read: `/metrics` cannot multiply load onto the store.
+#[tokio::test]
+async fn scrapes_within_the_deny_list_ttl_share_one_store_read() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use auth_server::observe::metrics::Scrape;
+    use auth_server::store::MemoryStore;
+    use testkit::{HookedStore, Intercept, StoreCall, TestServer};
+
+    let reads = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&reads);
+    let store = HookedStore::new(Arc::new(MemoryStore::new()), move |call| {
+        if call == StoreCall::DenyListSize {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+        Intercept::Pass
+    });
+    let srv = TestServer::builder().store(Arc::new(store)).start().await;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let scrape = Scrape::new(handle, Arc::clone(srv.core()), Arc::new(|| 0));
+    tokio::join!(scrape.refresh(), scrape.refresh());
+    scrape.refresh().await;
+    assert_eq!(reads.load(Ordering::SeqCst), 1, "three scrapes within the TTL, one store read");
+
+    // With no TTL each scrape reads again (the hook does count reads).
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    let uncached = Scrape::new(handle, Arc::clone(srv.core()), Arc::new(|| 0)).deny_list_ttl(Duration::ZERO);
+    uncached.refresh().await;
+    uncached.refresh().await;
+    assert_eq!(reads.load(Ordering::SeqCst), 3);
+    srv.shutdown().await;
+}
+
+/// A reload that keeps the key set writes no `keys_loaded` line.
+#[tokio::test]
+async fn a_reload_that_keeps_the_keys_writes_no_keys_loaded_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = auth_server::dev::ensure(dir.path()).unwrap();
+    let mut config = std::fs::read_to_string(&env.config_path).unwrap();
+    config.push_str("\n[audit]\npath = \"audit.jsonl\"\n");
+    std::fs::write(&env.config_path, config).unwrap();
+    let srv = testkit::TestServer::builder().dev_dir(dir.path()).start().await;
+    let audit_path = dir.path().join("audit.jsonl");
+    let keys_loaded = || audit_lines(&audit_path).into_iter().filter(|e| e["audit"] == "keys_loaded").collect::<Vec<_>>();
+    assert_eq!(keys_loaded().len(), 1, "one at start");
+    assert_eq!(keys_loaded()[0]["reload"], false);
+    let reloaded = srv.reload().await.unwrap();
+    assert_eq!(reloaded.old_kids, reloaded.new_kids);
+    srv.reload().await.unwrap();
+    assert_eq!(keys_loaded().len(), 1, "the key set did not change: no keys_loaded line");
+    srv.shutdown().await;
+}
