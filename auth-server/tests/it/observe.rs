@@ -636,7 +636,8 @@ async fn a_reload_that_keeps_the_keys_writes_no_keys_loaded_line() {
     std::fs::write(&env.config_path, config).unwrap();
     let srv = testkit::TestServer::builder().dev_dir(dir.path()).start().await;
     let audit_path = dir.path().join("audit.jsonl");
-    let keys_loaded = || audit_lines(&audit_path).into_iter().filter(|e| e["audit"] == "keys_loaded").collect::<Vec<_>>();
+    let keys_loaded =
+        || audit_lines(&audit_path).into_iter().filter(|e| e["audit"] == "keys_loaded").collect::<Vec<_>>();
     assert_eq!(keys_loaded().len(), 1, "one at start");
     assert_eq!(keys_loaded()[0]["reload"], false);
     let reloaded = srv.reload().await.unwrap();
