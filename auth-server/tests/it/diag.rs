@@ -367,3 +367,51 @@ async fn healthcheck_names_the_url_it_failed_on() {
     assert!(stderr.contains(&format!("http://{}/readyz", srv.http_addr)), "{stderr}");
     assert!(stderr.contains("503") && stderr.contains("refuses writes"), "{stderr}");
 }
+
+/// The HTTP paths the deploy manifests probe: `path:` of the Kubernetes
+/// probes (not the scrape annotations, which validate.sh checks against
+/// the metrics route) and the image's HEALTHCHECK URL.
+fn advertised_paths() -> Vec<String> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut files = vec![deploy.join("Dockerfile")];
+    let mut dirs = vec![deploy.join("k8s")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    let mut paths = Vec::new();
+    for file in files {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let line = line.trim();
+            if line.starts_with('#') || line.contains("prometheus.io") {
+                continue;
+            }
+            if let Some(path) = line.strip_prefix("path: ") {
+                paths.push(path.trim_matches('"').to_owned());
+            }
+            if let Some((_, rest)) = line.split_once("http://127.0.0.1:8080") {
+                paths.push(rest.split('"').next().unwrap().to_owned());
+            }
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+#[tokio::test]
+async fn every_path_the_deploy_manifests_probe_answers() {
+    let paths = advertised_paths();
+    assert!(paths.contains(&"/readyz".to_owned()) && paths.contains(&"/healthz".to_owned()), "{paths:?}");
+    let srv = TestServer::start().await;
+    for path in &paths {
+        let (code, body) = http_get(srv.http_addr, path).await.unwrap();
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+}
