@@ -370,7 +370,6 @@ impl Scrape {
         self
     }
 
-
     /// Reuses a deny-list count for `ttl` (default [`DENY_LIST_TTL`]; zero
     /// reads it at every scrape).
     pub fn deny_list_ttl(mut self, ttl: Duration) -> Self {
