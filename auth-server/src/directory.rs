@@ -371,6 +371,39 @@ mod tests {
     }
 
     #[test]
+    fn the_decoy_for_unknown_users_has_the_costliest_users_parameters() {
+        let costly = Params::new(32 * 1024, 3, 1, None).unwrap();
+        let phc = |password: &str, params: Params| {
+            crate::password::hash_as(
+                password.as_bytes(),
+                Algorithm::Argon2id,
+                Version::V0x13,
+                params,
+                &mut PasswordMemory::default(),
+            )
+            .unwrap()
+        };
+        let user = |name: &str, password_hash: String| User {
+            username: name.into(),
+            password_hash,
+            role: None,
+            perms: vec![],
+        };
+        let cheap = Params::new(8 * 1024, 1, 1, None).unwrap();
+        let d =
+            Directory::new(vec![user("bob", phc("b", cheap.clone())), user("alice", phc("a", costly.clone()))], vec![])
+                .unwrap();
+        let (algorithm, version, params) = scheme_of(&d.decoy_hash).unwrap();
+        assert_eq!((algorithm, version), (Algorithm::Argon2id, Version::V0x13));
+        assert_eq!((params.m_cost(), params.t_cost(), params.p_cost()), (32 * 1024, 3, 1));
+        // With only cheap hashes, the decoy still costs argon2's defaults.
+        let d = Directory::new(vec![user("bob", phc("b", cheap))], vec![]).unwrap();
+        let params = scheme_of(&d.decoy_hash).unwrap().2;
+        let default = Params::default();
+        assert_eq!((params.m_cost(), params.t_cost()), (default.m_cost(), default.t_cost()));
+    }
+
+    #[test]
     fn a_hash_that_would_pin_too_much_memory_is_refused_at_load() {
         let huge = "$argon2id$v=19$m=1048576,t=2,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
         let user = User { username: "big".into(), password_hash: huge.into(), role: None, perms: vec![] };

@@ -83,5 +83,8 @@ async fn an_unknown_user_costs_as_much_as_a_wrong_password_for_the_costliest_has
     let (fast, slow) = if known < unknown { (known, unknown) } else { (unknown, known) };
     let gap = 1.0 - fast.as_secs_f64() / slow.as_secs_f64();
     println!("median wrong-password login: real user {known:?}, unknown user {unknown:?} ({:.0}% apart)", gap * 100.0);
-    assert!(gap < 0.20, "real user {known:?} vs unknown user {unknown:?}: {:.0}% apart", gap * 100.0);
+    // A decoy with argon2's defaults would be about 80% faster (19 MiB × 2
+    // against 64 MiB × 3); the margin absorbs a busy host. The decoy's exact
+    // parameters are checked without a clock in the directory's unit tests.
+    assert!(gap < 0.50, "real user {known:?} vs unknown user {unknown:?}: {:.0}% apart", gap * 100.0);
 }
