@@ -357,6 +357,13 @@ pub struct RedisConfig {
     /// bounded by `command_timeout_ms`), so a silent partition makes the
     /// replica's watch streams end instead of looking fresh.
     pub subscriber_ping_ms: u64,
+    /// How many replicas must have a write (`WAIT`) before a revocation,
+    /// refresh rotation or other write is acknowledged; 0 (the default, for
+    /// a lone Redis) acknowledges once the primary has it.
+    pub min_replicas_acked: u32,
+    /// How long a write waits for `min_replicas_acked` replicas (the `WAIT`
+    /// timeout); below `command_timeout_ms`.
+    pub replica_ack_timeout_ms: u64,
 }
 
 impl Default for RedisConfig {
@@ -367,9 +374,15 @@ impl Default for RedisConfig {
             pool_size: 4,
             command_timeout_ms: 2000,
             subscriber_ping_ms: DEFAULT_SUBSCRIBER_PING_MS,
+            min_replicas_acked: 0,
+            replica_ack_timeout_ms: 500,
         }
     }
 }
+
+/// The largest `redis.min_replicas_acked`: more replicas than any
+/// deployment runs is a typo that would refuse every write.
+pub const MAX_REPLICAS_ACKED: u32 = 16;
 
 /// Default of `redis.subscriber_ping_ms`.
 pub const DEFAULT_SUBSCRIBER_PING_MS: u64 = 1_000;
@@ -851,6 +864,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("command_timeout_ms", &self.command_timeout_ms)
             .field("subscriber_ping_ms", &self.subscriber_ping_ms)
+            .field("min_replicas_acked", &self.min_replicas_acked)
+            .field("replica_ack_timeout_ms", &self.replica_ack_timeout_ms)
             .finish()
     }
 }
@@ -1288,6 +1303,22 @@ impl Config {
         }
         if raw.redis.command_timeout_ms == 0 {
             v.err("redis.command_timeout_ms", "must be positive");
+        }
+        if raw.redis.min_replicas_acked > MAX_REPLICAS_ACKED {
+            v.err("redis.min_replicas_acked", format!("must be at most {MAX_REPLICAS_ACKED}"));
+        }
+        if raw.redis.min_replicas_acked > 0
+            && (raw.redis.replica_ack_timeout_ms == 0
+                || raw.redis.replica_ack_timeout_ms >= raw.redis.command_timeout_ms)
+        {
+            v.err(
+                "redis.replica_ack_timeout_ms",
+                format!(
+                    "must be positive and below redis.command_timeout_ms ({}): a write waits this long for its \
+                     replicas within the command's own time",
+                    raw.redis.command_timeout_ms
+                ),
+            );
         }
         let ping = raw.redis.subscriber_ping_ms;
         if v.range("redis.subscriber_ping_ms", ping, 100, MAX_PARTITION_DETECTION_MS - 1_000)
@@ -1921,6 +1952,26 @@ signing = { path = "s.pem" }
             defaults.grpc_idle_timeout_secs
                 > defaults.grpc_keepalive_interval_secs + defaults.grpc_keepalive_timeout_secs
         );
+    }
+
+    #[test]
+    fn replica_acks_wait_less_than_a_command_may_take() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = |dir: &Path| format!("store = \"redis://r:6379\"\n{}", base(dir));
+        let cfg = Config::from_toml_str(&base(dir.path()), dir.path()).unwrap();
+        let redis = cfg.redis().unwrap();
+        assert_eq!((redis.min_replicas_acked, redis.replica_ack_timeout_ms), (0, 500));
+        let text = base(dir.path()) + "[redis]\nmin_replicas_acked = 1\nreplica_ack_timeout_ms = 2000\n";
+        let err = Config::from_toml_str(&text, dir.path()).unwrap_err();
+        assert_eq!(err.keys(), ["redis.replica_ack_timeout_ms"], "{err}");
+        let text = base(dir.path()) + "[redis]\nmin_replicas_acked = 1\nreplica_ack_timeout_ms = 0\n";
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["redis.replica_ack_timeout_ms"]);
+        let text = base(dir.path()) + "[redis]\nmin_replicas_acked = 17\n";
+        assert_eq!(Config::from_toml_str(&text, dir.path()).unwrap_err().keys(), ["redis.min_replicas_acked"]);
+        let text = base(dir.path()) + "[redis]\nmin_replicas_acked = 2\nreplica_ack_timeout_ms = 1999\n";
+        let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
+        let redis = cfg.redis().unwrap();
+        assert_eq!((redis.min_replicas_acked, redis.replica_ack_timeout_ms), (2, 1999));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //!   fresh dev environment, built with `auth_server::server::Server::builder`
 //!   like the binary;
 //! - [`RedisProcess`]: a real `redis-server` on a free port that a test can
-//!   kill and restart;
+//!   kill, pause and restart, alone or as a replica of another;
+//! - [`Sentinels`]: three real Redis Sentinels watching a primary, with
+//!   timeouts short enough for a failover in seconds;
 //! - [`OpenBao`]: a real `bao server -dev` (Vault API);
 //! - [`TcpProxy`]: a TCP forwarder a test can freeze (a silent partition)
 //!   or point at another server;
@@ -30,6 +32,7 @@
 mod bao;
 mod proxy;
 mod redis;
+mod sentinel;
 mod server;
 mod store;
 
@@ -37,5 +40,6 @@ pub use auth_server;
 pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
 pub use proxy::TcpProxy;
 pub use redis::{RedisProcess, RedisReply};
+pub use sentinel::Sentinels;
 pub use server::{TestServer, TestServerBuilder};
 pub use store::{HookedStore, Intercept, StoreCall, StoreHook};

@@ -21,6 +21,8 @@ pub struct RedisProcess {
     binary: PathBuf,
     port: u16,
     aof: bool,
+    /// Extra arguments (`--replicaof`, `--cluster-enabled`).
+    extra: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -69,25 +71,43 @@ impl RedisProcess {
     ///
     /// Panics if `redis-server` is not on `PATH`, naming the install command.
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, &[], u16::MAX)
     }
 
     /// Starts a `redis-server` with AOF on, `appendfsync always`: every
     /// acknowledged write survives a SIGKILL.
     pub fn start_with_aof() -> Self {
-        Self::launch(true)
+        Self::launch(true, &[], u16::MAX)
     }
 
-    fn launch(aof: bool) -> Self {
-        let binary = find_on_path("redis-server")
-            .unwrap_or_else(|| panic!("redis-server not found: install it with `apt-get install -y redis-server`"));
+    /// Starts a `redis-server` that replicates `primary` (`--replicaof`),
+    /// without persistence, and returns once it has completed its first
+    /// sync (`master_link_status:up`).
+    pub fn start_replica_of(primary: &RedisProcess) -> Self {
+        let args = ["--replicaof".to_owned(), "127.0.0.1".to_owned(), primary.port.to_string()];
+        let replica = Self::launch(false, &args, u16::MAX);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !replica.command(&["INFO", "replication"]).text().contains("master_link_status:up") {
+            assert!(Instant::now() < deadline, "the replica did not sync with its primary within {START_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        replica
+    }
+
+    /// Starts a `redis-server` with `extra` arguments on a free port below
+    /// `max_port` (a cluster node's bus listens on port + 10000).
+    pub(crate) fn launch(aof: bool, extra: &[String], max_port: u16) -> Self {
+        let binary = redis_server();
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
-        let mut last_error = String::new();
+        let mut last_error = String::from("no free port");
         // Another process may take the free port before Redis binds it: retry.
-        for _ in 0..5 {
+        for _ in 0..20 {
             let port = free_port();
-            match spawn_server(&binary, port, aof, dir.path()) {
-                Ok(child) => return Self { binary, port, aof, dir, child: Some(child) },
+            if port >= max_port {
+                continue;
+            }
+            match spawn_server(&binary, port, aof, extra, dir.path()) {
+                Ok(child) => return Self { binary, port, aof, extra: extra.to_vec(), dir, child: Some(child) },
                 Err(e) => last_error = e,
             }
         }
@@ -128,10 +148,29 @@ impl RedisProcess {
     /// answers `PING`, i.e. after it has loaded its AOF.
     pub fn restart(&mut self) {
         self.kill();
-        match spawn_server(&self.binary, self.port, self.aof, self.dir.path()) {
+        match spawn_server(&self.binary, self.port, self.aof, &self.extra, self.dir.path()) {
             Ok(child) => self.child = Some(child),
             Err(e) => panic!("redis-server did not restart: {e}"),
         }
+    }
+
+    /// Stops the server with SIGSTOP: it keeps its sockets and answers
+    /// nothing (a replica that no longer acknowledges its primary's
+    /// writes) until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Resumes a server stopped by [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("the server is running");
+        let status =
+            Command::new("kill").args([format!("-{signal}"), child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// Runs one command over a fresh connection and returns the reply.
@@ -147,8 +186,14 @@ impl Drop for RedisProcess {
     }
 }
 
+/// The installed `redis-server`; panics naming the install command.
+pub(crate) fn redis_server() -> PathBuf {
+    find_on_path("redis-server")
+        .unwrap_or_else(|| panic!("redis-server not found: install it with `apt-get install -y redis-server`"))
+}
+
 /// Spawns `redis-server` on `port` over `dir` and waits for `PING`.
-fn spawn_server(binary: &Path, port: u16, aof: bool, dir: &Path) -> Result<Child, String> {
+fn spawn_server(binary: &Path, port: u16, aof: bool, extra: &[String], dir: &Path) -> Result<Child, String> {
     let mut cmd = Command::new(binary);
     cmd.arg("--port")
         .arg(port.to_string())
@@ -162,12 +207,19 @@ fn spawn_server(binary: &Path, port: u16, aof: bool, dir: &Path) -> Result<Child
     } else {
         cmd.args(["--appendonly", "no"]);
     }
+    cmd.args(extra);
+    spawn_and_ping(cmd, port, dir)
+}
+
+/// Spawns `cmd` (a `redis-server` on `port` logging into `dir`) and waits
+/// until it answers `PING`.
+pub(crate) fn spawn_and_ping(mut cmd: Command, port: u16, dir: &Path) -> Result<Child, String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", binary.display()))?;
+        .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
         if let Ok(Some(status)) = child.try_wait() {
@@ -185,13 +237,13 @@ fn spawn_server(binary: &Path, port: u16, aof: bool, dir: &Path) -> Result<Child
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
 }
 
 /// A port that was free a moment ago: bind `127.0.0.1:0`, read, drop.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr").port()
 }
@@ -202,7 +254,7 @@ fn log_tail(dir: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join(" / ")
 }
 
-fn try_command(port: u16, args: &[&str]) -> Result<RedisReply, String> {
+pub(crate) fn try_command(port: u16, args: &[&str]) -> Result<RedisReply, String> {
     let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
     let mut request = format!("*{}\r\n", args.len());

@@ -163,6 +163,18 @@ pub enum StoreError {
     /// The backend answered something the store cannot interpret.
     #[error("store data corrupt: {0}")]
     Corrupt(String),
+    /// The write reached the primary but fewer replicas than required
+    /// acknowledged it in time (`redis.min_replicas_acked`). It may well
+    /// exist, and may even have been published, but it is not durable
+    /// against the primary's loss, so it is not acknowledged: the caller
+    /// answers `UNAVAILABLE` and the client retries.
+    #[error("store write not durable: {acked} of {wanted} replicas acknowledged it in time")]
+    NotDurable {
+        /// Replicas that acknowledged the write within the timeout.
+        acked: u64,
+        /// Replicas required (`redis.min_replicas_acked`).
+        wanted: u32,
+    },
 }
 
 /// The state-store port.

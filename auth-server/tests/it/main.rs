@@ -18,6 +18,7 @@ mod observe;
 mod ops;
 mod redis;
 mod refresh;
+mod sentinel;
 mod server;
 mod stateless;
 mod tls;

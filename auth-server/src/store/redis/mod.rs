@@ -15,6 +15,7 @@
 //!   and read back, and the scripts' replies.
 //! - `subscriber`: the pub/sub subscription's lifecycle (connect,
 //!   subscribe, retry, liveness pings, epochs).
+//! - `durable`: writes acknowledged only once enough replicas have them.
 //!
 //! Memory: an issued access token costs nothing unless
 //! `tokens.record_issued` records it, in one registry key (136 bytes by
@@ -36,8 +37,12 @@
 //! all in one script. A revocation script writes the
 //! deny entry and then `PUBLISH`es it; Redis writes replies and pub/sub
 //! messages only after the script's effects are in the AOF (and fsynced, with
-//! `appendfsync always`), so no replica hears of a revocation that is not
-//! durable, and the caller's `Ok` means the same.
+//! `appendfsync always`), so the caller's `Ok` means the write is on the
+//! primary's disk. With `redis.min_replicas_acked` > 0 it also means that
+//! many replicas have it: `durable` sends each write script with `WAIT`
+//! behind it on the same connection, and fewer acknowledgements are
+//! [`StoreError::NotDurable`] (the write may exist, but is not
+//! acknowledged).
 //!
 //! # Failures
 //!
@@ -63,6 +68,7 @@
 //! relative to it and only bound memory.
 
 mod codec;
+mod durable;
 mod keys;
 mod scripts;
 mod subscriber;
@@ -75,11 +81,12 @@ use fred::prelude::{
     Builder, ClientLike, Config, Error as RedisError, ErrorKind, EventInterface, Expiration, FromValue,
     HashesInterface, KeysInterface, Pool, ReconnectPolicy,
 };
-use fred::types::config::UnresponsiveConfig;
+use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use service_sdk::redis_layout::ScriptCall;
 use tokio::sync::{broadcast, watch};
 
 use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_score};
+use self::durable::Durability;
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
 use super::{
@@ -101,6 +108,8 @@ struct Shared {
     pool: Pool,
     layout: KeyLayout,
     timeout: Duration,
+    /// How many replicas must have a write before it is acknowledged.
+    durability: Durability,
     /// The Redis URL with its password redacted, for logs.
     url: String,
     /// Why the last connection attempt failed, until a connection works
@@ -295,6 +304,16 @@ impl RedisStore {
                     max_timeout: Some(timeout),
                     interval: (timeout / 4).max(Duration::from_millis(10)),
                 };
+                // A connection whose server became a replica (a failover
+                // that kept the socket open) answers every write READONLY:
+                // drop it and reconnect, which asks the sentinels (or the
+                // cluster) for the current primary.
+                conn.reconnect_errors = vec![
+                    ReconnectError::ReadOnly,
+                    ReconnectError::MasterDown,
+                    ReconnectError::ClusterDown,
+                    ReconnectError::Loading,
+                ];
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool_size = config.pool_size.max(1);
@@ -304,6 +323,7 @@ impl RedisStore {
             pool,
             layout: KeyLayout::new(&config.prefix),
             timeout,
+            durability: Durability { replicas: config.min_replicas_acked, timeout_ms: config.replica_ack_timeout_ms },
             url,
             connect_error: std::sync::Mutex::new(None),
         });
@@ -356,7 +376,7 @@ impl Drop for RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
-        let _: i64 = self.shared.eval(scripts::issue(&self.shared.layout, jti, token, now)).await?;
+        let _: i64 = self.shared.write(scripts::issue(&self.shared.layout, jti, token, now)).await?;
         Ok(())
     }
 
@@ -373,12 +393,12 @@ impl Store for RedisStore {
     }
 
     async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
-        let _: i64 = self.shared.eval(scripts::revoke(&self.shared.layout, &revocation, now)).await?;
+        let _: i64 = self.shared.write(scripts::revoke(&self.shared.layout, &revocation, now)).await?;
         Ok(())
     }
 
     async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
-        let _: i64 = self.shared.eval(scripts::put_refresh(&self.shared.layout, digest, record, now)?).await?;
+        let _: i64 = self.shared.write(scripts::put_refresh(&self.shared.layout, digest, record, now)?).await?;
         Ok(())
     }
 
@@ -391,7 +411,7 @@ impl Store for RedisStore {
     }
 
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
-        let reply: Vec<String> = self.shared.eval(scripts::commit(&self.shared.layout, commit, now)).await?;
+        let reply: Vec<String> = self.shared.write(scripts::commit(&self.shared.layout, commit, now)).await?;
         parse_commit_reply(&reply)
     }
 
