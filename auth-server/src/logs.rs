@@ -232,16 +232,35 @@ pub fn init(format: LogFormat, otel: &OtelConfig) -> Result<Telemetry, service_s
     let otlp = otel.export().map(service_sdk::otel::OtlpExport::start).transpose()?;
     let sampled = SampledLogs::default();
     let ansi = std::io::stdout().is_terminal();
-    let registry =
-        tracing_subscriber::registry().with(filter).with(sampled.clone()).with(otlp.as_ref().map(|o| o.layer()));
+    // RUST_LOG filters the lines, not the spans: the OTLP layer has its own
+    // level (see `OtlpTracing::layer`).
+    let registry = tracing_subscriber::registry().with(otlp.as_ref().map(|o| o.layer()));
     match format {
-        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json()).init(),
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_ansi(ansi)).init(),
+        LogFormat::Json => {
+            registry.with(log_lines(filter, sampled.clone(), tracing_subscriber::fmt::layer().json())).init()
+        }
+        LogFormat::Text => {
+            registry.with(log_lines(filter, sampled.clone(), tracing_subscriber::fmt::layer().with_ansi(ansi))).init()
+        }
     }
     if let Some(o) = &otlp {
         tracing::info!(endpoint = o.endpoint(), "exporting spans over OTLP");
     }
     Ok(Telemetry { otlp, reporter: sampled.spawn_reporter() })
+}
+
+/// The log-line layers: sampling, then `lines`, both behind `filter`
+/// (RUST_LOG), which filters nothing else of the subscriber.
+fn log_lines<S, L>(
+    filter: tracing_subscriber::EnvFilter,
+    sampled: SampledLogs,
+    lines: L,
+) -> impl tracing_subscriber::Layer<S>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    L: tracing_subscriber::Layer<S>,
+{
+    sampled.and_then(lines).with_filter(filter)
 }
 
 #[cfg(test)]
@@ -299,9 +318,11 @@ mod tests {
         let out = Captured::default();
         let writer = out.clone();
         let logs = SampledLogs::new(5, Duration::from_secs(3600));
-        let subscriber = tracing_subscriber::registry()
-            .with(logs.clone())
-            .with(tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || writer.clone()));
+        let subscriber = tracing_subscriber::registry().with(log_lines(
+            tracing_subscriber::EnvFilter::new("debug"),
+            logs.clone(),
+            tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || writer.clone()),
+        ));
         let suppressed = tracing::subscriber::with_default(subscriber, || {
             for _ in 0..1000 {
                 tracing::info!(reason = "invalid username or password", "unauthenticated");
@@ -324,5 +345,42 @@ mod tests {
         assert_eq!(summary.len(), 1, "{text}");
         assert!(summary[0].contains("suppressed=995"), "{}", summary[0]);
         assert!(summary[0].contains("logs.rs"), "names the call site: {}", summary[0]);
+    }
+
+    /// Records the names of the spans it sees.
+    #[derive(Clone, Default)]
+    struct SpanNames(Arc<Mutex<Vec<&'static str>>>);
+
+    impl<S: Subscriber> Layer<S> for SpanNames {
+        fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, _id: &tracing::span::Id, _ctx: Context<'_, S>) {
+            self.0.lock().unwrap().push(attrs.metadata().name());
+        }
+    }
+
+    #[test]
+    fn rust_log_filters_the_lines_and_never_the_exported_spans() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let spans = SpanNames::default();
+        // As `init` builds it with RUST_LOG=warn; the span layer stands for
+        // the OTLP one, with the level `OtlpTracing::layer` gives it.
+        let subscriber = tracing_subscriber::registry()
+            .with(spans.clone().with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+            .with(log_lines(
+                tracing_subscriber::EnvFilter::new("warn"),
+                SampledLogs::new(5, Duration::from_secs(3600)),
+                tracing_subscriber::fmt::layer().with_ansi(false).with_writer(move || writer.clone()),
+            ));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("rpc");
+            let _entered = span.enter();
+            tracing::info!("an info line");
+            tracing::warn!("a warning");
+            let _quiet = tracing::debug_span!("chatty").entered();
+        });
+        assert_eq!(*spans.0.lock().unwrap(), ["rpc"]);
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("a warning"), "{text}");
+        assert!(!text.contains("an info line"), "{text}");
     }
 }

@@ -8,6 +8,7 @@
 use std::io::IsTerminal as _;
 
 use service_sdk::otel::{OtelError, OtlpExport, OtlpTracing};
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
@@ -38,10 +39,10 @@ pub fn init(service: &str, default_filter: &str) -> Result<Telemetry, OtelError>
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let otlp = OtlpExport::from_env(service).map(OtlpExport::start).transpose()?;
+    // RUST_LOG filters the lines only; spans are exported at INFO and above.
     tracing_subscriber::registry()
-        .with(filter)
         .with(otlp.as_ref().map(|o| o.layer()))
-        .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()))
+        .with(tracing_subscriber::fmt::layer().with_ansi(std::io::stdout().is_terminal()).with_filter(filter))
         .init();
     if let Some(o) = &otlp {
         tracing::info!(endpoint = o.endpoint(), "exporting spans over OTLP");

@@ -27,9 +27,13 @@
 //! use tracing_subscriber::util::SubscriberInitExt as _;
 //! // OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317 OTEL_SERVICE_NAME=inventory
 //! let otlp = service_sdk::otel::OtlpExport::from_env("inventory").map(|e| e.start()).transpose()?;
+//! use tracing_subscriber::Layer as _;
 //! tracing_subscriber::registry()
+//!     // Spans at INFO and above, whatever RUST_LOG says of log lines.
 //!     .with(otlp.as_ref().map(|o| o.layer()))
-//!     .with(tracing_subscriber::fmt::layer())
+//!     // RUST_LOG filters the lines only: a filter on the whole registry
+//!     // would end span export at RUST_LOG=warn.
+//!     .with(tracing_subscriber::fmt::layer().with_filter(tracing_subscriber::EnvFilter::from_default_env()))
 //!     .init();
 //! // ... serve ...
 //! if let Some(otlp) = otlp {
@@ -50,6 +54,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::{OpenTelemetryLayer, OpenTelemetrySpanExt as _};
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::filter::{Filtered, LevelFilter};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::TraceTrust;
@@ -287,8 +293,12 @@ impl std::fmt::Debug for OtlpTracing {
 }
 
 impl OtlpTracing {
-    /// The `tracing` layer whose spans are exported.
-    pub fn layer<S>(&self) -> OpenTelemetryLayer<S, SdkTracer>
+    /// The `tracing` layer whose spans are exported: spans at INFO and
+    /// above, whatever filters the process's log lines. Put a log filter
+    /// (`RUST_LOG`, an `EnvFilter`) on the log layer with
+    /// [`Layer::with_filter`](tracing_subscriber::Layer::with_filter), not on
+    /// the whole subscriber: there `RUST_LOG=warn` would end span export too.
+    pub fn layer<S>(&self) -> Filtered<OpenTelemetryLayer<S, SdkTracer>, LevelFilter, S>
     where
         S: tracing::Subscriber + for<'span> LookupSpan<'span>,
     {
@@ -297,6 +307,7 @@ impl OtlpTracing {
             // The span's own fields say what it is; thread names and ids
             // add nothing to a trace.
             .with_threads(false)
+            .with_filter(LevelFilter::INFO)
     }
 
     /// The collector's endpoint.

@@ -11,9 +11,10 @@
 //!
 //! With trace export on ([`crate::telemetry`]), the span is named after the
 //! RPC (`auth.v1.Auth/ExchangeToken`), is a server span, and continues the
-//! W3C `traceparent` the caller sent: the exchange made for a user's
-//! request shows in that request's trace. With export off no `traceparent`
-//! is read. No field ever holds a token, a secret or a header value.
+//! W3C `traceparent` of a caller with a verified client certificate: the
+//! exchange a service makes for a user's request shows in that request's
+//! trace. A caller without one (no `[tls]`, or no client certificate)
+//! starts a new trace. With export off no `traceparent` is read. No field ever holds a token, a secret or a header value.
 
 use std::fmt;
 use std::time::Duration;
@@ -72,7 +73,13 @@ impl<B> MakeSpan<B> for RpcSpan {
             let grpc = true;
             span.record("otel.name", service_sdk::otel::span_name(req.method(), path, grpc).as_ref());
             span.record("otel.kind", "server");
-            service_sdk::otel::continue_trace(&span, req.headers());
+            // Only a caller with a verified certificate (a service of the
+            // mesh) continues its trace, as the SDK's `TraceTrust` default:
+            // anyone else's `traceparent` could join another trace or force
+            // sampling, so their call starts a trace of its own.
+            if peer.is_some() {
+                service_sdk::otel::continue_trace(&span, req.headers());
+            }
         }
         span
     }
@@ -153,5 +160,39 @@ mod tests {
         assert_eq!(grpc_code(&h), None);
         h.insert("grpc-status", http::HeaderValue::from_static("16"));
         assert_eq!(grpc_code(&h), Some(tonic::Code::Unauthenticated));
+    }
+
+    #[tokio::test]
+    async fn only_a_caller_with_a_verified_certificate_continues_its_trace() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        const CALLER: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        // A real tracer; its collector is nowhere, and nothing is sent.
+        let otlp = service_sdk::otel::OtlpExport::new("http://127.0.0.1:9", "auth-server").start().unwrap();
+        let subscriber = tracing_subscriber::registry().with(otlp.layer());
+        let sent = |peer: Option<&str>| {
+            let conn = ConnInfo {
+                remote_addr: None,
+                peer: peer
+                    .map(|id| std::sync::Arc::new(crate::tls::PeerIdentity { id: id.into(), cert_sha256: [0; 32] })),
+            };
+            let req = http::Request::builder()
+                .uri("/auth.v1.Auth/ExchangeToken")
+                .header(service_sdk::otel::TRACEPARENT, CALLER)
+                .extension(conn)
+                .body(())
+                .unwrap();
+            let span = RpcSpan { propagate: true }.make_span(&req);
+            let _entered = span.enter();
+            let mut out = HeaderMap::new();
+            service_sdk::otel::inject_current(&mut out);
+            out[service_sdk::otel::TRACEPARENT].to_str().unwrap().to_owned()
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            let from_mesh = sent(Some("spiffe://dev.local/order"));
+            assert!(from_mesh.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{from_mesh}");
+            let from_anyone = sent(None);
+            assert!(!from_anyone.contains("4bf92f3577b34da6a3ce929d0e0e4736"), "{from_anyone}");
+        });
+        otlp.shutdown().await;
     }
 }
