@@ -25,7 +25,7 @@ use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 
 use crate::clock::{SharedClock, SystemClock};
-use crate::config::{Config, ConfigError, ConfigErrors, KeySource, StoreConfig};
+use crate::config::{Config, ConfigError, ConfigErrors, KeySource, LimitsConfig, StoreConfig};
 use crate::core::{AuthCore, Policy, PolicyError};
 use crate::grpc::AuthService;
 use crate::keys::{KeyError, SigningKeys};
@@ -438,14 +438,7 @@ impl Server {
                 None => crate::http::serve(http, http_router, &limits, http_stop).await,
             }
         };
-        let grpc_server = tonic::transport::Server::builder()
-            // Every live client acks a PING per interval: the edge's idle
-            // read deadline (longer, by validation) only cuts dead ones.
-            .http2_keepalive_interval(Some(Duration::from_secs(limits.grpc_keepalive_interval_secs)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(limits.grpc_keepalive_timeout_secs)))
-            .max_concurrent_streams(limits.grpc_max_concurrent_streams)
-            .http2_max_local_error_reset_streams(Some(limits.grpc_max_local_error_reset_streams))
-            .timeout(Duration::from_millis(limits.grpc_request_timeout_ms))
+        let grpc_server = grpc_transport(&limits)
             // Outermost: every RPC's span and code, whatever the layers
             // inside decide.
             .layer(crate::edge::rpc_trace(config.otel.enabled()))
@@ -503,6 +496,21 @@ impl Server {
         tracing::info!("auth-server stopped");
         Ok(())
     }
+}
+
+/// The gRPC port's HTTP/2 transport under `limits`, before any layer or
+/// service: keepalive PINGs, the stream caps and the request timeout. The
+/// server and the transport-floor bench (`examples`' `floor`) both start
+/// from it, so the floor measures the same transport.
+pub fn grpc_transport(limits: &LimitsConfig) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        // Every live client acks a PING per interval: the edge's idle read
+        // deadline (longer, by validation) only cuts dead ones.
+        .http2_keepalive_interval(Some(Duration::from_secs(limits.grpc_keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(limits.grpc_keepalive_timeout_secs)))
+        .max_concurrent_streams(limits.grpc_max_concurrent_streams)
+        .http2_max_local_error_reset_streams(Some(limits.grpc_max_local_error_reset_streams))
+        .timeout(Duration::from_millis(limits.grpc_request_timeout_ms))
 }
 
 /// Opens the configured store: in-memory, or Redis.

@@ -6,6 +6,9 @@
 //! - `demo`: the whole story in one process; `cargo run -p examples --bin demo`.
 //! - `loadgen`: load for the auth service; see BENCHMARKS.md. How it paces
 //!   and times a load, and writes its report, is in [`loadgen`].
+//! - `floor`: a bare `auth.v1.Auth` server on the same mTLS edge that only
+//!   answers or signs a token ([`floor`]), the ceiling the auth server's
+//!   ExchangeToken rate is measured against (`examples/scripts/floor.sh`).
 //!
 //! `order` and `inventory` export their spans over OTLP when
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` is set ([`telemetry`]); with the SDK's
@@ -14,6 +17,7 @@
 
 pub mod demo;
 pub mod env;
+pub mod floor;
 pub mod inventory;
 pub mod loadgen;
 pub mod order;

@@ -22,7 +22,10 @@
 //! one answers (a closed loop), and latency is counted from the send.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// One worker's schedule of absolute ticks.
 #[derive(Debug, Clone)]
@@ -69,6 +72,27 @@ impl Pacer {
             Some(span) => u64::try_from(span.as_nanos() / self.interval.as_nanos()).unwrap_or(u64::MAX - 1) + 1,
         }
     }
+}
+
+/// An mTLS channel to `addr` as the dev client `client` of the
+/// `auth-server dev` directory `dir` (`ca.pem`, `clients/<client>.pem` and
+/// its key), checking the server as `localhost`.
+pub async fn dev_channel(addr: &str, dir: &Path, client: &str) -> Result<Channel, String> {
+    let read = |path: PathBuf| std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()));
+    let ca = read(dir.join("ca.pem"))?;
+    let cert = read(dir.join("clients").join(format!("{client}.pem")))?;
+    let key = read(dir.join("clients").join(format!("{client}-key.pem")))?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key))
+        .domain_name("localhost");
+    Channel::from_shared(addr.to_owned())
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))
 }
 
 /// Why the report stopped.

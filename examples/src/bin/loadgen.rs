@@ -33,8 +33,8 @@ use auth_proto::auth::v1::{
 };
 use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use clap::{Parser, ValueEnum};
-use examples::loadgen::{Pacer, Report, ReportError};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use examples::loadgen::{Pacer, Report, ReportError, dev_channel};
+use tonic::transport::Channel;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Rpc {
@@ -98,20 +98,7 @@ fn read(path: &std::path::Path) -> Result<String, String> {
 }
 
 async fn connect(args: &Args, client: &str) -> Result<Channel, String> {
-    let ca = read(&args.dir.join("ca.pem"))?;
-    let cert = read(&args.dir.join("clients").join(format!("{client}.pem")))?;
-    let key = read(&args.dir.join("clients").join(format!("{client}-key.pem")))?;
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(cert, key))
-        .domain_name("localhost");
-    Channel::from_shared(args.addr.clone())
-        .map_err(|e| e.to_string())?
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("connect {}: {e}", args.addr))
+    dev_channel(&args.addr, &args.dir, client).await
 }
 
 #[derive(Default)]

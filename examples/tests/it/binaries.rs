@@ -12,6 +12,7 @@ fn every_example_binary_answers_help_without_starting() {
         ("inventory", env!("CARGO_BIN_EXE_inventory")),
         ("demo", env!("CARGO_BIN_EXE_demo")),
         ("loadgen", env!("CARGO_BIN_EXE_loadgen")),
+        ("floor", env!("CARGO_BIN_EXE_floor")),
     ] {
         let mut cmd = command(bin);
         cmd.arg("--help");

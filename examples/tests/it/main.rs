@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 mod binaries;
 mod demo;
+mod floor;
 mod traces;
 
 /// Upper bound on waiting for something that must happen; reaching it

@@ -1,0 +1,52 @@
+//! The transport floor for ExchangeToken (see `examples::floor`).
+//!
+//! ```text
+//! taskset -c 0 target/release/floor --dir /tmp/floor/dev --mode sign --addr 127.0.0.1:51061 &
+//! taskset -c 1 target/release/loadgen --addr https://127.0.0.1:51061 --dir /tmp/floor/dev \
+//!     --rpc exchange --connections 4 --concurrency 64 --duration 8
+//! ```
+//!
+//! `examples/scripts/floor.sh` runs it interleaved with the auth server.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use examples::floor::{Floor, FloorMode, serve};
+
+/// A bare auth.v1.Auth server on the auth server's mTLS edge: ExchangeToken
+/// answers a fixed token (`fixed`) or signs a fresh one per call (`sign`),
+/// with no authentication, policy or store.
+#[derive(Parser)]
+#[command(about)]
+struct Cli {
+    /// The `auth-server dev` directory: its server certificate, client CA
+    /// and ES256 signing key.
+    #[arg(long, default_value = ".auth-dev")]
+    dir: PathBuf,
+    /// What ExchangeToken does per call.
+    #[arg(long, value_enum, default_value = "sign")]
+    mode: FloorMode,
+    /// The gRPC (mTLS) listen address.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    addr: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("floor: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let floor = Floor::from_dev_dir(cli.mode, &cli.dir).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::bind(&cli.addr).await.map_err(|e| format!("bind {}: {e}", cli.addr))?;
+    eprintln!("floor ({:?}) listening on {} (mTLS)", cli.mode, cli.addr);
+    serve(listener, &cli.dir, floor, examples::telemetry::stop_signal()).await.map_err(|e| e.to_string())
+}
