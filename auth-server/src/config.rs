@@ -84,6 +84,10 @@ pub struct RawConfig {
     /// Service accounts file.
     #[serde(default)]
     pub accounts_file: Option<PathBuf>,
+    /// How often, in seconds, the users and accounts files are checked for
+    /// changed contents (0: only on SIGHUP).
+    #[serde(default = "default_reload_check_secs")]
+    pub reload_check_secs: u64,
     /// `text` or `json`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
@@ -602,6 +606,10 @@ fn default_http_addr() -> String {
 fn default_store() -> String {
     "memory".into()
 }
+fn default_reload_check_secs() -> u64 {
+    10
+}
+
 fn default_log_format() -> String {
     "text".into()
 }
@@ -683,6 +691,9 @@ pub struct Config {
     pub users_file: PathBuf,
     /// Service accounts file (reloadable).
     pub accounts_file: PathBuf,
+    /// How often the users and accounts files are checked for changed
+    /// contents, in seconds; 0: only on SIGHUP (restart).
+    pub reload_check_secs: u64,
     /// Signing keys (reloadable).
     pub keys: KeySource,
     /// `keys.jwks_max_age_secs`: how long HTTP clients may cache the JWKS
@@ -811,6 +822,7 @@ impl std::fmt::Debug for RawConfig {
             .field("store", &redact_url(&self.store))
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
+            .field("reload_check_secs", &self.reload_check_secs)
             .field("log_format", &self.log_format)
             .field("tls", &self.tls)
             .field("keys.source", &self.keys.source)
@@ -848,6 +860,7 @@ impl std::fmt::Debug for Config {
             .field("otel", &self.otel)
             .field("users_file", &self.users_file)
             .field("accounts_file", &self.accounts_file)
+            .field("reload_check_secs", &self.reload_check_secs)
             .field("keys", &self.keys)
             .field("jwks_max_age_secs", &self.jwks_max_age_secs)
             .field("allow_readable_key_files", &self.allow_readable_key_files)
@@ -1078,7 +1091,7 @@ impl RawConfig {
 impl Config {
     /// The keys whose change needs a restart (a reload keeps their old
     /// values and warns).
-    pub const RESTART_KEYS: [&'static str; 12] = [
+    pub const RESTART_KEYS: [&'static str; 13] = [
         "issuer",
         "grpc_addr",
         "http_addr",
@@ -1091,6 +1104,7 @@ impl Config {
         "limits",
         "audit",
         "otel",
+        "reload_check_secs",
     ];
 
     /// Loads `path`, applies the `AUTH_SERVER_*` environment overrides
@@ -1164,7 +1178,8 @@ impl Config {
 
     /// The restart-only keys whose value differs in `other`.
     pub fn restart_changes(&self, other: &Config) -> Vec<&'static str> {
-        let [issuer, grpc, http, http_url, http_tls, store, log, tls, watch, limits, audit, otel] = Self::RESTART_KEYS;
+        let [issuer, grpc, http, http_url, http_tls, store, log, tls, watch, limits, audit, otel, poll] =
+            Self::RESTART_KEYS;
         let mut changed = Vec::new();
         let mut check = |differs: bool, key| {
             if differs {
@@ -1183,6 +1198,7 @@ impl Config {
         check(self.limits != other.limits, limits);
         check(self.audit != other.audit, audit);
         check(self.otel != other.otel, otel);
+        check(self.reload_check_secs != other.reload_check_secs, poll);
         changed
     }
 
@@ -1232,6 +1248,7 @@ impl Config {
         };
         let users_file = v.file("users_file", raw.users_file.as_deref());
         let accounts_file = v.file("accounts_file", raw.accounts_file.as_deref());
+        v.range("reload_check_secs", raw.reload_check_secs, 0, 3_600);
         let tls = match &raw.tls {
             Some(t) => {
                 v.range("tls.reload_check_secs", t.reload_check_secs, 0, 3_600);
@@ -1381,6 +1398,7 @@ impl Config {
                 otel: raw.otel,
                 users_file,
                 accounts_file,
+                reload_check_secs: raw.reload_check_secs,
                 keys,
                 jwks_max_age_secs,
                 allow_readable_key_files: raw.keys.allow_readable_key_files,

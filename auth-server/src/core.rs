@@ -9,7 +9,7 @@ use service_sdk::{Audience, Claims, Validator};
 
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TokensConfig, WatchConfig};
-use crate::directory::{Directory, random_token};
+use crate::directory::{Directory, DirectoryFiles, random_token};
 use crate::error::AuthError;
 use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
 use crate::keys::{KeyError, SigningKeys};
@@ -56,24 +56,29 @@ impl Policy {
     /// Reads the users and accounts files named by `config` and takes `keys`
     /// as the signing keys.
     pub fn load(config: &Config, keys: Arc<dyn SigningKeys>) -> Result<Self, PolicyError> {
-        let directory = Directory::load(&config.users_file, &config.accounts_file)?;
-        if directory.account(&config.tokens.self_audience).is_some() {
-            // Tokens for the auth service may end sessions: no service may
-            // receive them as its own.
-            return Err(ConfigError {
-                key: "accounts_file".into(),
-                problem: format!(
-                    "client_id {:?} is the auth service's own audience (tokens.self_audience)",
-                    config.tokens.self_audience
-                ),
-            }
-            .into());
-        }
+        let files = DirectoryFiles::read(&config.users_file, &config.accounts_file)?;
+        Self::build(config, keys, &files)
+    }
+
+    /// Like [`Policy::load`], from the files' contents already read.
+    pub fn build(config: &Config, keys: Arc<dyn SigningKeys>, files: &DirectoryFiles) -> Result<Self, PolicyError> {
+        let directory = checked_directory(files, &config.tokens)?;
         Ok(Self {
             tokens: config.tokens.clone(),
             directory: Arc::new(directory),
             keys,
             jwks_max_age_secs: config.jwks_max_age_secs,
+        })
+    }
+
+    /// This policy with the users and accounts of `files` instead (the
+    /// files changed; the config file did not).
+    pub fn with_directory(&self, files: &DirectoryFiles) -> Result<Self, PolicyError> {
+        Ok(Self {
+            tokens: self.tokens.clone(),
+            directory: Arc::new(checked_directory(files, &self.tokens)?),
+            keys: Arc::clone(&self.keys),
+            jwks_max_age_secs: self.jwks_max_age_secs,
         })
     }
 
@@ -89,6 +94,23 @@ impl Policy {
         kids.sort_unstable();
         kids
     }
+}
+
+/// The users and accounts of `files`, checked against `tokens`.
+fn checked_directory(files: &DirectoryFiles, tokens: &TokensConfig) -> Result<Directory, ConfigError> {
+    let directory = files.parse()?;
+    if directory.account(&tokens.self_audience).is_some() {
+        // Tokens for the auth service may end sessions: no service may
+        // receive them as its own.
+        return Err(ConfigError {
+            key: "accounts_file".into(),
+            problem: format!(
+                "client_id {:?} is the auth service's own audience (tokens.self_audience)",
+                tokens.self_audience
+            ),
+        });
+    }
+    Ok(directory)
 }
 
 /// The state the flows run against.

@@ -1,10 +1,17 @@
 //! Dev mode: everything a first run needs, generated once under one
-//! directory and reused afterwards: a CA, the auth server's certificate
+//! directory and reused afterwards: a CA (its key kept as `ca-key.pem`,
+//! mode 0600, so [`add_service`] can issue more certificates), the auth
+//! server's certificate
 //! (its identity `spiffe://auth.dev/auth-server`, reachable as
 //! `localhost`/`127.0.0.1`), service certificates for `order`, `inventory`
 //! and `admin` (identity `spiffe://auth.dev/<name>`, DNS name `<name>`), an
 //! ES256 signing key, two users and three service accounts with random
 //! secrets, and the config files that tie them together.
+//!
+//! [`add_service`] and [`add_user`] (`auth-server dev add-service`,
+//! `auth-server dev add-user`) admit one more service or user to an existing
+//! dev directory, following the same conventions; a running dev server picks
+//! them up when it sees the users or accounts file change.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -14,6 +21,11 @@ use serde::Serialize;
 
 use crate::directory::{Account, User, generate_secret, hash_password, secret_digest_hex};
 use crate::keys::{KeyAlg, generate_pkcs8_pem};
+
+mod admit;
+pub use admit::{
+    AddedService, AddedUser, SERVICE_ENV_VARS, ServiceSpec, UserSpec, add_service, add_user, parse_audience,
+};
 
 /// Trust domain of dev identities (`spiffe://auth.dev/<name>`).
 pub const DEV_TRUST_DOMAIN: &str = "auth.dev";
@@ -38,6 +50,51 @@ pub enum DevError {
     /// Certificate or key generation failed.
     #[error("generating {0} failed")]
     Generate(&'static str),
+    /// The directory holds no dev environment.
+    #[error("{0}: no dev environment here (no auth-server.toml): run `auth-server dev --dir {0}` once first")]
+    NotDevDir(PathBuf),
+    /// The dev environment predates the kept CA key.
+    #[error(
+        "{}: no ca-key.pem: this dev directory was made before `auth-server dev` kept its CA key, so no \
+         certificate can be issued from its CA; delete the directory and run `auth-server dev` again \
+         (every certificate, key, account and user in it is generated anew)",
+        .0.display()
+    )]
+    NoCaKey(PathBuf),
+    /// The CA key does not belong to the CA certificate.
+    #[error("{}: not the key of the CA certificate in ca.pem (or not a PEM private key)", .0.display())]
+    BadCaKey(PathBuf),
+    /// A name that cannot be used.
+    #[error("{kind} name {name:?}: {why}")]
+    BadName {
+        /// `service` or `user`.
+        kind: &'static str,
+        /// The name given.
+        name: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The name is taken.
+    #[error("{kind} {name:?} already exists: {what}; pick another name")]
+    Exists {
+        /// `service` or `user`.
+        kind: &'static str,
+        /// The name given.
+        name: String,
+        /// What holds it (a file, an account).
+        what: String,
+    },
+    /// An argument is unusable.
+    #[error("{0}")]
+    Argument(String),
+    /// A dev file is unusable (names the file and the key).
+    #[error("{path}: {problem}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 /// Certificate generation for dev mode and tests (rcgen, ECDSA P-256).
@@ -86,6 +143,25 @@ pub mod pki {
             params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
             let cert = params.self_signed(&key).map_err(|_| DevError::Generate("CA certificate"))?;
             Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        }
+
+        /// The CA of `cert_pem` with its private key `key_pem` (PKCS#8 PEM),
+        /// checked to be that certificate's key. `None` if either does not
+        /// parse or they do not belong together.
+        pub fn from_pem(cert_pem: &str, key_pem: &str) -> Option<Self> {
+            let key = KeyPair::from_pem(key_pem).ok()?;
+            let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+            let cert = pem.parse_x509().ok()?;
+            if *cert.public_key().subject_public_key.data != *key.public_key_raw() {
+                return None;
+            }
+            let issuer = Issuer::from_ca_cert_pem(cert_pem, key).ok()?;
+            Some(Self { cert_pem: cert_pem.to_owned(), issuer })
+        }
+
+        /// The CA's private key (PKCS#8 PEM).
+        pub fn key_pem(&self) -> String {
+            self.issuer.key().serialize_pem()
         }
 
         fn issue(
@@ -166,7 +242,15 @@ impl DevEnv {
     pub fn ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
+    /// `DIR/ca-key.pem`: the dev CA's private key (mode 0600), from which
+    /// [`add_service`] issues certificates.
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join(CA_KEY_FILE)
+    }
 }
+
+/// The dev CA's private key, in the dev directory.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -177,6 +261,61 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
     let mut f =
         std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path).map_err(io)?;
     f.write_all(contents).map_err(io)
+}
+
+/// Creates `path` (mode 0600); an existing file is an error, never
+/// overwritten.
+fn write_new_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| DevError::Io { path: path.to_owned(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io)?;
+    f.write_all(contents).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Replaces `path` whole (mode 0600): a new file beside it, synced, then
+/// renamed over it, and the directory synced. A reader sees the old file or
+/// the new one, never a mix, and the change survives a crash once this
+/// returns.
+fn replace_private(path: &Path, contents: &[u8]) -> Result<(), DevError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let io = |source| DevError::Io { path: path.to_owned(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.new-{}", std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+/// Refuses a private key file that others than its owner can read or
+/// write (the dev CA key signs certificates the server trusts).
+fn check_private_mode(path: &Path) -> Result<(), DevError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode =
+        std::fs::metadata(path).map_err(|source| DevError::Io { path: path.to_owned(), source })?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(DevError::Invalid {
+            path: path.to_owned(),
+            problem: format!(
+                "mode {:04o}: others can use the dev CA key; run `chmod 600 {}`",
+                mode & 0o7777,
+                path.display()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -213,6 +352,9 @@ pub fn ensure_with(dir: &Path, grpc_addr: &str, http_addr: &str) -> Result<DevEn
 
     let ca = pki::Ca::generate("auth-dev CA")?;
     write_private(&dir.join("ca.pem"), ca.cert_pem.as_bytes())?;
+    // Kept (0600, like every file here) so `dev add-service` can issue
+    // certificates that the server and the other services trust.
+    write_private(&dir.join(CA_KEY_FILE), ca.key_pem().as_bytes())?;
     let server = ca.server_cert(DEV_TRUST_DOMAIN, &["auth-server"])?;
     write_private(&dir.join("server.pem"), server.cert_pem.as_bytes())?;
     write_private(&dir.join("server-key.pem"), server.key_pem.as_bytes())?;
@@ -298,7 +440,7 @@ mod tests {
 
     /// The SANs of a PEM certificate as text, and whether it allows client
     /// and server auth.
-    fn describe(pem: &str) -> (Vec<String>, bool, bool) {
+    pub(crate) fn describe(pem: &str) -> (Vec<String>, bool, bool) {
         let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
         let cert = pem.parse_x509().unwrap();
         let sans = cert.subject_alternative_name().unwrap().unwrap().value.general_names.iter().map(|n| match n {
@@ -330,5 +472,10 @@ mod tests {
             assert_eq!(sans, [format!("URI:spiffe://{DEV_TRUST_DOMAIN}/{name}"), format!("DNS:{name}")]);
             assert_eq!((client, server), (true, true), "services serve each other too");
         }
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = std::fs::metadata(env.ca_key_path()).unwrap().permissions().mode();
+        assert_eq!(key & 0o777, 0o600, "the dev CA key is kept, for the owner only");
+        let ca = pki::Ca::from_pem(&read(env.ca_path()), &read(env.ca_key_path()));
+        assert!(ca.is_some(), "the kept key is the CA's");
     }
 }

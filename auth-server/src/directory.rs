@@ -96,7 +96,62 @@ struct LoadedAccount {
     digest: [u8; 32],
 }
 
-/// Users and service accounts, loaded once at start-up.
+/// The contents of the users and accounts files, read together so that a
+/// reload can tell whether they changed ([`DirectoryFiles::digest`]).
+pub struct DirectoryFiles {
+    users: String,
+    accounts: String,
+}
+
+impl std::fmt::Debug for DirectoryFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectoryFiles").finish_non_exhaustive()
+    }
+}
+
+impl DirectoryFiles {
+    /// Reads both files, again until two reads in a row agree (at most a
+    /// few times): a file caught while an editor rewrites it in place is
+    /// not taken for the new version.
+    pub fn read(users_file: &Path, accounts_file: &Path) -> Result<Self, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read_to_string(p)
+                .map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", p.display()) })
+        };
+        let once = || -> Result<Self, ConfigError> {
+            Ok(Self { users: read("users_file", users_file)?, accounts: read("accounts_file", accounts_file)? })
+        };
+        let mut last = once()?;
+        for _ in 0..3 {
+            let again = once()?;
+            if again.digest() == last.digest() {
+                return Ok(again);
+            }
+            last = again;
+        }
+        Ok(last)
+    }
+
+    /// SHA-256 over both contents.
+    pub fn digest(&self) -> [u8; 32] {
+        let mut ctx = digest::Context::new(&digest::SHA256);
+        for part in [&self.users, &self.accounts] {
+            ctx.update(&(part.len() as u64).to_be_bytes());
+            ctx.update(part.as_bytes());
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// Parses and checks them (CPU-heavy: the decoy password hash).
+    pub fn parse(&self) -> Result<Directory, ConfigError> {
+        Directory::from_toml(&self.users, &self.accounts)
+    }
+}
+
+/// Users and service accounts, as loaded from their files (swapped whole
+/// on reload).
 pub struct Directory {
     users: HashMap<String, User>,
     accounts: HashMap<String, LoadedAccount>,
@@ -185,9 +240,14 @@ impl Directory {
             std::fs::read_to_string(p)
                 .map_err(|e| ConfigError { key: key.into(), problem: format!("{}: {e}", p.display()) })
         };
-        let users: UsersFile = toml::from_str(&read("users_file", users_file)?)
+        Self::from_toml(&read("users_file", users_file)?, &read("accounts_file", accounts_file)?)
+    }
+
+    /// Parses and checks the two files' contents.
+    pub fn from_toml(users: &str, accounts: &str) -> Result<Self, ConfigError> {
+        let users: UsersFile = toml::from_str(users)
             .map_err(|e| ConfigError { key: "users_file".into(), problem: e.message().to_owned() })?;
-        let accounts: AccountsFile = toml::from_str(&read("accounts_file", accounts_file)?)
+        let accounts: AccountsFile = toml::from_str(accounts)
             .map_err(|e| ConfigError { key: "accounts_file".into(), problem: e.message().to_owned() })?;
         Self::new(users.user, accounts.account)
     }
@@ -267,6 +327,18 @@ impl Directory {
         if crate::password::verify(hash, password.as_bytes(), memory) { user } else { None }
     }
 
+    /// The client ids of the service accounts, sorted.
+    pub fn account_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// How many users there are.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
     /// A service account by client id.
     pub fn account(&self, client_id: &str) -> Option<&Account> {
         self.accounts.get(client_id).map(|a| &a.account)
@@ -295,6 +367,7 @@ impl Directory {
             let Some(acc) = self.accounts.get(client_id) else {
                 // Same work as a known account: one compare against a decoy.
                 let _ = presented.as_ref().ct_eq(&[0u8; 32]);
+                tracing::info!(client_id, config_key = "accounts_file", "no account with this client_id");
                 return Err(BAD);
             };
             if !bool::from(presented.as_ref().ct_eq(&acc.digest)) {
@@ -305,20 +378,29 @@ impl Directory {
             {
                 // The same answer as a wrong secret: a distinct one would
                 // tell whoever holds a stolen secret that it is right.
-                tracing::info!(client_id = ?acc.account.client_id, "right secret from the wrong certificate");
+                tracing::info!(
+                    client_id = ?acc.account.client_id,
+                    presented = ?peer.map(|p| p.id.as_str()),
+                    config_key = "accounts_file: mtls_identity",
+                    "right secret from the wrong certificate"
+                );
                 return Err(BAD);
             }
             return Ok(&acc.account);
         }
         let Some(peer) = peer else { return Err(BAD) };
-        self.accounts
-            .values()
-            .map(|a| &a.account)
-            .find(|a| {
-                a.mtls_identity.as_deref() == Some(peer.id.as_str())
-                    && (client_id.is_empty() || a.client_id == client_id)
-            })
-            .ok_or(BAD)
+        let found = self.accounts.values().map(|a| &a.account).find(|a| {
+            a.mtls_identity.as_deref() == Some(peer.id.as_str()) && (client_id.is_empty() || a.client_id == client_id)
+        });
+        if found.is_none() {
+            tracing::info!(
+                client_id,
+                identity = %peer.id,
+                config_key = "accounts_file: mtls_identity",
+                "no account bound to the caller's certificate (and no secret given)"
+            );
+        }
+        found.ok_or(BAD)
     }
 }
 

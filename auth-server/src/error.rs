@@ -82,9 +82,54 @@ impl AuthError {
         }
     }
 
+    /// The configuration key whose setting made this refusal, and that an
+    /// operator would change to allow the call: for the server's log only,
+    /// never the caller's status (which must not describe the
+    /// configuration). `None` for refusals no setting allows (a bad
+    /// password, an expired token) and for failures.
+    pub fn config_key(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::PermissionDenied(r) => match *r {
+                "audience not allowed for users" => "tokens.user_audiences",
+                "audience not allowed for this account" => "accounts_file: the account's audiences",
+                "delegation chain too deep" => "tokens.max_act_depth",
+                "not your token" | "not your session" => "tokens.admin_perm",
+                "a token for another service can revoke only itself" => "tokens.self_audience",
+                r if r.starts_with("no registry of issued tokens") => "tokens.record_issued",
+                _ => return None,
+            },
+            Self::Unauthenticated(r) => match *r {
+                // An unknown client_id, a wrong secret, or a certificate
+                // that is not the account's mtls_identity (the log line
+                // before says which).
+                "invalid client credentials" => "accounts_file",
+                "user no longer exists" => "users_file",
+                _ => return None,
+            },
+            Self::ResourceExhausted(r) => match *r {
+                "rate limit exceeded" => "limits.client_rate_per_sec, limits.client_rate_burst",
+                "too many failed logins; retry later" => "limits.login_backoff_after",
+                "server busy: too many password checks waiting" => "limits.password_queue",
+                "too many revocation watchers on this replica" => "limits.watch_max_streams",
+                "too many revocation watchers for this client" => "limits.watch_max_streams_per_client",
+                _ => return None,
+            },
+            _ => return None,
+        })
+    }
+
     /// Logs the detail at a level that fits: refusals are routine, failures
-    /// of the server's own parts are not.
+    /// of the server's own parts are not. A refusal made by a setting names
+    /// its key ([`AuthError::config_key`]).
     fn log(&self) {
+        if let Some(config_key) = self.config_key() {
+            match self {
+                Self::ResourceExhausted(r) => tracing::info!(reason = r, config_key, "resource exhausted"),
+                Self::Unauthenticated(r) => tracing::info!(reason = r, config_key, "unauthenticated"),
+                other => tracing::info!(reason = other.public_message(), config_key, "permission denied"),
+            }
+            return;
+        }
         match self {
             Self::InvalidArgument(r) => tracing::debug!(reason = r, "invalid argument"),
             Self::Unauthenticated(r) => tracing::info!(reason = r, "unauthenticated"),
@@ -126,6 +171,44 @@ mod tests {
         assert_eq!((e.code(), e.public_message()), (Code::PermissionDenied, "not your token"));
         let status = tonic::Status::from(AuthError::InvalidArgument("audience is required"));
         assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "audience is required"));
+    }
+
+    /// Every key a refusal names is a key of the configuration (the part
+    /// before any `:` or `,`), and the status never carries it.
+    #[test]
+    fn config_driven_refusals_name_a_real_config_key_only_in_the_log() {
+        let config = toml::Value::try_from(crate::config::RawConfig::from_toml_str("").unwrap()).unwrap();
+        for e in [
+            AuthError::PermissionDenied("audience not allowed for users"),
+            AuthError::PermissionDenied("audience not allowed for this account"),
+            AuthError::PermissionDenied("delegation chain too deep"),
+            AuthError::PermissionDenied("not your token"),
+            AuthError::PermissionDenied("a token for another service can revoke only itself"),
+            AuthError::PermissionDenied(
+                "no registry of issued tokens: revoke another token by presenting it (access_token)",
+            ),
+            AuthError::Unauthenticated("invalid client credentials"),
+            AuthError::Unauthenticated("user no longer exists"),
+            AuthError::ResourceExhausted("rate limit exceeded"),
+            AuthError::ResourceExhausted("too many failed logins; retry later"),
+            AuthError::ResourceExhausted("server busy: too many password checks waiting"),
+            AuthError::ResourceExhausted("too many revocation watchers on this replica"),
+            AuthError::ResourceExhausted("too many revocation watchers for this client"),
+        ] {
+            let named = e.config_key().unwrap_or_else(|| panic!("{e} names no key"));
+            for key in named.split(',').map(|k| k.split(':').next().unwrap().trim()) {
+                let mut at = Some(&config);
+                for part in key.split('.') {
+                    at = at.and_then(|v| v.get(part));
+                }
+                // users_file and accounts_file have no default value.
+                let known = at.is_some() || ["users_file", "accounts_file"].contains(&key);
+                assert!(known, "{e}: {key} is not a config key");
+            }
+            let status = tonic::Status::from(e);
+            assert!(!status.message().contains(named), "{}", status.message());
+        }
+        assert_eq!(AuthError::Unauthenticated("invalid username or password").config_key(), None);
     }
 
     #[test]

@@ -30,13 +30,16 @@ enum Command {
         flags: Flags,
     },
     /// Create (once) a dev environment with certificates, keys, users and
-    /// accounts, then serve it with the in-memory store.
+    /// accounts, then serve it with the in-memory store; or, with a
+    /// subcommand, admit one more service or user to it.
     Dev {
         /// Where the dev environment lives.
-        #[arg(long, default_value = ".auth-dev")]
+        #[arg(long, default_value = ".auth-dev", global = true)]
         dir: PathBuf,
         #[command(flatten)]
         flags: Flags,
+        #[command(subcommand)]
+        command: Option<DevCommand>,
     },
     /// Print the argon2id hash of a password read from standard input.
     HashPassword,
@@ -122,6 +125,45 @@ enum Command {
         /// system's roots.
         #[arg(long)]
         ca: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DevCommand {
+    /// Admit a service: its certificate from the dev CA (ca-key.pem), its
+    /// account bound to that identity at the end of the accounts file, its
+    /// credentials in credentials/NAME.json; prints what to set in the
+    /// service's environment. A running dev server picks the account up.
+    AddService {
+        /// Its name: client id, audience, `spiffe://auth.dev/NAME`, TLS name.
+        name: String,
+        /// An audience it may call and its scopes there: AUD=scope,scope
+        /// (repeat for more audiences).
+        #[arg(long = "audience", value_name = "AUD=SCOPES")]
+        audiences: Vec<String>,
+        /// Let users log in for it (adds NAME to tokens.user_audiences), for
+        /// a service users call directly.
+        #[arg(long)]
+        for_users: bool,
+        /// The role claim of its own tokens.
+        #[arg(long, default_value = "service")]
+        role: String,
+        /// A permission of its own at the auth service (repeatable).
+        #[arg(long = "perm")]
+        perms: Vec<String>,
+    },
+    /// Admit a user: a random password, its hash at the end of the users
+    /// file, the password in credentials/NAME.json.
+    AddUser {
+        /// The login name.
+        name: String,
+        /// A permission the user may be granted (repeatable), e.g.
+        /// payments:charge.
+        #[arg(long = "perm")]
+        perms: Vec<String>,
+        /// The role claim of the user's tokens.
+        #[arg(long, default_value = "customer")]
+        role: String,
     },
 }
 
@@ -232,7 +274,8 @@ async fn run(cli: Cli) -> Result<(), String> {
             let cfg = Config::load(&config, &flags.overrides()).map_err(|e| e.to_string())?;
             run_server(cfg, None).await
         }
-        Command::Dev { dir, flags } => {
+        Command::Dev { dir, command: Some(command), .. } => run_dev(&dir, command),
+        Command::Dev { dir, flags, command: None } => {
             let env = dev::ensure(&dir).map_err(|e| e.to_string())?;
             let cfg = Config::load(&env.config_path, &flags.overrides()).map_err(|e| e.to_string())?;
             run_server(cfg, Some(env)).await
@@ -317,6 +360,25 @@ async fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+fn run_dev(dir: &std::path::Path, command: DevCommand) -> Result<(), String> {
+    match command {
+        DevCommand::AddService { name, audiences, for_users, role, perms } => {
+            let mut spec = dev::ServiceSpec { name, for_users, role, perms, ..Default::default() };
+            for a in &audiences {
+                dev::parse_audience(&mut spec.audiences, a).map_err(|e| e.to_string())?;
+            }
+            let added = dev::add_service(dir, &spec).map_err(|e| e.to_string())?;
+            print!("{}", added.render());
+            Ok(())
+        }
+        DevCommand::AddUser { name, perms, role } => {
+            let added = dev::add_user(dir, &dev::UserSpec { name, role, perms }).map_err(|e| e.to_string())?;
+            print!("{}", added.render());
+            Ok(())
+        }
+    }
+}
+
 async fn run_admin(conn: admin::Connection, command: AdminCommand) -> Result<(), String> {
     match command {
         AdminCommand::Keys => {
@@ -394,7 +456,7 @@ async fn shutdown_signal() {
 fn print_dev_banner(env: &dev::DevEnv, cfg: &Config) {
     let d = env.dir.display();
     println!(
-        "auth-server dev mode ({}) in {d}\n  gRPC (mTLS): {}\n  HTTP:        http://{http}/.well-known/jwks.json\n  discovery:   http://{http}/.well-known/oauth-authorization-server\n  credentials: {d}/credentials/*.json\n\nTry (needs grpcurl):\n  grpcurl -cacert {d}/ca.pem -cert {d}/clients/order.pem -key {d}/clients/order-key.pem \\\n    -d \"$(jq -c '{{client_credentials: .}} + {{audience: [\"inventory\"]}}' {d}/credentials/order.json)\" \\\n    localhost:{port} auth.v1.Auth/Login\nAs the admin (see README, \"Operator commands\"):\n  auth-server admin --addr https://localhost:{port} --ca {d}/ca.pem \\\n    --cert {d}/clients/admin.pem --key {d}/clients/admin-key.pem keys\n",
+        "auth-server dev mode ({}) in {d}\n  gRPC (mTLS): {}\n  HTTP:        http://{http}/.well-known/jwks.json\n  discovery:   http://{http}/.well-known/oauth-authorization-server\n  credentials: {d}/credentials/*.json\n  dev CA key:  {d}/ca-key.pem (mode 0600: `auth-server dev add-service NAME` issues from it)\n\nTry (needs grpcurl):\n  grpcurl -cacert {d}/ca.pem -cert {d}/clients/order.pem -key {d}/clients/order-key.pem \\\n    -d \"$(jq -c '{{client_credentials: .}} + {{audience: [\"inventory\"]}}' {d}/credentials/order.json)\" \\\n    localhost:{port} auth.v1.Auth/Login\nAs the admin (see README, \"Operator commands\"):\n  auth-server admin --addr https://localhost:{port} --ca {d}/ca.pem \\\n    --cert {d}/clients/admin.pem --key {d}/clients/admin-key.pem keys\n",
         if env.created { "created" } else { "reused" },
         cfg.grpc_addr,
         http = cfg.http_addr,

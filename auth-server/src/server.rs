@@ -27,6 +27,7 @@ use tower::{Layer, Service, ServiceBuilder, ServiceExt as _};
 use crate::clock::{SharedClock, SystemClock};
 use crate::config::{Config, ConfigError, ConfigErrors, KeySource, LimitsConfig, StoreConfig};
 use crate::core::{AuthCore, Policy, PolicyError};
+use crate::directory::DirectoryFiles;
 use crate::grpc::AuthService;
 use crate::keys::{KeyError, SigningKeys};
 use crate::observe::audit::{AuditError, AuditLog};
@@ -200,7 +201,9 @@ impl<L> ServerBuilder<L> {
         };
         // Timed at the port: no store holds metrics code.
         let store = MeteredStore::wrap(store);
-        let policy = Policy::load(&self.config, keys)?;
+        let files =
+            DirectoryFiles::read(&self.config.users_file, &self.config.accounts_file).map_err(PolicyError::from)?;
+        let policy = Policy::build(&self.config, keys, &files)?;
         crate::observe::metrics::describe();
         let mut events = Fanout::new().with(Arc::new(EventMetrics::new()));
         if let Some(audit) = AuditLog::open(&self.config.audit, Arc::clone(&clock))? {
@@ -224,6 +227,12 @@ impl<L> ServerBuilder<L> {
                 keys_source: tokio::sync::Mutex::new(self.config.keys.clone()),
                 tls: Arc::clone(&tls),
                 http_tls: http_tls.clone(),
+                directory: std::sync::Mutex::new(DirectoryState {
+                    users_file: self.config.users_file.clone(),
+                    accounts_file: self.config.accounts_file.clone(),
+                    digest: files.digest(),
+                    refused: None,
+                }),
             }),
         };
         Ok(Server { config: self.config, core, stack, tls, http_tls, reloader, metrics: self.metrics })
@@ -314,12 +323,14 @@ impl Server {
         listeners: Listeners,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let Server { config, core, stack, tls, http_tls, reloader: _, metrics } = self;
+        let Server { config, core, stack, tls, http_tls, reloader, metrics } = self;
         let Listeners { grpc, http } = listeners;
         // Logs the certificate's expiry, raises the `tls` readiness
         // condition once it has passed, and reloads changed files.
         let tls_watch =
             tls.watch(TlsWatch::from_config(&config.tls), Arc::clone(&core.clock), Some(core.readiness.clone()));
+        // The users and accounts files reload when their contents change.
+        let directory_watch = reloader.watch_directory(config.reload_check_secs);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         if core.readiness.is_ready() {
             health_reporter.set_serving::<auth_proto::auth::v1::auth_server::AuthServer<AuthService>>().await;
@@ -489,6 +500,9 @@ impl Server {
             task.abort();
         }
         tls_watch.abort();
+        if let Some(w) = directory_watch {
+            w.abort();
+        }
         if let Some(w) = http_tls_watch {
             w.abort();
         }
@@ -561,6 +575,55 @@ struct ReloadState {
     tls: Arc<ServerTls>,
     /// The side port's, if it serves TLS, likewise.
     http_tls: Option<Arc<ServerTls>>,
+    /// The users and accounts files in force.
+    directory: std::sync::Mutex<DirectoryState>,
+}
+
+/// Which users and accounts files the running policy came from, and what
+/// they held.
+struct DirectoryState {
+    users_file: std::path::PathBuf,
+    accounts_file: std::path::PathBuf,
+    /// [`DirectoryFiles::digest`] of the contents in force.
+    digest: [u8; 32],
+    /// The digest of contents refused last, logged once.
+    refused: Option<[u8; 32]>,
+}
+
+/// What a check of the users and accounts files did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryReload {
+    /// Their contents are the ones in force.
+    Unchanged,
+    /// New contents are in force.
+    Applied {
+        /// Service accounts added, by client id.
+        added: Vec<String>,
+        /// Service accounts removed, by client id.
+        removed: Vec<String>,
+        /// How many users there are now.
+        users: usize,
+    },
+}
+
+/// Logs the service accounts a new directory adds and removes; returns them.
+fn log_directory_change(
+    old: &crate::directory::Directory,
+    new: &crate::directory::Directory,
+) -> (Vec<String>, Vec<String>) {
+    let (before, after) = (old.account_ids(), new.account_ids());
+    let added: Vec<String> = after.iter().filter(|a| !before.contains(a)).map(|a| (*a).to_owned()).collect();
+    let removed: Vec<String> = before.iter().filter(|a| !after.contains(a)).map(|a| (*a).to_owned()).collect();
+    if !added.is_empty() || !removed.is_empty() || old.user_count() != new.user_count() {
+        tracing::info!(
+            ?added,
+            ?removed,
+            accounts = after.len(),
+            users = new.user_count(),
+            "users and accounts reloaded"
+        );
+    }
+    (added, removed)
 }
 
 /// Reloads a running server's [`Policy`]. Cheap to clone.
@@ -609,6 +672,85 @@ impl Reloader {
         result
     }
 
+    /// Re-reads the users and accounts files the running policy came from
+    /// and, when their contents changed, swaps in a policy with the new
+    /// users and accounts (the rest of the policy stays). New contents are
+    /// checked as at start-up first: a broken file keeps the running users
+    /// and accounts, and is logged (once per broken version) with the key
+    /// and the problem. Runs one at a time with [`Reloader::reload`].
+    pub async fn reload_directory(&self) -> Result<DirectoryReload, ReloadError> {
+        let s = &self.inner;
+        let _one_at_a_time = s.keys_source.lock().await;
+        let (users_file, accounts_file, digest, refused) = match s.directory.lock() {
+            Ok(d) => (d.users_file.clone(), d.accounts_file.clone(), d.digest, d.refused),
+            Err(_) => return Ok(DirectoryReload::Unchanged),
+        };
+        let refuse = |marker: [u8; 32], e: PolicyError| {
+            if refused != Some(marker) {
+                tracing::error!(error = %e, "users and accounts not reloaded: keeping the running ones");
+            }
+            if let Ok(mut d) = s.directory.lock() {
+                d.refused = Some(marker);
+            }
+            ReloadError::Policy(e)
+        };
+        // Two small files, read as the TLS files are.
+        let files = match DirectoryFiles::read(&users_file, &accounts_file) {
+            Ok(files) => files,
+            // Unreadable: logged once per distinct error (its contents are
+            // unknown).
+            Err(e) => {
+                let marker = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, e.to_string().as_bytes());
+                let mut key = [0u8; 32];
+                key.copy_from_slice(marker.as_ref());
+                return Err(refuse(key, PolicyError::Directory(e)));
+            }
+        };
+        let new = files.digest();
+        if new == digest {
+            return Ok(DirectoryReload::Unchanged);
+        }
+        let old = s.core.policy();
+        // Parsing hashes a decoy password (argon2): off the async threads.
+        let built = tokio::task::spawn_blocking(move || old.with_directory(&files).map(|p| (p, old))).await;
+        let (policy, old) = match built {
+            Ok(built) => built.map_err(|e| refuse(new, e))?,
+            Err(_) => {
+                return Err(ReloadError::Policy(PolicyError::Directory(crate::config::ConfigError {
+                    key: "users_file".into(),
+                    problem: "the task checking the users and accounts files failed".into(),
+                })));
+            }
+        };
+        let (added, removed) = log_directory_change(&old.directory, &policy.directory);
+        let users = policy.directory.user_count();
+        s.core.swap_policy(policy);
+        if let Ok(mut d) = s.directory.lock() {
+            d.digest = new;
+            d.refused = None;
+        }
+        Ok(DirectoryReload::Applied { added, removed, users })
+    }
+
+    /// Checks the users and accounts files every `every_secs` seconds
+    /// ([`Reloader::reload_directory`]); `None` when 0 (SIGHUP only).
+    pub fn watch_directory(&self, every_secs: u64) -> Option<tokio::task::JoinHandle<()>> {
+        if every_secs == 0 {
+            return None;
+        }
+        let reloader = self.clone();
+        let every = Duration::from_secs(every_secs);
+        Some(tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // Logged by reload_directory itself.
+                let _ = reloader.reload_directory().await;
+            }
+        }))
+    }
+
     async fn try_reload(&self) -> Result<Reloaded, ReloadError> {
         let s = &self.inner;
         let mut source = s.keys_source.lock().await;
@@ -619,7 +761,8 @@ impl Reloader {
         } else {
             crate::keys::open(&config.keys, Arc::clone(&s.clock), config.allow_readable_key_files).await?
         };
-        let policy = Policy::load(&config, keys)?;
+        let files = DirectoryFiles::read(&config.users_file, &config.accounts_file).map_err(PolicyError::from)?;
+        let policy = Policy::build(&config, keys, &files)?;
         let before = (published_keys(&old.keys.public_keys()), old.keys.signing_kid());
         let after = (published_keys(&policy.keys.public_keys()), policy.keys.signing_kid());
         let reloaded = Reloaded {
@@ -628,7 +771,16 @@ impl Reloader {
             signing_kid: policy.keys.signing_kid(),
             needs_restart: s.started.restart_changes(&config),
         };
+        log_directory_change(&old.directory, &policy.directory);
         s.core.swap_policy(policy);
+        if let Ok(mut d) = s.directory.lock() {
+            *d = DirectoryState {
+                users_file: config.users_file.clone(),
+                accounts_file: config.accounts_file.clone(),
+                digest: files.digest(),
+                refused: None,
+            };
+        }
         *source = config.keys;
         // Only a changed key set is news for the audit trail.
         if before != after {

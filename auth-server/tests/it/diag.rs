@@ -162,7 +162,7 @@ fn a_malformed_redis_url_is_a_config_error_naming_store() {
 /// store's tasks log here too. Interest is recomputed once this thread's
 /// subscriber is set, since another test's thread may have cached "never"
 /// for a callsite first.
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
+pub(crate) fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
     let captured = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(captured.clone())
@@ -193,7 +193,7 @@ async fn ping_error_naming(url: &str, cause: &str) -> String {
 }
 
 /// The log lines that hold every one of `parts`.
-fn lines_with(logs: &Captured, parts: &[&str]) -> Vec<String> {
+pub(crate) fn lines_with(logs: &Captured, parts: &[&str]) -> Vec<String> {
     logs.text().lines().filter(|l| parts.iter().all(|p| l.contains(p))).map(str::to_owned).collect()
 }
 

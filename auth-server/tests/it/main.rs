@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 mod admin;
+mod admit;
 mod authz;
 mod diag;
 mod edge;
