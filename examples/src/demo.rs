@@ -15,8 +15,8 @@ use tokio::net::TcpListener;
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::env::{EnvError, ServiceEnv};
 use crate::order::OrderResponse;
+use service_sdk::{EnvError, ServiceEnv};
 
 /// Why the demo failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,22 +120,20 @@ pub async fn run(dir: PathBuf) -> Result<DemoReport, DemoError> {
     let auth_task = tokio::spawn(server.serve(Listeners { grpc, http }, stopped(stop_rx.clone())));
 
     // 2. inventory (mTLS gRPC) and order (HTTP front).
-    let inventory_env = ServiceEnv::new(&dir, "inventory", &auth_uri);
+    let inventory_env = ServiceEnv::dev(&dir, "inventory", &auth_uri).with_issuer(&issuer);
     let inventory_listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let inventory_uri = format!("https://{}", inventory_listener.local_addr().map_err(setup)?);
-    let inv_issuer = issuer.clone();
     let inv_stop = stopped(stop_rx.clone());
-    let inventory_task = tokio::spawn(async move {
-        crate::inventory::serve(inventory_listener, &inventory_env, &inv_issuer, inv_stop).await
-    });
-    let order_env = ServiceEnv::new(&dir, "order", &auth_uri);
+    let inventory_task =
+        tokio::spawn(async move { crate::inventory::serve(inventory_listener, &inventory_env, inv_stop).await });
+    let order_env = ServiceEnv::dev(&dir, "order", &auth_uri).with_issuer(&issuer);
     let order_listener = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let order_http = Http { addr: order_listener.local_addr().map_err(setup)? };
     let order_grpc = TcpListener::bind("127.0.0.1:0").await.map_err(setup)?;
     let order_grpc_uri = format!("https://{}", order_grpc.local_addr().map_err(setup)?);
     let ord_stop = stopped(stop_rx.clone());
     let order_task = tokio::spawn(async move {
-        crate::order::serve(order_listener, order_grpc, &order_env, &issuer, &inventory_uri, ord_stop).await
+        crate::order::serve(order_listener, order_grpc, &order_env, &inventory_uri, ord_stop).await
     });
 
     let result = steps(&dir, &auth_uri, &order_http, &order_grpc_uri).await;
@@ -156,7 +154,7 @@ async fn steps(
     order_grpc_uri: &str,
 ) -> Result<DemoReport, DemoError> {
     // The user's side talks to the auth server like any client of the mesh.
-    let mut auth = AuthClient::new(ServiceEnv::new(dir, "admin", auth_uri).auth_channel()?);
+    let mut auth = AuthClient::new(ServiceEnv::dev(dir, "admin", auth_uri).auth_channel()?);
 
     // 1. Log in.
     let (token, refresh) = login(&mut auth, dir, "alice").await?;
@@ -183,7 +181,7 @@ async fn steps(
         return Err(fail(2, format!("inventory saw the wrong caller: {seen:?}")));
     }
     // The same through order's gRPC face (the SDK's one-line on-behalf-of call).
-    let channel = ServiceEnv::new(dir, "admin", auth_uri).channel_to(order_grpc_uri, crate::order::AUDIENCE)?;
+    let channel = ServiceEnv::dev(dir, "admin", auth_uri).channel(order_grpc_uri, crate::order::AUDIENCE)?;
     let mut req = tonic::Request::new(crate::shop::ReserveRequest { sku: "sku-1".into(), quantity: 1 });
     req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(2, "bad metadata"))?);
     let seen = crate::shop::orders_client::OrdersClient::new(channel)
@@ -200,7 +198,7 @@ async fn steps(
     let creds: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("credentials/order.json")).map_err(setup)?)
             .map_err(setup)?;
-    let mut as_order = AuthClient::new(ServiceEnv::new(dir, "order", auth_uri).auth_channel()?);
+    let mut as_order = AuthClient::new(ServiceEnv::dev(dir, "order", auth_uri).auth_channel()?);
     let refused = as_order
         .exchange_token(ExchangeTokenRequest {
             client_id: creds["client_id"].as_str().unwrap_or_default().into(),

@@ -6,11 +6,11 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
-use service_sdk::{Claims, RequireAuthLayer, Verifier};
+use service_sdk::{Claims, RequireAuthLayer, ServiceEnv};
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use crate::env::{EnvError, ServiceEnv};
+use crate::ServeError;
 use crate::shop::inventory_server::{Inventory, InventoryServer};
 use crate::shop::{GetStockRequest, GetStockResponse, ReserveRequest, ReserveResponse};
 
@@ -68,28 +68,19 @@ impl Inventory for InventoryService {
     }
 }
 
-/// Serves inventory on `listener` (mTLS with the service's own certificate)
-/// until `shutdown` resolves. Tokens are verified against the auth server
-/// reached through `env`.
+/// Serves inventory on `listener` until `shutdown` resolves: mTLS with the
+/// service's own certificate (reloaded when rotated), tokens for audience
+/// `env.name()` verified against the auth server of `env`.
 pub async fn serve(
     listener: TcpListener,
     env: &ServiceEnv,
-    issuer: &str,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), EnvError> {
-    let verifier = Verifier::builder(issuer, AUDIENCE)
-        .channel(env.auth_channel()?)
-        .build()
-        .map_err(|e| EnvError::new("verifier", e))?;
+) -> Result<(), ServeError> {
+    let verifier = env.verifier(env.auth_channel()?).build()?;
     tonic::transport::Server::builder()
-        .tls_config(env.server_tls()?)
-        .map_err(|e| EnvError::new("inventory TLS", e))?
         .layer(RequireAuthLayer::new(verifier))
         .add_service(InventoryServer::new(InventoryService::default()))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await
-        .map_err(|e| EnvError::new("inventory server", e))
+        .serve_with_incoming_shutdown(env.incoming(listener)?, shutdown)
+        .await?;
+    Ok(())
 }

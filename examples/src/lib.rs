@@ -16,12 +16,28 @@
 //! server's token exchange and inventory.
 
 pub mod demo;
-pub mod env;
 pub mod floor;
 pub mod inventory;
 pub mod loadgen;
 pub mod order;
 pub mod telemetry;
+
+/// Why an example service stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The environment is unusable (the error names the variable).
+    #[error(transparent)]
+    Env(#[from] service_sdk::EnvError),
+    /// The verifier refused its options.
+    #[error("verifier: {0}")]
+    Verifier(#[from] service_sdk::verify::BuildError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
 
 /// Generated code of the example services' proto (`shop.v1`).
 pub mod shop {

@@ -13,10 +13,10 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use service_sdk::{AuthChannel, BearerToken, Claims, RequireAuthLayer, TokenSource, Verifier};
+use service_sdk::{AuthChannel, BearerToken, Claims, RequireAuthLayer, ServiceEnv, Verifier};
 use tokio::net::TcpListener;
 
-use crate::env::{EnvError, ServiceEnv};
+use crate::ServeError;
 use crate::shop::ReserveRequest;
 use crate::shop::ReserveResponse;
 use crate::shop::inventory_client::InventoryClient;
@@ -123,19 +123,15 @@ pub async fn serve(
     http: TcpListener,
     grpc: TcpListener,
     env: &ServiceEnv,
-    issuer: &str,
     inventory_uri: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), EnvError> {
+) -> Result<(), ServeError> {
     let auth = env.auth_channel()?;
-    let verifier =
-        Verifier::builder(issuer, AUDIENCE).channel(auth.clone()).build().map_err(|e| EnvError::new("verifier", e))?;
-    let source = TokenSource::builder(auth, env.credentials()).build();
-    let inventory = AuthChannel::new(
-        env.channel_to(inventory_uri, crate::inventory::AUDIENCE)?,
-        source,
-        crate::inventory::AUDIENCE,
-    );
+    let verifier = env.verifier(auth.clone()).build()?;
+    let source = env.token_source(auth).build();
+    let inventory =
+        AuthChannel::new(env.channel(inventory_uri, crate::inventory::AUDIENCE)?, source, crate::inventory::AUDIENCE);
+    let incoming = env.incoming(grpc)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -145,16 +141,11 @@ pub async fn serve(
         let _ = rx.wait_for(|v| *v).await;
     };
     let grpc_server = tonic::transport::Server::builder()
-        .tls_config(env.server_tls()?)
-        .map_err(|e| EnvError::new("order TLS", e))?
         .layer(RequireAuthLayer::new(verifier.clone()))
         .add_service(OrdersServer::new(OrdersService { inventory: inventory.clone() }))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let http_server = axum::serve(http, router(verifier, inventory)).with_graceful_shutdown(stopped(stop_rx));
     let (g, h) = tokio::join!(grpc_server, async { http_server.await });
-    g.map_err(|e| EnvError::new("order gRPC server", e))?;
-    h.map_err(|e| EnvError::new("order HTTP server", e))
+    g?;
+    Ok(h?)
 }

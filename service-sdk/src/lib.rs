@@ -37,6 +37,13 @@
 //!   `spiffe://<trust domain>/auth-server`), so that no other service of
 //!   the mesh can pass as the auth server.
 //!
+//! - **One environment** ([`ServiceEnv`]): the conventional variables
+//!   (`AUTH_URL`, `AUTH_TLS_CA`, `AUTH_TLS_CERT`, `AUTH_TLS_KEY`,
+//!   `AUTH_CREDENTIALS_FILE`, …, falling back to the dev layout under
+//!   `AUTH_DEV_DIR`) give the auth channel, the verifier, the token source
+//!   and the service's own mTLS server ([`MtlsFiles::server_tls_config`],
+//!   which reloads rotated files, served by [`TlsIncoming`]).
+//!
 //! Call another service, in five lines (any generated client works the way
 //! `AuthClient` does here):
 //!
@@ -133,11 +140,13 @@
 pub mod backoff;
 mod claims;
 mod client;
+pub mod env;
 mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
 #[cfg(feature = "redis")]
 pub mod redis_layout;
+mod server;
 pub mod verify;
 
 pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
@@ -149,6 +158,8 @@ pub use client::{
 };
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
+pub use env::{EnvError, ServiceEnv};
+pub use server::TlsIncoming;
 pub use verify::{
     AuthorizeRequest, BearerToken, FeedHealth, FeedOptions, FeedStats, JwksOptions, JwksSource, KeySet,
     PeerCertificate, RequireAuth, RequireAuthLayer, RevocationCheck, RevocationFeed, StalePolicy, TraceTrust,

@@ -37,7 +37,13 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    let env = examples::env::ServiceEnv::from_env("inventory");
+    let env = match service_sdk::ServiceEnv::from_env("inventory") {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("inventory: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let listen = var("LISTEN", "127.0.0.1:50062");
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -47,8 +53,7 @@ async fn run() -> std::process::ExitCode {
         }
     };
     println!("inventory listening on {listen} (mTLS)");
-    let issuer = var("AUTH_ISSUER", "auth-service");
-    match examples::inventory::serve(listener, &env, &issuer, examples::telemetry::stop_signal()).await {
+    match examples::inventory::serve(listener, &env, examples::telemetry::stop_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("inventory: {e}");

@@ -40,7 +40,13 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> std::process::ExitCode {
     let var = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_owned());
-    let env = examples::env::ServiceEnv::from_env("order");
+    let env = match service_sdk::ServiceEnv::from_env("order") {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("order: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let listen = var("LISTEN", "127.0.0.1:8081");
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -58,9 +64,8 @@ async fn run() -> std::process::ExitCode {
         }
     };
     println!("order listening on http://{listen}/orders and {grpc_listen} (gRPC, mTLS)");
-    let issuer = var("AUTH_ISSUER", "auth-service");
     let inventory = var("INVENTORY_URL", "https://127.0.0.1:50062");
-    match examples::order::serve(listener, grpc, &env, &issuer, &inventory, examples::telemetry::stop_signal()).await {
+    match examples::order::serve(listener, grpc, &env, &inventory, examples::telemetry::stop_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("order: {e}");

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{LoginRequest, PasswordGrant, login_request};
-use examples::env::ServiceEnv;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::Span;
+use service_sdk::ServiceEnv;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::{PATIENCE, Proc, auth_server_binary, command, free_port};
@@ -204,7 +204,7 @@ async fn one_trace_follows_an_order_through_three_processes_and_holds_no_secret(
     );
 
     // alice logs in and orders (503 until order's verifier is ready).
-    let mut client = AuthClient::new(ServiceEnv::new(&dir, "admin", &auth_uri).auth_channel().unwrap());
+    let mut client = AuthClient::new(ServiceEnv::dev(&dir, "admin", &auth_uri).auth_channel().unwrap());
     let alice: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("credentials/alice.json")).unwrap()).unwrap();
     let tokens = client

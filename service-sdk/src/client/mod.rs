@@ -37,5 +37,5 @@ pub use source::{
     AccessToken, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, TokenError, TokenRequest,
     TokenSource, TokenSourceBuilder, TokenSourceStats,
 };
-pub(crate) use tls::shown_uri;
 pub use tls::{MtlsFiles, TlsError};
+pub(crate) use tls::{Stamp, is_https_with_host, read as read_file, shown_uri};

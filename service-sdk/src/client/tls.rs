@@ -59,6 +59,16 @@ pub enum TlsError {
     /// The endpoint URI or the TLS material was refused.
     #[error("tls channel: {0}")]
     Channel(String),
+    /// A file does not hold usable TLS material (no certificate, a key that
+    /// does not parse or is not the certificate's, a CA that webpki
+    /// refuses). The problem never quotes the file's contents.
+    #[error("{path}: {problem}")]
+    Material {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 /// A tonic endpoint for `uri`, which must be `https://` with a host: every
@@ -104,11 +114,11 @@ pub struct MtlsFiles {
     pub key: PathBuf,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
 }
 
-type Stamp = (u64, Option<SystemTime>, u64, i64);
+pub(crate) type Stamp = (u64, Option<SystemTime>, u64, i64);
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
@@ -186,7 +196,9 @@ impl MtlsFiles {
         Ok(endpoint.map_err(|e| TlsError::Channel(e.to_string()))?.connect_lazy())
     }
 
-    fn stamps(&self) -> [Option<Stamp>; 3] {
+    /// What identifies the current version of each file (CA, certificate,
+    /// key) without reading it.
+    pub(crate) fn stamps(&self) -> [Option<Stamp>; 3] {
         [stamp(&self.ca), stamp(&self.cert), stamp(&self.key)]
     }
 

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::pki::replace_atomically;
 use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
@@ -130,13 +131,6 @@ async fn login_alice(srv: &TestServer) -> String {
 
 fn write_json(path: &Path, id: &str, secret: &str) {
     std::fs::write(path, json!({ "client_id": id, "client_secret": secret }).to_string()).unwrap();
-}
-
-/// Replaces `path` atomically: write a temporary file, then rename.
-fn replace_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 #[tokio::test]

@@ -12,13 +12,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::pki::Pki;
 use crate::stub::{self, Protected};
 use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
-};
 use std::time::Duration;
 
 use service_sdk::{AuthServerId, JwksSource, MtlsFiles, TokenSource, Verifier};
@@ -28,54 +25,6 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Response, Status};
-
-const TRUST_DOMAIN: &str = "test.local";
-
-/// A CA, and certificates it issues into a directory.
-struct Pki {
-    dir: tempfile::TempDir,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-impl Pki {
-    fn new() -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, "identity test CA");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = params.self_signed(&key).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("ca.pem"), cert.pem()).unwrap();
-        Self { dir, issuer: Issuer::new(params, key) }
-    }
-
-    /// Issues `name`'s certificate with URI SAN `spiffe://test.local/<name>`,
-    /// DNS `localhost` and IP `127.0.0.1`, for serving and for calling.
-    fn issue(&self, name: &str) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.subject_alt_names = vec![
-            SanType::URI(format!("spiffe://{TRUST_DOMAIN}/{name}").as_str().try_into().unwrap()),
-            SanType::DnsName("localhost".try_into().unwrap()),
-            SanType::IpAddress([127, 0, 0, 1].into()),
-        ];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        std::fs::write(self.path(&format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(self.path(&format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-    }
-
-    fn path(&self, file: &str) -> std::path::PathBuf {
-        self.dir.path().join(file)
-    }
-
-    fn files(&self, name: &str) -> MtlsFiles {
-        MtlsFiles::new(self.path("ca.pem"), self.path(&format!("{name}.pem")), self.path(&format!("{name}-key.pem")))
-    }
-}
 
 /// `GetJwks` answers a fixed document.
 struct Jwks(String);
@@ -112,7 +61,7 @@ async fn serve_as(files: &MtlsFiles) -> (String, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn a_service_certificate_presented_as_the_auth_server_is_refused() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let pki = Pki::new();
+    let pki = Pki::new("identity test CA");
     for name in ["auth-server", "order", "inventory"] {
         pki.issue(name);
     }

@@ -3,6 +3,8 @@
 mod client;
 mod identity;
 mod metrics;
+mod pki;
+mod server;
 mod stub;
 #[cfg(feature = "vault")]
 mod vault;
