@@ -16,6 +16,7 @@ use crate::keys::{KeyError, SigningKeys};
 use crate::observe::{Events, NoEvents};
 use crate::password::{PasswordPool, PoolConfig};
 use crate::readiness::Readiness;
+use crate::revocations::Revocations;
 use crate::store::{IssuedToken, RefreshRecord, Store};
 use crate::throttle::LoginThrottle;
 
@@ -123,6 +124,9 @@ pub struct AuthCore {
     policy: ArcSwap<Policy>,
     /// State store.
     pub store: Arc<dyn Store>,
+    /// The replica's own deny set, fed by the store's revocation feed:
+    /// presented tokens are checked against it, with no store round trip.
+    pub revocations: Revocations,
     /// Time.
     pub clock: SharedClock,
     /// Validator for tokens presented to the auth service itself (subject
@@ -146,13 +150,21 @@ pub struct AuthCore {
 impl AuthCore {
     /// Builds the core from the restart-only settings of `config` and a
     /// first `policy`; the validator follows `config.issuer`.
-    pub fn new(config: &Config, policy: Policy, store: Arc<dyn Store>, clock: SharedClock) -> Self {
+    /// `revocations` follows `store`'s feed.
+    pub fn new(
+        config: &Config,
+        policy: Policy,
+        store: Arc<dyn Store>,
+        revocations: Revocations,
+        clock: SharedClock,
+    ) -> Self {
         let validator = Validator::new(config.issuer.clone(), String::new());
         Self {
             issuer: config.issuer.clone(),
             watch: config.watch.clone(),
             policy: ArcSwap::from_pointee(policy),
             store,
+            revocations,
             clock,
             validator,
             passwords: PasswordPool::new(PoolConfig {
@@ -251,7 +263,9 @@ impl AuthCore {
     }
 
     /// Fully verifies a token of this issuer: signature, pinned alg, `typ`,
-    /// issuer, times, then the deny list (`jti` and `sid`). `audience`, when
+    /// issuer, times, then the deny list (`jti` and `sid`), in the
+    /// replica's own deny set ([`Revocations`]): no store round trip, and
+    /// `UNAVAILABLE` while that set cannot be trusted. `audience`, when
     /// set, must be in `aud`. Keys come from `policy`.
     pub async fn verify_presented(
         &self,
@@ -273,9 +287,7 @@ impl AuthCore {
         let keys = policy.keys.public_keys();
         let claims =
             self.validator.validate_for(token, &keys.keys, now, audience).map_err(AuthError::token_rejected)?;
-        if self.store.is_revoked(&claims.jti, claims.sid.as_deref(), now).await? {
-            return Err(AuthError::Unauthenticated("token revoked"));
-        }
+        self.revocations.check(&claims.jti, claims.sid.as_deref())?;
         Ok(claims)
     }
 }

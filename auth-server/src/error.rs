@@ -34,6 +34,12 @@ pub enum AuthError {
     /// The state store cannot be reached.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The replica's own deny set cannot be trusted now (its revocation
+    /// feed is not live, or not yet read): a presented token cannot be
+    /// checked, so it is refused. Retrying, on this replica or another,
+    /// may succeed.
+    #[error("revocation feed: {0}")]
+    RevocationFeed(&'static str),
     /// The signer failed or cannot be reached.
     #[error("signing keys: {0}")]
     Keys(#[from] KeyError),
@@ -63,7 +69,7 @@ impl AuthError {
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
             Self::ResourceExhausted(_) => Code::ResourceExhausted,
-            Self::Store(_) | Self::Keys(KeyError::Unavailable(_)) => Code::Unavailable,
+            Self::Store(_) | Self::RevocationFeed(_) | Self::Keys(KeyError::Unavailable(_)) => Code::Unavailable,
             Self::Keys(_) | Self::Internal(_) => Code::Internal,
         }
     }
@@ -77,6 +83,7 @@ impl AuthError {
             | Self::PermissionDenied(r)
             | Self::ResourceExhausted(r) => r,
             Self::Store(_) => "state store unavailable",
+            Self::RevocationFeed(_) => "revocation state unavailable",
             Self::Keys(KeyError::Unavailable(_)) => "signer unavailable",
             Self::Keys(_) | Self::Internal(_) => "internal error",
         }
@@ -136,6 +143,9 @@ impl AuthError {
             Self::PermissionDenied(r) => tracing::info!(reason = r, "permission denied"),
             Self::ResourceExhausted(r) => tracing::info!(reason = r, "resource exhausted"),
             Self::Store(e) => tracing::warn!(error = %e, "store failure"),
+            Self::RevocationFeed(r) => {
+                tracing::warn!(reason = r, "presented token refused: revocation feed not current")
+            }
             Self::Keys(KeyError::Unavailable(e)) => tracing::warn!(error = %e, "signer unavailable"),
             Self::Keys(e) => tracing::error!(error = %e, "signing failure"),
             Self::Internal(r) => tracing::error!(reason = r, "internal error"),

@@ -78,6 +78,7 @@ pub mod password;
 pub mod ratelimit;
 pub mod readiness;
 pub mod refresh;
+pub mod revocations;
 pub mod revoke;
 pub mod server;
 pub mod store;

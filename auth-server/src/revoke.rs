@@ -148,6 +148,9 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
         }
     };
     core.store.revoke(revocation.clone(), now).await?;
+    // Durable now: refused on this replica from the next request on,
+    // before the store's event comes back.
+    core.revocations.insert(&revocation);
     Ok(Revoked::Recorded { revocation, by })
 }
 

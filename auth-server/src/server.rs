@@ -36,6 +36,7 @@ use crate::observe::rpc::RpcMetricsLayer;
 use crate::observe::store::MeteredStore;
 use crate::observe::{Event, Fanout, published_keys};
 use crate::ratelimit::ClientRateLimitLayer;
+use crate::revocations::Revocations;
 use crate::store::{MemoryStore, Store, StoreError};
 use crate::tls::{ReloadTrigger, ServerTls, TlsFiles, TlsWatch};
 
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The audit file could not be opened.
     #[error(transparent)]
     Audit(#[from] AuditError),
+    /// The replica's deny set refused its feed options.
+    #[error("revocation feed: {0}")]
+    Revocations(#[from] service_sdk::verify::FeedOptionsError),
     /// A listener or the transport failed.
     #[error("transport: {0}")]
     Transport(String),
@@ -76,6 +80,10 @@ impl From<ConfigError> for StartError {
         Self::Config(e.into())
     }
 }
+
+/// How long [`ServerBuilder::build`] waits for the replica's deny set to
+/// read its first snapshot before serving anyway.
+pub const FIRST_SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
 
 /// The two already-bound listeners [`Server::serve`] runs on.
 #[derive(Debug)]
@@ -209,9 +217,20 @@ impl<L> ServerBuilder<L> {
         if let Some(audit) = AuditLog::open(&self.config.audit, Arc::clone(&clock))? {
             events = events.with(Arc::new(audit));
         }
-        let core =
-            Arc::new(AuthCore::new(&self.config, policy, store, Arc::clone(&clock)).with_events(Arc::new(events)));
+        let revocations = Revocations::start(Arc::clone(&store), &clock)?;
+        let core = AuthCore::new(&self.config, policy, store, revocations.clone(), Arc::clone(&clock));
+        let core = Arc::new(core.with_events(Arc::new(events)));
         keys_loaded(&core, false);
+        // Presented tokens are checked against the local deny set: give
+        // its first read a moment, and serve without it rather than not at
+        // all (those checks fail closed until it is in).
+        if !revocations.synced(FIRST_SNAPSHOT_WAIT).await {
+            tracing::warn!(
+                wait_secs = FIRST_SNAPSHOT_WAIT.as_secs(),
+                "the deny list is not read yet: serving, but tokens presented to this replica (subject tokens, \
+                 Revoke callers) are refused with UNAVAILABLE until it is"
+            );
+        }
         let layers = self.layers.into_inner();
         let stack = GrpcStack(Arc::new(move |inner: GrpcService| {
             BoxCloneService::new(

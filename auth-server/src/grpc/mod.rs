@@ -42,7 +42,8 @@ impl AuthService {
     /// Wraps the core, capping watch streams by `limits`; every watch
     /// stream ends with `UNAVAILABLE` once `shutdown` turns true.
     pub fn serving(core: Arc<AuthCore>, limits: &LimitsConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { core, watch: Arc::new(watch::Hub::new(limits, shutdown)) }
+        let snapshots = core.revocations.snapshots();
+        Self { core, watch: Arc::new(watch::Hub::new(limits, snapshots, shutdown)) }
     }
 
     /// WatchRevocations streams open now (for `/metrics`).

@@ -4,7 +4,8 @@
 //! Only `jti` and `sid` revocations reach watchers: refresh-token families
 //! matter to the auth server alone. Watchers that arrive together (a
 //! reconnect storm after a restart, a resync) share one read of the store
-//! and one set of chunks ([`Snapshots`]).
+//! and one set of chunks ([`Snapshots`]), with the replica's own deny set
+//! ([`crate::revocations`]) when it reads at the same time.
 //!
 //! A stream follows the store's feed ([`FeedState`]): heartbeats flow only
 //! while the feed is live, so a verifier never counts as fresh a replica
@@ -23,16 +24,13 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use auth_proto::auth::v1 as pb;
 use futures_util::Stream;
-use prost::Message as _;
-use prost::encoding::encoded_len_varint;
-use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::config::LimitsConfig;
@@ -40,128 +38,21 @@ use crate::core::AuthCore;
 use crate::edge::ConnInfo;
 use crate::error::AuthError;
 use crate::observe::Rpc;
-use crate::store::{FeedState, Revocation, RevocationKind, StoreError};
+use crate::revocations::{Snapshot, Snapshots, revoked, to_pb};
+use crate::store::{FeedState, Revocation};
 
 /// The stream of a watcher.
 pub(super) type EventStream = Pin<Box<dyn Stream<Item = Result<pb::RevocationEvent, Status>> + Send>>;
 
-/// Largest encoded size of one snapshot chunk (a whole `RevocationEvent`),
-/// well under tonic's default 4 MiB decode limit.
-const MAX_CHUNK_BYTES: usize = 1024 * 1024;
-
-/// Watchers arriving within this long of a store read share it.
-const SHARE_WINDOW: Duration = Duration::from_secs(1);
-
 /// Messages buffered per watcher between its task and the transport. Small:
-/// a snapshot chunk is up to [`MAX_CHUNK_BYTES`], and the store's broadcast
+/// a snapshot chunk is up to 1 MiB, and the store's broadcast
 /// is the buffer for events.
 const STREAM_BUFFER: usize = 4;
-
-/// The wire form of a revocation a verifier needs; `None` for families.
-fn to_pb(r: &Revocation) -> Option<pb::Revocation> {
-    let kind = match r.kind {
-        RevocationKind::Jti => pb::RevocationKind::Jti,
-        RevocationKind::Sid => pb::RevocationKind::Sid,
-        RevocationKind::Family => return None,
-    };
-    Some(pb::Revocation { kind: kind as i32, id: r.id.clone(), expires_at: r.expires_at })
-}
-
-/// Splits a snapshot into chunks of at most [`MAX_CHUNK_BYTES`] encoded,
-/// every one but the last marked `more`. Always at least one chunk (an
-/// empty deny list is an empty, last chunk).
-fn chunk_snapshot(entries: impl IntoIterator<Item = pb::Revocation>) -> Vec<pb::RevocationEvent> {
-    // Room for the envelope: the event's oneof tag and length (at most
-    // 1 + 5 bytes) and the `more` flag (2 bytes).
-    const BUDGET: usize = MAX_CHUNK_BYTES - 16;
-    let seal = |entries: Vec<pb::Revocation>, more: bool| pb::RevocationEvent {
-        event: Some(pb::revocation_event::Event::Snapshot(pb::RevocationSnapshot { entries, more })),
-    };
-    let mut chunks = Vec::new();
-    let mut current = Vec::new();
-    let mut size = 0;
-    for entry in entries {
-        let len = entry.encoded_len();
-        let field = 1 + encoded_len_varint(len as u64) + len;
-        if size + field > BUDGET && !current.is_empty() {
-            chunks.push(seal(std::mem::take(&mut current), true));
-            size = 0;
-        }
-        size += field;
-        current.push(entry);
-    }
-    chunks.push(seal(current, false));
-    chunks
-}
-
-/// One read of the deny list, chunked, and the revocations heard since.
-struct Shared {
-    read_at: Instant,
-    /// The feed's epoch its reader had seen before reading.
-    epoch: u64,
-    /// Held by the watchers still sending them; gone once all have.
-    chunks: Weak<[pb::RevocationEvent]>,
-    /// Subscribed before the read: what happened since.
-    since_rx: broadcast::Receiver<Revocation>,
-    since: Vec<pb::Revocation>,
-}
-
-/// Snapshots shared between watchers that arrive together.
-#[derive(Default)]
-pub(super) struct Snapshots {
-    current: tokio::sync::Mutex<Option<Shared>>,
-}
-
-/// A snapshot to send: the chunks, then revocations made since their read.
-type Snapshot = (Arc<[pb::RevocationEvent]>, Vec<pb::Revocation>);
-
-impl Snapshots {
-    /// The snapshot to send a watcher that has seen the feed at `epoch` and
-    /// whose event receiver was subscribed before this call: the chunks,
-    /// then revocations made since they were read (a fresh read unless one
-    /// of the same epoch is shared). Nothing is missed: the shared read's
-    /// own receiver covers the time up to now, and a read is shared only
-    /// within the epoch its reader had seen, so it was made after whatever
-    /// the feed lost before that epoch.
-    async fn get(&self, core: &AuthCore, epoch: u64) -> Result<Snapshot, StoreError> {
-        let mut current = self.current.lock().await;
-        if let Some(shared) = current.as_mut()
-            && shared.epoch == epoch
-            && shared.read_at.elapsed() < SHARE_WINDOW
-            && let Some(chunks) = shared.chunks.upgrade()
-            && catch_up(shared)
-        {
-            return Ok((chunks, shared.since.clone()));
-        }
-        let since_rx = core.store.subscribe();
-        let entries = core.store.revoked_snapshot(core.clock.now_unix()).await?;
-        let chunks: Arc<[pb::RevocationEvent]> = chunk_snapshot(entries.iter().filter_map(to_pb)).into();
-        *current = Some(Shared {
-            read_at: Instant::now(),
-            epoch,
-            chunks: Arc::downgrade(&chunks),
-            since_rx,
-            since: Vec::new(),
-        });
-        Ok((chunks, Vec::new()))
-    }
-}
-
-/// Drains what the shared read's receiver heard; false when some was lost.
-fn catch_up(shared: &mut Shared) -> bool {
-    loop {
-        match shared.since_rx.try_recv() {
-            Ok(r) => shared.since.extend(to_pb(&r)),
-            Err(TryRecvError::Empty) => return true,
-            Err(TryRecvError::Lagged(_) | TryRecvError::Closed) => return false,
-        }
-    }
-}
 
 /// What every WatchRevocations stream of one server shares: the snapshots,
 /// the stream caps and the shutdown signal.
 pub(super) struct Hub {
-    snapshots: Snapshots,
+    snapshots: Arc<Snapshots>,
     caps: Arc<Caps>,
     stop: watch::Receiver<bool>,
 }
@@ -172,10 +63,11 @@ impl Hub {
         self.caps.lock().total
     }
 
-    /// Caps from `limits`; every stream ends once `stop` turns true.
-    pub(super) fn new(limits: &LimitsConfig, stop: watch::Receiver<bool>) -> Self {
+    /// Caps from `limits`; snapshots read through `snapshots`; every
+    /// stream ends once `stop` turns true.
+    pub(super) fn new(limits: &LimitsConfig, snapshots: Arc<Snapshots>, stop: watch::Receiver<bool>) -> Self {
         Self {
-            snapshots: Snapshots::default(),
+            snapshots,
             caps: Arc::new(Caps::new(limits.watch_max_streams, limits.watch_max_streams_per_client)),
             stop,
         }
@@ -293,7 +185,11 @@ pub(super) async fn handle(
     }
     // Subscribe before reading the snapshot, so nothing falls between.
     let events = core.store.subscribe();
-    let (chunks, since) = hub.snapshots.get(&core, state.epoch).await.map_err(|e| Status::from(AuthError::Store(e)))?;
+    let (chunks, since) = hub
+        .snapshots
+        .get(&*core.store, core.clock.now_unix(), state.epoch)
+        .await
+        .map_err(|e| Status::from(AuthError::Store(e)))?;
     let stream = channel_stream(move |tx, last| async move {
         let watcher = Watcher { core, hub, tx, last: Some(last), feed, epoch: state.epoch, events, _permit: permit };
         watcher.run((chunks, since)).await;
@@ -409,7 +305,7 @@ impl Watcher {
     async fn resync(&mut self, epoch: u64) -> bool {
         self.events = self.core.store.subscribe();
         self.epoch = epoch;
-        match self.hub.snapshots.get(&self.core, epoch).await {
+        match self.hub.snapshots.get(&*self.core.store, self.core.clock.now_unix(), epoch).await {
             Ok(snapshot) => self.send_snapshot(snapshot).await,
             Err(e) => {
                 self.end(Status::from(AuthError::Store(e)));
@@ -437,10 +333,6 @@ impl Watcher {
     }
 }
 
-fn revoked(r: pb::Revocation) -> pb::RevocationEvent {
-    pb::RevocationEvent { event: Some(pb::revocation_event::Event::Revoked(r)) }
-}
-
 /// A stream fed by a task through a small channel, then closed by the
 /// status the task sends on its oneshot (if any) once it is done; the task
 /// ends when the client goes away (the receiver is dropped).
@@ -462,40 +354,6 @@ where
 mod tests {
     use super::*;
 
-    fn jti(i: usize) -> pb::Revocation {
-        pb::Revocation { kind: pb::RevocationKind::Jti as i32, id: format!("{i:022}"), expires_at: 1_700_000_000 }
-    }
-
-    fn entries(event: &pb::RevocationEvent) -> (&[pb::Revocation], bool) {
-        match &event.event {
-            Some(pb::revocation_event::Event::Snapshot(s)) => (&s.entries, s.more),
-            other => panic!("not a snapshot: {other:?}"),
-        }
-    }
-
-    #[test]
-    fn snapshot_chunks_are_bounded_ordered_and_the_last_is_marked() {
-        let all: Vec<_> = (0..100_000).map(jti).collect();
-        let chunks = chunk_snapshot(all.clone());
-        assert!(chunks.len() > 2, "{} chunks", chunks.len());
-        let mut joined = Vec::new();
-        for (i, chunk) in chunks.iter().enumerate() {
-            assert!(chunk.encoded_len() <= MAX_CHUNK_BYTES, "chunk {i}: {} bytes", chunk.encoded_len());
-            assert!(chunk.encoded_len() > MAX_CHUNK_BYTES / 2 || i == chunks.len() - 1, "chunks are filled");
-            let (e, more) = entries(chunk);
-            assert_eq!(more, i + 1 < chunks.len());
-            joined.extend_from_slice(e);
-        }
-        assert_eq!(joined, all);
-    }
-
-    #[test]
-    fn an_empty_deny_list_is_one_empty_last_chunk() {
-        let chunks = chunk_snapshot(Vec::new());
-        assert_eq!(chunks.len(), 1);
-        assert_eq!(entries(&chunks[0]), (&[][..], false));
-    }
-
     #[test]
     fn caps_count_per_replica_and_per_client_and_permits_give_back() {
         let caps = Arc::new(Caps::new(3, 2));
@@ -510,13 +368,5 @@ mod tests {
         let _a3 = caps.acquire("a".into()).unwrap();
         drop(_b1);
         assert!(!caps.lock().per_client.contains_key("b"), "an identity with no stream is forgotten");
-    }
-
-    #[test]
-    fn families_never_reach_watchers() {
-        let family = Revocation { kind: RevocationKind::Family, id: "f".into(), expires_at: 1 };
-        assert_eq!(to_pb(&family), None);
-        let sid = Revocation { kind: RevocationKind::Sid, id: "s".into(), expires_at: 1 };
-        assert_eq!(to_pb(&sid).map(|r| r.kind), Some(pb::RevocationKind::Sid as i32));
     }
 }

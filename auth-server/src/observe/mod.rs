@@ -224,7 +224,9 @@ impl DenyReason {
                 "too many failed logins; retry later" => DenyReason::LoginBackoff,
                 _ => DenyReason::Overloaded,
             },
-            AuthError::Store(_) | AuthError::Keys(_) | AuthError::Internal(_) => return None,
+            AuthError::Store(_) | AuthError::RevocationFeed(_) | AuthError::Keys(_) | AuthError::Internal(_) => {
+                return None;
+            }
         })
     }
 }

@@ -484,12 +484,23 @@ mod replicas {
         let mut exchange = ExchangeTokenRequest { audience: "inventory".into(), ..Default::default() };
         (exchange.client_id, exchange.client_secret) = b.client_credentials("order");
         exchange.subject_token = alice.access_token.clone();
+        // A subject token is checked against B's own deny set, which
+        // fails closed once B's subscriber finds Redis gone.
+        within("B's deny set to stop vouching", async {
+            while b.core().revocations.is_current() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
         let err = c.exchange_token(exchange.clone()).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "exchange fails closed");
+        let mut own = exchange.clone();
+        own.subject_token.clear();
+        c.exchange_token(own).await.expect("a service acting as itself needs no store");
 
         redis.restart();
         within("readiness after Redis is back", async {
-            while !(ready(&a).await && ready(&b).await) {
+            while !(ready(&a).await && ready(&b).await && b.core().revocations.is_current()) {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         })

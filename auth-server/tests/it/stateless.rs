@@ -1,12 +1,16 @@
 //! State that scales: nothing is written per issued token unless
 //! `tokens.record_issued` asks for it, and every token stays revocable
 //! without a record: by presenting it, by its session, or by an admin's
-//! `jti`, deny-listed for the longest a token can live.
+//! `jti`, deny-listed for the longest a token can live. Tokens presented to
+//! the auth server are checked against its own push-fed deny set, so
+//! ExchangeToken makes no store call at all, and fails closed while that
+//! set cannot be trusted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{
@@ -14,9 +18,9 @@ use auth_proto::auth::v1::{
     revoke_request::Target,
 };
 use auth_server::clock::{Clock, ManualClock, SystemClock};
-use auth_server::config::RecordIssued;
-use auth_server::store::{MemoryStore, RevocationKind, Store};
-use testkit::{HookedStore, Intercept, StoreCall, TestServer};
+use auth_server::config::{RecordIssued, RedisConfig};
+use auth_server::store::{MemoryStore, RedisStore, RevocationKind, Store};
+use testkit::{HookedStore, Intercept, RedisProcess, RedisReply, StoreCall, TcpProxy, TestServer};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -211,4 +215,186 @@ async fn an_owners_revoke_by_jti_needs_the_token_itself_unless_every_token_is_re
     let bob_jti = claims_of(&mut c, &bob.access_token, "order").await.jti;
     let err = revoke(&mut c, Target::Jti(bob_jti), Some(&own.access_token)).await.unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::PermissionDenied, "not your token"));
+}
+
+// ---------------------------------------------------------------------------
+// Presented tokens are checked against the replica's own deny set.
+
+#[tokio::test]
+async fn store_calls_per_rpc_none_for_exchange_with_or_without_a_subject_token() {
+    let (store, calls_made) = counted();
+    let srv = TestServer::builder().store(store).start().await;
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+    calls_made.take();
+
+    for _ in 0..5 {
+        c.exchange_token(exchange_req(&srv, "order", "", "inventory")).await.unwrap();
+    }
+    assert_eq!(calls_made.take(), calls(&[]), "ExchangeToken without a subject token");
+    for _ in 0..5 {
+        c.exchange_token(exchange_req(&srv, "order", &alice.access_token, "inventory")).await.unwrap();
+    }
+    assert_eq!(calls_made.take(), calls(&[]), "ExchangeToken with a subject token");
+
+    // Revoke by sid checks the caller's token locally too: its one write.
+    let mut ac = client(&srv, "admin").await;
+    let admin = service_login(&mut ac, &srv, "admin", "auth-service").await;
+    let sid = claims_of(&mut c, &alice.access_token, "order").await.sid.unwrap();
+    calls_made.take();
+    assert_eq!(revoke(&mut ac, Target::Sid(sid), Some(&admin.access_token)).await.unwrap(), "session");
+    assert_eq!(calls_made.take(), calls(&[("Revoke", 1)]), "Revoke by sid");
+    // And the revocation made here is refused at once, from memory.
+    let err = c.exchange_token(exchange_req(&srv, "order", &alice.access_token, "inventory")).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "token revoked"));
+    assert_eq!(calls_made.take(), calls(&[]), "a refused subject token is no store call either");
+}
+
+/// A Redis store with a short command timeout, its calls counted.
+async fn counted_redis(url: String) -> (Arc<dyn Store>, Arc<Calls>) {
+    let config = RedisConfig { url, command_timeout_ms: 500, ..RedisConfig::default() };
+    let redis: Arc<dyn Store> = Arc::new(RedisStore::connect(&config).await.unwrap());
+    let calls = Arc::new(Calls::default());
+    let seen = Arc::clone(&calls);
+    let store = HookedStore::new(redis, move |call: StoreCall| {
+        if !matches!(call, StoreCall::Ping | StoreCall::RevokedSnapshot | StoreCall::DenyListSize) {
+            *seen.0.lock().unwrap().entry(format!("{call:?}")).or_default() += 1;
+        }
+        Intercept::Pass
+    });
+    (Arc::new(store), calls)
+}
+
+/// A replica on the Redis at `url`, sharing `dir`'s PKI, keys and accounts
+/// when given.
+async fn replica(store_url: String, dir: Option<&std::path::Path>) -> TestServer {
+    let mut b = TestServer::builder().store_url(store_url).configure(|c| c.redis.command_timeout_ms = 500);
+    if let Some(dir) = dir {
+        b = b.dev_dir(dir);
+    }
+    b.start().await
+}
+
+/// Exchanges `subject` at `srv` until `done` holds for the outcome.
+async fn exchange_until(
+    srv: &TestServer,
+    subject: &str,
+    what: &str,
+    done: impl Fn(&Result<TokenResponse, Status>) -> bool,
+) -> Result<TokenResponse, Status> {
+    let mut c = client(srv, "order").await;
+    crate::within(what, async {
+        loop {
+            let outcome =
+                c.exchange_token(exchange_req(srv, "order", subject, "inventory")).await.map(|r| r.into_inner());
+            if done(&outcome) {
+                return outcome;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+fn is_revoked(outcome: &Result<TokenResponse, Status>) -> bool {
+    matches!(outcome, Err(s) if (s.code(), s.message()) == (Code::Unauthenticated, "token revoked"))
+}
+
+#[tokio::test]
+async fn a_subject_token_revoked_elsewhere_is_refused_from_the_replicas_own_deny_set() {
+    let redis = RedisProcess::start();
+    let (store, calls_made) = counted_redis(redis.url()).await;
+    let a = TestServer::builder().store(store).start().await;
+    let b = replica(redis.url(), Some(&a.dir)).await;
+    let mut at_b = client(&b, "order").await;
+    let alice = login_user(&mut at_b, &b, "alice").await;
+    let bob = login_user(&mut at_b, &b, "bob").await;
+    assert!(a.core().revocations.synced(Duration::ZERO).await, "the builder waited for the first snapshot");
+    let mut at_a = client(&a, "order").await;
+    at_a.exchange_token(exchange_req(&a, "order", &alice.access_token, "inventory")).await.unwrap();
+    calls_made.take();
+
+    // Revoked at B: A hears of it over Redis pub/sub, and refuses it from
+    // memory, never asking Redis.
+    assert_eq!(revoke(&mut at_b, Target::AccessToken(alice.access_token.clone()), None).await.unwrap(), "jti");
+    exchange_until(&a, &alice.access_token, "A to refuse the token revoked at B", is_revoked).await.unwrap_err();
+    at_a.exchange_token(exchange_req(&a, "order", &bob.access_token, "inventory")).await.unwrap();
+    assert_eq!(calls_made.take(), calls(&[]), "A made no store call for its exchanges");
+
+    // A session ended at B: every token of it, at A.
+    let own = login_for(&mut at_b, &b, "bob", "auth-service").await;
+    let sid = claims_of(&mut at_b, &own.access_token, "auth-service").await.sid.unwrap();
+    assert_eq!(revoke(&mut at_b, Target::Sid(sid), Some(&own.access_token)).await.unwrap(), "session");
+    exchange_until(
+        &a,
+        &own.access_token,
+        "A to refuse a token of the session ended at B",
+        |o| matches!(o, Err(s) if s.code() == Code::Unauthenticated),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(calls_made.take(), calls(&[]));
+    assert_eq!(a.core().revocations.stats().entries, 2);
+}
+
+/// The keys in Redis, but the readiness probe's (a short-lived key that
+/// comes and goes on its own schedule).
+fn keys(redis: &RedisProcess) -> BTreeSet<String> {
+    let RedisReply::Array(Some(keys)) = redis.command(&["KEYS", "*"]) else { panic!("KEYS reply") };
+    keys.iter().map(RedisReply::text).filter(|k| !k.ends_with(":ready")).collect()
+}
+
+#[tokio::test]
+async fn exchanges_leave_the_redis_keys_as_they_were() {
+    let redis = RedisProcess::start();
+    let srv = replica(redis.url(), None).await;
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+    let before = keys(&redis);
+    assert!(!before.is_empty(), "the login's refresh token is in Redis");
+    for _ in 0..100 {
+        c.exchange_token(exchange_req(&srv, "order", "", "inventory")).await.unwrap();
+        c.exchange_token(exchange_req(&srv, "order", &alice.access_token, "inventory")).await.unwrap();
+    }
+    assert_eq!(keys(&redis), before, "200 exchanges wrote no key");
+}
+
+#[tokio::test]
+async fn exchange_with_a_subject_token_fails_closed_while_the_feed_is_cut_and_catches_up_after() {
+    let redis = RedisProcess::start();
+    let link = TcpProxy::start(redis.addr()).await;
+    let a = replica(format!("redis://{}", link.addr()), None).await;
+    let b = replica(redis.url(), Some(&a.dir)).await;
+    let mut at_b = client(&b, "order").await;
+    let alice = login_user(&mut at_b, &b, "alice").await;
+    let bob = login_user(&mut at_b, &b, "bob").await;
+    let mut at_a = client(&a, "order").await;
+    at_a.exchange_token(exchange_req(&a, "order", &alice.access_token, "inventory")).await.unwrap();
+
+    // A silent partition between A and Redis: once A's subscriber notices
+    // (a ping unanswered), presented tokens are refused UNAVAILABLE.
+    link.freeze();
+    let cut = exchange_until(&a, &bob.access_token, "A to fail closed", |o| o.is_err()).await.unwrap_err();
+    assert_eq!((cut.code(), cut.message()), (Code::Unavailable, "revocation state unavailable"));
+    assert!(!a.core().revocations.is_current());
+    // Revoked at B while A cannot hear it.
+    assert_eq!(revoke(&mut at_b, Target::AccessToken(alice.access_token.clone()), None).await.unwrap(), "jti");
+    for token in [&alice.access_token, &bob.access_token] {
+        let err = at_a.exchange_token(exchange_req(&a, "order", token, "inventory")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "never accepted during the cut: {err:?}");
+    }
+    // A service acting as itself needs no deny set: unaffected.
+    at_a.exchange_token(exchange_req(&a, "order", "", "inventory")).await.unwrap();
+
+    // Healed: A resubscribes and re-reads the deny list, so the
+    // revocation it missed is refused, and a live token passes again.
+    link.resume();
+    exchange_until(&a, &bob.access_token, "A to accept a live subject token again", |o| {
+        assert!(o.as_ref().is_ok() || o.as_ref().is_err_and(|s| s.code() == Code::Unavailable), "{o:?}");
+        o.is_ok()
+    })
+    .await
+    .unwrap();
+    let err = at_a.exchange_token(exchange_req(&a, "order", &alice.access_token, "inventory")).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "token revoked"), "caught up");
 }

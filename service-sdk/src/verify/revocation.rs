@@ -595,6 +595,30 @@ impl RevocationFeed {
         }
     }
 
+    /// Adds a revocation learnt otherwise than from the stream: one the
+    /// service relaying revocations into a [`detached`](Self::detached)
+    /// feed has just made durable itself, and must refuse before its own
+    /// event comes back. It is refused at once (and kept like any other,
+    /// even through a snapshot in progress that lacks it) and announced if
+    /// new, but it does not count as hearing from the feed: only the
+    /// stream vouches for freshness.
+    pub fn insert(&self, kind: RevokedKind, id: &str, expires_at: u64) {
+        let now = self.state.clock.now_unix();
+        if let Some(set) = self.state.assembling.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            set.insert(kind, id, expires_at);
+        }
+        let new = {
+            let mut deny = self.state.deny.write().unwrap_or_else(|p| p.into_inner());
+            let new = deny.insert(kind, id, expires_at);
+            deny.prune(now);
+            self.state.entries.store(deny.len(), Ordering::Relaxed);
+            new
+        };
+        if new {
+            let _ = self.state.events.send(RevokedId { kind, id: id.to_owned() });
+        }
+    }
+
     /// A new stream has opened: a partly received snapshot (of the stream
     /// that ended) is forgotten, and the feed is not heard from again
     /// before the new stream's snapshot is complete. Called by the feed's
@@ -1143,6 +1167,33 @@ mod tests {
         assert_eq!(f.revoked_count(), 3);
         let announced: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|r| r.id).collect();
         assert_eq!(announced, ["x", "s", "done", "shared"], "carried-over ids are not announced again");
+    }
+
+    #[test]
+    fn an_inserted_revocation_is_refused_at_once_survives_a_snapshot_and_is_no_news_from_the_feed() {
+        let clock = ManualClock::new(1_000);
+        let f = feed(&clock);
+        let mut rx = f.subscribe().unwrap();
+        f.insert(RevokedKind::Jti, "early", 2_000);
+        assert_eq!(ready(f.check("early", None, 1_000)), Err(VerifyError::Revoked), "before any snapshot");
+        assert_eq!(ready(f.check("j", None, 1_000)), Err(VerifyError::FeedStale), "an insert is no snapshot");
+        f.apply(snapshot(vec![]));
+        clock.advance(20);
+        // Inserted while a snapshot that lacks it is coming in.
+        f.apply(chunk(vec![revoked(pb::RevocationKind::Jti, "other", 2_000)], true));
+        f.insert(RevokedKind::Sid, "s1", 2_000);
+        f.insert(RevokedKind::Jti, "early", 2_000);
+        f.apply(chunk(vec![], false));
+        assert_eq!(ready(f.check("early", None, clock.now_unix())), Err(VerifyError::Revoked), "never lifted");
+        assert_eq!(ready(f.check("j", Some("s1"), clock.now_unix())), Err(VerifyError::Revoked));
+        assert_eq!(f.revoked_count(), 3);
+        clock.advance(9);
+        f.insert(RevokedKind::Jti, "late", 2_000);
+        clock.advance(2);
+        assert_eq!(f.stats().silent_for_secs, Some(11), "inserts do not vouch for the feed");
+        assert_eq!(ready(f.check("j", None, clock.now_unix())), Ok(()));
+        let announced: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).map(|r| r.id).collect();
+        assert_eq!(announced, ["early", "s1", "other", "late"], "each new id announced once");
     }
 
     #[test]
