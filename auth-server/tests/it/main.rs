@@ -19,6 +19,7 @@ mod observe;
 mod ops;
 mod redis;
 mod refresh;
+mod rotation;
 mod sentinel;
 mod server;
 mod stateless;

@@ -33,7 +33,7 @@ use crate::within;
 pub(crate) struct AuthProcess {
     pub(crate) child: Child,
     output: Arc<Mutex<Vec<u8>>>,
-    grpc: SocketAddr,
+    pub(crate) grpc: SocketAddr,
     pub(crate) http: SocketAddr,
     dir: PathBuf,
 }
@@ -67,11 +67,16 @@ impl AuthProcess {
     /// config file. Runs `auth-server serve` on it at debug level, so the
     /// sweep covers every line the server and its libraries can log.
     pub(crate) async fn start(dir: &Path, extra: &str) -> Self {
+        Self::start_with(dir, |config| config + extra).await
+    }
+
+    /// Like [`AuthProcess::start`], with the config file's text rewritten
+    /// by `edit` first.
+    pub(crate) async fn start_with(dir: &Path, edit: impl FnOnce(String) -> String) -> Self {
         let (grpc, http) = (free_addr(), free_addr());
         let env = auth_server::dev::ensure_with(dir, &grpc.to_string(), &http.to_string()).unwrap();
-        let mut config = std::fs::read_to_string(&env.config_path).unwrap();
-        config.push_str(extra);
-        std::fs::write(&env.config_path, config).unwrap();
+        let config = std::fs::read_to_string(&env.config_path).unwrap();
+        std::fs::write(&env.config_path, edit(config)).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_auth-server"))
             .arg("serve")
             .arg("--config")
@@ -118,12 +123,12 @@ impl AuthProcess {
         Some(AuthClient::new(channel))
     }
 
-    async fn client(&self, name: &str) -> AuthClient<Channel> {
+    pub(crate) async fn client(&self, name: &str) -> AuthClient<Channel> {
         self.try_client(name).await.expect("mTLS channel to the auth-server binary")
     }
 
     /// A dev credential file's member.
-    fn credential(&self, name: &str, member: &str) -> String {
+    pub(crate) fn credential(&self, name: &str, member: &str) -> String {
         let v: Value = serde_json::from_str(&self.read(&format!("credentials/{name}.json"))).unwrap();
         v[member].as_str().unwrap().to_owned()
     }
