@@ -525,6 +525,10 @@ impl Server {
         if let Some(w) = http_tls_watch {
             w.abort();
         }
+        // The audit lines of the last calls are written before the process
+        // exits.
+        let events = Arc::clone(&core.events);
+        let _ = tokio::task::spawn_blocking(move || events.flush()).await;
         g.map_err(|e| StartError::Transport(e.to_string()))?;
         tracing::info!("auth-server stopped");
         Ok(())
@@ -669,10 +673,22 @@ impl Reloader {
     /// running one and is logged ([`ServerTls::reload_logged`]), whatever
     /// becomes of the policy, and the other way round.
     pub async fn reload(&self) -> Result<Reloaded, ReloadError> {
-        let _ = self.inner.tls.reload_logged(ReloadTrigger::Signal);
-        if let Some(http_tls) = &self.inner.http_tls {
-            let _ = http_tls.reload_logged(ReloadTrigger::Signal);
-        }
+        // File reads: off the runtime's threads, as the poll does. The logs
+        // go where this task's go.
+        let tls = Arc::clone(&self.inner.tls);
+        let http_tls = self.inner.http_tls.clone();
+        let logs = tracing::dispatcher::get_default(Clone::clone);
+        let _ = tokio::task::spawn_blocking(move || {
+            tracing::dispatcher::with_default(&logs, || {
+                let _ = tls.reload_logged(ReloadTrigger::Signal);
+                if let Some(http_tls) = &http_tls {
+                    let _ = http_tls.reload_logged(ReloadTrigger::Signal);
+                }
+            });
+        })
+        .await;
+        // Log rotation: the audit file is opened again at its path.
+        self.inner.core.events.reopen();
         let result = self.try_reload().await;
         match &result {
             Ok(r) => {

@@ -138,6 +138,8 @@ pub struct CertInfo {
     pub not_before: i64,
     /// End of validity (`notAfter`), Unix seconds.
     pub not_after: i64,
+    /// The subject alternative names (`URI:…`, `DNS:…`), in order.
+    pub names: Vec<String>,
 }
 
 impl CertInfo {
@@ -145,11 +147,22 @@ impl CertInfo {
     pub fn from_der(der: &[u8]) -> Result<Self, String> {
         let (_, cert) =
             x509_parser::parse_x509_certificate(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        let mut names = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    x509_parser::extensions::GeneralName::URI(u) => names.push(format!("URI:{u}")),
+                    x509_parser::extensions::GeneralName::DNSName(d) => names.push(format!("DNS:{d}")),
+                    _ => {}
+                }
+            }
+        }
         Ok(Self {
             subject: cert.subject().to_string(),
             serial: cert.raw_serial_as_string(),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
+            names,
         })
     }
 }
@@ -226,6 +239,8 @@ struct Loaded {
     config: Arc<ServerConfig>,
     cert: CertInfo,
     digest: Digest,
+    /// The subjects of the client CA certificates.
+    client_cas: Vec<String>,
 }
 
 /// Validates one read of the files and builds its rustls configuration.
@@ -264,11 +279,14 @@ fn build(files: &TlsFiles, pems: &Pems, digest: Digest) -> Result<Loaded, Config
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| files.error("cert", &files.cert, e))?;
+    let mut client_cas = Vec::new();
     let builder = match (&files.client_ca, &pems.client_ca) {
         (Some(path), Some(pem)) => {
             let mut roots = RootCertStore::empty();
             for c in CertificateDer::pem_slice_iter(pem) {
                 let c = c.map_err(|e| files.error("client_ca", path, format!("not a PEM certificate: {e}")))?;
+                let info = CertInfo::from_der(c.as_ref()).map_err(|e| files.error("client_ca", path, e))?;
+                client_cas.push(format!("{} (serial {})", info.subject, info.serial));
                 roots.add(c).map_err(|e| files.error("client_ca", path, e))?;
             }
             if roots.is_empty() {
@@ -286,7 +304,7 @@ fn build(files: &TlsFiles, pems: &Pems, digest: Digest) -> Result<Loaded, Config
     // client CA) carries over.
     let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
     config.alpn_protocols = files.alpn.clone();
-    Ok(Loaded { config: Arc::new(config), cert, digest })
+    Ok(Loaded { config: Arc::new(config), cert, digest, client_cas })
 }
 
 /// The gRPC server's rustls configuration from the configured files: see
@@ -329,6 +347,10 @@ pub enum TlsReload {
         previous: CertInfo,
         /// The certificate now.
         current: CertInfo,
+        /// Client CAs trusted now and not before (subject and serial).
+        client_cas_added: Vec<String>,
+        /// Client CAs trusted before and not now.
+        client_cas_removed: Vec<String>,
     },
 }
 
@@ -451,12 +473,24 @@ impl ServerTls {
             return Ok(TlsReload::Unchanged);
         }
         let loaded = build(&self.files, &pems, digest).map_err(|e| refuse(&mut refused, digest.to_vec(), e))?;
+        // A replacement must be usable now: clients refuse a certificate
+        // outside its validity, and the running one may still be good.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        if let Some(problem) = outside_validity(&loaded.cert, now) {
+            let error = self.files.error("cert", &self.files.cert, problem);
+            return Err(refuse(&mut refused, digest.to_vec(), error));
+        }
         let current = loaded.cert.clone();
+        let client_cas_added = loaded.client_cas.iter().filter(|c| !previous.client_cas.contains(c)).cloned().collect();
+        let client_cas_removed =
+            previous.client_cas.iter().filter(|c| !loaded.client_cas.contains(c)).cloned().collect();
         self.current.store(Arc::new(loaded));
         *refused = None;
         self.applied.fetch_add(1, Ordering::Relaxed);
         self.swapped.notify_one();
-        Ok(TlsReload::Swapped { previous: previous.cert.clone(), current })
+        Ok(TlsReload::Swapped { previous: previous.cert.clone(), current, client_cas_added, client_cas_removed })
     }
 
     /// [`ServerTls::reload`], logging the outcome as `trigger` calls for.
@@ -464,15 +498,35 @@ impl ServerTls {
         let result = self.reload();
         let section = self.files.section.as_str();
         match &result {
-            Ok(TlsReload::Swapped { previous, current }) => tracing::info!(
-                section,
-                serial = %current.serial,
-                subject = %current.subject,
-                not_after = %rfc3339(current.not_after),
-                previous_serial = %previous.serial,
-                "TLS files reloaded: new handshakes use the new certificate, key and client CA; open connections \
-                 keep theirs"
-            ),
+            Ok(TlsReload::Swapped { previous, current, client_cas_added, client_cas_removed }) => {
+                tracing::info!(
+                    section,
+                    serial = %current.serial,
+                    subject = %current.subject,
+                    not_after = %rfc3339(current.not_after),
+                    previous_serial = %previous.serial,
+                    "TLS files reloaded: new handshakes use the new certificate, key and client CA; open \
+                     connections keep theirs"
+                );
+                // Who may connect, and as whom this server answers, changed:
+                // worth a line of its own each.
+                if !client_cas_added.is_empty() || !client_cas_removed.is_empty() {
+                    tracing::warn!(
+                        section,
+                        added = ?client_cas_added,
+                        removed = ?client_cas_removed,
+                        "client CAs changed: client certificates are now checked against the new set"
+                    );
+                }
+                if current.names != previous.names {
+                    tracing::warn!(
+                        section,
+                        names = ?current.names,
+                        previous_names = ?previous.names,
+                        "the reloaded certificate names another identity than the one it replaces"
+                    );
+                }
+            }
             Ok(TlsReload::Unchanged) if trigger == ReloadTrigger::Signal => {
                 tracing::info!(section, "TLS files unchanged");
             }
@@ -535,6 +589,30 @@ impl ServerTls {
             }
         })
     }
+}
+
+/// How far in the future a replacement's `notBefore` may lie (clock skew
+/// between the issuer and this host).
+const NOT_BEFORE_SKEW_SECS: i64 = 300;
+
+/// Why `cert` cannot be served at `now`, if it cannot.
+fn outside_validity(cert: &CertInfo, now: i64) -> Option<String> {
+    if now > cert.not_after {
+        return Some(format!(
+            "the new certificate (serial {}) expired at {}: keeping the running one; install a renewed certificate",
+            cert.serial,
+            rfc3339(cert.not_after)
+        ));
+    }
+    if cert.not_before > now + NOT_BEFORE_SKEW_SECS {
+        return Some(format!(
+            "the new certificate (serial {}) is not valid before {}: keeping the running one; check the issuer's \
+             clock or wait",
+            cert.serial,
+            rfc3339(cert.not_before)
+        ));
+    }
+    None
 }
 
 fn unix(clock: &SharedClock) -> i64 {
@@ -678,7 +756,13 @@ mod tests {
 
     #[test]
     fn expiry_states_follow_the_threshold() {
-        let cert = CertInfo { subject: String::new(), serial: "01".into(), not_before: 0, not_after: 100 * 86_400 };
+        let cert = CertInfo {
+            subject: String::new(),
+            serial: "01".into(),
+            not_before: 0,
+            not_after: 100 * 86_400,
+            names: vec![],
+        };
         let week = Duration::from_secs(7 * 86_400);
         assert_eq!(Expiry::of(&cert, 0, week), Expiry::Valid);
         assert_eq!(Expiry::of(&cert, 93 * 86_400, week), Expiry::Valid);
@@ -692,7 +776,8 @@ mod tests {
     fn an_expired_certificate_raises_the_readiness_condition_and_a_new_one_clears_it() {
         let readiness = Readiness::new();
         let mut report = ExpiryReport::new("tls".into(), Duration::from_secs(86_400), Some(readiness.clone()));
-        let old = CertInfo { subject: String::new(), serial: "0a".into(), not_before: 0, not_after: 1_000 };
+        let old =
+            CertInfo { subject: String::new(), serial: "0a".into(), not_before: 0, not_after: 1_000, names: vec![] };
         assert_eq!(report.check(&old, 500), Expiry::Soon);
         assert!(readiness.is_ready());
         assert_eq!(report.check(&old, 1_001), Expiry::Expired);
@@ -715,5 +800,22 @@ mod tests {
         assert_eq!(err.key, "tls.key");
         assert!(err.problem.contains("does not match the certificate in tls.cert"), "{err}");
         server_config_from_pem(a.cert_pem.as_bytes(), a.key_pem.as_bytes(), ca.cert_pem.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_replacement_outside_its_validity_is_named_and_one_inside_passes() {
+        let cert = CertInfo {
+            subject: String::new(),
+            serial: "0c".into(),
+            not_before: 1_000,
+            not_after: 2_000,
+            names: vec!["DNS:localhost".into()],
+        };
+        assert_eq!(outside_validity(&cert, 1_500), None);
+        assert_eq!(outside_validity(&cert, 1_000 - NOT_BEFORE_SKEW_SECS), None, "within the skew allowed");
+        let early = outside_validity(&cert, 1_000 - NOT_BEFORE_SKEW_SECS - 1).unwrap();
+        assert!(early.contains("not valid before 1970-01-01T00:16:40Z"), "{early}");
+        let late = outside_validity(&cert, 2_001).unwrap();
+        assert!(late.contains("expired at 1970-01-01T00:33:20Z"), "{late}");
     }
 }

@@ -4,36 +4,55 @@
 //! A dedicated stream, not the diagnostics log: it is never sampled or
 //! filtered by level, and every line has an `audit` member naming the
 //! event, so a log shipper can tell its lines from the diagnostics that may
-//! share standard output. Each line is written with one `write` call and
-//! flushed before the call that caused it is answered, so an acknowledged
-//! token or revocation is never held in a buffer. A line that cannot be
-//! written is logged (sampled, as every log line) and never fails the call.
+//! share standard output.
 //!
-//! The file is opened in append mode, created with mode 0600; rotate it
-//! with `copytruncate` (appends follow the truncation).
+//! **Never in the way of a call.** The RPC hands its line to a queue
+//! ([`QUEUE_LINES`] lines) and a writer thread writes it, in order, and
+//! flushes whenever the queue runs empty: an RPC never waits on the disk or
+//! on a reader of standard output. A sink that stalls (a full disk, a log
+//! shipper that stopped reading the pipe) fills the queue; lines beyond it
+//! are dropped and counted (`auth_audit_lines_dropped_total`), and once the
+//! writer moves again a `lines_dropped` line says how many, so a gap in
+//! the trail is never silent. At shutdown the queue is written out before
+//! the process exits (at most [`FLUSH_WAIT`]).
+//!
+//! **Floods are summed.** `denied` events of reason `rate_limited` or
+//! `overloaded`, the ones a flood makes by the thousand, are summed per
+//! (`rpc`, `reason`, `client_id`, `peer`) and written once a second with
+//! a `count` member: a flood costs a line per caller per second, not a line
+//! per refused call. Every other event is a line of its own.
+//!
+//! The file is opened in append mode, created with mode 0600. Rotate it by
+//! renaming and sending SIGHUP (the server reopens `audit.path`), or with
+//! `copytruncate` (appends follow the truncation).
 //!
 //! | `audit` | members |
 //! | --- | --- |
 //! | `token_issued` | `grant`, `sub`, `act` (the delegation chain, outermost actor first), `aud`, `scope`, `jti`, `sid`, `client_id`, `peer`, `exp`, `alg`, `kid` |
-//! | `denied` | `rpc`, `reason`, `client_id` (as the request named it, cut at 64 bytes), `peer` |
+//! | `denied` | `rpc`, `reason`, `client_id` (as the request named it, cut at 64 bytes), `peer`; `count` on a summed flood line |
 //! | `revoked` | `kind` (`jti`, `session`, `family`), `id`, `by` (`possession`, `owner` or `admin`), `sub` (the asker's), `peer` |
 //! | `refresh_reuse` | `family`, `sid` |
 //! | `keys_loaded` | `reload`, `kids` (each `kid` and `alg`), `signing_kid` |
+//! | `lines_dropped` | `count`: lines lost while the sink was stalled |
 //!
 //! Every line also has `ts` (RFC 3339, UTC, milliseconds). What never
 //! appears: secrets, passwords, usernames of refused logins (a password
 //! typed into the username field would land here), access tokens, refresh
 //! tokens.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{Event, Events};
+use super::{DenyReason, Event, Events, Rpc};
 use crate::clock::SharedClock;
 use crate::config::AuditConfig;
 use crate::revoke::Authority;
@@ -41,25 +60,100 @@ use crate::revoke::Authority;
 /// Most bytes of a client-chosen string written to the trail.
 const CAP: usize = 64;
 
+/// Lines waiting for the writer at most; beyond, lines are dropped and
+/// counted.
+pub const QUEUE_LINES: usize = 16_384;
+
+/// How long summed flood denials are gathered before their lines are
+/// written.
+const FLOOD_WINDOW: Duration = Duration::from_secs(1);
+
+/// Distinct (rpc, reason, client_id, peer) sums per window; the callers
+/// beyond are summed in one line without `client_id` and `peer`.
+const FLOOD_KEYS: usize = 1024;
+
+/// The longest shutdown waits for the queue to be written.
+pub const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Counter: audit lines dropped because the sink stalled.
+pub const LINES_DROPPED: &str = "auth_audit_lines_dropped_total";
+
 /// Where audit lines go.
 enum Sink {
     Stdout,
-    File { file: Mutex<File>, path: PathBuf },
+    File {
+        file: File,
+        path: PathBuf,
+    },
+    #[cfg(test)]
+    Writer(Box<dyn std::io::Write + Send>),
+}
+
+impl Sink {
+    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => std::io::stdout().lock().write_all(bytes),
+            Sink::File { file, .. } => file.write_all(bytes),
+            #[cfg(test)]
+            Sink::Writer(w) => w.write_all(bytes),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout => std::io::stdout().lock().flush(),
+            Sink::File { .. } => Ok(()),
+            #[cfg(test)]
+            Sink::Writer(w) => w.flush(),
+        }
+    }
+
+    /// Opens the file at its path again (after a rename by log rotation);
+    /// on failure the old handle stays.
+    fn reopen(&mut self) {
+        if let Sink::File { file, path } = self {
+            match open_append(path) {
+                Ok(f) => {
+                    *file = f;
+                    tracing::info!(path = %path.display(), "audit file reopened");
+                }
+                Err(e) => tracing::error!(error = %e, "audit file not reopened; still writing to the old one"),
+            }
+        }
+    }
+}
+
+/// What the writer thread is asked to do.
+enum Msg {
+    /// A line, without its newline.
+    Line(Vec<u8>),
+    /// One flood denial to sum.
+    Flood(FloodKey),
+    /// Reopen the file.
+    Reopen,
+    /// Write everything queued and the current sums, then answer.
+    Flush(SyncSender<()>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct FloodKey {
+    rpc: Rpc,
+    reason: DenyReason,
+    client_id: Option<String>,
+    peer: Option<String>,
 }
 
 /// The audit-trail sink; see the [module docs](self).
 pub struct AuditLog {
-    sink: Sink,
+    queue: SyncSender<Msg>,
+    dropped: Arc<AtomicU64>,
     clock: SharedClock,
+    to: String,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let to = match &self.sink {
-            Sink::Stdout => "stdout".to_owned(),
-            Sink::File { path, .. } => path.display().to_string(),
-        };
-        f.debug_struct("AuditLog").field("to", &to).finish_non_exhaustive()
+        f.debug_struct("AuditLog").field("to", &self.to).finish_non_exhaustive()
     }
 }
 
@@ -75,38 +169,70 @@ pub struct AuditError {
 
 impl AuditLog {
     /// The trail `config` asks for: `None` when disabled, else standard
-    /// output or the file (opened for appending, created 0600).
+    /// output or the file (opened for appending, created 0600), with its
+    /// writer thread started.
     pub fn open(config: &AuditConfig, clock: SharedClock) -> Result<Option<Self>, AuditError> {
         if !config.enabled {
             return Ok(None);
         }
         let sink = match &config.path {
             None => Sink::Stdout,
-            Some(path) => Sink::File { file: Mutex::new(open_append(path)?), path: path.clone() },
+            Some(path) => Sink::File { file: open_append(path)?, path: path.clone() },
         };
-        Ok(Some(Self { sink, clock }))
+        Self::start(sink, clock).map(Some)
     }
 
     /// The trail on standard output.
-    pub fn stdout(clock: SharedClock) -> Self {
-        Self { sink: Sink::Stdout, clock }
+    pub fn stdout(clock: SharedClock) -> Result<Self, AuditError> {
+        Self::start(Sink::Stdout, clock)
     }
 
-    fn write(&self, mut line: Vec<u8>) {
-        line.push(b'\n');
-        let written = match &self.sink {
-            Sink::Stdout => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&line).and_then(|()| out.flush())
-            }
-            Sink::File { file, .. } => {
-                let mut f = file.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                f.write_all(&line)
-            }
+    fn start(sink: Sink, clock: SharedClock) -> Result<Self, AuditError> {
+        let to = match &sink {
+            Sink::File { path, .. } => path.display().to_string(),
+            _ => "stdout".to_owned(),
         };
-        if let Err(e) = written {
-            tracing::error!(error = %e, "audit event not written");
+        let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_LINES);
+        let dropped = Arc::new(AtomicU64::new(0));
+        let writer = Writer { sink, dropped: Arc::clone(&dropped), clock: Arc::clone(&clock), floods: HashMap::new() };
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(&rx))
+            .map_err(|source| AuditError { path: PathBuf::from(&to), source })?;
+        Ok(Self { queue, dropped, clock, to })
+    }
+
+    /// Queues `msg`; a full queue (a stalled sink) drops and counts it.
+    fn send(&self, msg: Msg) {
+        match self.queue.try_send(msg) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(LINES_DROPPED).increment(1);
+            }
         }
+    }
+
+    /// Waits (at most `wait`) until everything queued so far is written.
+    /// `false`: the writer did not get there in time.
+    pub fn flush_within(&self, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        let mut msg = Msg::Flush(done_tx);
+        loop {
+            match self.queue.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    msg = m;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_ok()
     }
 
     /// The JSON object of `event`, at `now_millis`.
@@ -158,6 +284,7 @@ impl AuditLog {
                     reason: reason.as_str(),
                     client_id: caller.client_id.map(capped),
                     peer: caller.peer,
+                    count: None,
                 };
                 serde_json::to_writer(&mut out, &line)?;
             }
@@ -218,6 +345,16 @@ struct DeniedLine<'a> {
     reason: &'static str,
     client_id: Option<&'a str>,
     peer: Option<&'a str>,
+    /// Summed flood denials only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct DroppedLine<'a> {
+    audit: &'static str,
+    ts: &'a str,
+    count: u64,
 }
 
 #[derive(Serialize)]
@@ -271,9 +408,136 @@ fn jws_header_bytes(token: &str) -> Option<Vec<u8>> {
 
 impl Events for AuditLog {
     fn emit(&self, event: &Event<'_>) {
+        if let Event::Denied { rpc, reason: reason @ (DenyReason::RateLimited | DenyReason::Overloaded), caller } =
+            event
+        {
+            let key = FloodKey {
+                rpc: *rpc,
+                reason: *reason,
+                client_id: caller.client_id.map(|c| capped(c).to_owned()),
+                peer: caller.peer.map(str::to_owned),
+            };
+            return self.send(Msg::Flood(key));
+        }
         match Self::encode(event, self.clock.now_millis()) {
-            Ok(line) => self.write(line),
+            Ok(line) => self.send(Msg::Line(line)),
             Err(e) => tracing::error!(error = %e, "audit event not encoded"),
+        }
+    }
+
+    fn reopen(&self) {
+        self.send(Msg::Reopen);
+    }
+
+    fn flush(&self) {
+        if !self.flush_within(FLUSH_WAIT) {
+            tracing::warn!(to = %self.to, "audit lines still queued at shutdown were not all written");
+        }
+    }
+}
+
+/// The writer thread: owns the sink, writes queued lines in order, sums
+/// flood denials per window.
+struct Writer {
+    sink: Sink,
+    dropped: Arc<AtomicU64>,
+    clock: SharedClock,
+    floods: HashMap<FloodKey, u64>,
+}
+
+impl Writer {
+    fn run(mut self, rx: &Receiver<Msg>) {
+        let mut window_end = Instant::now() + FLOOD_WINDOW;
+        loop {
+            let wait = window_end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(msg) => {
+                    self.handle(msg);
+                    // Whatever else is queued goes out in the same batch.
+                    while let Ok(msg) = rx.try_recv() {
+                        self.handle(msg);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.write_sums();
+                    self.finish_batch();
+                    return;
+                }
+            }
+            if Instant::now() >= window_end {
+                self.write_sums();
+                window_end = Instant::now() + FLOOD_WINDOW;
+            }
+            self.finish_batch();
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(line) => self.write_line(line),
+            Msg::Flood(key) => {
+                let key = if self.floods.len() >= FLOOD_KEYS && !self.floods.contains_key(&key) {
+                    FloodKey { client_id: None, peer: None, ..key }
+                } else {
+                    key
+                };
+                *self.floods.entry(key).or_default() += 1;
+            }
+            Msg::Reopen => {
+                self.finish_batch();
+                self.sink.reopen();
+            }
+            Msg::Flush(done) => {
+                self.write_sums();
+                self.finish_batch();
+                let _ = done.try_send(());
+            }
+        }
+    }
+
+    fn write_line(&mut self, mut line: Vec<u8>) {
+        line.push(b'\n');
+        if let Err(e) = self.sink.write_all(&line) {
+            tracing::error!(error = %e, "audit event not written");
+        }
+    }
+
+    /// One `denied` line with its `count` per summed flood key.
+    fn write_sums(&mut self) {
+        if self.floods.is_empty() {
+            return;
+        }
+        let ts = rfc3339_millis(self.clock.now_millis());
+        for (key, count) in std::mem::take(&mut self.floods) {
+            let line = DeniedLine {
+                audit: "denied",
+                ts: &ts,
+                rpc: key.rpc.as_str(),
+                reason: key.reason.as_str(),
+                client_id: key.client_id.as_deref(),
+                peer: key.peer.as_deref(),
+                count: Some(count),
+            };
+            if let Ok(bytes) = serde_json::to_vec(&line) {
+                self.write_line(bytes);
+            }
+        }
+    }
+
+    /// Reports lines dropped since the last report, and flushes.
+    fn finish_batch(&mut self) {
+        let dropped = self.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            let line =
+                DroppedLine { audit: "lines_dropped", ts: &rfc3339_millis(self.clock.now_millis()), count: dropped };
+            if let Ok(bytes) = serde_json::to_vec(&line) {
+                self.write_line(bytes);
+            }
+            tracing::warn!(dropped, "audit lines dropped: the audit sink stalled");
+        }
+        if let Err(e) = self.sink.flush() {
+            tracing::error!(error = %e, "audit lines not flushed");
         }
     }
 }
@@ -434,6 +698,7 @@ mod tests {
         for round in 0..2 {
             let log = AuditLog::open(&config, clock.clone()).unwrap().unwrap();
             log.emit(&Event::RefreshReuse { family: "f", sid: &format!("s{round}") });
+            assert!(log.flush_within(Duration::from_secs(5)));
         }
         let text = std::fs::read_to_string(&path).unwrap();
         let sids: Vec<String> = text
@@ -445,5 +710,129 @@ mod tests {
         assert!(AuditLog::open(&AuditConfig { enabled: false, path: Some(path) }, clock.clone()).unwrap().is_none());
         let missing = AuditConfig { enabled: true, path: Some(dir.path().join("no/such/audit.jsonl")) };
         assert!(AuditLog::open(&missing, clock).is_err());
+    }
+
+    /// A sink that blocks every write until released, as a full pipe does.
+    struct Stalled {
+        open: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        out: Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl std::io::Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let (lock, cvar) = &*self.open;
+            let mut open = lock.lock().unwrap();
+            while !*open {
+                open = cvar.wait(open).unwrap();
+            }
+            self.out.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(out: &std::sync::Mutex<Vec<u8>>) -> Vec<Value> {
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_stalled_sink_never_blocks_a_call_and_the_gap_is_counted() {
+        let open = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Sink::Writer(Box::new(Stalled { open: Arc::clone(&open), out: Arc::clone(&out) }));
+        let clock: SharedClock = Arc::new(crate::clock::ManualClock::new(1_700_000_000));
+        let log = Arc::new(AuditLog::start(sink, clock).unwrap());
+        // More events than the queue holds, while the sink is stuck: the
+        // calls that emit them must all return.
+        let total = QUEUE_LINES + 5_000;
+        let emitting = Arc::clone(&log);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..total {
+                emitting.emit(&Event::RefreshReuse { family: "f", sid: &i.to_string() });
+            }
+            let _ = done_tx.send(());
+        });
+        assert!(done_rx.recv_timeout(Duration::from_secs(20)).is_ok(), "emitting blocked on a stalled audit sink");
+        assert!(!log.flush_within(Duration::from_millis(50)), "nothing can be written while the sink is stuck");
+        let (lock, cvar) = &*open;
+        *lock.lock().unwrap() = true;
+        cvar.notify_all();
+        assert!(log.flush_within(Duration::from_secs(20)));
+        let written = lines(&out);
+        let reuse = written.iter().filter(|l| l["audit"] == "refresh_reuse").count();
+        let dropped: u64 =
+            written.iter().filter(|l| l["audit"] == "lines_dropped").map(|l| l["count"].as_u64().unwrap()).sum();
+        assert!(dropped > 0, "a full queue drops lines");
+        // Every event is either written or counted as dropped (the flush
+        // asked for above, while stuck, may itself have found the queue full).
+        assert_eq!(reuse as u64 + dropped, total as u64);
+        // What was written is in order.
+        let sids: Vec<u64> = written
+            .iter()
+            .filter(|l| l["audit"] == "refresh_reuse")
+            .map(|l| l["sid"].as_str().unwrap().parse().unwrap())
+            .collect();
+        assert!(sids.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn flood_denials_are_summed_per_caller_and_other_events_stay_lines() {
+        let out = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let open = Arc::new((std::sync::Mutex::new(true), std::sync::Condvar::new()));
+        let sink = Sink::Writer(Box::new(Stalled { open, out: Arc::clone(&out) }));
+        let clock: SharedClock = Arc::new(crate::clock::ManualClock::new(1_700_000_000));
+        let log = AuditLog::start(sink, clock).unwrap();
+        let noisy = Caller { client_id: None, peer: Some("spiffe://auth.dev/noisy") };
+        let other = Caller { client_id: None, peer: Some("spiffe://auth.dev/other") };
+        for _ in 0..1000 {
+            log.emit(&Event::Denied { rpc: Rpc::ExchangeToken, reason: DenyReason::RateLimited, caller: noisy });
+        }
+        log.emit(&Event::Denied { rpc: Rpc::ExchangeToken, reason: DenyReason::RateLimited, caller: other });
+        log.emit(&Event::Denied { rpc: Rpc::Login, reason: DenyReason::Overloaded, caller: noisy });
+        log.emit(&Event::Denied { rpc: Rpc::Login, reason: DenyReason::BadPassword, caller: noisy });
+        log.emit(&Event::Denied { rpc: Rpc::Login, reason: DenyReason::BadPassword, caller: noisy });
+        assert!(log.flush_within(Duration::from_secs(10)));
+        let written = lines(&out);
+        let count = |rpc: &str, reason: &str, peer: &str| -> Vec<Value> {
+            written
+                .iter()
+                .filter(|l| l["rpc"] == rpc && l["reason"] == reason && l["peer"] == peer)
+                .map(|l| l["count"].clone())
+                .collect()
+        };
+        assert_eq!(count("ExchangeToken", "rate_limited", "spiffe://auth.dev/noisy"), [json!(1000)]);
+        assert_eq!(count("ExchangeToken", "rate_limited", "spiffe://auth.dev/other"), [json!(1)]);
+        assert_eq!(count("Login", "overloaded", "spiffe://auth.dev/noisy"), [json!(1)]);
+        // One line each, without a count.
+        assert_eq!(count("Login", "bad_password", "spiffe://auth.dev/noisy"), [Value::Null, Value::Null]);
+        assert_eq!(written.len(), 5, "{written:?}");
+    }
+
+    #[test]
+    fn the_file_is_opened_again_after_it_was_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let clock: SharedClock = Arc::new(crate::clock::ManualClock::new(1_700_000_000));
+        let log = AuditLog::open(&AuditConfig { enabled: true, path: Some(path.clone()) }, clock).unwrap().unwrap();
+        log.emit(&Event::RefreshReuse { family: "f", sid: "before" });
+        assert!(log.flush_within(Duration::from_secs(5)));
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen();
+        log.emit(&Event::RefreshReuse { family: "f", sid: "after" });
+        assert!(log.flush_within(Duration::from_secs(5)));
+        let sids = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap()["sid"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(sids(&rotated), ["before"]);
+        assert_eq!(sids(&path), ["after"]);
     }
 }

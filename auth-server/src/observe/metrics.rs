@@ -27,6 +27,7 @@
 //! | `auth_published_keys` | gauge | `kid`, `alg` |
 //! | `auth_tls_certificate_expiry_timestamp_seconds` | gauge | `port` |
 //! | `auth_tls_reloads_total` | counter | `port`, `outcome` |
+//! | `auth_audit_lines_dropped_total` | counter | |
 //!
 //! Per-event counters are registered once and kept in tables indexed by
 //! their fixed labels, so counting an event allocates nothing and looks
@@ -109,6 +110,10 @@ pub fn describe() {
     describe_counter!(TOKENS_ISSUED, "Access tokens issued, by grant and signing algorithm");
     describe_counter!(DENIALS, "Calls refused, by RPC and reason");
     describe_counter!(REVOCATIONS, "Revocations made durable by Revoke, by kind (jti, session, family)");
+    describe_counter!(
+        super::audit::LINES_DROPPED,
+        "Audit lines dropped because the audit sink stalled (its queue was full)"
+    );
     describe_counter!(REFRESH_REUSE, "Spent refresh tokens presented again (each revoked its family)");
     describe_histogram!(STORE_DURATION, Unit::Seconds, "State store operation latency, by operation");
     describe_counter!(STORE_ERRORS, "State store operations that failed, by operation");

@@ -9,7 +9,7 @@
 //!   presented twice ([`Event::RefreshReuse`]), a key set loaded
 //!   ([`Event::KeysLoaded`]). Flows hold no metrics calls.
 //! - **Sinks.** [`audit::AuditLog`] writes each event as one JSON line
-//!   (stdout or `audit.path`); [`metrics::EventMetrics`] counts them through
+//!   (stdout or `audit.path`) from a writer thread, never in the call's way; [`metrics::EventMetrics`] counts them through
 //!   the `metrics` facade. [`Fanout`] hands an event to both.
 //! - **Per-RPC metrics** are a tower layer in the gRPC stack
 //!   ([`rpc::RpcMetricsLayer`]), store latency a decorator around the store
@@ -343,9 +343,16 @@ pub enum Event<'a> {
 
 /// The event port: every sink (audit, metrics) implements it.
 pub trait Events: Send + Sync + 'static {
-    /// Takes one event. Never fails the call that emitted it: a sink that
-    /// cannot record an event logs why.
+    /// Takes one event. Never fails or slows the call that emitted it: a
+    /// sink that cannot record an event counts and logs why.
     fn emit(&self, event: &Event<'_>);
+
+    /// Reopens files the sink writes to (SIGHUP, after log rotation).
+    fn reopen(&self) {}
+
+    /// Writes out what the sink still holds (at shutdown); blocks for a
+    /// bounded time.
+    fn flush(&self) {}
 }
 
 /// A sink that drops every event.
@@ -383,6 +390,18 @@ impl Events for Fanout {
     fn emit(&self, event: &Event<'_>) {
         for sink in &self.0 {
             sink.emit(event);
+        }
+    }
+
+    fn reopen(&self) {
+        for sink in &self.0 {
+            sink.reopen();
+        }
+    }
+
+    fn flush(&self) {
+        for sink in &self.0 {
+            sink.flush();
         }
     }
 }

@@ -394,12 +394,26 @@ async fn metrics_count_exactly_what_a_scripted_flow_did_and_promtool_accepts_the
     assert_eq!(m.value(issued, &[("grant", "exchange"), ("alg", "EdDSA")]), 1.0);
     promtool_check(&m.text);
 
-    // Audit lines went to stdout (the default), one JSON object each.
-    let printed = srv.printed();
-    let audit: Vec<Value> =
-        printed.lines().filter(|l| l.starts_with("{\"audit\"")).map(|l| serde_json::from_str(l).unwrap()).collect();
-    let count = |name: &str| audit.iter().filter(|e| e["audit"] == name).count();
-    assert_eq!((count("token_issued"), count("denied"), count("revoked"), count("keys_loaded")), (4, 1, 1, 2));
+    // Audit lines went to stdout (the default), one JSON object each, from
+    // the trail's writer thread: soon after the calls returned.
+    let counts = within("the audit lines on stdout", async {
+        loop {
+            let printed = srv.printed();
+            let audit: Vec<Value> = printed
+                .lines()
+                .filter(|l| l.starts_with("{\"audit\""))
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let count = |name: &str| audit.iter().filter(|e| e["audit"] == name).count();
+            let counts = (count("token_issued"), count("denied"), count("revoked"), count("keys_loaded"));
+            if counts.3 == 2 && counts.0 == 4 {
+                return counts;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(counts, (4, 1, 1, 2));
 }
 
 /// Every audit line of the file, parsed.
@@ -418,7 +432,7 @@ fn member<'a>(e: &'a Value, name: &str) -> &'a str {
 #[tokio::test]
 async fn the_audit_trail_records_each_decision_and_nothing_printed_holds_a_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = AuthProcess::start(dir.path(), "\n[audit]\npath = \"audit.jsonl\"\n").await;
+    let mut srv = AuthProcess::start(dir.path(), "\n[audit]\npath = \"audit.jsonl\"\n").await;
     let audit_path = dir.path().join("audit.jsonl");
     let mut secrets: Vec<String> = Vec::new();
     let cred = |name: &str, member: &str| srv.credential(name, member);
@@ -595,6 +609,40 @@ async fn the_audit_trail_records_each_decision_and_nothing_printed_holds_a_secre
             }
         }
     }
+
+    // Rotation: the file moved aside, then SIGHUP; the server writes on
+    // into a new file at `audit.path`, and no line is lost between them.
+    let rotated = dir.path().join("audit.jsonl.1");
+    std::fs::rename(&audit_path, &rotated).unwrap();
+    let hup = Command::new("kill").args(["-HUP", &srv.child.id().to_string()]).status().unwrap();
+    assert!(hup.success());
+    let denied_in = |p: &Path| -> usize {
+        if !p.exists() {
+            return 0;
+        }
+        audit_lines(p).iter().filter(|e| e["audit"] == "denied").count()
+    };
+    let before = denied_in(&rotated);
+    let mut calls = 0;
+    within("a line in the reopened file", async {
+        while denied_in(&audit_path) == 0 {
+            let err = order.exchange_token(exchange("order", "not-the-secret", "", "inventory")).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unauthenticated);
+            calls += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    // The lines of the last calls at SIGTERM are written before the exit.
+    for _ in 0..20 {
+        order.exchange_token(exchange("order", "not-the-secret", "", "inventory")).await.unwrap_err();
+    }
+    calls += 20;
+    let term = Command::new("kill").args(["-TERM", &srv.child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let exited = srv.child.wait().unwrap();
+    assert!(exited.success(), "{exited}");
+    assert_eq!(denied_in(&rotated) + denied_in(&audit_path), before + calls, "every refusal has its line");
 }
 
 /// Concurrent and repeated scrapes within the deny-list TTL share one store
@@ -641,13 +689,32 @@ async fn a_reload_that_keeps_the_keys_writes_no_keys_loaded_line() {
     std::fs::write(&env.config_path, config).unwrap();
     let srv = testkit::TestServer::builder().dev_dir(dir.path()).start().await;
     let audit_path = dir.path().join("audit.jsonl");
-    let keys_loaded =
-        || audit_lines(&audit_path).into_iter().filter(|e| e["audit"] == "keys_loaded").collect::<Vec<_>>();
+    let lines_of = |name: &'static str| {
+        let path = audit_path.clone();
+        move || audit_lines(&path).into_iter().filter(|e| e["audit"] == name).collect::<Vec<_>>()
+    };
+    let keys_loaded = lines_of("keys_loaded");
+    // The trail is written by its own thread, in order: a line the test
+    // causes and then sees marks everything before it as written.
+    let mut order = AuthClient::new(srv.channel("order").await);
+    let mut mark = async |n: usize| {
+        let err = order.exchange_token(exchange("order", "not-the-secret", "", "inventory")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated);
+        let denied = lines_of("denied");
+        within("the audit trail", async {
+            while denied().len() < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    };
+    mark(1).await;
     assert_eq!(keys_loaded().len(), 1, "one at start");
     assert_eq!(keys_loaded()[0]["reload"], false);
     let reloaded = srv.reload().await.unwrap();
     assert_eq!(reloaded.old_kids, reloaded.new_kids);
     srv.reload().await.unwrap();
+    mark(2).await;
     assert_eq!(keys_loaded().len(), 1, "the key set did not change: no keys_loaded line");
     srv.shutdown().await;
 }

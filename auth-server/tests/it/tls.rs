@@ -326,13 +326,33 @@ async fn a_broken_replacement_keeps_the_running_set_logs_why_once_and_a_fixed_on
     srv.reload().await.unwrap();
     assert_eq!(refused(&captured.text()).len(), 2);
 
-    // The matching key arrives: taken at the next poll.
-    volume.update(&second, &dev_ca);
+    // An expired certificate (with its own key) is refused as well: the
+    // running one is still good.
+    let expired = ca.server_cert(4, 2021);
+    volume.update(&expired, &dev_ca);
+    let expired_refusal = |text: &str| {
+        text.lines().any(|l| l.contains("TLS files not reloaded") && l.contains("expired at 2021-12-31T00:00:00Z"))
+    };
+    within("the expired certificate's refusal", async {
+        while !expired_refusal(&captured.text()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let (_, served) = connect(&srv, &order).await.unwrap();
+    assert_eq!(served.serial, serial_of(&first));
+
+    // The matching key arrives, with a client CA added: taken at the next
+    // poll, and the change of who may connect is logged by name.
+    let added = Ca::generate("added client CA").unwrap();
+    volume.update(&second, &format!("{dev_ca}{}", added.cert_pem));
     let tls = until_served(&srv, &order, &serial_of(&second)).await;
     RawH2::over(tls).await.get_jwks().await;
     open.get_jwks().await;
     let text = captured.text();
     assert!(text.contains("TLS files reloaded") && text.contains(&serial_of(&second)), "{text}");
+    let change = text.lines().find(|l| l.contains("client CAs changed")).unwrap_or_else(|| panic!("{text}"));
+    assert!(change.contains("CN=added client CA") && change.contains("removed=[]"), "{change}");
 }
 
 #[tokio::test]
