@@ -338,6 +338,8 @@ pub fn server_config_from_pem(
 
 /// What [`ServerTls::reload`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// Returned once per reload (seconds apart): its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TlsReload {
     /// The files hold the running set.
     Unchanged,
