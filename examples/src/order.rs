@@ -69,9 +69,12 @@ async fn place_order(
 ) -> Result<Json<OrderResponse>, (StatusCode, String)> {
     claims.require_perm("orders:create").map_err(|s| (StatusCode::FORBIDDEN, s.message().to_owned()))?;
     tracing::info!(sub = %claims.sub, "placing order");
+    // The one mapping of token errors: the detail goes to the log, the user
+    // gets a fixed message (a refusal of order's own credentials is not the
+    // user's fault: 502, not 401).
     let channel = state.inventory.on_behalf_of_token(token.as_str()).await.map_err(|e| {
-        let code = if e.is_unavailable() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::FORBIDDEN };
-        (code, e.to_string())
+        let status = tonic::Status::from(e);
+        (http_status(status.code()), status.message().to_owned())
     })?;
     let res = InventoryClient::new(channel)
         .reserve(ReserveRequest { sku: body.sku, quantity: body.quantity })

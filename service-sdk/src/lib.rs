@@ -129,7 +129,7 @@
 //! | `auth_sdk_revocation_feed_last_heard_timestamp_seconds` | gauge | `audience` | Unix time of the last snapshot, revocation or heartbeat (`time() - ...` is the staleness, computed by Prometheus) |
 //! | `auth_sdk_revocation_feed_entries` | gauge | `audience` | revoked `jti`s and `sid`s held |
 //! | `auth_sdk_revocation_served_stale_total` | counter | `audience` | checks answered from the last known deny set of a stale feed ([`StalePolicy::ServeLastKnown`]) |
-//! | `auth_sdk_token_exchanges_total` | counter | `audience`, `outcome` | `ExchangeToken` calls of a [`TokenSource`]: `outcome` `ok` or the [`TokenError::label`] (`credentials`: the credentials could not be read, nothing was sent) |
+//! | `auth_sdk_token_exchanges_total` | counter | `audience`, `outcome` | `ExchangeToken` calls of a [`TokenSource`]: `outcome` `ok` or the [`TokenError::label`] (`credentials_rejected`: the auth service refused this service's own credentials; `credentials`: the credentials could not be read, nothing was sent) |
 //! | `auth_sdk_token_renewals_total` | counter | `audience` | exchanges sent by the background renewer |
 //! | `auth_sdk_token_waits_total` | counter | `audience` | token requests that found no valid cached token and waited for an exchange |
 //!
@@ -138,6 +138,7 @@
 //! audience in one process share their series.
 
 pub mod backoff;
+mod cause;
 mod claims;
 mod client;
 pub mod env;

@@ -173,7 +173,22 @@ impl ServerCertVerifier for AuthServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified = self.webpki.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        let verified = self
+            .webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            .inspect_err(|e| {
+                if let rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+                    expected,
+                    presented,
+                }) = e
+                {
+                    tracing::warn!(
+                        expected = expected.to_str().as_ref(),
+                        presented = ?presented,
+                        "auth server refused: its certificate does not name the host dialled"
+                    );
+                }
+            })?;
         let ids = uri_sans(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         if ids.iter().any(|id| id == self.expected.as_str()) {
             return Ok(verified);

@@ -52,9 +52,16 @@ pub enum JwksError {
     /// The HTTP server answered with a non-success status.
     #[error("JWKS endpoint answered HTTP {0}")]
     HttpStatus(u16),
-    /// `GetJwks` answered with a gRPC error.
-    #[error("GetJwks failed: {0:?}")]
-    Grpc(tonic::Code),
+    /// `GetJwks` failed: the auth server answered with a gRPC error, or the
+    /// channel could not reach it (a TLS refusal names the server name
+    /// expected and the names its certificate presents).
+    #[error("GetJwks failed: {detail}")]
+    Grpc {
+        /// The status code.
+        code: tonic::Code,
+        /// The status's code, message and causes.
+        detail: String,
+    },
     /// The fetch did not complete within the configured timeout.
     #[error("JWKS fetch timed out")]
     Timeout,
@@ -72,7 +79,7 @@ impl JwksError {
             JwksError::BadCa(_) => "bad_ca",
             JwksError::Transport(_) => "transport",
             JwksError::HttpStatus(_) => "http_status",
-            JwksError::Grpc(_) => "grpc",
+            JwksError::Grpc { .. } => "grpc",
             JwksError::Timeout => "timeout",
             JwksError::Unusable => "unusable",
         }
@@ -172,7 +179,12 @@ impl JwksSource {
         let json = match &self.0 {
             Source::Grpc(channel) => {
                 let mut client = AuthClient::new(channel.clone());
-                client.get_jwks(GetJwksRequest {}).await.map_err(|s| JwksError::Grpc(s.code()))?.into_inner().jwks_json
+                client
+                    .get_jwks(GetJwksRequest {})
+                    .await
+                    .map_err(|s| JwksError::Grpc { code: s.code(), detail: crate::cause::status(&s) })?
+                    .into_inner()
+                    .jwks_json
             }
             Source::Https(h) => h.get().await?,
             Source::Fixed(keys) => return Ok(KeySet::clone(keys)),
@@ -193,8 +205,13 @@ impl HttpsJwks {
             .await
             .map_err(|e| JwksError::Transport(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let tls =
-            self.connector.connect(self.name.clone(), tcp).await.map_err(|e| JwksError::Transport(e.to_string()))?;
+        // A refused certificate's text names the host expected and the
+        // names the certificate presents.
+        let tls = self
+            .connector
+            .connect(self.name.clone(), tcp)
+            .await
+            .map_err(|e| JwksError::Transport(crate::cause::chain(&e)))?;
         self.request(tls).await
     }
 

@@ -145,7 +145,13 @@ async fn file_credentials_follow_an_atomic_rename() {
         .build();
 
     let err = source.token("inventory").await.unwrap_err();
-    assert_eq!(err, TokenError::Unauthenticated { audience: "inventory".into() });
+    assert_eq!(
+        err,
+        TokenError::CredentialsRejected {
+            audience: "inventory".into(),
+            reason: "Unauthenticated: invalid client credentials".into(),
+        }
+    );
 
     replace_atomically(&path, &json!({ "client_id": id, "client_secret": secret }).to_string());
     let token = source.token("inventory").await.unwrap();
@@ -314,7 +320,8 @@ async fn audience_outside_the_policy_is_permission_denied() {
     let srv = TestServer::start().await;
     let source = source(&srv, "order", &TestClock::at_now());
     let err = source.token("admin").await.unwrap_err();
-    assert_eq!(err, TokenError::PermissionDenied { audience: "admin".into() });
+    let reason = "PermissionDenied: audience not allowed for this account".into();
+    assert_eq!(err, TokenError::PermissionDenied { audience: "admin".into(), reason });
 }
 
 #[tokio::test]
@@ -330,7 +337,10 @@ async fn exchange_back_off_is_timed_on_the_source_clock() {
         .backoff(Duration::from_secs(4), Duration::from_secs(60))
         .build();
 
-    let refused = TokenError::Unauthenticated { audience: "inventory".into() };
+    let refused = TokenError::CredentialsRejected {
+        audience: "inventory".into(),
+        reason: "Unauthenticated: invalid client credentials".into(),
+    };
     assert_eq!(source.token("inventory").await.unwrap_err(), refused);
     replace_atomically(&path, &json!({ "client_id": id, "client_secret": secret }).to_string());
     // The first delay is 2 to 4 s of the source clock, which stands still:
@@ -560,4 +570,97 @@ async fn handler_calls_downstream_on_behalf_of_its_caller_in_one_line() {
     assert_eq!(status.code(), Code::Unauthenticated);
     inv_task.abort();
     order_task.abort();
+}
+
+/// What the user's client gets from order, calling inventory on the user's
+/// behalf, when order's token source reaches the auth server as dev client
+/// `channel_as` with `credentials`; and the error order's source logged.
+async fn order_on_behalf_of_alice(
+    srv: &TestServer,
+    channel_as: &str,
+    credentials: ClientCredentials,
+) -> (Status, TokenError) {
+    let (inventory_addr, inv_task) = serve_behind_verifier(srv, "inventory", Stub::Inventory).await;
+    let source = TokenSource::builder(channel_to(&srv.dir, channel_as, srv.grpc_addr), credentials)
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .build();
+    let to_inventory = AuthChannel::new(channel_to(&srv.dir, "order", inventory_addr), source.clone(), "inventory");
+    let (order_addr, order_task) = serve_behind_verifier(srv, "order", Stub::Order { inventory: to_inventory }).await;
+    let user_token = login_alice(srv).await;
+    let mut req = Request::new(pb::GetJwksRequest {});
+    req.metadata_mut().insert("authorization", format!("Bearer {user_token}").parse().unwrap());
+    let status = AuthClient::new(channel_to(&srv.dir, "admin", order_addr)).get_jwks(req).await.unwrap_err();
+    // The error the source logs (its `Display` is the log line's `error`).
+    let logged = source.token_for("inventory").on_behalf_of(&user_token).await.unwrap_err();
+    inv_task.abort();
+    order_task.abort();
+    (status, logged)
+}
+
+#[tokio::test]
+async fn a_service_whose_own_credentials_are_refused_fails_its_caller_with_internal_not_unauthenticated() {
+    let srv = TestServer::start().await;
+    let (id, secret) = srv.client_credentials("order");
+    for (case, channel_as, credentials) in [
+        ("wrong secret", "order", ClientCredentials::new(id.clone(), "not-the-secret")),
+        ("no such account", "order", ClientCredentials::new("payments", secret.clone())),
+        ("another service's certificate", "inventory", ClientCredentials::new(id.clone(), secret.clone())),
+    ] {
+        let (status, logged) = order_on_behalf_of_alice(&srv, channel_as, credentials).await;
+        // The user's token is fine: the user is not told otherwise.
+        assert_eq!(status.code(), Code::Internal, "{case}: {status:?}");
+        assert_eq!(status.message(), "this service's credentials were refused by the auth service", "{case}");
+        // The service's log says whose fault, with the auth server's answer.
+        assert!(matches!(logged, TokenError::CredentialsRejected { .. }), "{case}: {logged:?}");
+        let line = logged.to_string();
+        assert!(
+            line.contains("own credentials") && line.contains("Unauthenticated: invalid client credentials"),
+            "{case}: {line}"
+        );
+    }
+    // With its own credentials right, order's call goes through.
+    let (id, secret) = srv.client_credentials("order");
+    let (inventory_addr, inv_task) = serve_behind_verifier(&srv, "inventory", Stub::Inventory).await;
+    let source =
+        TokenSource::builder(channel_to(&srv.dir, "order", srv.grpc_addr), ClientCredentials::new(id, secret)).build();
+    let mut inventory =
+        AuthClient::new(AuthChannel::new(channel_to(&srv.dir, "order", inventory_addr), source, "inventory"));
+    inventory.get_jwks(pb::GetJwksRequest {}).await.unwrap();
+    inv_task.abort();
+}
+
+#[tokio::test]
+async fn a_refused_user_token_stays_unauthenticated_with_the_servers_reason() {
+    let srv = TestServer::start().await;
+    let source = source(&srv, "order", &TestClock::at_now());
+    // A token addressed to order, tampered with: the auth server refuses it
+    // as the subject, and order's own credentials are fine.
+    let user_token = login_alice(&srv).await;
+    let (head, _) = user_token.rsplit_once('.').unwrap();
+    let forged = format!("{head}.{}", "A".repeat(86));
+    let err = source.token_for("inventory").on_behalf_of(&forged).await.unwrap_err();
+    assert!(matches!(err, TokenError::Unauthenticated { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("user's token") && err.to_string().contains("Unauthenticated: invalid token"),
+        "{err}"
+    );
+    assert_eq!(Status::from(err).code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn a_tls_name_mismatch_is_logged_with_the_expected_and_the_presented_names() {
+    let srv = TestServer::start().await;
+    // The dev auth server's certificate names localhost and 127.0.0.1, not
+    // "auth".
+    let wrong = mtls(&srv.dir, "inventory").channel(&format!("https://{}", srv.grpc_addr), "auth").unwrap();
+    let err = JwksSource::grpc(wrong.clone()).fetch().await.unwrap_err();
+    assert!(matches!(err, JwksError::Grpc { code: Code::Unavailable, .. }), "{err:?}");
+    // The verifier's log line is this text.
+    let line = err.to_string();
+    assert!(line.contains("not valid for name \"auth\""), "the expected name: {line}");
+    assert!(line.contains("localhost") && line.contains("127.0.0.1"), "the presented names: {line}");
+    // The token source's too.
+    let source = TokenSource::builder(wrong, creds(&srv, "inventory")).build();
+    let line = source.token("order").await.unwrap_err().to_string();
+    assert!(line.contains("not valid for name \"auth\"") && line.contains("localhost"), "{line}");
 }

@@ -307,7 +307,7 @@ async fn token_source_counts_exchanges_renewals_and_waits_by_target_audience() {
     assert_eq!((count(RENEWALS, &[("audience", AUD)]), count(WAITS, &[("audience", AUD)])), (1, 3));
 
     // Refused by the policy, and the auth server out of reach.
-    assert_eq!(source.token(DENIED).await.unwrap_err(), TokenError::PermissionDenied { audience: DENIED.into() });
+    assert!(matches!(source.token(DENIED).await.unwrap_err(), TokenError::PermissionDenied { .. }));
     assert_eq!((exchanges(DENIED, "permission_denied"), count(WAITS, &[("audience", DENIED)])), (1, 1));
     proxy.cut();
     assert!(matches!(source.token(CUT).await.unwrap_err(), TokenError::Unavailable { .. }));

@@ -113,7 +113,13 @@ async fn secret_rotated_in_vault_is_used_without_restart() {
         .backoff(Duration::ZERO, Duration::ZERO)
         .build();
     let err = source.token("inventory").await.unwrap_err();
-    assert_eq!(err, TokenError::Unauthenticated { audience: "inventory".into() });
+    assert_eq!(
+        err,
+        TokenError::CredentialsRejected {
+            audience: "inventory".into(),
+            reason: "Unauthenticated: invalid client credentials".into(),
+        }
+    );
 
     // Rotation: the new secret is written to Vault (a new KV version).
     bao.kv_put(KV_PATH, &put_creds(&current)).await;

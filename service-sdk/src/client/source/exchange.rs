@@ -265,10 +265,10 @@ impl Inner {
         };
         let creds = self.creds.current().await.map_err(unreadable)?;
         match self.exchange_once(&creds, audience, subject, renewal).await {
-            Err(TokenError::Unauthenticated { .. }) => {
+            Err(refused @ TokenError::CredentialsRejected { .. }) => {
                 let fresh = self.creds.refresh().await.map_err(unreadable)?;
                 if fresh == creds {
-                    return Err(TokenError::Unauthenticated { audience: audience.into() });
+                    return Err(refused);
                 }
                 tracing::info!(audience, "credentials changed after a rejection; retrying the exchange");
                 self.exchange_once(&fresh, audience, subject, renewal).await
@@ -291,7 +291,7 @@ impl Inner {
         req.requested_ttl = Duration::from_secs(u64::from(self.cfg.requested_ttl));
         let result = match self.exchange.clone().oneshot(req).await {
             Ok(resp) => cached(resp, self.clock.now_unix(), &self.cfg, audience),
-            Err(e) => Err(TokenError::from_exchange(audience, e)),
+            Err(e) => Err(TokenError::from_exchange(audience, subject.is_some(), e)),
         };
         self.stats.exchange_done(audience, result.as_ref().map(|_| ()));
         result

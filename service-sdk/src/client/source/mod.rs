@@ -381,7 +381,7 @@ mod tests {
             .build();
 
         let err = source.token("inventory").await.unwrap_err();
-        assert_eq!(err, TokenError::Unavailable { audience: "inventory".into(), reason: "Unavailable".into() });
+        assert_eq!(err, TokenError::Unavailable { audience: "inventory".into(), reason: "Unavailable: down".into() });
         script.down.store(false, Ordering::SeqCst);
         // Real time passes, the source clock does not: still backing off
         // (the first delay is in [1 s, 2 s]), with the last error, at once.
