@@ -276,7 +276,15 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Dev { dir, command: Some(command), .. } => run_dev(&dir, command),
         Command::Dev { dir, flags, command: None } => {
-            let env = dev::ensure(&dir).map_err(|e| e.to_string())?;
+            // A new dev config records the addresses of its first run, so
+            // `dev add-service` prints the AUTH_URL that reaches it.
+            let addr = |a: Option<SocketAddr>, default: &str| a.map_or_else(|| default.to_owned(), |a| a.to_string());
+            let env = dev::ensure_with(
+                &dir,
+                &addr(flags.grpc_addr, "127.0.0.1:50051"),
+                &addr(flags.http_addr, "127.0.0.1:8080"),
+            )
+            .map_err(|e| e.to_string())?;
             let cfg = Config::load(&env.config_path, &flags.overrides()).map_err(|e| e.to_string())?;
             run_server(cfg, Some(env)).await
         }

@@ -3,6 +3,9 @@
 //!
 //! - `inventory`: a tonic service behind `RequireAuthLayer`.
 //! - `order`: an HTTP front that calls inventory on behalf of the user.
+//! - `payments`: the service README.md "Add a service" walks through (the
+//!   README shows `src/bin/payments.rs` whole; `tests/it/readme.rs` runs the
+//!   section's commands as written).
 //! - `demo`: the whole story in one process; `cargo run -p examples --bin demo`.
 //! - `loadgen`: load for the auth service; see BENCHMARKS.md. How it paces
 //!   and times a load, and writes its report, is in [`loadgen`].

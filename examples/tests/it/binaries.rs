@@ -13,6 +13,7 @@ fn every_example_binary_answers_help_without_starting() {
         ("demo", env!("CARGO_BIN_EXE_demo")),
         ("loadgen", env!("CARGO_BIN_EXE_loadgen")),
         ("floor", env!("CARGO_BIN_EXE_floor")),
+        ("payments", env!("CARGO_BIN_EXE_payments")),
     ] {
         let mut cmd = command(bin);
         cmd.arg("--help");

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 mod binaries;
 mod demo;
 mod floor;
+mod readme;
 mod traces;
 
 /// Upper bound on waiting for something that must happen; reaching it
