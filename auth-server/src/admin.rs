@@ -478,6 +478,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// A new service account: what goes in the accounts file, and what the
 /// service gets.
 pub struct NewAccount {
+    /// The client id.
+    pub name: String,
     /// The `[[account]]` block for the accounts file (the secret's digest,
     /// never the secret).
     pub accounts_toml: String,
@@ -509,13 +511,23 @@ pub struct AccountSpec {
 
 /// Parses `AUD=scope,scope` (or `AUD` alone: no scopes) into `spec`.
 pub fn add_audience(spec: &mut AccountSpec, arg: &str) -> Result<(), AdminError> {
+    parse_audience(&mut spec.audiences, arg)
+}
+
+/// Parses `AUD=scope,scope` (or `AUD` alone: no scopes) into `audiences`;
+/// an audience given twice or not made of letters, digits, `-`, `_`, `.`,
+/// `:` is an error.
+pub fn parse_audience(audiences: &mut BTreeMap<String, Vec<String>>, arg: &str) -> Result<(), AdminError> {
     let (aud, scopes) = arg.split_once('=').unwrap_or((arg, ""));
     let aud = aud.trim();
     if aud.is_empty() {
         return Err(AdminError::Argument(format!("--audience {arg:?}: the audience name is empty (AUD=scope,scope)")));
     }
+    if !valid_name(aud) {
+        return Err(AdminError::Argument(format!("--audience {aud:?}: use letters, digits, '-', '_', '.' or ':'")));
+    }
     let scopes: Vec<String> = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-    if spec.audiences.insert(aud.to_owned(), scopes).is_some() {
+    if audiences.insert(aud.to_owned(), scopes).is_some() {
         return Err(AdminError::Argument(format!("--audience {aud:?} given twice")));
     }
     Ok(())
@@ -557,7 +569,7 @@ pub fn new_account(spec: &AccountSpec) -> Result<NewAccount, AdminError> {
         .map_err(|e| AdminError::Argument(format!("TOML: {e}")))?;
     Directory::new(vec![], vec![account]).map_err(|e| AdminError::Argument(e.to_string()))?;
     let credentials_json = serde_json::json!({ "client_id": spec.name, "client_secret": secret }).to_string();
-    Ok(NewAccount { accounts_toml, credentials_json })
+    Ok(NewAccount { name: spec.name.clone(), accounts_toml, credentials_json })
 }
 
 impl NewAccount {
@@ -571,16 +583,20 @@ impl NewAccount {
         );
         match credentials_written_to {
             Some(path) => out.push_str(&format!(
-                "\n# The service's credentials (client_id, client_secret) are in {} (mode 0600): move them to\n\
-                 # Vault or a Kubernetes Secret, where the SDK's FileCredentials reads them. The secret is\n\
-                 # shown nowhere else and cannot be recovered from the block above.\n",
-                path.display()
+                "\n# The service's credentials (client_id, client_secret) are in {path} (mode 0600): move them to\n\
+                 # Vault or a Kubernetes Secret, where the SDK's FileCredentials reads them, then delete the file:\n\
+                 #   bao kv put -mount=secret <team>/{name}/auth-client @{path}\n\
+                 # The secret is shown nowhere else and cannot be recovered from the block above.\n",
+                path = path.display(),
+                name = self.name,
             )),
             None => out.push_str(&format!(
                 "\n# The service's credentials, shown once: put them in Vault or a Kubernetes Secret (the SDK's\n\
-                 # FileCredentials reads this document), never in git. The secret cannot be recovered\n\
-                 # from the block above.\n{}\n",
-                self.credentials_json
+                 # FileCredentials reads this document), never in git, e.g. saved as {name}.json:\n\
+                 #   bao kv put -mount=secret <team>/{name}/auth-client @{name}.json\n\
+                 # The secret cannot be recovered from the block above.\n{json}\n",
+                name = self.name,
+                json = self.credentials_json
             )),
         }
         out

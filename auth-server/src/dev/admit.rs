@@ -139,6 +139,28 @@ impl DevDir {
         Ok(())
     }
 
+    /// The users and accounts files' texts, and the directory they make;
+    /// `kind` and `name` are refused if either already holds the name.
+    fn current(&self, kind: &'static str, name: &str) -> Result<(String, String), DevError> {
+        let (users_file, accounts_file) = (&self.config.users_file, &self.config.accounts_file);
+        let users = self.read(users_file)?;
+        let accounts = self.read(accounts_file)?;
+        let (file, held) = match Directory::from_toml(&users, &accounts) {
+            Ok(d) if kind == "user" => (users_file, d.user(name).is_some()),
+            Ok(d) => (accounts_file, d.account(name).is_some()),
+            Err(e) => return Err(DevError::Invalid { path: accounts_file.clone(), problem: e.to_string() }),
+        };
+        if held {
+            return Err(DevError::Exists {
+                kind,
+                name: name.to_owned(),
+                what: format!("{} already has {kind} {name:?}", file.display()),
+            });
+        }
+        self.refuse_taken_credentials(kind, name)?;
+        Ok((users, accounts))
+    }
+
     fn read(&self, path: &Path) -> Result<String, DevError> {
         std::fs::read_to_string(path).map_err(|source| DevError::Io { path: path.to_owned(), source })
     }
@@ -213,20 +235,10 @@ fn check_user_name(name: &str) -> Result<(), DevError> {
     }
 }
 
-/// Parses `AUD=scope,scope` (or `AUD` alone: no scopes) into `audiences`.
+/// Parses `AUD=scope,scope` (or `AUD` alone: no scopes) into `audiences`,
+/// as `new-account --audience` does.
 pub fn parse_audience(audiences: &mut BTreeMap<String, Vec<String>>, arg: &str) -> Result<(), DevError> {
-    let (aud, scopes) = arg.split_once('=').unwrap_or((arg, ""));
-    let aud = aud.trim();
-    if aud.is_empty() || !aud.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)) {
-        return Err(DevError::Argument(format!(
-            "--audience {arg:?}: give AUD=scope,scope with AUD made of letters, digits, '-', '_', '.' or ':'"
-        )));
-    }
-    let scopes = scopes.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-    if audiences.insert(aud.to_owned(), scopes).is_some() {
-        return Err(DevError::Argument(format!("--audience {aud:?} given twice")));
-    }
-    Ok(())
+    crate::admin::parse_audience(audiences, arg).map_err(|e| DevError::Argument(e.to_string()))
 }
 
 /// Admits service `spec.name` to the dev environment in `dir`: issues its
@@ -239,19 +251,7 @@ pub fn add_service(dir: &Path, spec: &ServiceSpec) -> Result<AddedService, DevEr
     let name = spec.name.as_str();
     check_service_name(name, &dev)?;
     let accounts_file = dev.config.accounts_file.clone();
-    let users_file = dev.config.users_file.clone();
-    let accounts_text = dev.read(&accounts_file)?;
-    let users_text = dev.read(&users_file)?;
-    let current = Directory::from_toml(&users_text, &accounts_text)
-        .map_err(|e| DevError::Invalid { path: accounts_file.clone(), problem: e.to_string() })?;
-    if current.account(name).is_some() {
-        return Err(DevError::Exists {
-            kind: "service",
-            name: name.to_owned(),
-            what: format!("an account with client_id {name:?} is in {}", accounts_file.display()),
-        });
-    }
-    dev.refuse_taken_credentials("service", name)?;
+    let (users_text, accounts_text) = dev.current("service", name)?;
     let cert_path = dev.dir.join("clients").join(format!("{name}.pem"));
     let key_path = dev.dir.join("clients").join(format!("{name}-key.pem"));
     for p in [&cert_path, &key_path] {
@@ -358,18 +358,7 @@ pub fn add_user(dir: &Path, spec: &UserSpec) -> Result<AddedUser, DevError> {
     let name = spec.name.as_str();
     check_user_name(name)?;
     let users_file = dev.config.users_file.clone();
-    let users_text = dev.read(&users_file)?;
-    let accounts_text = dev.read(&dev.config.accounts_file)?;
-    let current = Directory::from_toml(&users_text, &accounts_text)
-        .map_err(|e| DevError::Invalid { path: users_file.clone(), problem: e.to_string() })?;
-    if current.user(name).is_some() {
-        return Err(DevError::Exists {
-            kind: "user",
-            name: name.to_owned(),
-            what: format!("a user {name:?} is in {}", users_file.display()),
-        });
-    }
-    dev.refuse_taken_credentials("user", name)?;
+    let (users_text, accounts_text) = dev.current("user", name)?;
 
     let password = generate_secret().map_err(|_| DevError::Generate("password"))?;
     let user = User {
