@@ -368,6 +368,36 @@ pub struct RedisConfig {
     /// How long a write waits for `min_replicas_acked` replicas (the `WAIT`
     /// timeout); below `command_timeout_ms`.
     pub replica_ack_timeout_ms: u64,
+    /// The key layout (see `docs/REDIS.md`): `auto` (the default) is
+    /// `sharded` for a `redis-cluster://` URL, `single` otherwise.
+    pub layout: RedisLayout,
+}
+
+/// `redis.layout`: how the store's keys are hash-tagged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisLayout {
+    /// `sharded` for a cluster URL, `single` otherwise.
+    #[default]
+    Auto,
+    /// Every key under one hash tag: one slot, every script atomic over
+    /// all of them (a lone Redis, Sentinel, or a cluster for failover only).
+    Single,
+    /// Keys tagged by their natural unit (a refresh family, a deny shard),
+    /// spread over a cluster's primaries.
+    Sharded,
+}
+
+impl RedisConfig {
+    /// The key layout the store (and the SDK's Redis mode) use.
+    pub fn key_layout(&self) -> service_sdk::redis_layout::KeyLayout {
+        use service_sdk::redis_layout::KeyLayout;
+        match self.layout {
+            RedisLayout::Auto => KeyLayout::for_url(&self.prefix, &self.url),
+            RedisLayout::Single => KeyLayout::new(&self.prefix),
+            RedisLayout::Sharded => KeyLayout::sharded(&self.prefix),
+        }
+    }
 }
 
 impl Default for RedisConfig {
@@ -380,6 +410,7 @@ impl Default for RedisConfig {
             subscriber_ping_ms: DEFAULT_SUBSCRIBER_PING_MS,
             min_replicas_acked: 0,
             replica_ack_timeout_ms: 500,
+            layout: RedisLayout::Auto,
         }
     }
 }
@@ -879,6 +910,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("subscriber_ping_ms", &self.subscriber_ping_ms)
             .field("min_replicas_acked", &self.min_replicas_acked)
             .field("replica_ack_timeout_ms", &self.replica_ack_timeout_ms)
+            .field("layout", &self.layout)
             .finish()
     }
 }
@@ -1990,6 +2022,21 @@ signing = { path = "s.pem" }
         let cfg = Config::from_toml_str(&text, dir.path()).unwrap();
         let redis = cfg.redis().unwrap();
         assert_eq!((redis.min_replicas_acked, redis.replica_ack_timeout_ms), (2, 1999));
+    }
+
+    #[test]
+    fn the_key_layout_follows_the_url_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = |store: &str, extra: &str| {
+            let text = format!("store = \"{store}\"\n{}{extra}", base(dir.path()));
+            Config::from_toml_str(&text, dir.path()).unwrap().redis().unwrap().key_layout().is_sharded()
+        };
+        assert!(!layout("redis://r:6379", ""));
+        assert!(layout("redis-cluster://r:7000", ""));
+        assert!(!layout("redis-cluster://r:7000", "[redis]\nlayout = \"single\"\n"));
+        assert!(layout("redis://r:6379", "[redis]\nlayout = \"sharded\"\n"));
+        let text = format!("store = \"redis://r:6379\"\n{}[redis]\nlayout = \"wide\"\n", base(dir.path()));
+        assert!(Config::from_toml_str(&text, dir.path()).is_err());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TokensConfig, WatchConfig};
 use crate::directory::{Directory, DirectoryFiles, random_token};
 use crate::error::AuthError;
-use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest};
+use crate::grant::{Grant, Minted, PASSWORD_CLIENT_ID, RefreshIssued, refresh_digest, refresh_token};
 use crate::keys::{KeyError, SigningKeys};
 use crate::observe::{Events, NoEvents};
 use crate::password::{PasswordPool, PoolConfig};
@@ -247,10 +247,11 @@ impl AuthCore {
         audience: Vec<String>,
         scope: Vec<String>,
     ) -> Result<RefreshIssued, AuthError> {
-        let token = random_token(32)?;
+        let family = random_token(16)?;
+        let token = refresh_token(&family, &random_token(32)?);
         let now = self.clock.now_unix();
         let record = RefreshRecord {
-            family: random_token(16)?,
+            family,
             sid: sid.to_owned(),
             sub: sub.to_owned(),
             client_id: PASSWORD_CLIENT_ID.into(),

@@ -67,9 +67,32 @@ impl std::fmt::Debug for RefreshIssued {
     }
 }
 
-/// The store key of a refresh token: base64url SHA-256.
+/// A new refresh token of `family`: `<family>.<secret>`, so that the
+/// family (and with it the store's slot in a sharded Redis Cluster) is
+/// known from the token alone. The family id is no secret: the server
+/// stores it in the clear, and `secret` carries the token's 256 bits.
+pub fn refresh_token(family: &str, secret: &str) -> String {
+    format!("{family}.{secret}")
+}
+
+/// The store key of a refresh token: `<family>.<base64url SHA-256 of the
+/// whole token>` for a token `<family>.<secret>` (as [`refresh_token`]
+/// makes them), else the bare base64url SHA-256 (tokens issued before
+/// families were named in them, and anything malformed, which no record
+/// matches). A family is 1 to 64 characters of base64url; anything else
+/// before a `.` is not taken for one, so a presented token cannot pick the
+/// hash tag its lookup goes to.
 pub fn refresh_digest(token: &str) -> String {
-    URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()))
+    let hash = URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, token.as_bytes()));
+    match token.split_once('.') {
+        Some((family, _)) if is_family_id(family) => format!("{family}.{hash}"),
+        _ => hash,
+    }
+}
+
+/// Whether `id` may be a refresh family id: 1 to 64 base64url characters.
+fn is_family_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// How a token was obtained.
@@ -189,5 +212,20 @@ mod tests {
         assert_eq!(d.len(), 43);
         assert_ne!(d, refresh_digest("token2"));
         assert!(!d.contains('=') && !d.contains('+') && !d.contains('/'));
+    }
+
+    #[test]
+    fn a_refresh_digest_names_the_tokens_family() {
+        let token = refresh_token("Fam_1-x", "secret");
+        assert_eq!(token, "Fam_1-x.secret");
+        let d = refresh_digest(&token);
+        let (family, hash) = d.split_once('.').unwrap();
+        assert_eq!((family, hash.len()), ("Fam_1-x", 43));
+        assert_ne!(refresh_digest("Fam_1-x.other"), d, "the hash covers the secret");
+        // Nothing but a base64url family is taken for one: no braces (hash
+        // tags) or other characters from a presented token reach the key.
+        for bad in ["{x}.secret", "a}b.secret", ".secret", "no-dot", &format!("{}.s", "f".repeat(65))] {
+            assert!(!refresh_digest(bad).contains('.'), "{bad}");
+        }
     }
 }

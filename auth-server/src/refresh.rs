@@ -1,5 +1,7 @@
 //! Refresh: single-use rotation with reuse detection. Refresh tokens are
-//! opaque (256 random bits); the store keeps only their SHA-256 digest.
+//! opaque to clients, `<family>.<secret>` (a 256-bit random secret after the
+//! family id, so a sharded store finds the family's slot from the token);
+//! the store keeps only their SHA-256 digest, under the family.
 //!
 //! Mint first, then commit: the flow reads the presented token's record,
 //! decides and signs the new access token, and only then spends the token,
@@ -15,7 +17,7 @@
 use crate::core::AuthCore;
 use crate::directory::random_token;
 use crate::error::AuthError;
-use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest};
+use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest, refresh_token};
 use crate::observe::Event;
 use crate::store::{ConsumeOutcome, RefreshCommit};
 
@@ -35,7 +37,10 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
     let family = record.as_ref().map(|r| (r.family.clone(), r.sid.clone()));
     let grant = policy::grant(record, |sub| current.directory.user(sub), t.access_ttl_secs)?;
     let access = core.sign(&current, grant, now).await?;
-    let next = random_token(32)?;
+    // The successor names the same family (the grant exists, so the record
+    // was read).
+    let family_id = family.as_ref().map(|(f, _)| f.as_str()).unwrap_or_default();
+    let next = refresh_token(family_id, &random_token(32)?);
     let recorded = current.recorded(&access.claims);
     let commit = RefreshCommit {
         digest: &digest,

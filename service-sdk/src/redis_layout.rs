@@ -27,17 +27,28 @@
 //! `P:revocations` (no braces) as `<kind>|<deny_until>|<id>` with kind `j`,
 //! `s` or `f`.
 //!
-//! # Other layouts
+//! # The sharded layout
+//!
+//! [`KeyLayout::sharded`] spreads the keys over a Redis Cluster's
+//! primaries, tagging each by the unit one atomic step needs:
+//!
+//! | unit | hash tag | keys |
+//! | --- | --- | --- |
+//! | a refresh family | `{P:f:<family>}` | `…:rt:<digest>` (digests are `<family>.<sha256>`), `…:rv:family` (the family's deny entry) |
+//! | a deny shard `i` of [`DENY_SHARDS`] | `{P:d<i>.<salt>}` | `…:i:<jti>` (deny mark and registry entry), `…:rv:jti:<m>`, `…:rv:jti:idx`, `…:rv:sid`, `…:rv:family` (the shard's revoked families, for snapshots) |
+//!
+//! A `jti` or `sid` belongs to the shard covering its own hash slot; each
+//! shard's salt puts its tag in shard `i`'s range of 1024 slots, so
+//! contiguous slot ranges get their share. [`KeyLayout::for_url`] picks this
+//! layout for cluster URLs. The is-revoked check ([`is_revoked`]) is then
+//! one call when the `jti` and the session share a shard, else two, one per
+//! slot ([`run_is_revoked`] runs them concurrently).
 //!
 //! Callers never build a key themselves: every key, and every script's KEYS,
-//! come from a `KeyLayout`. A sharded layout (keys tagged by their natural
-//! unit, such as a session or a refresh family, and deny entries spread
-//! over slots) is another value of this type: the auth server's unit test
+//! come from a `KeyLayout`. The auth server's unit test
 //! `every_script_keeps_its_keys_in_one_slot` computes the hash slot
-//! ([`hash_slot`]) of the KEYS of every script call under each layout and
-//! refuses a layout that would make a script cross slots. The snapshot
-//! already reads every [`DenyShard`] of a layout; this one has a single
-//! shard.
+//! ([`hash_slot`]) of the KEYS of every script call under both layouts and
+//! refuses one that would make a script cross slots.
 
 use std::sync::LazyLock;
 
@@ -63,11 +74,16 @@ pub fn common_slot<S: AsRef<str>>(keys: &[S]) -> Option<u16> {
     rest.iter().all(|key| hash_slot(key.as_ref()) == slot).then_some(slot)
 }
 
+/// How many deny shards the sharded layout spreads the deny list over.
+pub const DENY_SHARDS: usize = 16;
+
 /// The keys of one part of the deny list: revoked sessions, revoked
-/// families, and the bucketed list of revoked `jti`s that snapshots read.
+/// families, and the bucketed list of revoked `jti`s that snapshots read,
+/// and (in the sharded layout) the deny marks of the `jti`s it holds.
 /// All of one shard's keys share a slot, so one script reads it whole.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DenyShard {
+    tag: String,
     sessions: String,
     families: String,
     jti_index: String,
@@ -77,6 +93,7 @@ pub struct DenyShard {
 impl DenyShard {
     fn new(tag: &str) -> Self {
         Self {
+            tag: tag.to_owned(),
             sessions: format!("{tag}rv:sid"),
             families: format!("{tag}rv:family"),
             jti_index: format!("{tag}rv:jti:idx"),
@@ -110,6 +127,24 @@ impl DenyShard {
     pub fn jti_bucket_prefix(&self) -> &str {
         &self.jti_buckets
     }
+
+    /// The slot of every key of this shard.
+    pub fn slot(&self) -> u16 {
+        hash_slot(&self.sessions)
+    }
+}
+
+/// The keys a refresh commit checks before it spends a token: the deny
+/// entries of its family and, when the layout keeps sessions in the same
+/// slot, of its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefreshGuards {
+    /// The sorted set that holds the family's deny entry.
+    pub family: String,
+    /// The sorted set that holds the session's deny entry, when it shares
+    /// the refresh token's slot; otherwise the session is checked apart
+    /// (in its own deny shard), after the commit.
+    pub session: Option<String>,
 }
 
 /// The names of the auth server's Redis keys and channel for one
@@ -117,11 +152,13 @@ impl DenyShard {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyLayout {
     prefix: String,
-    /// `{P}:`
+    /// `{P}:` (the single-slot layout's tag).
     tag: String,
     /// `P:revocations`
     channel: String,
-    deny: DenyShard,
+    /// One shard (single-slot) or [`DENY_SHARDS`] (sharded).
+    deny: Vec<DenyShard>,
+    sharded: bool,
 }
 
 impl KeyLayout {
@@ -129,7 +166,48 @@ impl KeyLayout {
     /// `redis.prefix`, default `auth`): every key under the hash tag `{P}`.
     pub fn new(prefix: &str) -> Self {
         let tag = format!("{{{prefix}}}:");
-        Self { prefix: prefix.to_owned(), deny: DenyShard::new(&tag), channel: format!("{prefix}:revocations"), tag }
+        Self {
+            prefix: prefix.to_owned(),
+            deny: vec![DenyShard::new(&tag)],
+            channel: format!("{prefix}:revocations"),
+            tag,
+            sharded: false,
+        }
+    }
+
+    /// The sharded layout for prefix `prefix`: a refresh family's keys
+    /// under the family's tag, the deny list over [`DENY_SHARDS`] shards
+    /// whose salted tags fall in evenly spread slot ranges (shard `i` in
+    /// slots `i * 1024 ..`), each `jti` and session in the shard of its
+    /// own slot. See the [module docs](self).
+    pub fn sharded(prefix: &str) -> Self {
+        let width = usize::from(HASH_SLOTS) / DENY_SHARDS;
+        let deny = (0..DENY_SHARDS)
+            .map(|i| {
+                let tag = |salt: u32| format!("{{{prefix}:d{i}.{salt}}}:");
+                let salt = (0..1_000_000u32).find(|salt| usize::from(hash_slot(&tag(*salt))) / width == i).unwrap_or(0);
+                DenyShard::new(&tag(salt))
+            })
+            .collect();
+        Self {
+            prefix: prefix.to_owned(),
+            tag: format!("{{{prefix}}}:"),
+            channel: format!("{prefix}:revocations"),
+            deny,
+            sharded: true,
+        }
+    }
+
+    /// The layout the auth server's `redis.layout = "auto"` picks for
+    /// `url`: sharded for a cluster (`redis-cluster://`,
+    /// `rediss-cluster://`), single-slot otherwise.
+    pub fn for_url(prefix: &str, url: &str) -> Self {
+        if is_cluster_url(url) { Self::sharded(prefix) } else { Self::new(prefix) }
+    }
+
+    /// Whether this is the sharded layout.
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
     }
 
     /// The deployment's prefix.
@@ -142,50 +220,98 @@ impl KeyLayout {
         &self.channel
     }
 
-    /// The issued-`jti` registry entry of `jti`.
-    pub fn issued(&self, jti: &str) -> String {
-        format!("{}i:{jti}", self.tag)
+    /// The shard that holds `id` (a `jti` or a `sid`): the one whose slot
+    /// range holds `id`'s own slot.
+    fn shard_of(&self, id: &str) -> &DenyShard {
+        let index = usize::from(hash_slot(id)) * self.deny.len() / usize::from(HASH_SLOTS);
+        &self.deny[index.min(self.deny.len() - 1)]
     }
 
-    /// The key holding `jti`'s deny mark. In this layout the mark is the
+    /// The issued-`jti` registry entry of `jti`.
+    pub fn issued(&self, jti: &str) -> String {
+        format!("{}i:{jti}", self.shard_of(jti).tag)
+    }
+
+    /// The key holding `jti`'s deny mark. In both layouts the mark is the
     /// first field of the registry entry, so it is [`issued`](Self::issued).
     pub fn deny_jti(&self, jti: &str) -> String {
         self.issued(jti)
     }
 
-    /// The shard whose revoked-`jti` buckets list `jti`.
-    pub fn jti_shard(&self, _jti: &str) -> &DenyShard {
-        &self.deny
+    /// The shard whose revoked-`jti` buckets list `jti` (the shard of its
+    /// deny mark).
+    pub fn jti_shard(&self, jti: &str) -> &DenyShard {
+        self.shard_of(jti)
     }
 
     /// The sorted set that holds session `sid`'s deny entry.
-    pub fn deny_sid(&self, _sid: &str) -> String {
-        self.deny.sessions.clone()
+    pub fn deny_sid(&self, sid: &str) -> String {
+        self.shard_of(sid).sessions.clone()
     }
 
-    /// The sorted set that holds refresh family `id`'s deny entry.
-    pub fn deny_family(&self, _id: &str) -> String {
-        self.deny.families.clone()
+    /// The sorted set that holds refresh family `id`'s deny entry, as the
+    /// refresh commit checks it: in the sharded layout, in the family's
+    /// own slot.
+    pub fn deny_family(&self, id: &str) -> String {
+        if self.sharded { format!("{}rv:family", self.family_tag(id)) } else { self.deny[0].families.clone() }
     }
 
-    /// A refresh token's record, by the SHA-256 digest of the token.
+    /// Where a snapshot finds family `id`'s deny entry when that is not
+    /// [`deny_family`](Self::deny_family) (the sharded layout): the families
+    /// set of the family's deny shard.
+    pub fn family_index(&self, id: &str) -> Option<String> {
+        self.sharded.then(|| self.shard_of(id).families.clone())
+    }
+
+    /// `{P:f:<family>}:`
+    fn family_tag(&self, family: &str) -> String {
+        format!("{{{}:f:{family}}}:", self.prefix)
+    }
+
+    /// The family a refresh digest names: the part before its first `.`
+    /// (digests are `<family>.<sha256>`). `None` for a digest without one.
+    pub fn refresh_family(digest: &str) -> Option<&str> {
+        digest.split_once('.').map(|(family, _)| family).filter(|f| !f.is_empty())
+    }
+
+    /// What [`refresh`](Self::refresh) prepends to the digest: in the
+    /// sharded layout it names the digest's family, so every member of a
+    /// family shares one prefix (and slot).
+    pub fn refresh_prefix(&self, digest: &str) -> String {
+        if self.sharded {
+            format!("{}rt:", self.family_tag(Self::refresh_family(digest).unwrap_or(digest)))
+        } else {
+            format!("{}rt:", self.tag)
+        }
+    }
+
+    /// A refresh token's record, by its digest (`<family>.<sha256>`).
     pub fn refresh(&self, digest: &str) -> String {
-        format!("{}rt:{digest}", self.tag)
+        self.refresh_prefix(digest) + digest
     }
 
-    /// The sorted sets holding the deny entries of the family and of the
-    /// session of refresh token `digest`, in that order. Spending a refresh
-    /// token checks them in the same script that reads its record, before
-    /// the family and session are known: a layout derives them from the
-    /// digest, in the slot of [`refresh`](Self::refresh).
-    pub fn refresh_guards(&self, _digest: &str) -> [String; 2] {
-        [self.deny.families.clone(), self.deny.sessions.clone()]
+    /// The deny entries a refresh commit of `digest` checks in its own
+    /// slot (see [`RefreshGuards`]). They are found from the digest alone,
+    /// before the family and session are read.
+    pub fn refresh_guards(&self, digest: &str) -> RefreshGuards {
+        if self.sharded {
+            let family = Self::refresh_family(digest).unwrap_or(digest);
+            RefreshGuards { family: self.deny_family(family), session: None }
+        } else {
+            RefreshGuards { family: self.deny[0].families.clone(), session: Some(self.deny[0].sessions.clone()) }
+        }
     }
 
     /// Every shard of the deny list; a snapshot reads them all.
     pub fn deny_shards(&self) -> &[DenyShard] {
-        std::slice::from_ref(&self.deny)
+        &self.deny
     }
+}
+
+/// Whether `url` names a Redis Cluster (`redis-cluster://`,
+/// `rediss-cluster://`, and fred's `valkey` spellings).
+pub fn is_cluster_url(url: &str) -> bool {
+    url.split_once("://").is_some_and(|(scheme, _)| scheme.ends_with("-cluster"))
 }
 
 /// A Lua script with its SHA-1, run by `EVALSHA` with a fallback to `EVAL`
@@ -271,7 +397,7 @@ end
 ";
 
 /// KEYS: deny mark of the jti (the registry key), the session's deny set
-/// (only with a sid). ARGV: now, has_sid, sid.
+/// (only with a sid in the same slot). ARGV: now, has_sid, sid.
 const LUA_IS_REVOKED: &str = r"
 local now = tonumber(ARGV[1])
 if deny_of(redis.call('GET', KEYS[1])) > now then return 1 end
@@ -282,15 +408,50 @@ end
 return 0
 ";
 
-static IS_REVOKED: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_IS_REVOKED]));
+/// KEYS: the session's deny set. ARGV: now, sid.
+const LUA_SESSION_REVOKED: &str = r"
+local s = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if s and tonumber(s) > tonumber(ARGV[1]) then return 1 end
+return 0
+";
 
-/// The is-revoked check, atomically: whether `jti`, or the session `sid`,
-/// is denied at `now` (Unix seconds). It replies `1` if revoked, `0` if not.
-pub fn is_revoked(layout: &KeyLayout, jti: &str, sid: Option<&str>, now: u64) -> ScriptCall<'static> {
-    let mut keys = vec![layout.deny_jti(jti)];
-    keys.extend(sid.map(|sid| layout.deny_sid(sid)));
-    let args = vec![now.to_string(), if sid.is_some() { "1" } else { "0" }.to_owned(), sid.unwrap_or("").to_owned()];
-    IS_REVOKED.call(keys, args)
+static IS_REVOKED: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_DENY_OF, LUA_IS_REVOKED]));
+static SESSION_REVOKED: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SESSION_REVOKED]));
+
+/// The is-revoked check: whether `jti`, or the session `sid`, is denied at
+/// `now` (Unix seconds). Each call replies `1` if revoked, `0` if not; the
+/// answer is revoked if any call says so. One call (atomic) when the
+/// session's deny set shares the `jti`'s slot (the single-slot layout),
+/// else two, one per slot, which may run concurrently: each reads an entry
+/// that only ever grows until it expires, so no atomicity is lost.
+pub fn is_revoked(layout: &KeyLayout, jti: &str, sid: Option<&str>, now: u64) -> Vec<ScriptCall<'static>> {
+    let mark = layout.deny_jti(jti);
+    match sid.map(|sid| (sid, layout.deny_sid(sid))) {
+        Some((sid, set)) if hash_slot(&set) == hash_slot(&mark) => {
+            vec![IS_REVOKED.call(vec![mark, set], vec![now.to_string(), "1".into(), sid.to_owned()])]
+        }
+        Some((sid, set)) => vec![
+            IS_REVOKED.call(vec![mark], vec![now.to_string(), "0".into(), String::new()]),
+            session_revoked(set, sid, now),
+        ],
+        None => vec![IS_REVOKED.call(vec![mark], vec![now.to_string(), "0".into(), String::new()])],
+    }
+}
+
+/// Whether session `sid` is denied at `now`, in `set` (its
+/// [`deny_sid`](KeyLayout::deny_sid)): replies `1` or `0`.
+pub fn session_revoked(set: String, sid: &str, now: u64) -> ScriptCall<'static> {
+    SESSION_REVOKED.call(vec![set], vec![now.to_string(), sid.to_owned()])
+}
+
+/// Runs the calls of [`is_revoked`] concurrently on `client`: revoked if
+/// any says so. Bounding its time is the caller's business.
+pub async fn run_is_revoked(
+    calls: Vec<ScriptCall<'static>>,
+    client: &impl LuaInterface,
+) -> Result<bool, fred::error::Error> {
+    let replies = futures_util::future::try_join_all(calls.into_iter().map(|call| call.run::<i64>(client))).await?;
+    Ok(replies.contains(&1))
 }
 
 #[cfg(test)]
@@ -356,20 +517,80 @@ mod tests {
         assert_eq!(layout.deny_sid("s1"), "{auth}:rv:sid");
         assert_eq!(layout.deny_family("f1"), "{auth}:rv:family");
         assert_eq!(layout.refresh("d1"), "{auth}:rt:d1");
-        assert_eq!(layout.refresh_guards("d1"), ["{auth}:rv:family".to_owned(), "{auth}:rv:sid".to_owned()]);
+        let guards = layout.refresh_guards("d1");
+        assert_eq!((guards.family.as_str(), guards.session.as_deref()), ("{auth}:rv:family", Some("{auth}:rv:sid")));
         let shard = layout.jti_shard("j1");
         assert_eq!((shard.jti_bucket(7), shard.jti_index()), ("{auth}:rv:jti:7".to_owned(), "{auth}:rv:jti:idx"));
         assert_eq!(layout.deny_shards(), std::slice::from_ref(shard));
     }
 
     #[test]
-    fn the_read_script_touches_one_slot() {
-        for layout in [KeyLayout::new("auth"), KeyLayout::new("green")] {
-            for sid in [None, Some("sid-1")] {
-                let call = is_revoked(&layout, "jti-1", sid, 1);
-                assert_eq!(call.keys().len(), 1 + usize::from(sid.is_some()));
-                assert!(common_slot(call.keys()).is_some(), "{:?}", call.keys());
+    fn the_read_script_touches_one_slot_per_call() {
+        for layout in [KeyLayout::new("auth"), KeyLayout::new("green"), KeyLayout::sharded("auth")] {
+            for i in 0..200 {
+                let jti = format!("jti-{i}");
+                for sid in [None, Some(format!("sid-{i}"))] {
+                    let calls = is_revoked(&layout, &jti, sid.as_deref(), 1);
+                    for call in &calls {
+                        assert!(common_slot(call.keys()).is_some(), "{:?}", call.keys());
+                    }
+                    let read = calls.iter().flat_map(|c| c.keys().iter().cloned()).collect::<Vec<_>>();
+                    let mut want = vec![layout.deny_jti(&jti)];
+                    want.extend(sid.as_deref().map(|s| layout.deny_sid(s)));
+                    assert_eq!(read, want, "every entry is read once");
+                }
+            }
+            // The single-slot layout reads both in one atomic call.
+            if !layout.is_sharded() {
+                assert_eq!(is_revoked(&layout, "j", Some("s"), 1).len(), 1);
             }
         }
+    }
+
+    #[test]
+    fn the_sharded_layout_spreads_deny_shards_over_the_slot_space() {
+        let layout = KeyLayout::sharded("auth");
+        assert!(layout.is_sharded());
+        let shards = layout.deny_shards();
+        assert_eq!(shards.len(), DENY_SHARDS);
+        for (i, shard) in shards.iter().enumerate() {
+            // Shard i sits in slots i*1024..(i+1)*1024: contiguous slot ranges
+            // (as `redis-cli --cluster create` assigns them) get their share.
+            assert_eq!(usize::from(shard.slot()) / 1024, i, "{shard:?}");
+            let keys = [shard.sessions(), shard.families(), shard.jti_index(), &shard.jti_bucket(7)];
+            assert_eq!(common_slot(&keys), Some(shard.slot()));
+        }
+        // Ids land in the shard of their own slot: spread over all shards.
+        let used: std::collections::HashSet<String> = (0..2000).map(|i| layout.deny_sid(&format!("sid-{i}"))).collect();
+        assert_eq!(used.len(), DENY_SHARDS);
+        // A jti's deny mark sits with its buckets.
+        for i in 0..100 {
+            let jti = format!("jti-{i}");
+            assert_eq!(hash_slot(&layout.deny_jti(&jti)), layout.jti_shard(&jti).slot());
+        }
+        // A family's records and its deny entry share the family's slot; its
+        // snapshot entry is in a deny shard.
+        let digest = "fam1.abc";
+        let guards = layout.refresh_guards(digest);
+        assert_eq!(guards.session, None);
+        assert_eq!(
+            common_slot(&[layout.refresh(digest), layout.refresh("fam1.xyz"), guards.family.clone()]),
+            Some(hash_slot("{auth:f:fam1}"))
+        );
+        assert_eq!(guards.family, layout.deny_family("fam1"));
+        assert_ne!(hash_slot(&layout.refresh("fam2.abc")), hash_slot(&layout.refresh(digest)));
+        assert!(layout.family_index("fam1").is_some() && KeyLayout::new("auth").family_index("fam1").is_none());
+        assert_eq!(layout.refresh(digest), format!("{}{digest}", layout.refresh_prefix("fam1.other")));
+        assert_eq!(KeyLayout::refresh_family("fam1.abc"), Some("fam1"));
+        assert_eq!(KeyLayout::refresh_family("nodot"), None);
+        assert_eq!(layout.channel(), "auth:revocations");
+    }
+
+    #[test]
+    fn cluster_urls_pick_the_sharded_layout() {
+        assert!(KeyLayout::for_url("auth", "redis-cluster://a:7000?node=b:7001").is_sharded());
+        assert!(KeyLayout::for_url("auth", "rediss-cluster://a:7000").is_sharded());
+        assert!(!KeyLayout::for_url("auth", "redis://a:6379").is_sharded());
+        assert!(!KeyLayout::for_url("auth", "redis-sentinel://s:26379?sentinelServiceName=m").is_sharded());
     }
 }

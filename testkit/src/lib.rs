@@ -6,6 +6,8 @@
 //!   like the binary;
 //! - [`RedisProcess`]: a real `redis-server` on a free port that a test can
 //!   kill, pause and restart, alone or as a replica of another;
+//! - [`RedisCluster`]: a real three-primary Redis Cluster
+//!   (`--cluster-enabled yes`, joined by `redis-cli --cluster create`);
 //! - [`Sentinels`]: three real Redis Sentinels watching a primary, with
 //!   timeouts short enough for a failover in seconds;
 //! - [`OpenBao`]: a real `bao server -dev` (Vault API);
@@ -30,6 +32,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod bao;
+mod cluster;
 mod proxy;
 mod redis;
 mod sentinel;
@@ -38,6 +41,7 @@ mod store;
 
 pub use auth_server;
 pub use bao::{OpenBao, ROOT_TOKEN, bao_binary};
+pub use cluster::RedisCluster;
 pub use proxy::TcpProxy;
 pub use redis::{RedisProcess, RedisReply};
 pub use sentinel::Sentinels;

@@ -45,9 +45,10 @@ async fn a_write_no_replica_acknowledged_is_refused_as_not_durable() {
     let replica = RedisProcess::start_replica_of(&primary);
     let config = RedisConfig {
         url: primary.url(),
-        command_timeout_ms: 1_000,
+        // Generous: a busy test host may delay the replica's ack.
+        command_timeout_ms: 3_000,
         min_replicas_acked: 1,
-        replica_ack_timeout_ms: 200,
+        replica_ack_timeout_ms: 1_000,
         ..RedisConfig::default()
     };
     let store = RedisStore::connect(&config).await.unwrap();
@@ -70,9 +71,9 @@ async fn a_write_no_replica_acknowledged_is_refused_as_not_durable() {
     let srv = TestServer::builder()
         .store_url(primary.url())
         .configure(|c| {
-            c.redis.command_timeout_ms = 1_000;
+            c.redis.command_timeout_ms = 3_000;
             c.redis.min_replicas_acked = 1;
-            c.redis.replica_ack_timeout_ms = 200;
+            c.redis.replica_ack_timeout_ms = 1_000;
         })
         .start()
         .await;
@@ -136,9 +137,9 @@ async fn acknowledged_revocations_survive_a_sentinel_failover_and_the_server_fol
     let srv = TestServer::builder()
         .store_url(url.clone())
         .configure(|c| {
-            c.redis.command_timeout_ms = 1_000;
+            c.redis.command_timeout_ms = 2_000;
             c.redis.min_replicas_acked = 1;
-            c.redis.replica_ack_timeout_ms = 500;
+            c.redis.replica_ack_timeout_ms = 1_000;
         })
         .start()
         .await;

@@ -12,8 +12,11 @@
 //! It reads the `jti`'s deny mark and, for a token with a `sid`, the set of
 //! revoked sessions.
 //!
-//! One Lua script reads both atomically (`EVALSHA`, falling back to `EVAL`
-//! after a script-cache flush). Any failure or timeout fails closed with
+//! With the single-slot layout one Lua script reads both atomically
+//! (`EVALSHA`, falling back to `EVAL` after a script-cache flush); with the
+//! sharded layout of a Redis Cluster the mark and the session live in
+//! different shards, and two scripts read them concurrently (one round
+//! trip of wall time). Any failure or timeout fails closed with
 //! [`VerifyError::RevocationUnavailable`].
 
 use std::sync::Arc;
@@ -51,7 +54,8 @@ impl Drop for Shared {
     }
 }
 
-/// The redis-mode revocation check: one Lua round trip per request, failing
+/// The redis-mode revocation check: one Lua round trip per request (two
+/// concurrent ones in a cluster's sharded layout), failing
 /// closed when Redis does not answer within the timeout.
 #[derive(Clone)]
 pub struct RedisRevocation {
@@ -67,10 +71,22 @@ impl std::fmt::Debug for RedisRevocation {
 
 impl RedisRevocation {
     /// Connects (in the background, reconnecting as needed) to the auth
-    /// server's Redis at `url` (`redis://` or `rediss://`), with key prefix
-    /// `prefix` (the auth server's `redis.prefix`, default `auth`) and a
-    /// per-lookup `timeout`. Must be called within a tokio runtime.
+    /// server's Redis at `url` (`redis://`, `rediss://`,
+    /// `redis-sentinel://` or `redis-cluster://`), with key prefix `prefix`
+    /// (the auth server's `redis.prefix`, default `auth`) and a per-lookup
+    /// `timeout`. The key layout is the one the auth server's default
+    /// `redis.layout = "auto"` picks for the same URL
+    /// ([`KeyLayout::for_url`]): sharded for a cluster. Must be called
+    /// within a tokio runtime.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisSetupError> {
+        Self::connect_with_layout(url, KeyLayout::for_url(prefix, url), timeout)
+    }
+
+    /// [`connect`](Self::connect) with an explicit layout: the auth
+    /// server's `redis.layout` when it is not `auto`
+    /// ([`KeyLayout::new`] for `single`, [`KeyLayout::sharded`] for
+    /// `sharded`).
+    pub fn connect_with_layout(url: &str, layout: KeyLayout, timeout: Duration) -> Result<Self, RedisSetupError> {
         let mut config = Config::from_url(url).map_err(|_| RedisSetupError::InvalidUrl)?;
         config.fail_fast = false;
         let mut builder = Builder::from_config(config);
@@ -84,16 +100,16 @@ impl RedisRevocation {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool = builder.build_pool(2).map_err(|e| RedisSetupError::Client(e.kind().to_str().to_owned()))?;
         let connection = pool.connect();
-        let shared = Shared { pool, layout: KeyLayout::new(prefix), timeout, connection };
+        let shared = Shared { pool, layout, timeout, connection };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
 
 impl Shared {
     async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, VerifyError> {
-        let call = redis_layout::is_revoked(&self.layout, jti, sid, now).run::<i64>(&self.pool);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(n)) => Ok(n == 1),
+        let calls = redis_layout::is_revoked(&self.layout, jti, sid, now);
+        match tokio::time::timeout(self.timeout, redis_layout::run_is_revoked(calls, &self.pool)).await {
+            Ok(Ok(revoked)) => Ok(revoked),
             Ok(Err(e)) => {
                 tracing::warn!(kind = ?e.kind(), "redis revocation lookup failed; refusing");
                 Err(VerifyError::RevocationUnavailable)

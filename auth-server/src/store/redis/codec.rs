@@ -153,6 +153,15 @@ pub(super) fn parse_commit_reply(reply: &[String]) -> Result<ConsumeOutcome, Sto
     }
 }
 
+/// The family a reuse revoked and until when, from the commit script's
+/// `reused` reply (`reused`, deny-until, family id).
+pub(super) fn parse_reuse(reply: &[String]) -> Option<(u64, &str)> {
+    match reply {
+        [outcome, until, family] if outcome == "reused" => Some((parse_score(until).ok()?, family.as_str())),
+        _ => None,
+    }
+}
+
 /// Revocations keyed by what they name, keeping the latest deny-until.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot(HashMap<(RevocationKind, String), u64>);

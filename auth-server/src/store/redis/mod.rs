@@ -6,9 +6,13 @@
 //! - `keys`: where entries live. Key names come from the
 //!   [`KeyLayout`](service_sdk::redis_layout::KeyLayout) shared with the
 //!   SDK's Redis revocation mode; its docs hold the table of keys, values and
-//!   expiries, and the channel. Every key of the default layout carries the
-//!   hash tag `{P}` (`P` the configured prefix), so each script may touch all
-//!   the keys it needs atomically.
+//!   expiries, and the channel. Every key of the single-slot layout carries
+//!   the hash tag `{P}` (`P` the configured prefix); the sharded layout
+//!   (`redis.layout`, the default for cluster URLs) tags a refresh family's
+//!   keys by the family and spreads the deny list over 16 shards. Either
+//!   way each script touches one slot, and what a sharded step needs from
+//!   another slot (a rotated token's session, a reused family's snapshot
+//!   entry, a rotation's registry entry) is a separate call around it.
 //! - `scripts`: the Lua scripts and the one function per script that builds
 //!   its KEYS and ARGV; a unit test checks every script's KEYS share a slot.
 //! - `codec`: how records, bucket entries and channel messages are written
@@ -85,7 +89,9 @@ use fred::types::config::{ReconnectError, UnresponsiveConfig};
 use service_sdk::redis_layout::ScriptCall;
 use tokio::sync::{broadcast, watch};
 
-use self::codec::{REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_score};
+use self::codec::{
+    REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_reuse, parse_score,
+};
 use self::durable::Durability;
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
@@ -321,7 +327,7 @@ impl RedisStore {
 
         let shared = Arc::new(Shared {
             pool,
-            layout: KeyLayout::new(&config.prefix),
+            layout: config.key_layout(),
             timeout,
             durability: Durability { replicas: config.min_replicas_acked, timeout_ms: config.replica_ack_timeout_ms },
             url,
@@ -373,6 +379,47 @@ impl Drop for RedisStore {
     }
 }
 
+impl RedisStore {
+    /// What a sharded layout checks and writes after the commit script, in
+    /// other slots: the session of a rotated token (in its own deny shard),
+    /// and a reused family's entry in its deny shard, for snapshots.
+    async fn after_commit(
+        &self,
+        commit: &RefreshCommit<'_>,
+        outcome: ConsumeOutcome,
+        reply: &[String],
+        now: u64,
+    ) -> Result<ConsumeOutcome, StoreError> {
+        let layout = &self.shared.layout;
+
+        match &outcome {
+            // The session is checked after the spend when it lives in
+            // another slot: a logout acknowledged before this commit began
+            // is seen here, and the new pair is refused (its successor is
+            // stored but dead: every commit checks the session).
+            ConsumeOutcome::Rotated(record) | ConsumeOutcome::Retried(record)
+                if layout.refresh_guards(commit.digest).session.is_none() =>
+            {
+                let set = layout.deny_sid(&record.sid);
+                let call = service_sdk::redis_layout::session_revoked(set, &record.sid, now);
+                let revoked: i64 = self.shared.eval(call).await?;
+                if revoked == 1 {
+                    return Ok(ConsumeOutcome::Invalid);
+                }
+            }
+            ConsumeOutcome::Reused => {
+                if let Some((until, family)) = parse_reuse(reply)
+                    && let Some(call) = scripts::family_index(layout, family, until, now)
+                {
+                    let _: i64 = self.shared.write(call).await?;
+                }
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn record_issued(&self, jti: &str, token: &IssuedToken, now: u64) -> Result<(), StoreError> {
@@ -388,21 +435,33 @@ impl Store for RedisStore {
     }
 
     async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, StoreError> {
-        let revoked: i64 = self.shared.eval(scripts::is_revoked(&self.shared.layout, jti, sid, now)).await?;
-        Ok(revoked == 1)
+        let calls = scripts::is_revoked(&self.shared.layout, jti, sid, now);
+        self.shared.bounded(service_sdk::redis_layout::run_is_revoked(calls, &self.shared.pool)).await
     }
 
     async fn revoke(&self, revocation: Revocation, now: u64) -> Result<(), StoreError> {
-        let _: i64 = self.shared.write(scripts::revoke(&self.shared.layout, &revocation, now)).await?;
+        // In order: a family's own deny entry before the shard entry that
+        // publishes it (one call for everything else).
+        for call in scripts::revoke(&self.shared.layout, &revocation, now) {
+            let _: i64 = self.shared.write(call).await?;
+        }
         Ok(())
     }
 
     async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError> {
-        let _: i64 = self.shared.write(scripts::put_refresh(&self.shared.layout, digest, record, now)?).await?;
+        let layout = &self.shared.layout;
+        if layout.is_sharded() && KeyLayout::refresh_family(digest) != Some(record.family.as_str()) {
+            // The family's slot is found from the digest alone.
+            return Err(StoreError::Corrupt("refresh digest does not name its family".into()));
+        }
+        let _: i64 = self.shared.write(scripts::put_refresh(layout, digest, record, now)?).await?;
         Ok(())
     }
 
     async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError> {
+        if self.shared.layout.is_sharded() && KeyLayout::refresh_family(digest).is_none() {
+            return Ok(None);
+        }
         let fields: Vec<Option<String>> = self
             .shared
             .bounded(self.shared.pool.hmget(self.shared.layout.refresh(digest), REFRESH_FIELDS.to_vec()))
@@ -411,8 +470,32 @@ impl Store for RedisStore {
     }
 
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
-        let reply: Vec<String> = self.shared.write(scripts::commit(&self.shared.layout, commit, now)).await?;
-        parse_commit_reply(&reply)
+        let layout = &self.shared.layout;
+        if layout.is_sharded() {
+            if KeyLayout::refresh_family(commit.digest).is_none() {
+                // Not a digest of this layout: no such token.
+                return Ok(ConsumeOutcome::Invalid);
+            }
+            if KeyLayout::refresh_family(commit.next_digest) != KeyLayout::refresh_family(commit.digest) {
+                return Err(StoreError::Corrupt("refresh successor outside its family".into()));
+            }
+        }
+        // A registry entry outside the refresh token's slot is written
+        // first, and removed again if the commit refuses: a rotation is
+        // never acknowledged without its record, and a refused one leaves
+        // none (should the removal fail, the entry names a token that was
+        // never handed out).
+        let apart = commit.issued.filter(|_| !scripts::registry_in_commit(layout));
+        if let Some(issued) = apart {
+            let _: i64 = self.shared.write(scripts::issue(layout, commit.jti, issued, now)).await?;
+        }
+        let reply: Vec<String> = self.shared.write(scripts::commit(layout, commit, now)).await?;
+        let mut outcome = parse_commit_reply(&reply)?;
+        outcome = self.after_commit(commit, outcome, &reply, now).await?;
+        if apart.is_some() && matches!(outcome, ConsumeOutcome::Reused | ConsumeOutcome::Invalid) {
+            let _: i64 = self.shared.bounded(self.shared.pool.del(layout.issued(commit.jti))).await?;
+        }
+        Ok(outcome)
     }
 
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {

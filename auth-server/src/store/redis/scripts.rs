@@ -47,8 +47,8 @@ return 1
 ";
 
 /// jti: KEYS registry key, bucket, bucket index; sid/family: KEYS set.
-/// ARGV: now, kind, id, deny_until, channel, message, bucket, bucket_end,
-/// bucket entry.
+/// ARGV: now, kind, id, deny_until, channel (empty: publish nothing),
+/// message, bucket, bucket_end, bucket entry.
 const LUA_REVOKE: &str = r"
 local now = tonumber(ARGV[1])
 local until_ = tonumber(ARGV[4])
@@ -75,7 +75,7 @@ else
   redis.call('ZADD', KEYS[1], 'GT', ARGV[4], ARGV[3])
   keep_until(KEYS[1], until_, now)
 end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
+if ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
 return 1
 ";
 
@@ -91,10 +91,11 @@ redis.call('EXPIRE', KEYS[1], ttl)
 return 1
 ";
 
-/// KEYS: refresh key, successor key, family set, sid set, and the registry
-/// key of the new access token only when it is recorded. ARGV: now,
+/// KEYS: refresh key, successor key, family set, then the sid set when
+/// ARGV[10] is `1` (the layout keeps it in this slot), then the registry
+/// key of the new access token only when it is recorded here. ARGV: now,
 /// next_expires_at, channel, reuse grace, access exp, registry body,
-/// registry slack, successor digest, refresh key prefix.
+/// registry slack, successor digest, refresh key prefix, has sid set.
 ///
 /// `spent` is `0` (live), `1` (spent while no grace window was set) or
 /// `<spent at>|<successor digest>` (spent with a grace window), which a
@@ -111,8 +112,12 @@ local exp = tonumber(h[7])
 if not exp or exp <= now then return {'invalid'} end
 local fs = redis.call('ZSCORE', KEYS[3], h[1])
 if fs and tonumber(fs) > now then return {'invalid'} end
-local ss = redis.call('ZSCORE', KEYS[4], h[2])
-if ss and tonumber(ss) > now then return {'invalid'} end
+local registry = KEYS[4]
+if ARGV[10] == '1' then
+  local ss = redis.call('ZSCORE', KEYS[4], h[2])
+  if ss and tonumber(ss) > now then return {'invalid'} end
+  registry = KEYS[5]
+end
 local function rotate(spent_at)
   if grace > 0 then
     redis.call('HSET', KEYS[1], 'spent', spent_at .. '|' .. ARGV[8])
@@ -125,7 +130,7 @@ local function rotate(spent_at)
   local ttl = nexp - now
   if ttl < 1 then ttl = 1 end
   redis.call('EXPIRE', KEYS[2], ttl)
-  if KEYS[5] then issue(KEYS[5], now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])) end
+  if registry then issue(registry, now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])) end
 end
 local spent = h[8] or '0'
 if spent == '0' then
@@ -147,7 +152,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 redis.call('ZADD', KEYS[3], 'GT', until_s, h[1])
 keep_until(KEYS[3], tonumber(until_s), now)
 redis.call('PUBLISH', ARGV[3], 'f|' .. until_s .. '|' .. h[1])
-return {'reused', until_s}
+return {'reused', until_s, h[1]}
 ";
 
 /// KEYS: sid set, family set, bucket index. ARGV: now, bucket key prefix,
@@ -226,31 +231,58 @@ pub(super) fn issue(layout: &KeyLayout, jti: &str, token: &IssuedToken, now: u64
     )
 }
 
-/// Writes a deny entry (never shortening one), then publishes it. Replies
-/// `1`.
-pub(super) fn revoke(layout: &KeyLayout, revocation: &Revocation, now: u64) -> ScriptCall<'static> {
+/// Writes a deny entry (never shortening one), then publishes it: the
+/// calls to run in order, each replying `1`. One call, except for a family
+/// in the sharded layout: its deny entry in the family's slot (what the
+/// refresh commit checks), then its entry in its deny shard (what
+/// snapshots read), which publishes.
+pub(super) fn revoke(layout: &KeyLayout, revocation: &Revocation, now: u64) -> Vec<ScriptCall<'static>> {
     let id = revocation.id.as_str();
-    let bucket = Bucket::of(revocation.expires_at);
-    let keys = match revocation.kind {
+    match revocation.kind {
         RevocationKind::Jti => {
             let shard = layout.jti_shard(id);
-            vec![layout.deny_jti(id), shard.jti_bucket(bucket.minute), shard.jti_index().to_owned()]
+            let minute = Bucket::of(revocation.expires_at).minute;
+            let keys = vec![layout.deny_jti(id), shard.jti_bucket(minute), shard.jti_index().to_owned()];
+            vec![REVOKE.call(keys, revoke_args(layout, revocation, now, true))]
         }
-        RevocationKind::Sid => vec![layout.deny_sid(id)],
-        RevocationKind::Family => vec![layout.deny_family(id)],
-    };
-    let args = vec![
+        RevocationKind::Sid => vec![REVOKE.call(vec![layout.deny_sid(id)], revoke_args(layout, revocation, now, true))],
+        RevocationKind::Family => {
+            let guard = vec![layout.deny_family(id)];
+            match layout.family_index(id) {
+                None => vec![REVOKE.call(guard, revoke_args(layout, revocation, now, true))],
+                Some(index) => vec![
+                    REVOKE.call(guard, revoke_args(layout, revocation, now, false)),
+                    REVOKE.call(vec![index], revoke_args(layout, revocation, now, true)),
+                ],
+            }
+        }
+    }
+}
+
+/// After a reuse the commit script revoked (and published) family `id`
+/// in the family's slot: its entry in the family's deny shard, for
+/// snapshots, when the layout keeps one apart (`None` otherwise). Publishes
+/// nothing.
+pub(super) fn family_index(layout: &KeyLayout, id: &str, until: u64, now: u64) -> Option<ScriptCall<'static>> {
+    let index = layout.family_index(id)?;
+    let family = Revocation { kind: RevocationKind::Family, id: id.to_owned(), expires_at: until };
+    Some(REVOKE.call(vec![index], revoke_args(layout, &family, now, false)))
+}
+
+/// ARGV of [`LUA_REVOKE`]; `publish` false leaves the channel empty.
+fn revoke_args(layout: &KeyLayout, revocation: &Revocation, now: u64, publish: bool) -> Vec<String> {
+    let bucket = Bucket::of(revocation.expires_at);
+    vec![
         now.to_string(),
         kind_code(revocation.kind).to_owned(),
         revocation.id.clone(),
         revocation.expires_at.to_string(),
-        layout.channel().to_owned(),
+        if publish { layout.channel().to_owned() } else { String::new() },
         encode_message(revocation),
         bucket.minute.to_string(),
         bucket.end.to_string(),
         encode_bucket_entry(revocation),
-    ];
-    REVOKE.call(keys, args)
+    ]
 }
 
 /// Stores a new refresh token, unspent. Replies `1`.
@@ -277,12 +309,17 @@ pub(super) fn put_refresh(
 
 /// Commits a refresh rotation (see [`RefreshCommit`]): spends the token,
 /// stores its successor and records the new access token (when
-/// `c.issued` is set), or on reuse revokes and publishes the family. The
-/// reply is read by [`parse_commit_reply`](super::codec::parse_commit_reply).
+/// `c.issued` is set and the layout keeps its registry key in the
+/// refresh token's slot: see [`registry_in_commit`]), or on reuse revokes
+/// and publishes the family. The reply is read by
+/// [`parse_commit_reply`](super::codec::parse_commit_reply).
 pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> ScriptCall<'static> {
-    let [families, sessions] = layout.refresh_guards(c.digest);
-    let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest), families, sessions];
-    keys.extend(c.issued.map(|_| layout.issued(c.jti)));
+    let guards = layout.refresh_guards(c.digest);
+    let has_session = guards.session.is_some();
+    let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest), guards.family];
+    keys.extend(guards.session);
+    let issued = c.issued.filter(|_| registry_in_commit(layout));
+    keys.extend(issued.map(|_| layout.issued(c.jti)));
     COMMIT.call(
         keys,
         vec![
@@ -290,19 +327,22 @@ pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> Scr
             c.next_expires_at.to_string(),
             layout.channel().to_owned(),
             c.reuse_grace_secs.to_string(),
-            c.issued.map_or(0, |t| t.exp).to_string(),
-            c.issued.map(encode_issued).unwrap_or_default(),
+            issued.map_or(0, |t| t.exp).to_string(),
+            issued.map(encode_issued).unwrap_or_default(),
             ISSUED_SLACK_SECS.to_string(),
             c.next_digest.to_owned(),
-            refresh_key_prefix(layout),
+            layout.refresh_prefix(c.digest),
+            if has_session { "1" } else { "0" }.to_owned(),
         ],
     )
 }
 
-/// What the refresh key of a digest starts with: the commit script derives
-/// the key of a successor it replaces from it and the digest it stored.
-fn refresh_key_prefix(layout: &KeyLayout) -> String {
-    layout.refresh("")
+/// Whether the commit script records the new access token itself: in the
+/// single-slot layout. In the sharded layout the registry key lives in the
+/// `jti`'s deny shard, so the store writes it first, apart ([`issue`]): a
+/// record of a token the commit then refuses is never handed out.
+pub(super) fn registry_in_commit(layout: &KeyLayout) -> bool {
+    !layout.is_sharded()
 }
 
 /// Prunes one deny shard of what expired by `now`; replies with the
@@ -351,7 +391,14 @@ mod tests {
 
     /// Every layout the store can run with.
     fn layouts() -> Vec<KeyLayout> {
-        vec![KeyLayout::new("auth"), KeyLayout::new("green"), KeyLayout::new("a{b}c")]
+        vec![
+            KeyLayout::new("auth"),
+            KeyLayout::new("green"),
+            KeyLayout::new("a{b}c"),
+            KeyLayout::sharded("auth"),
+            KeyLayout::sharded("green"),
+            KeyLayout::sharded("a{b}c"),
+        ]
     }
 
     /// Every script call the store makes, over a spread of ids, with the
@@ -361,7 +408,7 @@ mod tests {
         let mut out = Vec::new();
         for i in 0..64 {
             let (jti, sid, family, digest) =
-                (format!("jti-{i}"), format!("sid-{i}"), format!("fam-{i}"), format!("d{i}"));
+                (format!("jti-{i}"), format!("sid-{i}"), format!("fam-{i}"), format!("fam-{i}.d{i}"));
             let token = IssuedToken { sub: "alice".into(), sid: Some(sid.clone()), exp: now + 600 };
             let record = RefreshRecord {
                 family: family.clone(),
@@ -374,15 +421,22 @@ mod tests {
             };
             let at = |kind, id: &str| Revocation { kind, id: id.into(), expires_at: now + 60 * i };
             out.push(("issue", issue(layout, &jti, &token, now).keys().to_vec()));
-            out.push(("is_revoked", is_revoked(layout, &jti, Some(&sid), now).keys().to_vec()));
-            out.push(("is_revoked", is_revoked(layout, &jti, None, now).keys().to_vec()));
+            for call in is_revoked(layout, &jti, Some(&sid), now).into_iter().chain(is_revoked(layout, &jti, None, now))
+            {
+                out.push(("is_revoked", call.keys().to_vec()));
+            }
             for (kind, id) in
                 [(RevocationKind::Jti, &jti), (RevocationKind::Sid, &sid), (RevocationKind::Family, &family)]
             {
-                out.push(("revoke", revoke(layout, &at(kind, id), now).keys().to_vec()));
+                for call in revoke(layout, &at(kind, id), now) {
+                    out.push(("revoke", call.keys().to_vec()));
+                }
+            }
+            if let Some(call) = family_index(layout, &family, now + 60, now) {
+                out.push(("family_index", call.keys().to_vec()));
             }
             out.push(("put_refresh", put_refresh(layout, &digest, &record, now).unwrap().keys().to_vec()));
-            let (next, jti_next) = (format!("n{i}"), format!("jti-n{i}"));
+            let (next, jti_next) = (format!("fam-{i}.n{i}"), format!("jti-n{i}"));
             let commit_call = commit(
                 layout,
                 &RefreshCommit {
@@ -404,12 +458,14 @@ mod tests {
                 reuse_grace_secs: 0,
             };
             let unrecorded = commit(layout, &unrecorded, now).keys().to_vec();
-            assert_eq!(unrecorded.len(), commit_call.keys().len() - 1, "no registry key without a record");
+            let recorded_here = usize::from(registry_in_commit(layout));
+            assert_eq!(unrecorded.len(), commit_call.keys().len() - recorded_here, "a registry key only with a record");
             out.push(("commit", unrecorded));
             // With the successor key the script derives on a retry.
             let mut keys = commit_call.keys().to_vec();
-            keys.push(format!("{}p{i}", refresh_key_prefix(layout)));
-            assert_eq!(layout.refresh(&format!("p{i}")), keys[keys.len() - 1]);
+            let prev = format!("fam-{i}.p{i}");
+            keys.push(format!("{}{prev}", layout.refresh_prefix(&digest)));
+            assert_eq!(layout.refresh(&prev), keys[keys.len() - 1]);
             out.push(("commit", keys));
         }
         for shard in layout.deny_shards() {
@@ -429,6 +485,12 @@ mod tests {
         for layout in layouts() {
             let calls = calls(&layout);
             assert!(calls.len() > 64 * 8);
+            if layout.is_sharded() && !layout.prefix().contains('{') {
+                // Sharded for real: the calls spread over many slots.
+                let slots: std::collections::HashSet<u16> =
+                    calls.iter().filter_map(|(_, keys)| common_slot(keys)).collect();
+                assert!(slots.len() > 64, "{} slots", slots.len());
+            }
             for (script, keys) in calls {
                 assert!(!keys.is_empty(), "{script} is called without KEYS");
                 assert!(
