@@ -10,11 +10,9 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::revocation_event::Event;
 use auth_proto::auth::v1::{
-    ExchangeTokenRequest, GetJwksRequest, LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest,
-    WatchRevocationsRequest, login_request, revoke_request,
+    ExchangeTokenRequest, GetJwksRequest, RefreshRequest, RevokeRequest, WatchRevocationsRequest, revoke_request,
 };
 use auth_server::clock::{Clock as _, SystemClock};
 use auth_server::config::RedisConfig;
@@ -26,8 +24,8 @@ use service_sdk::{Claims, KeySet, Validator};
 use testkit::{RedisCluster, TestServer};
 use tokio::sync::broadcast;
 use tonic::Code;
-use tonic::transport::Channel;
 
+use crate::redis::replicas::{client, password_login};
 use crate::within;
 
 async fn connect(cluster: &RedisCluster) -> RedisStore {
@@ -182,19 +180,6 @@ fn owns(node: &testkit::RedisProcess, slot: u16) -> bool {
 
 // ---------------------------------------------------------------------------
 // Every flow through two real auth-servers on the cluster, over mTLS.
-
-async fn client(srv: &TestServer, name: &str) -> AuthClient<Channel> {
-    AuthClient::new(srv.channel(name).await)
-}
-
-fn password_login(srv: &TestServer, user: &str) -> LoginRequest {
-    let (username, password) = srv.user_password(user);
-    LoginRequest {
-        grant: Some(login_request::Grant::Password(PasswordGrant { username, password })),
-        audience: vec!["order".into()],
-        scope: vec![],
-    }
-}
 
 async fn claims(srv: &TestServer, token: &str, aud: &str) -> Claims {
     let json = client(srv, "order").await.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().jwks_json;

@@ -316,7 +316,7 @@ async fn revoked_live_token_costs_at_most_200_bytes_of_redis_memory() {
 // ---------------------------------------------------------------------------
 // Two auth-server replicas on one Redis, over gRPC with mTLS.
 
-mod replicas {
+pub(crate) mod replicas {
     use auth_proto::auth::v1::auth_client::AuthClient;
     use auth_proto::auth::v1::revocation_event::Event;
     use auth_proto::auth::v1::{
@@ -345,11 +345,13 @@ mod replicas {
         (a, b)
     }
 
-    async fn client(srv: &TestServer, name: &str) -> AuthClient<Channel> {
+    /// An Auth client of `srv` as dev client `name`, over mTLS.
+    pub(crate) async fn client(srv: &TestServer, name: &str) -> AuthClient<Channel> {
         AuthClient::new(srv.channel(name).await)
     }
 
-    fn password_login(srv: &TestServer, user: &str) -> LoginRequest {
+    /// A password Login of dev user `user` for audience `order`.
+    pub(crate) fn password_login(srv: &TestServer, user: &str) -> LoginRequest {
         let (username, password) = srv.user_password(user);
         LoginRequest {
             grant: Some(login_request::Grant::Password(PasswordGrant { username, password })),
