@@ -7,7 +7,7 @@
 //! It is the SDK's [`RevocationFeed`], detached, with this module as its
 //! relay instead of a `WatchRevocations` stream. The relay task follows
 //! [`Store::feed_state`]: while the store's feed is live it reads a
-//! snapshot ([`Snapshots`], shared with the watch streams that read one at
+//! snapshot (`Snapshots`, shared with the watch streams that read one at
 //! the same time), then applies each revocation the store publishes
 //! ([`Store::subscribe`]) and a heartbeat every second. When the epoch
 //! moves (the store may have lost events) or the relay falls behind the

@@ -89,8 +89,8 @@ pub struct TransitConfig {
     /// How to log in (default: a token from `VAULT_TOKEN`).
     #[serde(default)]
     pub auth: TransitAuth,
-    /// A version signs only once it is this old (default 600 s). See the
-    /// [module docs](self).
+    /// A version signs only once it is this old (default 600 s), so that
+    /// verifiers have fetched its public key before they meet its tokens.
     #[serde(default = "default_grace")]
     pub publish_grace_secs: u64,
     /// How often the key versions are re-read (default 30 s).
@@ -229,7 +229,8 @@ struct Session {
     renewable: bool,
 }
 
-/// Signing keys in Vault Transit. See the [module docs](self).
+/// Signing keys in Vault Transit (how versions are published, promoted and
+/// retired is in the `keys::transit` module's source docs).
 pub struct TransitKeys {
     cfg: TransitConfig,
     client: tokio::sync::RwLock<VaultClient>,

@@ -1,18 +1,5 @@
-//! `AuthChannel`: a tower service over a tonic [`Channel`] (or any HTTP
-//! service) that puts `authorization: Bearer <token for audience X>` on
-//! every call.
-//!
-//! It works with any generated client:
-//! `InventoryClient::new(AuthChannel::new(channel, source, "inventory"))`.
-//! Per call it reads the [`TokenSource`] cache synchronously and inserts a
-//! pre-built header value; only when no valid token is cached (before
-//! warm-up, or after the auth service was down long enough for the token to
-//! expire) does the call wait for an exchange. If no token can be had, the
-//! call fails with the `Status` of the [`TokenError`](super::TokenError)
-//! (`UNAVAILABLE`, `PERMISSION_DENIED`, ...), without reaching the target.
-//!
-//! With the `otel` feature it also sends the current span's trace context
-//! (`traceparent`), so the target's spans join the caller's trace.
+//! [`AuthChannel`]: the bearer token of a [`TokenSource`] on every call of
+//! a tonic client.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,7 +26,19 @@ pub type AuthFuture<F, R> = Either<
 >;
 
 /// A tower service that attaches a bearer token for one audience to every
-/// request. Cheap to clone. See the [module docs](self).
+/// request. Cheap to clone.
+///
+/// It works with any generated client:
+/// `InventoryClient::new(AuthChannel::new(channel, source, "inventory"))`.
+/// Per call it reads the [`TokenSource`] cache synchronously and inserts a
+/// pre-built header value; only when no valid token is cached (before
+/// warm-up, or after the auth service was down long enough for the token to
+/// expire) does the call wait for an exchange. If no token can be had, the
+/// call fails with the `Status` of the [`TokenError`](crate::TokenError)
+/// (`UNAVAILABLE`, `PERMISSION_DENIED`, ...), without reaching the target.
+///
+/// With the `otel` feature it also sends the current span's trace context
+/// (`traceparent`), so the target's spans join the caller's trace.
 #[derive(Clone)]
 pub struct AuthChannel<S = Channel> {
     inner: S,

@@ -1,27 +1,6 @@
 //! mTLS channels from certificate, key and CA files.
 //!
-//! ## How rotation works
-//! tonic reads the client certificate, key and CA into its TLS connector
-//! when a [`Channel`] is built; the files are not looked at again. A TLS
-//! handshake happens only when a connection is opened, so an established
-//! HTTP/2 connection keeps using the certificate it was opened with, and a
-//! reconnect of the same channel (after a network failure) presents the
-//! *old* certificate again.
-//!
-//! To follow rotation on disk, [`MtlsFiles::watch`] polls the three files'
-//! length, modification and change time and inode at a fixed interval. When
-//! any changed and all three parse again, it builds a new channel and hands
-//! it to a callback, e.g. [`TokenSource::set_auth_channel`] (with
-//! [`MtlsFiles::watch_auth`]) or a swap of the
-//! channel inside an `AuthChannel` you rebuild. New calls then go through
-//! new connections with the new certificate; calls in flight finish on the
-//! old channel, whose connections close when its last clone is dropped. If
-//! the files are mid-rotation (a key that does not match its certificate, a
-//! truncated PEM), the build fails, the old channel stays in use and the
-//! next poll tries again. Rotate before the old certificate expires by at
-//! least the poll interval.
-//!
-//! [`TokenSource::set_auth_channel`]: crate::TokenSource::set_auth_channel
+//! See [`MtlsFiles`] for how rotation on disk is followed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -103,14 +82,44 @@ pub(crate) fn shown_uri(uri: &str) -> String {
     }
 }
 
-/// The CA, client certificate and client key files of an mTLS client.
+/// The CA, certificate and key files of a service: its mTLS channels to the
+/// auth server and to other services, and its own mTLS server
+/// ([`server_tls_config`](Self::server_tls_config)).
+///
+/// # Rotation of the client side
+///
+/// tonic reads the client certificate, key and CA into its TLS connector
+/// when a [`Channel`] is built; the files are not looked at again. A TLS
+/// handshake happens only when a connection is opened, so an established
+/// HTTP/2 connection keeps using the certificate it was opened with, and a
+/// reconnect of the same channel (after a network failure) presents the
+/// *old* certificate again.
+///
+/// To follow rotation on disk, [`MtlsFiles::watch`] polls the three files'
+/// length, modification and change time and inode at a fixed interval. When
+/// any changed and all three parse again, it builds a new channel and hands
+/// it to a callback, e.g. [`TokenSource::set_auth_channel`] (with
+/// [`MtlsFiles::watch_auth`]) or a swap of the
+/// channel inside an `AuthChannel` you rebuild. New calls then go through
+/// new connections with the new certificate; calls in flight finish on the
+/// old channel, whose connections close when its last clone is dropped. If
+/// the files are mid-rotation (a key that does not match its certificate, a
+/// truncated PEM), the build fails, the old channel stays in use and the
+/// next poll tries again. Rotate before the old certificate expires by at
+/// least the poll interval.
+///
+/// The server side follows rotation by itself: see
+/// [`server_tls_config`](Self::server_tls_config).
+///
+/// [`TokenSource::set_auth_channel`]: crate::TokenSource::set_auth_channel
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MtlsFiles {
-    /// PEM CA certificate(s) that sign the server certificate.
+    /// PEM CA certificate(s) that every certificate of the mesh chains to.
     pub ca: PathBuf,
-    /// PEM client certificate (chain).
+    /// PEM certificate (chain) of this service, presented as a client and
+    /// as a server.
     pub cert: PathBuf,
-    /// PEM client private key (PKCS#8, SEC1 or PKCS#1).
+    /// PEM private key of the certificate (PKCS#8, SEC1 or PKCS#1).
     pub key: PathBuf,
 }
 
@@ -203,8 +212,8 @@ impl MtlsFiles {
     }
 
     /// Polls the files every `every` and, after a change, builds a new
-    /// [`channel`](Self::channel) and passes it to `on_change`. See the
-    /// [module docs](self). Fails at once, starting nothing, when `uri` is
+    /// [`channel`](Self::channel) and passes it to `on_change` (see
+    /// "Rotation of the client side" [above](Self)). Fails at once, starting nothing, when `uri` is
     /// not `https://`. The task stops when the handle is aborted or dropped
     /// with the runtime.
     pub fn watch(

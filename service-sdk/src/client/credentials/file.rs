@@ -1,32 +1,4 @@
-//! Credentials from mounted files, as a Vault Agent template or a Kubernetes
-//! Secret volume renders them.
-//!
-//! Two layouts are supported:
-//! - one document, JSON (`{"client_id": "...", "client_secret": "..."}`) or
-//!   TOML (`client_id = "..."` / `client_secret = "..."`), chosen by the
-//!   `.json` / `.toml` extension (other names: JSON, then TOML);
-//! - two plain files, one holding the id and one the secret (the shape of a
-//!   Kubernetes Secret volume with keys `client_id` and `client_secret`).
-//!   Surrounding whitespace, such as a trailing newline, is trimmed.
-//!
-//! ## Rotation
-//! Every [`current`](Credentials::current) call stats the file(s) and
-//! re-reads them when their length, modification or change time, or inode
-//! changed; [`refresh`](Credentials::refresh) re-reads unconditionally. New
-//! contents are accepted only if they parse into complete credentials, and
-//! only if the files did not change while they were read; otherwise the last
-//! good credentials stay in use and the next call tries again. So:
-//! - an atomic replacement (write a temporary file, then `rename`; or the
-//!   symlink swap of a Kubernetes Secret volume) is picked up on the next
-//!   call;
-//! - an in-place rewrite is never read half-way as a document: a truncated
-//!   JSON or TOML document does not parse, so the old credentials are served
-//!   until the writer has finished;
-//! - in the two-file layout a truncated *plain* secret cannot be told from a
-//!   short one. Both Vault Agent and Kubernetes replace files atomically, so
-//!   this only concerns hand-rolled in-place writers; if it happens, the
-//!   exchange fails with `UNAUTHENTICATED` and the token source calls
-//!   [`refresh`](Credentials::refresh), which reads the finished file.
+//! [`FileCredentials`]: credentials from mounted files.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -72,8 +44,46 @@ struct State {
     creds: Option<ClientCredentials>,
 }
 
-/// Credentials from one JSON/TOML file or from two plain files, re-read when
-/// they change. See the [module docs](self) for the rotation rules.
+/// Credentials from mounted files, as a Vault Agent template or a Kubernetes
+/// Secret volume renders them: one JSON/TOML file, or two plain files,
+/// re-read when they change.
+///
+/// # File format
+///
+/// Two layouts are supported:
+/// - one document, JSON (`{"client_id": "...", "client_secret": "..."}`) or
+///   TOML (`client_id = "..."` / `client_secret = "..."`), chosen by the
+///   `.json` / `.toml` extension (other names: JSON, then TOML);
+/// - two plain files, one holding the id and one the secret (the shape of a
+///   Kubernetes Secret volume with keys `client_id` and `client_secret`).
+///   Surrounding whitespace, such as a trailing newline, is trimmed.
+///
+/// The document `auth-server dev` writes to `credentials/<name>.json` (and
+/// that a Vault Agent template renders from the KV secret):
+///
+/// ```json
+/// {"client_id": "payments", "client_secret": "…"}
+/// ```
+///
+/// # Rotation
+///
+/// Every [`current`](Credentials::current) call stats the file(s) and
+/// re-reads them when their length, modification or change time, or inode
+/// changed; [`refresh`](Credentials::refresh) re-reads unconditionally. New
+/// contents are accepted only if they parse into complete credentials, and
+/// only if the files did not change while they were read; otherwise the last
+/// good credentials stay in use and the next call tries again. So:
+/// - an atomic replacement (write a temporary file, then `rename`; or the
+///   symlink swap of a Kubernetes Secret volume) is picked up on the next
+///   call;
+/// - an in-place rewrite is never read half-way as a document: a truncated
+///   JSON or TOML document does not parse, so the old credentials are served
+///   until the writer has finished;
+/// - in the two-file layout a truncated *plain* secret cannot be told from a
+///   short one. Both Vault Agent and Kubernetes replace files atomically, so
+///   this only concerns hand-rolled in-place writers; if it happens, the
+///   auth service refuses the credentials and the token source calls
+///   [`refresh`](Credentials::refresh), which reads the finished file.
 #[derive(Debug)]
 pub struct FileCredentials {
     layout: Layout,

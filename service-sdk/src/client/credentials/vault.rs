@@ -1,16 +1,5 @@
-//! Credentials read from Vault (or OpenBao) KV v2 with `vaultrs`.
-//!
-//! The source logs in with AppRole, Kubernetes auth or a plain token, reads
-//! one KV v2 secret holding `client_id` and `client_secret`, and keeps its
-//! Vault token alive: a background task renews it at two thirds of its lease
-//! and logs in again when renewal is refused or the token reaches its
-//! maximum TTL. Before every read the token's expiry is checked too, so a
-//! read never goes out with an expired token, and a `403` answer causes one
-//! fresh login and one retry.
-//!
-//! The secret is re-read when the token source reports that the auth service
-//! rejected it (rotation), and, if configured, every
-//! [`reread_interval`](VaultCredentialsBuilder::reread_interval).
+//! [`VaultCredentials`]: credentials read from Vault (or OpenBao) KV v2
+//! with `vaultrs`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
@@ -182,8 +171,20 @@ fn url_check(address: &str) -> Result<(), CredentialsError> {
     Err(CredentialsError::Vault(format!("bad vault address {address:?}")))
 }
 
-/// Service credentials read from a Vault KV v2 secret. See the
-/// [module docs](self).
+/// Service credentials read from a Vault (or OpenBao) KV v2 secret holding
+/// `client_id` and `client_secret` (feature `vault`).
+///
+/// The source logs in with AppRole, Kubernetes auth or a plain token, reads
+/// one KV v2 secret holding `client_id` and `client_secret`, and keeps its
+/// Vault token alive: a background task renews it at two thirds of its lease
+/// and logs in again when renewal is refused or the token reaches its
+/// maximum TTL. Before every read the token's expiry is checked too, so a
+/// read never goes out with an expired token, and a `403` answer causes one
+/// fresh login and one retry.
+///
+/// The secret is re-read when the token source reports that the auth service
+/// rejected it (rotation), and, if configured, every
+/// [`reread_interval`](VaultCredentialsBuilder::reread_interval).
 ///
 /// ```no_run
 /// # async fn f() -> Result<(), service_sdk::CredentialsError> {

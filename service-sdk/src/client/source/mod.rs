@@ -1,34 +1,6 @@
 //! The token source: audience-scoped access tokens, cached, renewed in the
-//! background and fetched at most once at a time.
-//!
-//! ## Behaviour
-//! - **Cache.** Tokens are cached per (audience, subject): the service's own
-//!   token per audience, and one per (audience, user token) for calls on
-//!   behalf of a user. A cached token is served until `expiry_margin` before
-//!   its expiry (measured on the injected [`Clock`] from the `expires_in` of
-//!   the response, so clock skew with the auth service does not matter).
-//! - **Hot path.** [`TokenSource::token`] with a cached token is a map read
-//!   and an atomic load; it never awaits. [`TokenSource::cached`] is the same
-//!   read, synchronous.
-//! - **Background renewal.** A task started with the source renews each
-//!   service token at 75% of its life, ±5% jitter, so after warm-up no call
-//!   waits on an exchange. Tokens of an audience nobody asked for during
-//!   `idle_timeout` are no longer renewed and are dropped. Tokens obtained on
-//!   behalf of a user are not renewed (they are request-scoped); they are
-//!   dropped once expired.
-//! - **Single flight.** Concurrent calls that miss the cache for one key wait
-//!   for one exchange.
-//! - **Errors.** A failed exchange is retried with exponential
-//!   [back-off](crate::backoff::Backoff) (from `backoff_base`, doubling,
-//!   capped at `backoff_cap`, with jitter), timed on the same clock. While
-//!   the auth service is down, unexpired cached tokens keep being served; a
-//!   call that needs a new token during backoff fails at once with
-//!   [`TokenError::Unavailable`] instead of queueing. An expired token is
-//!   never served.
-//! - **Rotation.** When the auth service answers `UNAUTHENTICATED`, the source
-//!   asks its [`Credentials`] to [`refresh`](Credentials::refresh) and, if
-//!   they changed, retries once at once.
-
+//! background and fetched at most once at a time (the behaviour is
+//! documented on [`TokenSource`]).
 //!
 //! ## Layout
 //! - `slot`: the cache entries, their validity and retry state;
@@ -143,7 +115,38 @@ impl Drop for Inner {
 
 /// Audience-scoped access tokens for outgoing calls. Cheap to clone; all
 /// clones share one cache and one renewer, which stops when the last clone
-/// is dropped. See the [module docs](self) for the behaviour.
+/// is dropped.
+///
+/// # Behaviour
+///
+/// - **Cache.** Tokens are cached per (audience, subject): the service's own
+///   token per audience, and one per (audience, user token) for calls on
+///   behalf of a user. A cached token is served until `expiry_margin` before
+///   its expiry (measured on the injected [`Clock`] from the `expires_in` of
+///   the response, so clock skew with the auth service does not matter).
+/// - **Hot path.** [`TokenSource::token`] with a cached token is a map read
+///   and an atomic load; it never awaits. [`TokenSource::cached`] is the same
+///   read, synchronous.
+/// - **Background renewal.** A task started with the source renews each
+///   service token at 75% of its life, ±5% jitter, so after warm-up no call
+///   waits on an exchange. Tokens of an audience nobody asked for during
+///   `idle_timeout` are no longer renewed and are dropped. Tokens obtained on
+///   behalf of a user are not renewed (they are request-scoped); they are
+///   dropped once expired.
+/// - **Single flight.** Concurrent calls that miss the cache for one key wait
+///   for one exchange.
+/// - **Errors.** A failed exchange is retried with exponential
+///   [back-off](crate::backoff::Backoff) (from `backoff_base`, doubling,
+///   capped at `backoff_cap`, with jitter), timed on the same clock. While
+///   the auth service is down, unexpired cached tokens keep being served; a
+///   call that needs a new token during backoff fails at once with
+///   [`TokenError::Unavailable`] instead of queueing. An expired token is
+///   never served.
+/// - **Rotation.** When the auth service refuses the service's own
+///   credentials ([`TokenError::CredentialsRejected`]), the source asks its
+///   [`Credentials`] to [`refresh`](Credentials::refresh) (a file or Vault
+///   source re-reads it) and, if they changed, retries once at once: a
+///   rotated secret is picked up without a restart.
 ///
 /// ```no_run
 /// # async fn f(channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
