@@ -280,3 +280,36 @@ async fn every_flow_passes_through_auth_servers_on_a_cluster() {
 async fn bob_sid(srv: &TestServer, token: &str) -> String {
     claims(srv, token, "order").await.sid.unwrap()
 }
+
+#[tokio::test]
+async fn a_durable_write_on_a_cluster_runs_and_waits_on_the_slots_primary() {
+    // No replicas: with `min_replicas_acked = 1` every write is applied on
+    // its slot's primary and refused as not durable. A script sent to
+    // another node would meet `MOVED`, which the durable pipeline does not
+    // follow (its `WAIT` must run where the write ran): that would be an
+    // outage error, not `NotDurable`.
+    let cluster = RedisCluster::start();
+    let config = RedisConfig {
+        url: cluster.url(),
+        command_timeout_ms: 2_000,
+        min_replicas_acked: 1,
+        replica_ack_timeout_ms: 100,
+        ..RedisConfig::default()
+    };
+    let durable = RedisStore::connect(&config).await.unwrap();
+    let plain = connect(&cluster).await;
+    let layout = KeyLayout::sharded("auth");
+    let mut nodes = HashSet::new();
+    for i in 0..12 {
+        let jti = format!("jti-durable-{i}");
+        nodes.insert(owner(&cluster, &layout.deny_jti(&jti)));
+        match durable.revoke(revocation(RevocationKind::Jti, &jti, NOW + 600), NOW).await {
+            Err(auth_server::store::StoreError::NotDurable { acked: 0, wanted: 1 }) => {}
+            other => panic!("{jti}: expected NotDurable, got {other:?}"),
+        }
+        assert!(plain.is_revoked(&jti, None, NOW).await.unwrap(), "{jti}: applied on its primary");
+    }
+    assert_eq!(nodes.len(), 3, "the writes went to every primary");
+    let family = revocation(RevocationKind::Family, "fam-durable", NOW + 600);
+    assert!(matches!(durable.revoke(family, NOW).await, Err(auth_server::store::StoreError::NotDurable { .. })));
+}
