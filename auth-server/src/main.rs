@@ -145,6 +145,11 @@ enum DevCommand {
         /// a service users call directly.
         #[arg(long)]
         for_users: bool,
+        /// Let an existing service call it with these scopes:
+        /// SERVICE=scope,scope (adds NAME to that account's audiences;
+        /// repeatable).
+        #[arg(long = "caller", value_name = "SERVICE=SCOPES")]
+        callers: Vec<String>,
         /// The role claim of its own tokens.
         #[arg(long, default_value = "service")]
         role: String,
@@ -370,10 +375,13 @@ async fn run(cli: Cli) -> Result<(), String> {
 
 fn run_dev(dir: &std::path::Path, command: DevCommand) -> Result<(), String> {
     match command {
-        DevCommand::AddService { name, audiences, for_users, role, perms } => {
+        DevCommand::AddService { name, audiences, for_users, callers, role, perms } => {
             let mut spec = dev::ServiceSpec { name, for_users, role, perms, ..Default::default() };
             for a in &audiences {
                 dev::parse_audience(&mut spec.audiences, a).map_err(|e| e.to_string())?;
+            }
+            for c in &callers {
+                dev::parse_audience(&mut spec.callers, c).map_err(|e| e.to_string())?;
             }
             let added = dev::add_service(dir, &spec).map_err(|e| e.to_string())?;
             print!("{}", added.render());

@@ -45,6 +45,9 @@ pub struct ServiceSpec {
     /// Whether users may log in for it (adds it to `tokens.user_audiences`
     /// in the dev config): a service that users call directly.
     pub for_users: bool,
+    /// Existing accounts that may call it, each with the scopes they may
+    /// ask for (adds `<name> = [scopes]` to their `audiences`).
+    pub callers: BTreeMap<String, Vec<String>>,
 }
 
 /// What `dev add-user` creates.
@@ -83,6 +86,8 @@ pub struct AddedService {
     pub audiences: BTreeMap<String, Vec<String>>,
     /// `tokens.user_audiences` after the change, when users may log in for it.
     pub user_audiences: Option<Vec<String>>,
+    /// The accounts that may now call it, with their scopes.
+    pub callers: BTreeMap<String, Vec<String>>,
 }
 
 /// A user admitted by [`add_user`].
@@ -290,8 +295,9 @@ pub fn add_service(dir: &Path, spec: &ServiceSpec) -> Result<AddedService, DevEr
     }
     let block = toml::to_string(&AccountsFile { account: std::slice::from_ref(&account) })
         .map_err(|_| DevError::Generate("TOML"))?;
+    let with_callers = allow_callers(&accounts_text, name, &spec.callers, &accounts_file)?;
     let new_accounts =
-        format!("{}\n# Added by `auth-server dev add-service {name}`.\n{block}", accounts_text.trim_end());
+        format!("{}\n# Added by `auth-server dev add-service {name}`.\n{block}", with_callers.trim_end());
     dev.check(&users_text, &new_accounts, &accounts_file)?;
     let new_config = if spec.for_users { Some(with_user_audience(&dev, name)?) } else { None };
 
@@ -321,8 +327,49 @@ pub fn add_service(dir: &Path, spec: &ServiceSpec) -> Result<AddedService, DevEr
         accounts_file,
         audiences: spec.audiences.clone(),
         user_audiences,
+        callers: spec.callers.clone(),
         dir: dev.dir,
     })
+}
+
+/// `accounts` (the file's text, comments and layout kept) with `name =
+/// [scopes]` added to the `audiences` of each account in `callers`. An
+/// unknown caller is an error, and so is one that already lists `name`.
+fn allow_callers(
+    accounts: &str,
+    name: &str,
+    callers: &BTreeMap<String, Vec<String>>,
+    path: &Path,
+) -> Result<String, DevError> {
+    if callers.is_empty() {
+        return Ok(accounts.to_owned());
+    }
+    let invalid = |problem: String| DevError::Invalid { path: path.to_owned(), problem };
+    let mut doc: toml_edit::DocumentMut =
+        accounts.parse().map_err(|e: toml_edit::TomlError| invalid(e.message().to_owned()))?;
+    let list = doc
+        .get_mut("account")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(|| invalid("no [[account]] entries".into()))?;
+    for (caller, scopes) in callers {
+        let account = list
+            .iter_mut()
+            .find(|t| t.get("client_id").and_then(toml_edit::Item::as_str) == Some(caller.as_str()))
+            .ok_or_else(|| {
+                DevError::Argument(format!("--caller {caller}: no account {caller:?} in {}", path.display()))
+            })?;
+        let audiences = account
+            .entry("audiences")
+            .or_insert_with(toml_edit::table)
+            .as_table_like_mut()
+            .ok_or_else(|| invalid(format!("account {caller:?}: audiences is not a table")))?;
+        if audiences.contains_key(name) {
+            return Err(DevError::Argument(format!("--caller {caller}: it already lists audience {name:?}")));
+        }
+        let scopes: toml_edit::Array = scopes.iter().map(String::as_str).collect();
+        audiences.insert(name, toml_edit::value(scopes));
+    }
+    Ok(doc.to_string())
 }
 
 /// The dev config with `name` added to `tokens.user_audiences` (comments
@@ -433,6 +480,12 @@ impl AddedService {
         for (aud, scopes) in &self.audiences {
             out.push_str(&format!("              may call {aud} with scopes [{}]\n", scopes.join(", ")));
         }
+        for (caller, scopes) in &self.callers {
+            out.push_str(&format!(
+                "              may be called by {caller} with scopes [{}] (added to its audiences)\n",
+                scopes.join(", ")
+            ));
+        }
         match &self.user_audiences {
             Some(list) => out.push_str(&format!(
                 "  users       may log in for audience {} (tokens.user_audiences = [{}])\n",
@@ -448,7 +501,7 @@ impl AddedService {
             "A running `auth-server dev` picks the account up when it next checks the accounts file \
              (reload_check_secs), or at once on SIGHUP.{}\n\
              To let another service call {name}, add `{name} = [\"<scope>\", …]` to that account's \
-             audiences in {accounts}.\n\n\
+             audiences in {accounts} (or give --caller SERVICE=scope,scope to add-service).\n\n\
              Set in the service's environment (the SDK's ServiceEnv reads these):\n",
             if self.user_audiences.is_some() { " tokens.user_audiences changed: send SIGHUP." } else { "" },
             name = self.name,
@@ -571,6 +624,32 @@ mod tests {
 
         let empty = tempfile::tempdir().unwrap();
         assert!(matches!(add_service(empty.path(), &spec("payments")), Err(DevError::NotDevDir(_))));
+    }
+
+    #[test]
+    fn callers_get_the_new_audience_with_the_file_kept_and_unknown_callers_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let env = super::super::ensure(tmp.path()).unwrap();
+        let accounts = tmp.path().join("accounts.toml");
+        let text = std::fs::read_to_string(&accounts).unwrap();
+        std::fs::write(&accounts, format!("# kept\n{text}")).unwrap();
+        let mut callers = BTreeMap::new();
+        parse_audience(&mut callers, "nobody=payments:charge").unwrap();
+        let err = add_service(tmp.path(), &ServiceSpec { callers, ..spec("payments") }).unwrap_err();
+        assert!(err.to_string().contains("no account \"nobody\""), "{err}");
+        assert!(!env.client_cert_path("payments").exists(), "nothing written");
+
+        let mut callers = BTreeMap::new();
+        parse_audience(&mut callers, "order=payments:charge").unwrap();
+        let added = add_service(tmp.path(), &ServiceSpec { callers, ..spec("payments") }).unwrap();
+        assert!(added.render().contains("may be called by order with scopes [payments:charge]"));
+        let written = std::fs::read_to_string(&accounts).unwrap();
+        assert!(written.starts_with("# kept\n"), "{written}");
+        let cfg = Config::load(&env.config_path, &Default::default()).unwrap();
+        let dir = Directory::load(&cfg.users_file, &cfg.accounts_file).unwrap();
+        let order = dir.account("order").unwrap();
+        assert_eq!(order.audiences["payments"], ["payments:charge"]);
+        assert_eq!(order.audiences["inventory"], ["inventory:read", "inventory:reserve"], "its others stay");
     }
 
     #[test]
