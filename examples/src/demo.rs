@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use auth_proto::auth::v1::auth_client::AuthClient;
-use auth_proto::auth::v1::{
-    ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest, login_request, revoke_request,
-};
+use auth_proto::auth::v1::{ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, login_request};
 use auth_server::config::{Config, Overrides};
 use auth_server::server::{Listeners, Server};
 use tokio::net::TcpListener;
@@ -78,21 +76,26 @@ impl Http {
     }
 }
 
+/// A dev user's name and password, from `credentials/<user>.json`.
+fn user_password(dir: &std::path::Path, user: &str) -> Result<(String, String), DemoError> {
+    let creds: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("credentials").join(format!("{user}.json"))).map_err(setup)?,
+    )
+    .map_err(setup)?;
+    let field = |k: &str| creds[k].as_str().unwrap_or_default().to_owned();
+    Ok((field("username"), field("password")))
+}
+
+/// The raw `Login` RPC (step 5 replays a refresh token by hand).
 async fn login(
     auth: &mut AuthClient<Channel>,
     dir: &std::path::Path,
     user: &str,
 ) -> Result<(String, String), DemoError> {
-    let creds: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join("credentials").join(format!("{user}.json"))).map_err(setup)?,
-    )
-    .map_err(setup)?;
+    let (username, password) = user_password(dir, user)?;
     let res = auth
         .login(LoginRequest {
-            grant: Some(login_request::Grant::Password(PasswordGrant {
-                username: creds["username"].as_str().unwrap_or_default().into(),
-                password: creds["password"].as_str().unwrap_or_default().into(),
-            })),
+            grant: Some(login_request::Grant::Password(PasswordGrant { username, password })),
             audience: vec!["order".into()],
             scope: vec![],
         })
@@ -153,12 +156,18 @@ async fn steps(
     order: &Http,
     order_grpc_uri: &str,
 ) -> Result<DemoReport, DemoError> {
-    // The user's side talks to the auth server like any client of the mesh.
-    let mut auth = AuthClient::new(ServiceEnv::dev(dir, "admin", auth_uri).auth_channel()?);
+    // The user's side (a front end) talks to the auth server like any
+    // client of the mesh.
+    let auth_channel = ServiceEnv::dev(dir, "admin", auth_uri).auth_channel()?;
+    let mut auth = AuthClient::new(auth_channel.clone());
 
-    // 1. Log in.
-    let (token, refresh) = login(&mut auth, dir, "alice").await?;
-    println!("[1/5] alice logged in: access token for aud=order");
+    // 1. Log in: a session whose tokens renew themselves.
+    let (username, password) = user_password(dir, "alice")?;
+    let session = service_sdk::login(auth_channel, &username, &password, crate::order::AUDIENCE)
+        .await
+        .map_err(|e| fail(1, format!("login refused: {e}")))?;
+    let token = session.access_token().await.map_err(|e| fail(1, e.to_string()))?;
+    println!("[1/5] alice logged in: a session with an access token for aud=order");
 
     // 2. Place an order; inventory sees the user, acted for by order.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -181,11 +190,10 @@ async fn steps(
         return Err(fail(2, format!("inventory saw the wrong caller: {seen:?}")));
     }
     // The same through order's gRPC face (the SDK's one-line on-behalf-of call).
+    // The user's session puts (and renews) alice's token on every call.
     let channel = ServiceEnv::dev(dir, "admin", auth_uri).channel(order_grpc_uri, crate::order::AUDIENCE)?;
-    let mut req = tonic::Request::new(crate::shop::ReserveRequest { sku: "sku-1".into(), quantity: 1 });
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().map_err(|_| fail(2, "bad metadata"))?);
-    let seen = crate::shop::orders_client::OrdersClient::new(channel)
-        .place_order(req)
+    let seen = crate::shop::orders_client::OrdersClient::new(session.channel(channel))
+        .place_order(crate::shop::ReserveRequest { sku: "sku-1".into(), quantity: 1 })
         .await
         .map_err(|s| fail(2, format!("gRPC PlaceOrder refused: {s}")))?
         .into_inner();
@@ -215,14 +223,9 @@ async fn steps(
         other => return Err(fail(3, format!("expected PERMISSION_DENIED, got {other:?}"))),
     }
 
-    // 4. Log out; the next order is refused within milliseconds. The
-    // session's refresh token proves it is alice's (the access token is
-    // addressed to order, which may only revoke that token itself).
-    let logout = RevokeRequest { target: Some(revoke_request::Target::SessionRefreshToken(refresh)) };
-    let revoked = auth.revoke(logout).await.map_err(|s| fail(4, format!("logout refused: {s}")))?.into_inner();
-    if revoked.revoked != "session" {
-        return Err(fail(4, format!("logout revoked {:?}, not the session", revoked.revoked)));
-    }
+    // 4. Log out (the session revokes itself with its refresh token, which
+    // proves it is alice's); the next order is refused within milliseconds.
+    session.logout().await.map_err(|e| fail(4, format!("logout refused: {e}")))?;
     let revoked_at = Instant::now();
     let delay = loop {
         let (status, _) = order.order(&token).await?;

@@ -44,6 +44,13 @@
 //!   and the service's own mTLS server ([`MtlsFiles::server_tls_config`],
 //!   which reloads rotated files, served by [`TlsIncoming`]).
 //!
+//! - **End users** ([`login`], [`UserSession`]): the caller at the edge (a
+//!   front end, a CLI) logs a user in once; the session's access token
+//!   renews itself with `Refresh` (the auth server rotates refresh tokens:
+//!   single use, single flight here), [`UserSession::channel`] puts it on
+//!   every call of a generated client, and [`UserSession::logout`] revokes
+//!   the session.
+//!
 //! Call another service: `order` calls `inventory` with a token for
 //! audience `inventory`. The names are the dev PKI's, as `auth-server dev`
 //! writes it to `.auth-dev`: the auth server's certificate names
@@ -215,8 +222,9 @@ pub use claims::{ACCESS_TOKEN_TYP, Actor, Audience, Claims, Confirmation};
 pub use client::{
     AUTH_SERVER_NAME, AccessToken, AuthChannel, AuthFuture, AuthServerId, BoxError, CLIENT_ID_VAR, CLIENT_SECRET_VAR,
     ClientCredentials, ClientSecret, Clock, Credentials, CredentialsError, EnvCredentials, ExchangeRequest,
-    ExchangeResponse, ExchangeService, FileCredentials, GrpcExchange, ManualClock, MtlsFiles, SystemClock, TlsError,
-    TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats,
+    ExchangeResponse, ExchangeService, FileCredentials, GrpcExchange, ManualClock, MtlsFiles, SessionError,
+    SystemClock, TlsError, TokenError, TokenRequest, TokenSource, TokenSourceBuilder, TokenSourceStats, UserChannel,
+    UserSession, login,
 };
 #[cfg(feature = "vault")]
 pub use client::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};

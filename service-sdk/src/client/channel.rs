@@ -116,7 +116,7 @@ fn caller_token(ext: &tonic::Extensions) -> Option<&str> {
     ext.get::<crate::verify::BearerToken>().map(crate::verify::BearerToken::as_str)
 }
 
-fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
+pub(super) fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
     e.into()
 }
 

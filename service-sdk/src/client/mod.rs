@@ -21,6 +21,7 @@ mod clock;
 mod credentials;
 mod identity;
 mod secret;
+mod session;
 mod source;
 mod tls;
 
@@ -33,6 +34,7 @@ pub use credentials::{
 pub use credentials::{KUBERNETES_JWT_PATH, SecretSource, VaultAuth, VaultCredentials, VaultCredentialsBuilder};
 pub use identity::{AUTH_SERVER_NAME, AuthServerId};
 pub use secret::{ClientCredentials, ClientSecret};
+pub use session::{SessionError, UserChannel, UserSession, login};
 pub use source::{
     AccessToken, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, TokenError, TokenRequest,
     TokenSource, TokenSourceBuilder, TokenSourceStats,

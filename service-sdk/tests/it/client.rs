@@ -461,7 +461,7 @@ async fn mtls_watch_builds_a_new_channel_after_rotation_on_disk() {
 // AuthChannel to downstream services behind the verify layer
 
 /// A downstream service.
-enum Stub {
+pub(crate) enum Stub {
     /// `inventory`: echoes the verified claims of each `GetJwks` call.
     Inventory,
     /// `order`: answers `GetJwks` by calling inventory on behalf of its
@@ -488,7 +488,11 @@ impl Protected for Stub {
 
 /// Serves `svc` over mTLS (dev server certificate) behind a verifier for
 /// `audience`.
-async fn serve_behind_verifier<S>(srv: &TestServer, audience: &str, svc: S) -> (SocketAddr, tokio::task::JoinHandle<()>)
+pub(crate) async fn serve_behind_verifier<S>(
+    srv: &TestServer,
+    audience: &str,
+    svc: S,
+) -> (SocketAddr, tokio::task::JoinHandle<()>)
 where
     S: Protected,
 {
@@ -513,7 +517,7 @@ where
     (addr, task)
 }
 
-fn echoed(resp: pb::GetJwksResponse) -> Claims {
+pub(crate) fn echoed(resp: pb::GetJwksResponse) -> Claims {
     serde_json::from_str(&resp.jwks_json).unwrap()
 }
 

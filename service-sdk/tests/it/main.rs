@@ -5,6 +5,7 @@ mod identity;
 mod metrics;
 mod pki;
 mod server;
+mod session;
 mod stub;
 #[cfg(feature = "vault")]
 mod vault;
