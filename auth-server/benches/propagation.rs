@@ -1,5 +1,6 @@
-//! Revocation propagation across replicas, Redis round trips per
-//! ExchangeToken, and Redis memory per live token.
+//! Redis round trips per RPC, Redis memory per live session and per
+//! revoked token (and none per service token), and revocation propagation
+//! across replicas.
 //!
 //! Two auth-server replicas (A and B) share one `redis-server` started here
 //! with AOF and `appendfsync always` (the durable setting `docs/REDIS.md`
@@ -13,7 +14,8 @@
 //! ```
 //!
 //! Round trips are counted with `MONITOR` (commands a client sent, not the
-//! ones a Lua script ran); memory with `MEMORY USAGE`.
+//! ones a Lua script ran); memory with `MEMORY USAGE` over every key and
+//! `used_memory`, before and after each step.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -25,8 +27,8 @@ use std::time::{Duration, Instant};
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::revocation_event::Event;
 use auth_proto::auth::v1::{
-    ExchangeTokenRequest, LoginRequest, PasswordGrant, RevokeRequest, WatchRevocationsRequest, login_request,
-    revoke_request,
+    ClientCredentialsGrant, ExchangeTokenRequest, LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest,
+    WatchRevocationsRequest, login_request, revoke_request,
 };
 use base64::Engine;
 use testkit::{RedisProcess, RedisReply, TestServer};
@@ -46,8 +48,8 @@ async fn run(revocations: usize) {
     let mut at_b = AuthClient::new(b.channel("order").await);
 
     round_trips(&redis, &a, &mut at_a).await;
+    memory(&redis, &a, &mut at_a).await;
     propagation(&b, &mut at_b, &a, revocations).await;
-    memory(&redis, revocations);
 }
 
 fn service_exchange(srv: &TestServer, subject_token: &str) -> ExchangeTokenRequest {
@@ -97,7 +99,13 @@ impl Monitor {
             if line.contains(marker) {
                 return counts;
             }
-            if line.contains("[0 lua]") {
+            // Lua's own commands, and the background ones: PINGs (the
+            // subscriber's, the readiness check's) and the readiness
+            // probe key.
+            if line.contains("[0 lua]") || line.contains("\"PING\"") || line.contains("\"ping\"") {
+                continue;
+            }
+            if line.contains(":ready\"") {
                 continue;
             }
             if let Some(name) = line.split('"').nth(1) {
@@ -107,36 +115,174 @@ impl Monitor {
     }
 }
 
-async fn round_trips(redis: &RedisProcess, a: &TestServer, at_a: &mut AuthClient<Channel>) {
-    const EXCHANGES: usize = 200;
-    let (username, password) = a.user_password("alice");
-    let login = LoginRequest {
+/// One RPC whose Redis round trips are counted, and the calls that make it.
+enum Rpc {
+    Exchange,
+    ExchangeForUser(String),
+    LoginClientCredentials,
+    LoginPassword,
+    /// A chain of refresh tokens: each call spends the last one.
+    Refresh(String),
+    RevokeAccessToken(Vec<String>),
+    /// An admin's client and bearer token, and the jtis it revokes.
+    RevokeJti(Admin, Vec<String>),
+    /// An admin's client and bearer token, and the sessions it ends.
+    RevokeSid(Admin, Vec<String>),
+    RevokeRefreshToken(Vec<String>),
+    Logout(Vec<String>),
+}
+
+impl Rpc {
+    fn label(&self) -> &'static str {
+        match self {
+            Rpc::Exchange => "ExchangeToken, service acting as itself",
+            Rpc::ExchangeForUser(_) => "ExchangeToken with a subject token",
+            Rpc::LoginClientCredentials => "Login, client credentials",
+            Rpc::LoginPassword => "Login, password",
+            Rpc::Refresh(_) => "Refresh",
+            Rpc::RevokeAccessToken(_) => "Revoke{access_token}",
+            Rpc::RevokeJti(..) => "Revoke{jti} (admin, no registry)",
+            Rpc::RevokeSid(..) => "Revoke{sid} (admin)",
+            Rpc::RevokeRefreshToken(_) => "Revoke{refresh_token} (its family)",
+            Rpc::Logout(_) => "Revoke{session_refresh_token} (logout)",
+        }
+    }
+
+    /// Makes call number `i`.
+    async fn call(&mut self, i: usize, a: &TestServer, at_a: &mut AuthClient<Channel>) {
+        let revoke = |target| RevokeRequest { target: Some(target) };
+        let by = |token: &str, target| {
+            let mut req = tonic::Request::new(RevokeRequest { target: Some(target) });
+            req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("header"));
+            req
+        };
+        match self {
+            Rpc::Exchange => drop(at_a.exchange_token(service_exchange(a, "")).await.expect("exchange")),
+            Rpc::ExchangeForUser(t) => drop(at_a.exchange_token(service_exchange(a, t)).await.expect("exchange")),
+            Rpc::LoginClientCredentials => {
+                drop(at_a.login(client_login(a, "order", "inventory")).await.expect("login"))
+            }
+            Rpc::LoginPassword => drop(at_a.login(password_login(a, "alice")).await.expect("login")),
+            Rpc::Refresh(t) => {
+                let next = at_a.refresh(RefreshRequest { refresh_token: t.clone() }).await.expect("refresh");
+                *t = next.into_inner().refresh_token;
+            }
+            Rpc::RevokeAccessToken(t) => {
+                drop(at_a.revoke(revoke(revoke_request::Target::AccessToken(t[i].clone()))).await.expect("revoke"))
+            }
+            Rpc::RevokeJti(admin, jtis) => {
+                let req = by(&admin.token, revoke_request::Target::Jti(jtis[i].clone()));
+                drop(admin.client.revoke(req).await.expect("revoke"))
+            }
+            Rpc::RevokeSid(admin, sids) => {
+                let req = by(&admin.token, revoke_request::Target::Sid(sids[i].clone()));
+                drop(admin.client.revoke(req).await.expect("revoke"))
+            }
+            Rpc::RevokeRefreshToken(t) => {
+                let target = revoke_request::Target::RefreshToken(t[i].clone());
+                drop(at_a.revoke(revoke(target)).await.expect("revoke"))
+            }
+            Rpc::Logout(t) => {
+                let target = revoke_request::Target::SessionRefreshToken(t[i].clone());
+                drop(at_a.revoke(revoke(target)).await.expect("revoke"))
+            }
+        }
+    }
+}
+
+fn password_login(srv: &TestServer, user: &str) -> LoginRequest {
+    let (username, password) = srv.user_password(user);
+    LoginRequest {
         grant: Some(login_request::Grant::Password(PasswordGrant { username, password })),
         audience: vec!["order".into()],
         scope: vec![],
-    };
-    let alice = at_a.login(login).await.expect("login").into_inner().access_token;
+    }
+}
+
+fn client_login(srv: &TestServer, account: &str, audience: &str) -> LoginRequest {
+    let (client_id, client_secret) = srv.client_credentials(account);
+    LoginRequest {
+        grant: Some(login_request::Grant::ClientCredentials(ClientCredentialsGrant { client_id, client_secret })),
+        audience: vec![audience.into()],
+        scope: vec![],
+    }
+}
+
+fn sid_of(token: &str) -> String {
+    let payload = token.split('.').nth(1).expect("JWS payload");
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).expect("base64url");
+    let claims: serde_json::Value = serde_json::from_slice(&json).expect("claims JSON");
+    claims["sid"].as_str().expect("sid").to_owned()
+}
+
+/// Redis round trips per call of each RPC at replica A, counted with
+/// `MONITOR`: every command a client sent between two markers, but the
+/// background ones (the subscriber's and the readiness check's `PING`s,
+/// the readiness probe key).
+async fn round_trips(redis: &RedisProcess, a: &TestServer, at_a: &mut AuthClient<Channel>) {
+    const FAST: usize = 200;
+    const SLOW: usize = 20;
+    let mut logins = Vec::new();
+    for _ in 0..3 * SLOW + 2 {
+        logins.push(at_a.login(password_login(a, "alice")).await.expect("login").into_inner());
+    }
+    let mut minted = Vec::new();
+    for _ in 0..2 * SLOW {
+        minted.push(at_a.exchange_token(service_exchange(a, "")).await.expect("exchange").into_inner().access_token);
+    }
+    let mut logins = logins.into_iter();
+    let mut take = |n: usize| logins.by_ref().take(n).collect::<Vec<_>>();
+    let subject = take(1).remove(0).access_token;
+    let chain = take(1).remove(0).refresh_token;
+    let sids = take(SLOW).iter().map(|t| sid_of(&t.access_token)).collect();
+    let families = take(SLOW).into_iter().map(|t| t.refresh_token).collect();
+    let sessions = take(SLOW).into_iter().map(|t| t.refresh_token).collect();
+    let (to_revoke, by_jti) = minted.split_at(SLOW);
+    let cases = [
+        (Rpc::Exchange, FAST),
+        (Rpc::ExchangeForUser(subject), FAST),
+        (Rpc::LoginClientCredentials, FAST),
+        (Rpc::LoginPassword, SLOW),
+        (Rpc::Refresh(chain), SLOW),
+        (Rpc::RevokeAccessToken(to_revoke.to_vec()), SLOW),
+        (Rpc::RevokeJti(Admin::login(a).await, by_jti.iter().map(|t| jti_of(t)).collect()), SLOW),
+        (Rpc::RevokeSid(Admin::login(a).await, sids), SLOW),
+        (Rpc::RevokeRefreshToken(families), SLOW),
+        (Rpc::Logout(sessions), SLOW),
+    ];
 
     let mut monitor = Monitor::start(redis);
-    for (label, subject) in [("service acting as itself", ""), ("on behalf of a user (subject token)", &alice[..])] {
+    println!("Redis round trips per RPC at one replica (client commands seen by MONITOR, Lua's own excluded):");
+    println!("| RPC | round trips per call | commands per call | calls |");
+    println!("| --- | ---: | --- | ---: |");
+    for (mut rpc, calls) in cases {
         redis.command(&["ECHO", "bench-mark-start"]);
         monitor.until("bench-mark-start");
-        for _ in 0..EXCHANGES {
-            at_a.exchange_token(service_exchange(a, subject)).await.expect("exchange");
+        for i in 0..calls {
+            rpc.call(i, a, at_a).await;
         }
         redis.command(&["ECHO", "bench-mark-end"]);
-        let mut counts = monitor.until("bench-mark-end");
-        // The readiness probe pings on its own schedule, not per call.
-        let background = counts.remove("ping").unwrap_or(0);
+        let counts = monitor.until("bench-mark-end");
         let total: usize = counts.values().sum();
         let per: Vec<String> =
-            counts.iter().map(|(name, n)| format!("{name} {:.2}", *n as f64 / EXCHANGES as f64)).collect();
-        println!(
-            "ExchangeToken, {label}: {:.2} Redis round trips per call ({}) over {EXCHANGES} calls \
-             (plus {background} background readiness PINGs)",
-            total as f64 / EXCHANGES as f64,
-            per.join(", ")
-        );
+            counts.iter().map(|(name, n)| format!("{name} {:.2}", *n as f64 / calls as f64)).collect();
+        let per = if per.is_empty() { "none".to_owned() } else { per.join(", ") };
+        println!("| {} | {:.2} | {per} | {calls} |", rpc.label(), total as f64 / calls as f64);
+    }
+}
+
+/// The dev `admin` account: its own mTLS channel, and a token for the auth
+/// service (client credentials) that may revoke anyone's tokens.
+struct Admin {
+    client: AuthClient<Channel>,
+    token: String,
+}
+
+impl Admin {
+    async fn login(a: &TestServer) -> Self {
+        let mut client = AuthClient::new(a.channel("admin").await);
+        let token = client.login(client_login(a, "admin", "auth-service")).await.expect("admin login");
+        Self { client, token: token.into_inner().access_token }
     }
 }
 
@@ -200,39 +346,108 @@ async fn propagation(b: &TestServer, at_b: &mut AuthClient<Channel>, a: &TestSer
     );
 }
 
-fn memory(redis: &RedisProcess, revoked: usize) {
-    let usage = |key: &str| redis.command(&["MEMORY", "USAGE", key, "SAMPLES", "0"]).int();
-    let mut registry = (0usize, 0i64);
-    let mut buckets = (0usize, 0i64);
-    let mut cursor = "0".to_owned();
-    loop {
-        let RedisReply::Array(Some(reply)) = redis.command(&["SCAN", &cursor, "MATCH", "{auth}:*", "COUNT", "1000"])
-        else {
-            panic!("SCAN reply");
-        };
-        cursor = reply[0].text();
-        let RedisReply::Array(Some(keys)) = &reply[1] else { panic!("SCAN keys") };
-        for key in keys {
-            let key = key.text();
-            if key.starts_with("{auth}:i:") {
-                registry = (registry.0 + 1, registry.1 + usage(&key));
-            } else if key.starts_with("{auth}:rv:jti:") {
-                buckets = (buckets.0 + 1, buckets.1 + usage(&key));
+/// Every key's `MEMORY USAGE`, and Redis's `used_memory`.
+struct RedisMemory {
+    keys: BTreeMap<String, i64>,
+    used: i64,
+}
+
+impl RedisMemory {
+    fn read(redis: &RedisProcess) -> Self {
+        let mut keys = BTreeMap::new();
+        let mut cursor = "0".to_owned();
+        loop {
+            let RedisReply::Array(Some(reply)) = redis.command(&["SCAN", &cursor, "COUNT", "1000"]) else {
+                panic!("SCAN reply");
+            };
+            cursor = reply[0].text();
+            let RedisReply::Array(Some(found)) = &reply[1] else { panic!("SCAN keys") };
+            for key in found {
+                let key = key.text();
+                // The readiness probe's key comes and goes on its own.
+                if key.ends_with(":ready") {
+                    continue;
+                }
+                if let RedisReply::Int(n) = redis.command(&["MEMORY", "USAGE", &key, "SAMPLES", "0"]) {
+                    keys.insert(key, n);
+                }
+            }
+            if cursor == "0" {
+                break;
             }
         }
-        if cursor == "0" {
-            break;
-        }
+        let info = redis.command(&["INFO", "memory"]).text();
+        let used = info
+            .lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("used_memory in INFO memory");
+        Self { keys, used }
     }
-    let per_token = registry.1 as f64 / registry.0 as f64;
-    let per_revocation = buckets.1 as f64 / revoked as f64;
-    println!(
-        "redis memory: {:.0} B per issued-jti entry ({} entries, {revoked} of them revoked); \
-         {:.0} B per revoked-jti snapshot entry ({} bucket keys); revoked live token ~{:.0} B",
-        per_token,
-        registry.0,
-        per_revocation,
-        buckets.0,
-        per_token + per_revocation
-    );
+
+    /// What `after` holds beyond `self`: new keys, `MEMORY USAGE` grown,
+    /// and `used_memory` grown.
+    fn growth(&self, after: &Self) -> (usize, i64, i64) {
+        let new = after.keys.keys().filter(|k| !self.keys.contains_key(*k)).count();
+        let usage: i64 = after.keys.values().sum::<i64>() - self.keys.values().sum::<i64>();
+        (new, usage, after.used - self.used)
+    }
+}
+
+/// Redis memory per live session and per revoked token, and what
+/// service-token exchanges cost (nothing): `MEMORY USAGE` summed over
+/// every key, and `used_memory`, before and after each step.
+async fn memory(redis: &RedisProcess, a: &TestServer, at_a: &mut AuthClient<Channel>) {
+    const EXCHANGES: usize = 5_000;
+    const SESSIONS: usize = 300;
+    const REVOKED: usize = 2_000;
+    let report = |what: &str, n: usize, before: &RedisMemory, after: &RedisMemory| {
+        let (new, usage, used) = before.growth(after);
+        println!(
+            "| {what} | {n} | {new} | {usage} B ({:.1} B each) | {used} B ({:.1} B each) |",
+            usage as f64 / n as f64,
+            used as f64 / n as f64
+        );
+    };
+    println!("Redis memory (MEMORY USAGE summed over every key; used_memory from INFO):");
+    println!("| step | count | new keys | MEMORY USAGE growth | used_memory growth |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+
+    let before = RedisMemory::read(redis);
+    for _ in 0..EXCHANGES {
+        at_a.exchange_token(service_exchange(a, "")).await.expect("exchange");
+    }
+    report("service-token exchanges", EXCHANGES, &before, &RedisMemory::read(redis));
+
+    let before = RedisMemory::read(redis);
+    let mut sessions = Vec::with_capacity(SESSIONS);
+    for _ in 0..SESSIONS {
+        sessions.push(at_a.login(password_login(a, "alice")).await.expect("login").into_inner());
+    }
+    let after_login = RedisMemory::read(redis);
+    report("live sessions (password Login)", SESSIONS, &before, &after_login);
+    for s in &sessions {
+        at_a.refresh(RefreshRequest { refresh_token: s.refresh_token.clone() }).await.expect("refresh");
+    }
+    report("one Refresh per session (the spent token stays)", SESSIONS, &after_login, &RedisMemory::read(redis));
+
+    let mut tokens = Vec::with_capacity(REVOKED);
+    for _ in 0..REVOKED {
+        tokens.push(at_a.exchange_token(service_exchange(a, "")).await.expect("exchange").into_inner().access_token);
+    }
+    let before = RedisMemory::read(redis);
+    for token in tokens {
+        let target = revoke_request::Target::AccessToken(token);
+        at_a.revoke(RevokeRequest { target: Some(target) }).await.expect("revoke");
+    }
+    report("revoked access tokens (by jti)", REVOKED, &before, &RedisMemory::read(redis));
+    let mut admin = Admin::login(a).await;
+    let before = RedisMemory::read(redis);
+    for s in &sessions {
+        let sid = sid_of(&s.access_token);
+        let mut req = tonic::Request::new(RevokeRequest { target: Some(revoke_request::Target::Sid(sid)) });
+        req.metadata_mut().insert("authorization", format!("Bearer {}", admin.token).parse().expect("header"));
+        admin.client.revoke(req).await.expect("revoke sid");
+    }
+    report("ended sessions (by sid)", SESSIONS, &before, &RedisMemory::read(redis));
 }

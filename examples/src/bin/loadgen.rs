@@ -19,7 +19,9 @@
 //! one run: alone, then with N wrong-password Logins kept in flight from
 //! another client identity (`--flood-client`); with `--server-pid` it also
 //! prints the server's resident memory before, at most during, and after
-//! each phase.
+//! each phase, and the CPU time the server spent per answered call.
+//! `--rpc exchange-for-user` exchanges a user's access token (one password
+//! login per worker) as the subject token.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -40,6 +42,9 @@ use tonic::transport::Channel;
 enum Rpc {
     /// ExchangeToken with client credentials (service acting as itself).
     Exchange,
+    /// ExchangeToken for a user: each worker logs `--user` in once
+    /// (password) and exchanges that access token as the subject token.
+    ExchangeForUser,
     /// Login with the client-credentials grant.
     LoginClientCredentials,
     /// Refresh (each worker rotates its own family).
@@ -60,7 +65,7 @@ struct Args {
     /// Which service account (and client certificate) to use.
     #[arg(long, default_value = "order")]
     client: String,
-    /// User for `--rpc refresh`.
+    /// User for `--rpc refresh` and `--rpc exchange-for-user`.
     #[arg(long, default_value = "alice")]
     user: String,
     /// Number of HTTP/2 connections.
@@ -88,7 +93,8 @@ struct Args {
     /// The client identity (certificate) the flood comes from.
     #[arg(long, default_value = "inventory")]
     flood_client: String,
-    /// The auth-server's process id, to print its resident memory.
+    /// The auth-server's process id, to print its resident memory and
+    /// the CPU time it spent per answered call in the measured window.
     #[arg(long)]
     server_pid: Option<u32>,
 }
@@ -231,7 +237,8 @@ async fn drive(
             let mut tally = Tally { paced: pacer.is_some(), ..Tally::default() };
             let mut sent_measured = 0u64;
             let mut refresh_token = String::new();
-            if let (Rpc::Refresh, Some((username, password))) = (load.rpc, &load.user) {
+            let mut subject_token = String::new();
+            if let (Rpc::Refresh | Rpc::ExchangeForUser, Some((username, password))) = (load.rpc, &load.user) {
                 match client
                     .login(LoginRequest {
                         grant: Some(login_request::Grant::Password(PasswordGrant {
@@ -243,7 +250,10 @@ async fn drive(
                     })
                     .await
                 {
-                    Ok(r) => refresh_token = r.into_inner().refresh_token,
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        (refresh_token, subject_token) = (r.refresh_token, r.access_token);
+                    }
                     Err(e) => {
                         *tally.errors.entry(format!("login {:?}", e.code())).or_default() += 1;
                         return tally;
@@ -283,6 +293,16 @@ async fn drive(
                         .exchange_token(ExchangeTokenRequest {
                             client_id: id.clone(),
                             client_secret: secret.clone(),
+                            audience: aud.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|_| ()),
+                    Rpc::ExchangeForUser => client
+                        .exchange_token(ExchangeTokenRequest {
+                            client_id: id.clone(),
+                            client_secret: secret.clone(),
+                            subject_token: subject_token.clone(),
                             audience: aud.clone(),
                             ..Default::default()
                         })
@@ -402,6 +422,30 @@ fn watch_rss(pid: Option<u32>, stop: Instant) -> tokio::task::JoinHandle<Option<
     })
 }
 
+/// CPU time (user + system) `pid` has used, from /proc.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are the 14th and 15th fields of the line.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // Clock ticks: 100 per second on Linux (USER_HZ).
+    Some(Duration::from_millis((utime + stime) * 10))
+}
+
+/// The CPU time `pid` uses between `from` and `to`.
+fn watch_cpu(pid: Option<u32>, from: Instant, to: Instant) -> tokio::task::JoinHandle<Option<Duration>> {
+    tokio::spawn(async move {
+        let pid = pid?;
+        tokio::time::sleep_until(from.into()).await;
+        let start = cpu_time(pid)?;
+        tokio::time::sleep_until(to.into()).await;
+        Some(cpu_time(pid)?.saturating_sub(start))
+    })
+}
+
 fn credentials(args: &Args, name: &str) -> Result<(String, String), String> {
     let creds: serde_json::Value =
         serde_json::from_str(&read(&args.dir.join("credentials").join(format!("{name}.json")))?)
@@ -432,7 +476,7 @@ async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
         _ => KeyAlg::ES256,
     };
 
-    let user = if matches!(args.rpc, Rpc::Refresh) {
+    let user = if matches!(args.rpc, Rpc::Refresh | Rpc::ExchangeForUser) {
         let u: serde_json::Value =
             serde_json::from_str(&read(&args.dir.join("credentials").join(format!("{}.json", args.user)))?)
                 .map_err(|e| e.to_string())?;
@@ -468,11 +512,22 @@ async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
     let start = Instant::now();
     let stop_at = start + warmup + measure;
     let rss_watch = watch_rss(args.server_pid, stop_at);
+    let cpu_watch = watch_cpu(args.server_pid, start + warmup, stop_at);
     let alone = drive(Arc::clone(&load), &channels, start, start + warmup, stop_at).await?;
     let label = if args.flood > 0 { "alone: " } else { "" };
     let rps = print_tally(out, label, &alone, measure)?;
     if let (Some(before), Ok(Some(max))) = (rss_before, rss_watch.await) {
         say!(out, "{label}server RSS MiB: before {before:.1}, max {max:.1}")?;
+    }
+    if let Ok(Some(cpu)) = cpu_watch.await
+        && !alone.latencies_us.is_empty()
+    {
+        let per_call_us = cpu.as_secs_f64() * 1e6 / alone.latencies_us.len() as f64;
+        say!(
+            out,
+            "{label}server CPU: {per_call_us:.1} us per answered call ({:.0}% of one core over the measured window)",
+            cpu.as_secs_f64() * 100.0 / measure.as_secs_f64()
+        )?;
     }
 
     if args.flood > 0 {
