@@ -15,8 +15,8 @@ const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// below this.
 const MAX_NODE_PORT: u16 = 55_535;
 
-/// Three primaries (no replicas) sharing the 16384 slots, each on a free
-/// port below 55535. Killed on drop.
+/// Three primaries sharing the 16384 slots (with replicas if asked), each
+/// node on a free port below 55535. Killed on drop.
 ///
 /// ```no_run
 /// let cluster = testkit::RedisCluster::start();
@@ -37,6 +37,13 @@ impl RedisCluster {
     /// every node reports `cluster_state:ok`. Panics naming the install
     /// command if `redis-server` or `redis-cli` is missing.
     pub fn start() -> Self {
+        Self::start_with_replicas(0)
+    }
+
+    /// [`start`](Self::start) with `replicas` replicas per primary
+    /// (`--cluster-replicas`): 3 × (1 + `replicas`) nodes, the first three
+    /// the primaries.
+    pub fn start_with_replicas(replicas: usize) -> Self {
         let cli = find_on_path("redis-cli")
             .unwrap_or_else(|| panic!("redis-cli not found: install it with `apt-get install -y redis-server`"));
         let args: Vec<String> = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
@@ -44,12 +51,13 @@ impl RedisCluster {
             .chain(["--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "yes"])
             .map(str::to_owned)
             .collect();
-        let nodes: Vec<RedisProcess> = (0..3).map(|_| RedisProcess::launch(false, &args, MAX_NODE_PORT)).collect();
+        let count = 3 * (1 + replicas);
+        let nodes: Vec<RedisProcess> = (0..count).map(|_| RedisProcess::launch(false, &args, MAX_NODE_PORT)).collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let output = Command::new(&cli)
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .output()
             .expect("run redis-cli --cluster create");
         assert!(
@@ -69,7 +77,36 @@ impl RedisCluster {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        Self { nodes }
+        let cluster = Self { nodes };
+        // Replicas report ok before they have synced: wait for their link.
+        for node in &cluster.nodes {
+            while is_replica(node) && !node.command(&["INFO", "replication"]).text().contains("master_link_status:up") {
+                assert!(Instant::now() < deadline, "replica {} did not sync within {JOIN_TIMEOUT:?}", node.port());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// The replicas of the primary on `port` (none without
+    /// [`start_with_replicas`](Self::start_with_replicas)).
+    pub fn replicas_of(&self, port: u16) -> Vec<&RedisProcess> {
+        let nodes = self.nodes[0].command(&["CLUSTER", "NODES"]).text();
+        let id_of = |port: u16| {
+            nodes
+                .lines()
+                .find(|l| l.split_whitespace().nth(1).is_some_and(|a| a.starts_with(&format!("127.0.0.1:{port}@"))))
+                .and_then(|l| l.split_whitespace().next())
+                .map(str::to_owned)
+        };
+        let primary = id_of(port).unwrap_or_else(|| panic!("no cluster node on port {port}"));
+        self.nodes
+            .iter()
+            .filter(|n| {
+                let line = id_of(n.port()).and_then(|id| nodes.lines().find(|l| l.starts_with(&id)).map(str::to_owned));
+                line.is_some_and(|l| l.split_whitespace().nth(3) == Some(primary.as_str()))
+            })
+            .collect()
     }
 
     /// `redis-cluster://` with the first node in the authority and the
@@ -83,7 +120,7 @@ impl RedisCluster {
         url
     }
 
-    /// The nodes (all primaries).
+    /// The nodes: the three primaries first, then any replicas.
     pub fn nodes(&self) -> &[RedisProcess] {
         &self.nodes
     }
@@ -92,4 +129,9 @@ impl RedisCluster {
     pub fn dbsizes(&self) -> Vec<(u16, i64)> {
         self.nodes.iter().map(|n| (n.port(), n.command(&["DBSIZE"]).int())).collect()
     }
+}
+
+/// Whether `node` is a replica (`INFO replication` says `role:slave`).
+fn is_replica(node: &RedisProcess) -> bool {
+    node.command(&["INFO", "replication"]).text().contains("role:slave")
 }

@@ -313,3 +313,39 @@ async fn a_durable_write_on_a_cluster_runs_and_waits_on_the_slots_primary() {
     let family = revocation(RevocationKind::Family, "fam-durable", NOW + 600);
     assert!(matches!(durable.revoke(family, NOW).await, Err(auth_server::store::StoreError::NotDurable { .. })));
 }
+
+#[tokio::test]
+async fn a_cluster_write_waits_for_its_own_primarys_replica() {
+    // One replica per primary. A write is acknowledged once its slot's
+    // primary's replica has it; with that replica stopped it is refused,
+    // while a write to another primary still goes through. A `WAIT` sent to
+    // another node would count that node's replica and acknowledge it.
+    let cluster = RedisCluster::start_with_replicas(1);
+    let config = RedisConfig {
+        url: cluster.url(),
+        command_timeout_ms: 3_000,
+        min_replicas_acked: 1,
+        replica_ack_timeout_ms: 1_000,
+        ..RedisConfig::default()
+    };
+    let store = RedisStore::connect(&config).await.unwrap();
+    let layout = KeyLayout::sharded("auth");
+    let jti_on = |port: u16| {
+        (0..).map(|i| format!("jti-wait-{i}")).find(|j| owner(&cluster, &layout.deny_jti(j)) == port).unwrap()
+    };
+    let (first, second) = (cluster.nodes()[0].port(), cluster.nodes()[1].port());
+    let (x, y) = (jti_on(first), jti_on(second));
+    store.revoke(revocation(RevocationKind::Jti, &x, NOW + 600), NOW).await.unwrap();
+
+    let replicas = cluster.replicas_of(first);
+    assert_eq!(replicas.len(), 1, "one replica per primary");
+    replicas[0].pause();
+    let stalled = store.revoke(revocation(RevocationKind::Jti, &x, NOW + 900), NOW).await;
+    let other = store.revoke(revocation(RevocationKind::Jti, &y, NOW + 600), NOW).await;
+    replicas[0].resume();
+    assert!(
+        matches!(stalled, Err(auth_server::store::StoreError::NotDurable { acked: 0, wanted: 1 })),
+        "its primary's replica stopped: {stalled:?}"
+    );
+    other.expect("another primary's replica acknowledges its own writes");
+}
