@@ -116,8 +116,43 @@ fn caller_token(ext: &tonic::Extensions) -> Option<&str> {
     ext.get::<crate::verify::BearerToken>().map(crate::verify::BearerToken::as_str)
 }
 
-pub(super) fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
+fn into_box<E: Into<BoxError>>(e: E) -> BoxError {
     e.into()
+}
+
+/// One call through `inner` with `authorization: <bearer>`: at once when a
+/// bearer value is `ready`, otherwise after `fetch` yields one (or fails
+/// the call with its status). Shared by [`AuthChannel`] and
+/// [`UserChannel`](crate::UserChannel). The trace context goes along as
+/// `traceparent` (feature `otel`).
+pub(super) fn call_with_bearer<S, B, F>(
+    inner: &mut S,
+    mut req: http::Request<B>,
+    ready: Option<HeaderValue>,
+    fetch: impl FnOnce() -> F,
+) -> AuthFuture<S::Future, S::Response>
+where
+    S: Service<http::Request<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Send + 'static,
+    F: Future<Output = Result<HeaderValue, tonic::Status>> + Send + 'static,
+{
+    #[cfg(feature = "otel")]
+    crate::otel::inject_current(req.headers_mut());
+    if let Some(bearer) = ready {
+        req.headers_mut().insert(AUTHORIZATION, bearer);
+        return Either::Left(inner.call(req).map_err(into_box::<S::Error> as fn(_) -> _));
+    }
+    // Slow path: keep the service that was made ready, leave a clone.
+    let clone = inner.clone();
+    let mut inner = std::mem::replace(inner, clone);
+    let bearer = fetch();
+    Either::Right(Box::pin(async move {
+        let bearer = bearer.await.map_err(|status| Box::new(status) as BoxError)?;
+        req.headers_mut().insert(AUTHORIZATION, bearer);
+        inner.call(req).await.map_err(Into::into)
+    }))
 }
 
 impl<S, B> Service<http::Request<B>> for AuthChannel<S>
@@ -135,28 +170,15 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        // The caller's span goes along as `traceparent` (feature `otel`).
-        #[cfg(feature = "otel")]
-        crate::otel::inject_current(req.headers_mut());
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let ready = match &self.fixed {
             Some(t) => Some(t.bearer().clone()),
             None => self.source.cached(&self.audience).map(|t| t.bearer().clone()),
         };
-        if let Some(bearer) = ready {
-            req.headers_mut().insert(AUTHORIZATION, bearer);
-            return Either::Left(self.inner.call(req).map_err(into_box::<S::Error> as fn(_) -> _));
-        }
-        // Slow path: keep the service that was made ready, leave a clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let source = self.source.clone();
-        let audience = self.audience.clone();
-        Either::Right(Box::pin(async move {
-            let token = source.token(&audience).await.map_err(|e| Box::new(tonic::Status::from(e)) as BoxError)?;
-            let bearer: HeaderValue = token.bearer().clone();
-            req.headers_mut().insert(AUTHORIZATION, bearer);
-            inner.call(req).await.map_err(Into::into)
-        }))
+        let (source, audience) = (self.source.clone(), self.audience.clone());
+        call_with_bearer(&mut self.inner, req, ready, move || async move {
+            let token = source.token(&audience).await.map_err(tonic::Status::from)?;
+            Ok(token.bearer().clone())
+        })
     }
 }

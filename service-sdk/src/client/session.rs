@@ -8,13 +8,11 @@ use std::task::{Context, Poll};
 use arc_swap::ArcSwapOption;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{LoginRequest, PasswordGrant, RefreshRequest, RevokeRequest, login_request, revoke_request};
-use futures_util::future::{Either, TryFutureExt as _};
 use http::HeaderValue;
-use http::header::AUTHORIZATION;
 use tonic::transport::Channel;
 use tower::Service;
 
-use super::channel::{AuthFuture, BoxError, into_box};
+use super::channel::{AuthFuture, BoxError, call_with_bearer};
 use super::clock::{Clock, SystemClock};
 use super::secret::ClientSecret;
 
@@ -288,21 +286,10 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        #[cfg(feature = "otel")]
-        crate::otel::inject_current(req.headers_mut());
-        if let Some(bearer) = self.session.ready() {
-            req.headers_mut().insert(AUTHORIZATION, bearer);
-            return Either::Left(self.inner.call(req).map_err(into_box::<S::Error> as fn(_) -> _));
-        }
-        // Slow path: keep the service that was made ready, leave a clone.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let session = self.session.clone();
-        Either::Right(Box::pin(async move {
-            let current = session.current().await.map_err(|e| Box::new(tonic::Status::from(e)) as BoxError)?;
-            req.headers_mut().insert(AUTHORIZATION, current.bearer.clone());
-            inner.call(req).await.map_err(Into::into)
-        }))
+        call_with_bearer(&mut self.inner, req, self.session.ready(), move || async move {
+            Ok(session.current().await?.bearer.clone())
+        })
     }
 }
