@@ -27,7 +27,6 @@ use auth_proto::auth::v1 as pb;
 use auth_proto::auth::v1::auth_client::AuthClient;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use serde::Serialize;
 use service_sdk::VerifyError;
 use service_sdk::{AuthServerId, ClientCredentials, Credentials as _, FileCredentials, KeySet, MtlsFiles, Validator};
 use tonic::transport::Channel;
@@ -561,12 +560,7 @@ pub fn new_account(spec: &AccountSpec) -> Result<NewAccount, AdminError> {
         perms: spec.perms.clone(),
         audiences: spec.audiences.clone(),
     };
-    #[derive(Serialize)]
-    struct AccountsFile<'a> {
-        account: &'a [Account],
-    }
-    let accounts_toml = toml::to_string(&AccountsFile { account: std::slice::from_ref(&account) })
-        .map_err(|e| AdminError::Argument(format!("TOML: {e}")))?;
+    let accounts_toml = account.to_toml_block().map_err(|e| AdminError::Argument(format!("TOML: {e}")))?;
     Directory::new(vec![], vec![account]).map_err(|e| AdminError::Argument(e.to_string()))?;
     let credentials_json = serde_json::json!({ "client_id": spec.name, "client_secret": secret }).to_string();
     Ok(NewAccount { name: spec.name.clone(), accounts_toml, credentials_json })

@@ -67,6 +67,18 @@ pub struct Account {
     pub audiences: BTreeMap<String, Vec<String>>,
 }
 
+impl Account {
+    /// This account as one `[[account]]` block of the accounts file (the
+    /// secret's digest, never a secret).
+    pub fn to_toml_block(&self) -> Result<String, toml::ser::Error> {
+        #[derive(Serialize)]
+        struct AccountsFile<'a> {
+            account: &'a [Account],
+        }
+        toml::to_string(&AccountsFile { account: std::slice::from_ref(self) })
+    }
+}
+
 impl std::fmt::Debug for Account {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Account")

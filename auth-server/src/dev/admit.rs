@@ -289,12 +289,7 @@ pub fn add_service(dir: &Path, spec: &ServiceSpec) -> Result<AddedService, DevEr
         perms: spec.perms.clone(),
         audiences: spec.audiences.clone(),
     };
-    #[derive(Serialize)]
-    struct AccountsFile<'a> {
-        account: &'a [Account],
-    }
-    let block = toml::to_string(&AccountsFile { account: std::slice::from_ref(&account) })
-        .map_err(|_| DevError::Generate("TOML"))?;
+    let block = account.to_toml_block().map_err(|_| DevError::Generate("TOML"))?;
     let with_callers = allow_callers(&accounts_text, name, &spec.callers, &accounts_file)?;
     let new_accounts =
         format!("{}\n# Added by `auth-server dev add-service {name}`.\n{block}", with_callers.trim_end());
