@@ -120,3 +120,31 @@ async fn a_wrong_password_is_refused() {
     assert!(matches!(&err, SessionError::Refused { reason } if reason.contains("Unauthenticated")), "{err:?}");
     assert!(!format!("{err:?}").contains("not her password"));
 }
+
+#[tokio::test]
+async fn while_the_auth_server_is_out_of_reach_the_unexpired_token_is_served_and_an_expired_one_never() {
+    // The server on the system clock, reached through a proxy the test
+    // cuts; only the session's clock moves.
+    let srv = TestServer::start().await;
+    let proxy = testkit::TcpProxy::start(srv.grpc_addr).await;
+    let clock = TestClock::at_now();
+    let (username, password) = srv.user_password("alice");
+    let channel = channel_to(&srv.dir, "admin", proxy.addr());
+    let session = UserSession::login_with_clock(channel, &username, &password, "order", clock.sdk()).await.unwrap();
+    let first = session.access_token().await.unwrap();
+    let life = verify(&srv, &first, "order", clock.now_unix()).await.exp - clock.now_unix();
+
+    proxy.cut();
+    clock.advance(life * 3 / 4 + 1);
+    assert_eq!(session.access_token().await.unwrap(), first, "due for renewal, unreachable: still valid, served");
+    clock.advance(life);
+    let err = session.access_token().await.unwrap_err();
+    assert!(matches!(err, SessionError::Unavailable { .. }), "an expired token is never served: {err:?}");
+    assert_eq!(tonic::Status::from(err).code(), Code::Unavailable);
+
+    // Back in reach: the refresh token was not spent, the session goes on.
+    proxy.restore();
+    let renewed = session.access_token().await.unwrap();
+    assert_ne!(renewed, first);
+    assert_eq!(session.refreshes(), 1);
+}
