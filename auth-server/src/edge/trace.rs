@@ -37,9 +37,9 @@ pub fn rpc_trace(propagate: bool) -> RpcTraceLayer {
     TraceLayer::new_for_grpc()
         .make_span_with(RpcSpan { propagate })
         .on_request(())
-        .on_response(RpcDone)
+        .on_response(RpcDone { record: propagate })
         .on_body_chunk(())
-        .on_eos(RpcDone)
+        .on_eos(RpcDone { record: propagate })
         .on_failure(())
 }
 
@@ -85,16 +85,25 @@ impl<B> MakeSpan<B> for RpcSpan {
     }
 }
 
-/// Records the gRPC code of a finished call.
+/// Ends a call: logs its gRPC code (debug) and, for an exported span,
+/// records it on the span.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RpcDone;
+pub struct RpcDone {
+    /// Record the code on the span (trace export on). Without export only a
+    /// line logged in the span after the call's end could show the field,
+    /// and the one such line (`rpc done`, debug) carries the code itself:
+    /// formatting it into the span would be work no one reads.
+    pub record: bool,
+}
 
 fn grpc_code(headers: &HeaderMap) -> Option<tonic::Code> {
     headers.get("grpc-status").map(|v| tonic::Code::from_bytes(v.as_bytes()))
 }
 
-fn done(span: &Span, code: tonic::Code) {
-    span.record("code", tracing::field::debug(code));
+fn done(span: &Span, code: tonic::Code, record: bool) {
+    if record {
+        span.record("code", tracing::field::debug(code));
+    }
     // Successes are routine: debug, so a busy server does not spend its
     // time formatting log lines.
     tracing::debug!(parent: span, code = ?code, "rpc done");
@@ -104,7 +113,7 @@ impl<B> OnResponse<B> for RpcDone {
     fn on_response(self, res: &http::Response<B>, _latency: Duration, span: &Span) {
         // A trailers-only response (a refusal) carries its code here.
         if let Some(code) = grpc_code(res.headers()) {
-            done(span, code);
+            done(span, code, self.record);
         }
     }
 }
@@ -114,7 +123,7 @@ impl OnEos for RpcDone {
         // Without trailers the code was in the headers (or the call broke
         // off): recorded already, or unknown.
         if let Some(code) = trailers.and_then(grpc_code) {
-            done(span, code);
+            done(span, code, self.record);
         }
     }
 }

@@ -49,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -149,6 +150,7 @@ pub struct AuditLog {
     dropped: Arc<AtomicU64>,
     clock: SharedClock,
     to: String,
+    headers: HeaderCache,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -199,7 +201,7 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.run(&rx))
             .map_err(|source| AuditError { path: PathBuf::from(&to), source })?;
-        Ok(Self { queue, dropped, clock, to })
+        Ok(Self { queue, dropped, clock, to, headers: HeaderCache::default() })
     }
 
     /// Queues `msg`; a full queue (a stalled sink) drops and counts it.
@@ -244,14 +246,17 @@ impl AuditLog {
     /// newline): `audit` and `ts` first, then the event's members in a fixed
     /// order, borrowed from the event.
     pub fn encode(event: &Event<'_>, now_millis: u64) -> Result<Vec<u8>, serde_json::Error> {
+        Self::encode_with(event, now_millis, &HeaderCache::default())
+    }
+
+    /// [`AuditLog::encode`], reading JWS headers through `headers`.
+    fn encode_with(event: &Event<'_>, now_millis: u64, headers: &HeaderCache) -> Result<Vec<u8>, serde_json::Error> {
         let ts = rfc3339_millis(now_millis);
         let mut out = Vec::with_capacity(512);
         match event {
             Event::Issued { issued, caller } => {
                 let c = issued.claims();
-                let decoded = jws_header_bytes(&issued.access.token);
-                let header: Option<BorrowedHeader<'_>> =
-                    decoded.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+                let header = headers.of(&issued.access.token);
                 let mut act = Vec::new();
                 let mut next = c.act.as_ref();
                 while let Some(a) = next {
@@ -271,8 +276,8 @@ impl AuditLog {
                     client_id: &c.client_id,
                     peer: caller.peer,
                     exp: c.exp,
-                    alg: header.as_ref().map(|h| super::alg_label(h.alg)),
-                    kid: header.as_ref().and_then(|h| h.kid),
+                    alg: header.as_ref().and_then(|h| h.alg),
+                    kid: header.as_ref().and_then(|h| h.kid.as_deref()),
                 };
                 serde_json::to_writer(&mut out, &line)?;
             }
@@ -399,11 +404,40 @@ struct BorrowedHeader<'a> {
     kid: Option<&'a str>,
 }
 
-/// The decoded protected header of a compact JWS.
-fn jws_header_bytes(token: &str) -> Option<Vec<u8>> {
-    use base64::Engine as _;
-    let (header, _) = token.split_once('.')?;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header).ok()
+/// The `alg` label and `kid` of a JWS protected header.
+struct Header {
+    /// The encoded header they were read from.
+    encoded: Box<str>,
+    alg: Option<&'static str>,
+    kid: Option<Box<str>>,
+}
+
+/// The last JWS header the trail decoded. The server signs with one key at
+/// a time, so its tokens share one encoded header: it is decoded once per
+/// key, not once per token.
+#[derive(Default)]
+struct HeaderCache(ArcSwapOption<Header>);
+
+impl HeaderCache {
+    /// The `alg` and `kid` of `token`'s header (`None` without one).
+    fn of(&self, token: &str) -> Option<Arc<Header>> {
+        use base64::Engine as _;
+        let (encoded, _) = token.split_once('.')?;
+        if let Some(last) = self.0.load_full()
+            && *last.encoded == *encoded
+        {
+            return Some(last);
+        }
+        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(encoded).ok();
+        let parsed: Option<BorrowedHeader<'_>> = decoded.as_deref().and_then(|b| serde_json::from_slice(b).ok());
+        let header = Arc::new(Header {
+            encoded: encoded.into(),
+            alg: parsed.as_ref().map(|h| super::alg_label(h.alg)),
+            kid: parsed.and_then(|h| h.kid).map(Into::into),
+        });
+        self.0.store(Some(Arc::clone(&header)));
+        Some(header)
+    }
 }
 
 impl Events for AuditLog {
@@ -419,7 +453,7 @@ impl Events for AuditLog {
             };
             return self.send(Msg::Flood(key));
         }
-        match Self::encode(event, self.clock.now_millis()) {
+        match Self::encode_with(event, self.clock.now_millis(), &self.headers) {
             Ok(line) => self.send(Msg::Line(line)),
             Err(e) => tracing::error!(error = %e, "audit event not encoded"),
         }
@@ -648,6 +682,31 @@ mod tests {
         assert!(!text.contains("SECRET"), "{text}");
         assert!(!text.contains('\n'));
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["jti"], "jti-1");
+    }
+
+    #[test]
+    fn the_header_is_read_once_per_key_and_a_new_key_is_read_again() {
+        use base64::Engine as _;
+        let headers = HeaderCache::default();
+        let token = |alg: &str, kid: &str| {
+            let h = format!(r#"{{"alg":"{alg}","kid":"{kid}","typ":"at+jwt"}}"#);
+            format!("{}.claims.sig", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h))
+        };
+        let caller = Caller::default();
+        let mut seen = Vec::new();
+        for (alg, kid) in [("ES256", "k1"), ("ES256", "k1"), ("EdDSA", "k2"), ("ES256", "k1")] {
+            let mut issued = issued();
+            issued.access.token = token(alg, kid);
+            let line = AuditLog::encode_with(&Event::Issued { issued: &issued, caller }, 0, &headers).unwrap();
+            let line: Value = serde_json::from_slice(&line).unwrap();
+            seen.push(format!("{}/{}", line["alg"].as_str().unwrap(), line["kid"].as_str().unwrap()));
+        }
+        assert_eq!(seen, ["ES256/k1", "ES256/k1", "EdDSA/k2", "ES256/k1"]);
+        let a = headers.of(&token("ES256", "k1")).unwrap();
+        assert!(Arc::ptr_eq(&a, &headers.of(&token("ES256", "k1")).unwrap()), "decoded once");
+        let garbage = headers.of("!!!.x.y").unwrap();
+        assert_eq!((garbage.alg, garbage.kid.as_deref()), (None, None));
+        assert!(headers.of("no-dots").is_none());
     }
 
     #[test]
