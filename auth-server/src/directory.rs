@@ -379,7 +379,12 @@ impl Directory {
             let Some(acc) = self.accounts.get(client_id) else {
                 // Same work as a known account: one compare against a decoy.
                 let _ = presented.as_ref().ct_eq(&[0u8; 32]);
-                tracing::info!(client_id, config_key = "accounts_file", "no account with this client_id");
+                // The client's string: escaped and cut, as in every log line.
+                tracing::info!(
+                    client_id = ?crate::edge::Capped(client_id),
+                    config_key = "accounts_file",
+                    "no account with this client_id"
+                );
                 return Err(BAD);
             };
             if !bool::from(presented.as_ref().ct_eq(&acc.digest)) {
@@ -406,7 +411,7 @@ impl Directory {
         });
         if found.is_none() {
             tracing::info!(
-                client_id,
+                client_id = ?crate::edge::Capped(client_id),
                 identity = %peer.id,
                 config_key = "accounts_file: mtls_identity",
                 "no account bound to the caller's certificate (and no secret given)"

@@ -12,12 +12,17 @@
 //! ([`Store::subscribe`]) and a heartbeat every second. When the epoch
 //! moves (the store may have lost events) or the relay falls behind the
 //! store's broadcast, it reads a fresh snapshot, after which the feed is
-//! fresh again; a revocation already known is never lifted.
+//! fresh again; a revocation already known is never lifted. Until that
+//! snapshot is in, checks fail closed: the set is current only for the
+//! store feed's epoch its last snapshot was read in, and not while a
+//! re-read is due.
 //!
 //! A check fails closed ([`AuthError::RevocationFeed`], `UNAVAILABLE`):
 //! - while the store's feed is not live (a Redis subscription cut off or
 //!   unconfirmed: revocations made elsewhere may not arrive);
 //! - before the first complete snapshot;
+//! - from the moment the store's feed moves to another epoch, or the relay
+//!   falls behind its events, until a snapshot read since is applied;
 //! - after [`STALE_AFTER`] without a heartbeat (a stuck relay, a snapshot
 //!   read that does not finish).
 //!
@@ -34,6 +39,7 @@
 mod snapshots;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use auth_proto::auth::v1 as pb;
@@ -74,8 +80,31 @@ struct Inner {
     /// The store's feed: checks fail closed while it is not live.
     store_feed: watch::Receiver<FeedState>,
     snapshots: Arc<Snapshots>,
+    /// Whether the set is complete for the store feed's current epoch.
+    sync: Arc<SyncState>,
     /// Dropped with the last clone, which ends the relay.
     _stop: watch::Sender<()>,
+}
+
+/// What the relay has applied, for checks to judge the set by.
+#[derive(Debug)]
+struct SyncState {
+    /// The store feed's epoch of the last snapshot applied; `u64::MAX`:
+    /// none yet.
+    epoch: AtomicU64,
+    /// Events were lost (a lag) and no snapshot has been applied since.
+    behind: AtomicBool,
+}
+
+impl SyncState {
+    fn new() -> Self {
+        Self { epoch: AtomicU64::new(u64::MAX), behind: AtomicBool::new(true) }
+    }
+
+    /// Whether the set holds everything up to `store`'s state.
+    fn complete_for(&self, store: FeedState) -> bool {
+        store.live && !self.behind.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == store.epoch
+    }
 }
 
 impl std::fmt::Debug for Revocations {
@@ -111,15 +140,17 @@ impl Revocations {
         let feed = RevocationFeed::detached(Arc::clone(&monotonic) as Arc<dyn Clock>, opts)?;
         let (stop, stopped) = watch::channel(());
         let snapshots = Arc::new(Snapshots::default());
+        let sync = Arc::new(SyncState::new());
         let relay = Relay {
             feed: feed.clone(),
             store_feed: store.feed_state(),
             store: Arc::clone(&store),
             snapshots: Arc::clone(&snapshots),
             clock: Arc::clone(clock),
+            sync: Arc::clone(&sync),
         };
         tokio::spawn(relay.run(stopped));
-        let inner = Inner { feed, clock: monotonic, store_feed: store.feed_state(), snapshots, _stop: stop };
+        let inner = Inner { feed, clock: monotonic, store_feed: store.feed_state(), snapshots, sync, _stop: stop };
         Ok(Self { inner: Arc::new(inner) })
     }
 
@@ -136,10 +167,18 @@ impl Revocations {
         match answer {
             Err(VerifyError::Revoked) => Err(AuthError::Unauthenticated("token revoked")),
             Err(_) => Err(AuthError::RevocationFeed("the deny set is not current")),
-            Ok(()) if !self.inner.store_feed.borrow().live => {
-                Err(AuthError::RevocationFeed("the store's revocation feed is not live"))
+            Ok(()) => {
+                let store = *self.inner.store_feed.borrow();
+                if !store.live {
+                    Err(AuthError::RevocationFeed("the store's revocation feed is not live"))
+                } else if !self.inner.sync.complete_for(store) {
+                    // Events may have been missed since the last snapshot:
+                    // only the next one can say what they were.
+                    Err(AuthError::RevocationFeed("the deny set is being re-read"))
+                } else {
+                    Ok(())
+                }
             }
-            Ok(()) => Ok(()),
         }
     }
 
@@ -164,7 +203,7 @@ impl Revocations {
     /// closed): its snapshot is in, heard from within [`STALE_AFTER`], and
     /// the store's feed is live.
     pub fn is_current(&self) -> bool {
-        self.inner.feed.is_fresh() && self.inner.store_feed.borrow().live
+        self.inner.feed.is_fresh() && self.inner.sync.complete_for(*self.inner.store_feed.borrow())
     }
 
     /// The deny set's state: entries, freshness, resyncs.
@@ -185,6 +224,7 @@ struct Relay {
     store: Arc<dyn Store>,
     snapshots: Arc<Snapshots>,
     clock: SharedClock,
+    sync: Arc<SyncState>,
 }
 
 /// Why the relay left a synced phase.
@@ -221,6 +261,8 @@ impl Relay {
                 Ok(snapshot) => {
                     backoff.reset();
                     self.apply(snapshot);
+                    self.sync.epoch.store(state.epoch, Ordering::Release);
+                    self.sync.behind.store(false, Ordering::Release);
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -283,6 +325,8 @@ impl Relay {
                         }
                     }
                     Err(RecvError::Lagged(missed)) => {
+                        // Checks fail closed until the re-read is in.
+                        self.sync.behind.store(true, Ordering::Release);
                         tracing::warn!(missed, "local deny set lagged the store's events; re-reading the deny list");
                         return Resync::Now;
                     }
@@ -371,6 +415,24 @@ mod tests {
         until("every revocation", || set.stats().entries == MANY).await;
         assert!(refused(set.check("j0", None)), "the first one, lost from the broadcast");
         assert!(refused(set.check(&format!("j{}", MANY - 1), None)));
+        assert!(set.is_current());
+    }
+
+    #[tokio::test]
+    async fn a_new_epoch_fails_checks_closed_until_its_snapshot_is_applied() {
+        let memory = Arc::new(MemoryStore::new());
+        let store: Arc<dyn Store> = Arc::clone(&memory) as Arc<dyn Store>;
+        let clock: SharedClock = Arc::new(SystemClock);
+        let set = Revocations::start(Arc::clone(&store), &clock).unwrap();
+        assert!(set.synced(Duration::from_secs(5)).await);
+        assert!(set.check("j", None).is_ok());
+        // The store's subscriber came back after a gap: live, but events
+        // may have been missed. Heartbeats are recent, yet until the relay
+        // has read and applied a snapshot of the new epoch nothing passes.
+        memory.set_feed_state(FeedState { live: true, epoch: 1 });
+        assert!(matches!(set.check("j", None), Err(AuthError::RevocationFeed(_))), "{:?}", set.check("j", None));
+        assert!(!set.is_current());
+        until("the new epoch's snapshot", || set.check("j", None).is_ok()).await;
         assert!(set.is_current());
     }
 }

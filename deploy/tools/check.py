@@ -69,7 +69,15 @@ TOKEN_KEYS = {
     "self_audience", "refresh_reuse_grace_secs", "verifier_leeway_secs",
     "record_issued",
 }
-REDIS_KEYS = {"prefix", "pool_size", "command_timeout_ms"}
+REDIS_KEYS = {
+    "prefix",
+    "pool_size",
+    "command_timeout_ms",
+    "subscriber_ping_ms",
+    "min_replicas_acked",
+    "replica_ack_timeout_ms",
+    "layout",
+}
 ALGS = {"ES256", "EdDSA", "RS256", "PS256"}
 
 

@@ -105,6 +105,13 @@ impl MemoryStore {
         Self { state: Mutex::new(State::default()), events, feed }
     }
 
+    /// Moves the feed's state, as a shared store's subscriber does when it
+    /// reconnects.
+    #[cfg(test)]
+    pub(crate) fn set_feed_state(&self, state: FeedState) {
+        self.feed.send_replace(state);
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
         self.state.lock().map_err(|_| StoreError::Corrupt("memory store lock poisoned".into()))
     }
