@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 
-use auth_proto::auth::v1::{LoginRequest, PasswordGrant, auth_client::AuthClient, login_request};
 use clap::{Parser, Subcommand};
 use examples::shop::inventory_client::InventoryClient;
 use examples::shop::payments_client::PaymentsClient;
@@ -95,21 +94,15 @@ async fn serve(env: &ServiceEnv, listen: &str, inventory_url: &str) -> Result<()
     Ok(())
 }
 
-/// A caller: the user's password login for audience `payments`, then
-/// Charge with that token (over payments' own mTLS identity).
+/// A caller at the edge: the user's login for audience `payments` (the
+/// SDK's session, renewing itself), then Charge with the user's token.
 async fn charge(env: &ServiceEnv, url: &str, user: &Path, sku: String) -> Result<(), Error> {
     let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(user)?)?;
     let text = |k: &str| creds[k].as_str().unwrap_or_default().to_owned();
-    let grant = PasswordGrant { username: text("username"), password: text("password") };
-    let login = LoginRequest {
-        grant: Some(login_request::Grant::Password(grant)),
-        audience: vec!["payments".into()],
-        scope: vec![],
-    };
-    let token = AuthClient::new(env.auth_channel()?).login(login).await?.into_inner().access_token;
-    let mut req = Request::new(ChargeRequest { sku, quantity: 1 });
-    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
-    let res = PaymentsClient::new(env.channel(url, "payments")?).charge(req).await?.into_inner();
+    let session = service_sdk::login(env.auth_channel()?, &text("username"), &text("password"), "payments").await?;
+    let mut payments = PaymentsClient::new(session.channel(env.channel(url, "payments")?));
+    let res = payments.charge(ChargeRequest { sku, quantity: 1 }).await?.into_inner();
     println!("charged: inventory saw sub={} act={:?}, {} left", res.subject, res.actors, res.remaining);
+    session.logout().await?;
     Ok(())
 }
