@@ -349,7 +349,17 @@ async fn a_broken_replacement_keeps_the_running_set_logs_why_once_and_a_fixed_on
     let tls = until_served(&srv, &order, &serial_of(&second)).await;
     RawH2::over(tls).await.get_jwks().await;
     open.get_jwks().await;
-    let text = captured.text();
+    // The swap comes first, its log lines right after.
+    let text = within("the reload's log lines", async {
+        loop {
+            let text = captured.text();
+            if text.contains("client CAs changed") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     assert!(text.contains("TLS files reloaded") && text.contains(&serial_of(&second)), "{text}");
     let change = text.lines().find(|l| l.contains("client CAs changed")).unwrap_or_else(|| panic!("{text}"));
     assert!(change.contains("CN=added client CA") && change.contains("removed=[]"), "{change}");
