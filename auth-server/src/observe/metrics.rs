@@ -21,6 +21,7 @@
 //! | `auth_store_operation_duration_seconds` | histogram | `op` |
 //! | `auth_store_operation_errors_total` | counter | `op` |
 //! | `auth_store_subscription_up` | gauge | |
+//! | `auth_deny_set_current` | gauge | |
 //! | `auth_password_queue_depth`, `auth_password_queue_capacity` | gauge | |
 //! | `auth_watch_streams` | gauge | |
 //! | `auth_deny_list_entries` | gauge | `kind` |
@@ -70,6 +71,9 @@ pub const STORE_DURATION: &str = "auth_store_operation_duration_seconds";
 pub const STORE_ERRORS: &str = "auth_store_operation_errors_total";
 /// Gauge: the store's revocation subscription is live (1) or not (0).
 pub const STORE_SUBSCRIPTION_UP: &str = "auth_store_subscription_up";
+/// Gauge: whether the replica's own deny set answers checks (1) or they
+/// fail closed (0).
+pub const DENY_SET_CURRENT: &str = "auth_deny_set_current";
 /// Gauge: password checks waiting for a thread.
 pub const PASSWORD_QUEUE_DEPTH: &str = "auth_password_queue_depth";
 /// Gauge: the password queue's capacity.
@@ -118,6 +122,11 @@ pub fn describe() {
     describe_histogram!(STORE_DURATION, Unit::Seconds, "State store operation latency, by operation");
     describe_counter!(STORE_ERRORS, "State store operations that failed, by operation");
     describe_gauge!(STORE_SUBSCRIPTION_UP, "1 while the store's revocation subscription is live, else 0");
+    describe_gauge!(
+        DENY_SET_CURRENT,
+        "1 while the replica's own deny set is current (presented tokens are checked), 0 while those checks fail \
+         closed with UNAVAILABLE"
+    );
     describe_gauge!(PASSWORD_QUEUE_DEPTH, "Password checks waiting for a password thread");
     describe_gauge!(PASSWORD_QUEUE_CAPACITY, "Password checks that may wait before Login is refused");
     describe_gauge!(WATCH_STREAMS, "Open WatchRevocations streams on this replica");
@@ -322,6 +331,7 @@ pub struct Scrape {
     core: Arc<AuthCore>,
     watch_streams: StreamCount,
     subscription_up: Gauge,
+    deny_set_current: Gauge,
     queue_depth: Gauge,
     queue_capacity: Gauge,
     streams: Gauge,
@@ -350,6 +360,7 @@ impl Scrape {
             core,
             watch_streams,
             subscription_up: metrics::gauge!(STORE_SUBSCRIPTION_UP),
+            deny_set_current: metrics::gauge!(DENY_SET_CURRENT),
             queue_depth: metrics::gauge!(PASSWORD_QUEUE_DEPTH),
             queue_capacity: metrics::gauge!(PASSWORD_QUEUE_CAPACITY),
             streams: metrics::gauge!(WATCH_STREAMS),
@@ -411,6 +422,7 @@ impl Scrape {
     pub async fn refresh(&self) {
         let core = &self.core;
         self.subscription_up.set(if core.store.feed_state().borrow().live { 1.0 } else { 0.0 });
+        self.deny_set_current.set(if core.revocations.is_current() { 1.0 } else { 0.0 });
         let pool = core.passwords.stats();
         self.queue_depth.set(pool.waiting as f64);
         self.queue_capacity.set(pool.capacity as f64);

@@ -338,6 +338,7 @@ async fn metrics_count_exactly_what_a_scripted_flow_did_and_promtool_accepts_the
     assert_eq!(m.value("auth_deny_list_entries", &[("kind", "session")]), 0.0);
     assert_eq!(m.value("auth_watch_streams", &[]), 1.0);
     assert_eq!(m.value("auth_store_subscription_up", &[]), 1.0);
+    assert_eq!(m.value("auth_deny_set_current", &[]), 1.0);
     assert_eq!(m.value("auth_password_queue_depth", &[]), 0.0);
     assert_eq!(m.value("auth_password_queue_capacity", &[]), 64.0);
     let old_kid = kid_of(&tokens[0].access_token);
