@@ -65,6 +65,7 @@ fn service_auth(secs: f64) {
         client_id: "order".into(),
         secret_sha256: secret_digest_hex(&secret),
         mtls_identity: None,
+        certificate_bound_tokens: None,
         role: None,
         perms: vec![],
         audiences: Default::default(),

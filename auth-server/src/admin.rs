@@ -556,6 +556,7 @@ pub fn new_account(spec: &AccountSpec) -> Result<NewAccount, AdminError> {
         client_id: spec.name.clone(),
         secret_sha256: secret_digest_hex(&secret),
         mtls_identity: spec.mtls_identity.clone(),
+        certificate_bound_tokens: None,
         role: spec.role.clone(),
         perms: spec.perms.clone(),
         audiences: spec.audiences.clone(),

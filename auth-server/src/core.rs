@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use service_sdk::{Audience, Claims, Validator};
+use service_sdk::{Audience, Claims, Confirmation, Validator};
 
 use crate::clock::SharedClock;
 use crate::config::{Config, ConfigError, TokensConfig, WatchConfig};
@@ -232,7 +232,7 @@ impl AuthCore {
             role: grant.role,
             perms: grant.perms,
             act: grant.act,
-            cnf: None,
+            cnf: grant.cnf.map(|x5t_s256| Confirmation { x5t_s256 }),
         };
         let token = policy.keys.sign(&claims).await?;
         Ok(Minted { token, claims })

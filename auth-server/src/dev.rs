@@ -392,6 +392,7 @@ pub fn ensure_with(dir: &Path, grpc_addr: &str, http_addr: &str) -> Result<DevEn
             client_id: name.into(),
             secret_sha256: secret_digest_hex(&secret),
             mtls_identity: Some(format!("spiffe://{DEV_TRUST_DOMAIN}/{name}")),
+            certificate_bound_tokens: None,
             role: Some("service".into()),
             perms: strings(perms),
             audiences: audiences.into_iter().map(|(a, s)| (a.to_owned(), strings(s))).collect::<BTreeMap<_, _>>(),

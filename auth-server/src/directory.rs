@@ -55,6 +55,13 @@ pub struct Account {
     /// account (an empty secret), so no two accounts may share an identity.
     #[serde(default)]
     pub mtls_identity: Option<String>,
+    /// RFC 8705: whether the account's tokens (client-credentials Login,
+    /// ExchangeToken, ExchangeTokens, on behalf of a user too) carry
+    /// `cnf.x5t#S256` of the client certificate it called with, so that
+    /// they are refused when presented over any other certificate. Unset:
+    /// on when `mtls_identity` is set, off otherwise.
+    #[serde(default)]
+    pub certificate_bound_tokens: Option<bool>,
     /// Role claim of the service's own tokens.
     #[serde(default)]
     pub role: Option<String>,
@@ -77,6 +84,13 @@ impl Account {
         }
         toml::to_string(&AccountsFile { account: std::slice::from_ref(self) })
     }
+
+    /// Whether this account's tokens are bound to its client certificate
+    /// (`certificate_bound_tokens`, by default on for an account bound to
+    /// an mTLS identity).
+    pub fn binds_tokens(&self) -> bool {
+        self.certificate_bound_tokens.unwrap_or(self.mtls_identity.is_some())
+    }
 }
 
 impl std::fmt::Debug for Account {
@@ -84,6 +98,7 @@ impl std::fmt::Debug for Account {
         f.debug_struct("Account")
             .field("client_id", &self.client_id)
             .field("mtls_identity", &self.mtls_identity)
+            .field("certificate_bound_tokens", &self.binds_tokens())
             .field("audiences", &self.audiences)
             .finish_non_exhaustive()
     }
@@ -430,6 +445,7 @@ mod tests {
             client_id: "order".into(),
             secret_sha256: secret_digest_hex(secret),
             mtls_identity: bound.map(str::to_owned),
+            certificate_bound_tokens: None,
             role: None,
             perms: vec![],
             audiences: BTreeMap::new(),
@@ -456,6 +472,18 @@ mod tests {
         assert!(d.authenticate_service("order", "s3cret", Some(&peer("spiffe://x/evil"))).is_err());
         assert!(d.authenticate_service("", "", Some(&peer("spiffe://x/order"))).is_ok());
         assert!(d.authenticate_service("", "", Some(&peer("spiffe://x/evil"))).is_err());
+    }
+
+    #[test]
+    fn tokens_are_certificate_bound_by_default_for_accounts_with_an_mtls_identity() {
+        let mut a = account("s3cret", Some("spiffe://x/order"));
+        assert!(a.binds_tokens());
+        a.certificate_bound_tokens = Some(false);
+        assert!(!a.binds_tokens());
+        let mut b = account("s3cret", None);
+        assert!(!b.binds_tokens());
+        b.certificate_bound_tokens = Some(true);
+        assert!(b.binds_tokens());
     }
 
     #[test]

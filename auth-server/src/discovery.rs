@@ -11,8 +11,9 @@
 //!   (`urn:ietf:params:oauth:grant-type:token-exchange`);
 //! - `response_types_supported`: empty, since there is no authorization
 //!   endpoint (the member is required by RFC 8414);
-//! - `tls_client_certificate_bound_access_tokens` (RFC 8705): `false`,
-//!   tokens carry no `cnf`.
+//! - `tls_client_certificate_bound_access_tokens` (RFC 8705): `true`, the
+//!   tokens of service accounts that bind them (by default those bound to
+//!   an mTLS identity) carry `cnf.x5t#S256` of the caller's certificate.
 //!
 //! There is no HTTP token, revocation or introspection endpoint: the grants
 //! run over gRPC (mTLS). So `token_endpoint` and its
@@ -24,7 +25,7 @@
 //!
 //! - `grpc_service`: `auth.v1.Auth`;
 //! - `grpc_methods`: the full gRPC method of each role (`token`,
-//!   `token_exchange`, `refresh`, `revocation`, `jwks`,
+//!   `token_exchange`, `token_exchange_batch`, `refresh`, `revocation`, `jwks`,
 //!   `revocation_feed`);
 //! - `access_token_signing_alg_values_supported`: the `alg`s of the keys in
 //!   the JWKS right now (each key is pinned to one);
@@ -52,13 +53,14 @@ pub fn metadata(issuer: &str, public_url: &str, algs: &[String]) -> Value {
         "jwks_uri": format!("{public_url}{JWKS_PATH}"),
         "response_types_supported": [],
         "grant_types_supported": ["password", "client_credentials", "refresh_token", TOKEN_EXCHANGE_GRANT],
-        "tls_client_certificate_bound_access_tokens": false,
+        "tls_client_certificate_bound_access_tokens": true,
         "access_token_signing_alg_values_supported": algs,
         "token_types_supported": [ACCESS_TOKEN_TYPE],
         "grpc_service": auth_proto::SERVICE_NAME,
         "grpc_methods": {
             "token": method("Login"),
             "token_exchange": method("ExchangeToken"),
+            "token_exchange_batch": method("ExchangeTokens"),
             "refresh": method("Refresh"),
             "revocation": method("Revoke"),
             "jwks": method("GetJwks"),
@@ -94,6 +96,8 @@ mod tests {
         assert_eq!(doc["grant_types_supported"][3], TOKEN_EXCHANGE_GRANT);
         assert_eq!(doc["response_types_supported"], json!([]));
         assert_eq!(doc["grpc_methods"]["token_exchange"], "/auth.v1.Auth/ExchangeToken");
+        assert_eq!(doc["grpc_methods"]["token_exchange_batch"], "/auth.v1.Auth/ExchangeTokens");
+        assert_eq!(doc["tls_client_certificate_bound_access_tokens"], true);
         for absent in ["token_endpoint", "revocation_endpoint", "token_endpoint_auth_signing_alg_values_supported"] {
             assert!(doc.get(absent).is_none(), "{absent}");
         }

@@ -62,6 +62,19 @@ impl AuthError {
         })
     }
 
+    /// Whether the error refuses the request (its input, credentials or
+    /// policy, or a limit), as opposed to a failure of the server's own
+    /// parts (store, signer, a bug).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidArgument(_)
+                | Self::Unauthenticated(_)
+                | Self::PermissionDenied(_)
+                | Self::ResourceExhausted(_)
+        )
+    }
+
     /// The gRPC code a caller sees.
     pub fn code(&self) -> Code {
         match self {
@@ -128,7 +141,7 @@ impl AuthError {
     /// Logs the detail at a level that fits: refusals are routine, failures
     /// of the server's own parts are not. A refusal made by a setting names
     /// its key ([`AuthError::config_key`]).
-    fn log(&self) {
+    pub(crate) fn log(&self) {
         if let Some(config_key) = self.config_key() {
             match self {
                 Self::ResourceExhausted(r) => tracing::info!(reason = r, config_key, "resource exhausted"),
@@ -219,6 +232,14 @@ mod tests {
             assert!(!status.message().contains(named), "{}", status.message());
         }
         assert_eq!(AuthError::Unauthenticated("invalid username or password").config_key(), None);
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_failures_of_the_server() {
+        assert!(AuthError::PermissionDenied("x").is_refusal());
+        assert!(AuthError::ResourceExhausted("x").is_refusal());
+        assert!(!AuthError::Internal("x").is_refusal());
+        assert!(!AuthError::Store(StoreError::Unavailable("down".into())).is_refusal());
     }
 
     #[test]

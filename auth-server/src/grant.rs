@@ -11,6 +11,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use service_sdk::{Actor, Claims};
 
+use crate::tls::PeerIdentity;
+
 /// The `client_id` claim of tokens from the password grant (and of the
 /// refresh tokens it starts).
 pub const PASSWORD_CLIENT_ID: &str = "login";
@@ -44,6 +46,21 @@ pub struct Grant {
     pub perms: Vec<String>,
     /// Delegation chain.
     pub act: Option<Actor>,
+    /// RFC 8705 `cnf.x5t#S256`: the base64url SHA-256 thumbprint of the
+    /// client certificate the token is bound to, if any.
+    pub cnf: Option<String>,
+}
+
+/// The RFC 8705 binding of a service's token: the thumbprint of the
+/// certificate the caller presented, when its account binds its tokens
+/// (`bind`) and it presented one. Without a certificate there is nothing
+/// to bind to (the gRPC port is mTLS-only, so that is a caller the edge
+/// let through without one: a test harness).
+pub fn confirmation(bind: bool, peer: Option<&PeerIdentity>) -> Option<String> {
+    if !bind {
+        return None;
+    }
+    peer.map(|p| URL_SAFE_NO_PAD.encode(p.cert_sha256))
 }
 
 /// A minted access token.
@@ -204,6 +221,16 @@ mod tests {
     fn secrets_and_refresh_tokens_are_redacted_in_debug() {
         assert_eq!(format!("{:?}", Secret("hunter2".into())), "Secret(..)");
         assert_eq!(format!("{:?}", RefreshIssued { token: "opaque".into() }), "RefreshIssued(..)");
+    }
+
+    #[test]
+    fn tokens_bind_to_the_presented_certificate_only_when_the_account_binds() {
+        let peer = PeerIdentity { id: "spiffe://auth.dev/order".into(), cert_sha256: [7; 32] };
+        let bound = confirmation(true, Some(&peer)).unwrap();
+        assert_eq!(URL_SAFE_NO_PAD.decode(&bound).unwrap(), [7; 32]);
+        assert_eq!(bound.len(), 43, "base64url without padding");
+        assert_eq!(confirmation(false, Some(&peer)), None);
+        assert_eq!(confirmation(true, None), None);
     }
 
     #[test]

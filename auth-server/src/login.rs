@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::core::AuthCore;
 use crate::directory::random_token;
 use crate::error::AuthError;
-use crate::grant::{GrantKind, Issued, Secret};
+use crate::grant::{GrantKind, Issued, Secret, confirmation};
 use crate::tls::PeerIdentity;
 
 /// A Login request's grant.
@@ -78,7 +78,8 @@ pub async fn login(
         }
         LoginGrant::ClientCredentials { client_id, secret } => {
             let account = current.directory.authenticate_service(&client_id, &secret.0, peer)?;
-            let grant = policy::client_credentials(account, tokens, audience, &scope)?;
+            let mut grant = policy::client_credentials(account, tokens, audience, &scope)?;
+            grant.cnf = confirmation(account.binds_tokens(), peer);
             let access = core.mint(&current, grant, core.clock.now_unix()).await?;
             Ok(Issued { kind: GrantKind::ClientCredentials, access, refresh: None })
         }
@@ -122,6 +123,7 @@ pub mod policy {
             role: user.role.clone(),
             perms: narrow(&user.perms, scope, None),
             act: None,
+            cnf: None,
         })
     }
 
@@ -174,6 +176,7 @@ pub mod policy {
             role: account.role.clone(),
             perms: granted.unwrap_or_default(),
             act: None,
+            cnf: None,
         })
     }
 
@@ -223,6 +226,7 @@ pub mod policy {
                 client_id: "order".into(),
                 secret_sha256: String::new(),
                 mtls_identity: None,
+                certificate_bound_tokens: None,
                 role: Some("service".into()),
                 perms: strings(&["inventory:read"]),
                 audiences,

@@ -1,11 +1,19 @@
 //! Per-client rate limits: [`ClientRateLimitLayer`], a tower layer in the
 //! gRPC stack.
 //!
-//! Login, ExchangeToken, Refresh and Revoke are limited per client identity
-//! with a keyed GCRA ([`governor`]): `limits.client_rate_per_sec` sustained,
-//! `limits.client_rate_burst` at once. A refused call gets
-//! `RESOURCE_EXHAUSTED` before its body is read. Other RPCs (GetJwks,
-//! WatchRevocations, health, reflection) are not limited here.
+//! Login, ExchangeToken, ExchangeTokens, Refresh and Revoke are limited per
+//! client identity with a keyed GCRA ([`governor`]):
+//! `limits.client_rate_per_sec` sustained, `limits.client_rate_burst` at
+//! once. A refused call gets `RESOURCE_EXHAUSTED` before its body is read.
+//! Other RPCs (GetJwks, WatchRevocations, health, reflection) are not
+//! limited here.
+//!
+//! **A batch counts per token.** An ExchangeTokens call is admitted here
+//! like any other (one cell, before its body is read); its handler then
+//! charges one more cell per further audience through the [`BatchCharge`]
+//! the layer leaves in the request's extensions, and refuses the whole
+//! call when they are not there. So batching never multiplies the rate a
+//! client may mint at.
 //!
 //! **The key is the mTLS identity** (the client certificate's URI SAN, else
 //! DNS SAN), not the `client_id` of the request body. The identity is
@@ -40,8 +48,11 @@ use crate::error::AuthError;
 use crate::observe::{Caller, Events, NoEvents, Rpc};
 
 /// The RPCs limited per client.
-pub const LIMITED_PATHS: [&str; 4] =
-    ["/auth.v1.Auth/Login", "/auth.v1.Auth/ExchangeToken", "/auth.v1.Auth/Refresh", "/auth.v1.Auth/Revoke"];
+pub const LIMITED_PATHS: [&str; 5] =
+    ["/auth.v1.Auth/Login", "/auth.v1.Auth/ExchangeToken", BATCH_PATH, "/auth.v1.Auth/Refresh", "/auth.v1.Auth/Revoke"];
+
+/// The batch RPC, whose further audiences its handler charges.
+const BATCH_PATH: &str = "/auth.v1.Auth/ExchangeTokens";
 
 /// How often (in calls) the key table's size is checked.
 const SWEEP_EVERY: u64 = 256;
@@ -67,6 +78,21 @@ impl Limiter {
         ok
     }
 
+    /// Charges `n` more cells to `key` at once; `false` when they are not
+    /// there (nothing is charged then). More than the burst is charged as
+    /// the whole burst, so a batch larger than a tiny configured burst is
+    /// not refused forever.
+    fn charge(&self, key: &str, n: u32) -> bool {
+        let burst = self.quota.burst_size();
+        let Some(n) = NonZeroU32::new(n) else { return true };
+        let n = n.min(burst);
+        let ok = matches!(self.table.load().check_key_n(&key.to_owned(), n), Ok(Ok(())));
+        if !ok {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
     fn sweep(&self) {
         let table = self.table.load();
         if table.len() <= self.max_keys {
@@ -81,7 +107,7 @@ impl Limiter {
     }
 }
 
-/// Limits Login, ExchangeToken, Refresh and Revoke per client identity;
+/// Limits Login, ExchangeToken(s), Refresh and Revoke per client identity;
 /// see the [module docs](self). Clones share one table.
 #[derive(Clone)]
 pub struct ClientRateLimitLayer {
@@ -167,6 +193,34 @@ impl<S> std::fmt::Debug for ClientRateLimit<S> {
     }
 }
 
+/// What an ExchangeTokens handler finds in its request's extensions: the
+/// caller's limit, to charge the audiences beyond the first.
+#[derive(Clone)]
+pub struct BatchCharge {
+    limiter: Arc<Limiter>,
+    key: String,
+}
+
+impl std::fmt::Debug for BatchCharge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchCharge").field("key", &self.key).finish_non_exhaustive()
+    }
+}
+
+impl BatchCharge {
+    /// Charges `audiences - 1` more calls (the layer charged the first);
+    /// refused with `RESOURCE_EXHAUSTED` when the caller's allowance does
+    /// not hold them.
+    pub fn charge(&self, audiences: usize) -> Result<(), AuthError> {
+        let more = u32::try_from(audiences.saturating_sub(1)).unwrap_or(u32::MAX);
+        if self.limiter.charge(&self.key, more) {
+            Ok(())
+        } else {
+            Err(AuthError::ResourceExhausted("rate limit exceeded"))
+        }
+    }
+}
+
 /// The client key of a request: its mTLS identity (read once per
 /// connection, at the handshake), else its IP address.
 pub fn client_key<B>(req: &http::Request<B>) -> String {
@@ -192,8 +246,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if LIMITED_PATHS.contains(&req.uri().path()) && !self.limiter.check(&client_key(&req)) {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path();
+        if !LIMITED_PATHS.contains(&path) {
+            return Either::Right(self.inner.call(req));
+        }
+        let batch = path == BATCH_PATH;
+        let key = client_key(&req);
+        if batch {
+            let charge = BatchCharge { limiter: Arc::clone(&self.limiter), key: key.clone() };
+            req.extensions_mut().insert(charge);
+        }
+        if !self.limiter.check(&key) {
             let refused = AuthError::ResourceExhausted("rate limit exceeded");
             let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.peer.as_deref()).map(|p| p.id.as_str());
             crate::observe::denied(
@@ -228,6 +292,33 @@ mod tests {
             l.check(&format!("client-{i}"));
         }
         assert!(l.tracked() <= 64 + SWEEP_EVERY as usize, "{} keys", l.tracked());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_charged_one_call_per_audience() {
+        use tower::ServiceExt as _;
+        let layer = ClientRateLimitLayer::new(1, 10, 10);
+        let seen = Arc::new(std::sync::Mutex::new(None::<BatchCharge>));
+        let svc = layer.layer(tower::service_fn({
+            let seen = Arc::clone(&seen);
+            move |req: http::Request<()>| {
+                *seen.lock().unwrap() = req.extensions().get::<BatchCharge>().cloned();
+                async { Ok::<_, std::convert::Infallible>(http::Response::new(String::new())) }
+            }
+        }));
+        let req = http::Request::builder().uri("/auth.v1.Auth/ExchangeToken").body(()).unwrap();
+        svc.clone().oneshot(req).await.unwrap();
+        assert!(seen.lock().unwrap().is_none(), "only the batch RPC carries a charge");
+        let req = http::Request::builder().uri(BATCH_PATH).body(()).unwrap();
+        svc.oneshot(req).await.unwrap();
+        let charge = seen.lock().unwrap().take().expect("the batch handler finds its charge");
+        // Two cells of ten are taken (one call, the batch's first
+        // audience): a batch of 9 takes the other 8 ...
+        assert!(charge.charge(9).is_ok());
+        // ... and then nothing is left for a batch of 2.
+        assert!(matches!(charge.charge(2), Err(AuthError::ResourceExhausted("rate limit exceeded"))));
+        assert!(charge.charge(1).is_ok(), "a batch of one costs nothing more");
+        assert_eq!(layer.refused(), 1);
     }
 
     #[tokio::test]

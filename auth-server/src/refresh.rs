@@ -89,6 +89,7 @@ pub mod policy {
             sid: Some(record.sid),
             client_id: record.client_id,
             act: None,
+            cnf: None,
         })
     }
 

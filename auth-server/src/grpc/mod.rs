@@ -116,6 +116,13 @@ impl pb::auth_server::Auth for AuthService {
         exchange::handle(&self.core, req).await
     }
 
+    async fn exchange_tokens(
+        &self,
+        req: Request<pb::ExchangeTokensRequest>,
+    ) -> Result<Response<pb::ExchangeTokensResponse>, Status> {
+        exchange::handle_many(&self.core, req).await
+    }
+
     async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
         refresh::handle(&self.core, req).await
     }

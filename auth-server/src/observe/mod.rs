@@ -41,6 +41,8 @@ pub enum Rpc {
     Login,
     /// `auth.v1.Auth/ExchangeToken`
     ExchangeToken,
+    /// `auth.v1.Auth/ExchangeTokens`
+    ExchangeTokens,
     /// `auth.v1.Auth/Refresh`
     Refresh,
     /// `auth.v1.Auth/Revoke`
@@ -59,9 +61,10 @@ pub enum Rpc {
 
 impl Rpc {
     /// Every value, in label-table order.
-    pub const ALL: [Rpc; 9] = [
+    pub const ALL: [Rpc; 10] = [
         Rpc::Login,
         Rpc::ExchangeToken,
+        Rpc::ExchangeTokens,
         Rpc::Refresh,
         Rpc::Revoke,
         Rpc::GetJwks,
@@ -77,6 +80,7 @@ impl Rpc {
             return match method {
                 "Login" => Rpc::Login,
                 "ExchangeToken" => Rpc::ExchangeToken,
+                "ExchangeTokens" => Rpc::ExchangeTokens,
                 "Refresh" => Rpc::Refresh,
                 "Revoke" => Rpc::Revoke,
                 "GetJwks" => Rpc::GetJwks,
@@ -97,6 +101,7 @@ impl Rpc {
         match self {
             Rpc::Login => "Login",
             Rpc::ExchangeToken => "ExchangeToken",
+            Rpc::ExchangeTokens => "ExchangeTokens",
             Rpc::Refresh => "Refresh",
             Rpc::Revoke => "Revoke",
             Rpc::GetJwks => "GetJwks",
@@ -425,6 +430,7 @@ mod tests {
     #[test]
     fn rpc_labels_come_from_a_fixed_set_never_from_the_path() {
         assert_eq!(Rpc::from_path("/auth.v1.Auth/ExchangeToken"), Rpc::ExchangeToken);
+        assert_eq!(Rpc::from_path("/auth.v1.Auth/ExchangeTokens"), Rpc::ExchangeTokens);
         assert_eq!(Rpc::from_path("/auth.v1.Auth/WatchRevocations"), Rpc::WatchRevocations);
         assert_eq!(Rpc::from_path("/grpc.health.v1.Health/Check"), Rpc::Health);
         assert_eq!(Rpc::from_path("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Rpc::Reflection);

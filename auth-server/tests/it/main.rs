@@ -7,6 +7,7 @@ use std::time::Duration;
 mod admin;
 mod admit;
 mod authz;
+mod batch;
 mod cluster;
 mod diag;
 mod edge;

@@ -97,7 +97,7 @@ fn expected(reflection_service: &str) -> Reflected {
     let mut services =
         vec![auth_proto::SERVICE_NAME.to_owned(), "grpc.health.v1.Health".to_owned(), reflection_service.to_owned()];
     services.sort_unstable();
-    let methods = ["ExchangeToken", "GetJwks", "Login", "Refresh", "Revoke", "WatchRevocations"]
+    let methods = ["ExchangeToken", "ExchangeTokens", "GetJwks", "Login", "Refresh", "Revoke", "WatchRevocations"]
         .map(|m| format!("auth.v1.Auth/{m}"))
         .to_vec();
     Reflected { services, file: "auth/v1/auth.proto".into(), methods }

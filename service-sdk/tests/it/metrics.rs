@@ -153,6 +153,13 @@ async fn service_token(srv: &TestServer, audience: &str) -> String {
     auth.login(req).await.unwrap().into_inner().access_token
 }
 
+/// The DER of dev client `name`'s certificate.
+fn cert_der(srv: &TestServer, name: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject as _;
+    let (pem, _) = srv.client_identity(name);
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
 async fn revoke(srv: &TestServer, token: &str) {
     let mut auth = AuthClient::new(srv.channel("order").await);
     let target = pb::revoke_request::Target::AccessToken(token.into());
@@ -207,9 +214,12 @@ async fn verifier_counts_outcomes_cache_keys_and_feed_state_under_its_own_audien
 
     // One of each: accepted (a miss, then a hit), refused for the token's
     // faults, a key refetch for an unknown kid.
+    // Order's tokens are bound to its certificate (RFC 8705): verified as
+    // presented over it.
+    let order = cert_der(&srv, "order");
     let token = service_token(&srv, AUD).await;
-    verifier.verify(&token, None).await.unwrap();
-    verifier.verify(&token, None).await.unwrap();
+    verifier.verify(&token, Some(&order)).await.unwrap();
+    verifier.verify(&token, Some(&order)).await.unwrap();
     let elsewhere = service_token(&srv, "inventory").await;
     assert_eq!(verifier.verify(&elsewhere, None).await.unwrap_err(), VerifyError::WrongAudience);
     assert_eq!(verifier.verify("not.a.token", None).await.unwrap_err(), VerifyError::Malformed);
@@ -231,7 +241,7 @@ async fn verifier_counts_outcomes_cache_keys_and_feed_state_under_its_own_audien
     revoke(&srv, &token).await;
     let mut passed = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while verifier.verify(&token, None).await.is_ok() {
+    while verifier.verify(&token, Some(&order)).await.is_ok() {
         passed += 1;
         assert!(Instant::now() < deadline, "the revocation never reached the verifier");
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -244,7 +254,7 @@ async fn verifier_counts_outcomes_cache_keys_and_feed_state_under_its_own_audien
     wait_value(CONNECTED, &[a], 0.0).await;
     clock.advance(31);
     let fresh = service_token(&srv, AUD).await;
-    assert_eq!(verifier.verify(&fresh, None).await.unwrap_err(), VerifyError::FeedStale);
+    assert_eq!(verifier.verify(&fresh, Some(&order)).await.unwrap_err(), VerifyError::FeedStale);
     assert_eq!(refused("unavailable", "feed_stale"), 1);
     wait_value(STALENESS, &[a], 31.0).await;
     assert_eq!(series(LAST_HEARD, &[a]), Some(start), "nothing heard since");
@@ -255,7 +265,7 @@ async fn verifier_counts_outcomes_cache_keys_and_feed_state_under_its_own_audien
     wait_value(STALENESS, &[a], 0.0).await;
     assert_eq!(count(CONNECTS, &[a]), 2);
     assert_eq!(series(LAST_HEARD, &[a]), Some(start + 31.0));
-    verifier.verify(&fresh, None).await.unwrap();
+    verifier.verify(&fresh, Some(&order)).await.unwrap();
 
     // The metrics and the verifier's own counters are the same events.
     let stats = verifier.stats();

@@ -37,6 +37,12 @@ impl<P: Protected> Auth for Stub<P> {
     ) -> Result<Response<pb::TokenResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }
+    async fn exchange_tokens(
+        &self,
+        _: Request<pb::ExchangeTokensRequest>,
+    ) -> Result<Response<pb::ExchangeTokensResponse>, Status> {
+        Err(Status::unimplemented("stub"))
+    }
     async fn refresh(&self, _: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {
         Err(Status::unimplemented("stub"))
     }

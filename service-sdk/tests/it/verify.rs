@@ -963,8 +963,13 @@ async fn axum_route_is_protected_with_a_bearer_challenge() {
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let token = env.service_token().await;
-    assert_eq!(http_get(addr, "/whoami", Some(&format!("Bearer {token}"))).await, (200, None, "svc:order".into()));
+    let alice = env.forge_claims(&env.claims());
+    assert_eq!(http_get(addr, "/whoami", Some(&format!("Bearer {alice}"))).await, (200, None, "alice".into()));
+    // Order's own token is bound to its certificate (RFC 8705): over plain
+    // HTTP, with no certificate, it is refused.
+    let bound = env.service_token().await;
+    let (status, challenge, _) = http_get(addr, "/whoami", Some(&format!("Bearer {bound}"))).await;
+    assert_eq!((status, challenge.as_deref()), (401, Some("Bearer error=\"invalid_token\"")));
     let (status, challenge, _) = http_get(addr, "/whoami", None).await;
     assert_eq!((status, challenge.as_deref()), (401, Some("Bearer")));
     let (status, challenge, _) = http_get(addr, "/whoami", Some("Bearer not.a.token")).await;
