@@ -17,8 +17,9 @@
 //! No tonic-based exchange can beat these two; the auth server's rate is
 //! read as a ratio to them, measured in the same run
 //! (`examples/scripts/floor.sh`, BENCHMARKS.md). `GetJwks` answers the
-//! key's JWK Set (loadgen reads the algorithm from it); the other RPCs are
-//! `UNIMPLEMENTED`.
+//! key's JWK Set (loadgen reads the algorithm from it); `ExchangeTokens`
+//! answers each audience as `ExchangeToken` would (the batch floor); the
+//! other RPCs are `UNIMPLEMENTED`.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -162,6 +163,31 @@ impl pb::auth_server::Auth for Floor {
         req: Request<pb::ExchangeTokenRequest>,
     ) -> Result<Response<pb::TokenResponse>, Status> {
         self.exchange(req.get_ref()).map(Response::new).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    async fn exchange_tokens(
+        &self,
+        req: Request<pb::ExchangeTokensRequest>,
+    ) -> Result<Response<pb::ExchangeTokensResponse>, Status> {
+        // The batch floor: one answer per audience, as ExchangeToken's.
+        let r = req.get_ref();
+        let results = r
+            .audiences
+            .iter()
+            .map(|a| {
+                let one = pb::ExchangeTokenRequest {
+                    client_id: r.client_id.clone(),
+                    audience: a.audience.clone(),
+                    ..Default::default()
+                };
+                let token = self.exchange(&one).map_err(|e| Status::internal(e.to_string()))?;
+                Ok(pb::AudienceResult {
+                    audience: a.audience.clone(),
+                    result: Some(pb::audience_result::Result::Token(token)),
+                })
+            })
+            .collect::<Result<_, Status>>()?;
+        Ok(Response::new(pb::ExchangeTokensResponse { results }))
     }
 
     async fn refresh(&self, _req: Request<pb::RefreshRequest>) -> Result<Response<pb::TokenResponse>, Status> {

@@ -131,7 +131,15 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let auth = env.auth_channel()?;
     let verifier = env.verifier(auth.clone()).build()?;
-    let source = env.token_source(auth).build();
+    // The audiences order calls: fetched in one ExchangeTokens call now and
+    // renewed together; it serves once they are in (or after 10 s, when
+    // the auth service is slow to come up: the source keeps trying).
+    let source = env.token_source(auth).audiences([crate::inventory::AUDIENCE]).build();
+    match tokio::time::timeout(std::time::Duration::from_secs(10), source.ready()).await {
+        Ok(Ok(())) => tracing::info!("tokens for inventory ready"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "the auth service refuses order's own tokens; serving anyway"),
+        Err(_) => tracing::warn!("no tokens yet after 10 s; serving, calls wait for them"),
+    }
     let inventory =
         AuthChannel::new(env.channel(inventory_uri, crate::inventory::AUDIENCE)?, source, crate::inventory::AUDIENCE);
     let incoming = env.incoming(grpc)?;

@@ -285,6 +285,7 @@ pub fn add_service(dir: &Path, spec: &ServiceSpec) -> Result<AddedService, DevEr
         client_id: name.to_owned(),
         secret_sha256: secret_digest_hex(&secret),
         mtls_identity: Some(identity.clone()),
+        certificate_bound_tokens: None,
         role: Some(spec.role.clone()),
         perms: spec.perms.clone(),
         audiences: spec.audiences.clone(),

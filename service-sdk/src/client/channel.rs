@@ -46,6 +46,9 @@ pub struct AuthChannel<S = Channel> {
     audience: Arc<str>,
     /// A token fixed for this channel (a call on behalf of a user).
     fixed: Option<AccessToken>,
+    /// The thumbprint of the client certificate `inner` connects with,
+    /// when pinned: only tokens usable over it are sent.
+    certificate: Option<Arc<str>>,
 }
 
 impl<S> std::fmt::Debug for AuthChannel<S> {
@@ -60,7 +63,19 @@ impl<S> std::fmt::Debug for AuthChannel<S> {
 impl<S> AuthChannel<S> {
     /// Calls through `inner` with tokens for `audience` from `source`.
     pub fn new(inner: S, source: TokenSource, audience: impl Into<Arc<str>>) -> Self {
-        Self { inner, source, audience: audience.into(), fixed: None }
+        Self { inner, source, audience: audience.into(), fixed: None, certificate: None }
+    }
+
+    /// Pins the channel to the client certificate `inner` connects with
+    /// (its DER): only tokens usable over that certificate are sent
+    /// (RFC 8705: an unbound token, or one bound to it). Across a rotation
+    /// ([`TokenSource::rotate_certificate`]) a pinned channel keeps getting
+    /// the tokens of its own certificate, so no call carries a token its
+    /// connection cannot use; an unpinned one follows the source's current
+    /// certificate.
+    pub fn client_certificate(mut self, der: &[u8]) -> Self {
+        self.certificate = Some(super::source::thumbprint(der).into());
+        self
     }
 
     /// The audience the tokens are for.
@@ -100,12 +115,18 @@ impl<S: Clone> AuthChannel<S> {
     /// Like [`on_behalf_of`](Self::on_behalf_of) with the user's access
     /// token passed explicitly (e.g. from an HTTP handler).
     pub async fn on_behalf_of_token(&self, user_token: &str) -> Result<Self, TokenError> {
-        let token = self.source.token_for(&self.audience).on_behalf_of(user_token).await?;
+        let token = self
+            .source
+            .token_for(&self.audience)
+            .on_behalf_of(user_token)
+            .over_certificate(self.certificate.as_deref())
+            .await?;
         Ok(Self {
             inner: self.inner.clone(),
             source: self.source.clone(),
             audience: self.audience.clone(),
             fixed: Some(token),
+            certificate: self.certificate.clone(),
         })
     }
 }
@@ -173,11 +194,15 @@ where
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let ready = match &self.fixed {
             Some(t) => Some(t.bearer().clone()),
-            None => self.source.cached(&self.audience).map(|t| t.bearer().clone()),
+            None => self.source.cached_for(&self.audience, self.certificate.as_deref()).map(|t| t.bearer().clone()),
         };
-        let (source, audience) = (self.source.clone(), self.audience.clone());
+        let (source, audience, certificate) = (self.source.clone(), self.audience.clone(), self.certificate.clone());
         call_with_bearer(&mut self.inner, req, ready, move || async move {
-            let token = source.token(&audience).await.map_err(tonic::Status::from)?;
+            let token = source
+                .token_for(&audience)
+                .over_certificate(certificate.as_deref())
+                .await
+                .map_err(tonic::Status::from)?;
             Ok(token.bearer().clone())
         })
     }

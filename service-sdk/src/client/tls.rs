@@ -168,6 +168,20 @@ impl MtlsFiles {
         self.build(uri, &Peer::Named(domain))
     }
 
+    /// The DER of this service's own (leaf) certificate, as the cert file
+    /// holds it now: what a certificate-bound token's `cnf.x5t#S256` names
+    /// (see [`TokenSource::rotate_certificate`](crate::TokenSource::rotate_certificate)
+    /// and [`AuthChannel::client_certificate`](crate::AuthChannel::client_certificate)).
+    pub fn client_certificate_der(&self) -> Result<Vec<u8>, TlsError> {
+        use rustls_pki_types::pem::PemObject as _;
+        let pem = read(&self.cert)?;
+        rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+            .next()
+            .and_then(Result::ok)
+            .map(|der| der.to_vec())
+            .ok_or_else(|| TlsError::Channel(format!("{}: no PEM certificate", self.cert.display())))
+    }
+
     /// The auth server's identity this service expects unless told
     /// otherwise: `spiffe://<trust domain>/auth-server`, in the trust domain
     /// of the SPIFFE ID of this service's own certificate.

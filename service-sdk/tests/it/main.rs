@@ -1,5 +1,6 @@
 //! Integration tests of service-sdk against a real auth-server over mTLS.
 
+mod batch;
 mod client;
 mod identity;
 mod metrics;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use tower::{Layer, Service};
 
-use super::exchange::{ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, boxed};
+use super::exchange::{
+    BatchService, ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange, boxed, boxed_batch,
+};
 use super::renew::{RenewPoint, renewer};
 use super::{Inner, Stats, TokenSource};
 use crate::BoxError;
@@ -30,6 +32,8 @@ pub(super) struct Config {
     pub(super) backoff: Backoff,
     pub(super) max_delegated: usize,
     pub(super) scopes: HashMap<String, Vec<String>>,
+    /// The audiences declared up front: fetched at start-up, kept fresh.
+    pub(super) audiences: Vec<String>,
 }
 
 impl Default for Config {
@@ -43,6 +47,7 @@ impl Default for Config {
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(30)).jitter(BACKOFF_JITTER),
             max_delegated: 10_000,
             scopes: HashMap::new(),
+            audiences: Vec::new(),
         }
     }
 }
@@ -54,6 +59,7 @@ type BoxLayer = Box<dyn FnOnce(ExchangeService) -> ExchangeService + Send>;
 pub struct TokenSourceBuilder {
     exchange: ExchangeService,
     grpc: Option<GrpcExchange>,
+    batch: Option<BatchService>,
     layers: Vec<BoxLayer>,
     creds: Arc<dyn Credentials>,
     clock: Arc<dyn Clock>,
@@ -76,7 +82,8 @@ impl TokenSourceBuilder {
         creds: Arc<dyn Credentials>,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { exchange, grpc, layers: Vec::new(), creds, clock, cfg: Config::default() }
+        let batch = grpc.as_ref().map(|g| boxed_batch(g.clone()));
+        Self { exchange, grpc, batch, layers: Vec::new(), creds, clock, cfg: Config::default() }
     }
 
     /// The clock (default: the system clock). Token lifetimes, renewal and
@@ -128,6 +135,28 @@ impl TokenSourceBuilder {
         self
     }
 
+    /// The audiences this service will call. The source fetches their
+    /// tokens in one `ExchangeTokens` call (per 16 audiences) as soon as it
+    /// is built, renews those due together in one call, and
+    /// [`TokenSource::ready`] waits for them. Other audiences can still be
+    /// asked for; they are fetched when first asked for, one call each.
+    pub fn audiences(mut self, audiences: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        for a in audiences {
+            let a = a.into();
+            if !a.is_empty() && !self.cfg.audiences.contains(&a) {
+                self.cfg.audiences.push(a);
+            }
+        }
+        self
+    }
+
+    /// The batch exchange, instead of the auth channel's (tests script it).
+    #[cfg(test)]
+    pub(super) fn batch_exchange(mut self, batch: BatchService) -> Self {
+        self.batch = Some(batch);
+        self
+    }
+
     /// A token is no longer served this many seconds before it expires
     /// (default 5, and never more than a tenth of the token's life).
     pub fn expiry_margin_secs(mut self, secs: u64) -> Self {
@@ -165,6 +194,10 @@ impl TokenSourceBuilder {
         }
         let inner = Arc::new(Inner {
             exchange,
+            batch: self.batch,
+            batch_unsupported: std::sync::atomic::AtomicBool::new(false),
+            settled: tokio::sync::Notify::new(),
+            certificate: arc_swap::ArcSwapOption::empty(),
             grpc: self.grpc,
             creds: self.creds,
             clock: self.clock,
@@ -177,6 +210,14 @@ impl TokenSourceBuilder {
         let handle = tokio::spawn(renewer(Arc::downgrade(&inner), inner.cfg.tick));
         if let Ok(mut slot) = inner.renewer.lock() {
             *slot = Some(handle);
+        }
+        if !inner.cfg.audiences.is_empty() {
+            let weak = Arc::downgrade(&inner);
+            tokio::spawn(async move {
+                if let Some(inner) = weak.upgrade() {
+                    inner.start_up().await;
+                }
+            });
         }
         TokenSource { inner }
     }

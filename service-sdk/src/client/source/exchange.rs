@@ -16,12 +16,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use auth_proto::auth::v1::ExchangeTokenRequest;
 use auth_proto::auth::v1::auth_client::AuthClient;
+use auth_proto::auth::v1::{AudienceRequest, ExchangeTokenRequest, ExchangeTokensRequest, audience_result};
 use http::HeaderValue;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
@@ -155,16 +156,9 @@ impl Service<ExchangeRequest> for GrpcExchange {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, #[allow(unused_mut)] mut req: ExchangeRequest) -> Self::Future {
+    fn call(&mut self, mut req: ExchangeRequest) -> Self::Future {
         let mut client = AuthClient::clone(&self.client.load());
-        // The exchange joins the trace of the call that needed the token
-        // (feature `otel`), unless a layer set a trace context already.
-        #[cfg(feature = "otel")]
-        if !req.metadata.contains_key(crate::otel::TRACEPARENT) {
-            let mut headers = std::mem::take(&mut req.metadata).into_headers();
-            crate::otel::inject_current(&mut headers);
-            req.metadata = MetadataMap::from_headers(headers);
-        }
+        req.metadata = traced(req.metadata);
         Box::pin(async move {
             let ExchangeRequest { credentials, audience, scopes, subject_token, requested_ttl, metadata } = req;
             let message = ExchangeTokenRequest {
@@ -186,6 +180,86 @@ impl Service<ExchangeRequest> for GrpcExchange {
     }
 }
 
+/// `metadata` with the trace context of the current span (feature `otel`),
+/// unless a layer set one already: the exchange joins the trace of the
+/// call that needed the token.
+fn traced(#[allow(unused_mut)] mut metadata: MetadataMap) -> MetadataMap {
+    #[cfg(feature = "otel")]
+    if !metadata.contains_key(crate::otel::TRACEPARENT) {
+        let mut headers = metadata.into_headers();
+        crate::otel::inject_current(&mut headers);
+        metadata = MetadataMap::from_headers(headers);
+    }
+    metadata
+}
+
+/// Most audiences one ExchangeTokens call may carry (as the proto says).
+pub(super) const MAX_BATCH: usize = 16;
+
+/// A batch exchange (the `ExchangeTokens` RPC): the service acting as
+/// itself, for several audiences, each with its scopes.
+#[derive(Clone)]
+pub(super) struct BatchRequest {
+    pub(super) credentials: ClientCredentials,
+    pub(super) audiences: Vec<(String, Vec<String>)>,
+    pub(super) requested_ttl: Duration,
+}
+
+/// Per audience, in request order: the token, or the status its refusal
+/// would have had as a single exchange.
+pub(super) type BatchResponse = Vec<Result<ExchangeResponse, tonic::Status>>;
+
+/// The batch exchange as a service (by default [`GrpcExchange`]'s).
+pub(super) type BatchService = BoxCloneSyncService<BatchRequest, BatchResponse, BoxError>;
+
+impl Service<BatchRequest> for GrpcExchange {
+    type Response = BatchResponse;
+    type Error = tonic::Status;
+    type Future = Pin<Box<dyn Future<Output = Result<BatchResponse, tonic::Status>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: BatchRequest) -> Self::Future {
+        let mut client = AuthClient::clone(&self.client.load());
+        let metadata = traced(MetadataMap::new());
+        Box::pin(async move {
+            let BatchRequest { credentials, audiences, requested_ttl } = req;
+            let asked: Vec<String> = audiences.iter().map(|(a, _)| a.clone()).collect();
+            let message = ExchangeTokensRequest {
+                client_secret: credentials.client_secret.expose().to_owned(),
+                client_id: credentials.client_id,
+                subject_token: String::new(),
+                audiences: audiences.into_iter().map(|(audience, scope)| AudienceRequest { audience, scope }).collect(),
+                requested_ttl_seconds: u32::try_from(requested_ttl.as_secs()).unwrap_or(u32::MAX),
+            };
+            let request = tonic::Request::from_parts(metadata, tonic::Extensions::default(), message);
+            let results = client.exchange_tokens(request).await?.into_inner().results;
+            // One result per audience, in order: anything else is a broken
+            // answer, and no token of it is trusted to be what it says.
+            if results.len() != asked.len() || results.iter().zip(&asked).any(|(r, a)| r.audience != *a) {
+                return Err(tonic::Status::internal("the auth service answered another set of audiences"));
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| match r.result {
+                    Some(audience_result::Result::Token(t)) => Ok(ExchangeResponse {
+                        access_token: t.access_token,
+                        expires_in: Duration::from_secs(u64::from(t.expires_in)),
+                        scope: t.scope,
+                    }),
+                    Some(audience_result::Result::Error(e)) => {
+                        let code = tonic::Code::from(i32::try_from(e.code).unwrap_or(i32::MAX));
+                        Err(tonic::Status::new(code, e.message))
+                    }
+                    None => Err(tonic::Status::internal("an empty result")),
+                })
+                .collect())
+        })
+    }
+}
+
 /// Boxes `service`, with its errors as [`BoxError`].
 pub(super) fn boxed<S>(service: S) -> ExchangeService
 where
@@ -196,10 +270,40 @@ where
     BoxCloneSyncService::new(service.map_err(Into::<BoxError>::into))
 }
 
+/// Boxes the batch exchange of `service`.
+pub(super) fn boxed_batch<S>(service: S) -> BatchService
+where
+    S: Service<BatchRequest, Response = BatchResponse> + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service.map_err(Into::<BoxError>::into))
+}
+
+/// RFC 8705: the `cnf.x5t#S256` of a compact JWS, read from its payload
+/// without verifying it (it came from the auth service over mTLS; the
+/// source only needs to know which certificate it must travel with).
+fn token_cnf(token: &str) -> Option<Box<str>> {
+    use base64::Engine as _;
+    #[derive(serde::Deserialize)]
+    struct Cnf {
+        #[serde(rename = "x5t#S256")]
+        x5t_s256: Box<str>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        cnf: Option<Cnf>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    serde_json::from_slice::<Payload>(&json).ok()?.cnf.map(|c| c.x5t_s256)
+}
+
 /// The cached value of a response received at `now` (source clock): served
 /// until `expiry_margin` (at most a tenth of its life) before it expires,
-/// renewed at the point [`refresh_in`] picks.
-fn cached(resp: ExchangeResponse, now: u64, cfg: &Config, audience: &str) -> Result<Cached, TokenError> {
+/// renewed at the point [`refresh_in`] picks with the random `unit` (the
+/// tokens of one batch share it, so they fall due together again).
+fn cached(resp: ExchangeResponse, now: u64, cfg: &Config, audience: &str, unit: f64) -> Result<Cached, TokenError> {
     let life = resp.expires_in.as_secs();
     let bearer = HeaderValue::try_from(format!("Bearer {}", resp.access_token))
         .map(|mut h| {
@@ -209,8 +313,9 @@ fn cached(resp: ExchangeResponse, now: u64, cfg: &Config, audience: &str) -> Res
         .map_err(|_| TokenError::Unavailable { audience: audience.into(), reason: "malformed token".into() })?;
     let expires_at = now.saturating_add(life);
     let margin = cfg.expiry_margin.min(life / 10);
-    let renew_in = refresh_in(now, expires_at, margin, cfg.renew_point, unit_random());
+    let renew_in = refresh_in(now, expires_at, margin, cfg.renew_point, unit);
     Ok(Cached {
+        cnf: token_cnf(&resp.access_token),
         token: resp.access_token.into_boxed_str(),
         bearer,
         expires_at,
@@ -230,24 +335,146 @@ impl Inner {
         subject: Option<&str>,
         renewal: bool,
     ) -> Result<AccessToken, TokenError> {
-        let audience = &*slot.audience;
-        let result = self.exchange_with_refresh(audience, subject, renewal).await;
+        let result = self.exchange_with_refresh(&slot.audience, subject, renewal).await;
+        self.settle(slot, result)
+    }
+
+    /// Stores the outcome of an exchange in `slot`: the token, or the
+    /// failure and the back-off it starts; wakes whoever waits for
+    /// [`ready`](super::TokenSource::ready).
+    fn settle(&self, slot: &Slot, result: Result<Cached, TokenError>) -> Result<AccessToken, TokenError> {
         let now_ms = self.clock.now_millis();
-        let mut retry = slot.lock_retry();
-        match result {
-            Ok(cached) => {
-                retry.succeeded();
-                let cached = Arc::new(cached);
-                slot.current.store(Some(Arc::clone(&cached)));
-                Ok(AccessToken(cached))
+        let outcome = {
+            let mut retry = slot.lock_retry();
+            match result {
+                Ok(cached) => {
+                    retry.succeeded();
+                    let cached = Arc::new(cached);
+                    slot.current.store(Some(Arc::clone(&cached)));
+                    Ok(AccessToken(cached))
+                }
+                Err(e) => {
+                    self.stats.failed();
+                    let delay = retry.failed(now_ms, e.clone());
+                    let audience = &*slot.audience;
+                    tracing::warn!(audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token exchange failed");
+                    Err(e)
+                }
             }
+        };
+        self.settled.notify_waiters();
+        outcome
+    }
+
+    /// Fetches the service's own tokens for `slots` in ExchangeTokens calls
+    /// of at most [`MAX_BATCH`] audiences (one retry after the credentials
+    /// changed, as for one exchange). The caller holds every slot's flight
+    /// lock. Without a batch service, for a single slot, or when the auth
+    /// service does not know the RPC, each slot gets its own exchange.
+    pub(super) async fn exchange_batch(&self, slots: &[Arc<Slot>], renewal: bool) {
+        let batch = self.batch.as_ref().filter(|_| slots.len() > 1 && !self.batch_unsupported.load(Ordering::Relaxed));
+        let Some(batch) = batch else {
+            for slot in slots {
+                let _ = self.exchange_into(slot, None, renewal).await;
+            }
+            return;
+        };
+        for chunk in slots.chunks(MAX_BATCH) {
+            self.exchange_chunk(batch, chunk, renewal).await;
+        }
+    }
+
+    async fn exchange_chunk(&self, batch: &BatchService, slots: &[Arc<Slot>], renewal: bool) {
+        let fail_all = |e: TokenError| {
+            for slot in slots {
+                let _ = self.settle(slot, Err(for_audience(&e, &slot.audience)));
+            }
+        };
+        let creds = match self.creds.current().await {
+            Ok(c) => c,
             Err(e) => {
-                self.stats.failed();
-                let delay = retry.failed(now_ms, e.clone());
-                tracing::warn!(audience, error = %e, retry_in_ms = delay.as_millis() as u64, "token exchange failed");
-                Err(e)
+                let e = TokenError::Credentials(e.to_string());
+                slots.iter().for_each(|s| self.stats.exchange_done(&s.audience, Err(&e)));
+                return fail_all(e);
+            }
+        };
+        let mut outcome = self.batch_once(batch, &creds, slots, renewal).await;
+        if let Err(BatchFailure::Refused(TokenError::CredentialsRejected { .. })) = &outcome {
+            match self.creds.refresh().await {
+                Ok(fresh) if fresh != creds => {
+                    tracing::info!("credentials changed after a rejection; retrying the batch exchange");
+                    outcome = self.batch_once(batch, &fresh, slots, renewal).await;
+                }
+                Ok(_) => {}
+                Err(e) => return fail_all(TokenError::Credentials(e.to_string())),
             }
         }
+        match outcome {
+            Ok(results) => {
+                for (slot, result) in slots.iter().zip(results) {
+                    let _ = self.settle(slot, result);
+                }
+            }
+            Err(BatchFailure::Refused(e)) => fail_all(e),
+            Err(BatchFailure::Unsupported) => {
+                tracing::info!("the auth service does not know ExchangeTokens; exchanging one audience at a time");
+                self.batch_unsupported.store(true, Ordering::Relaxed);
+                for slot in slots {
+                    let _ = self.exchange_into(slot, None, renewal).await;
+                }
+            }
+        }
+    }
+
+    async fn batch_once(
+        &self,
+        batch: &BatchService,
+        creds: &ClientCredentials,
+        slots: &[Arc<Slot>],
+        renewal: bool,
+    ) -> Result<Vec<Result<Cached, TokenError>>, BatchFailure> {
+        self.stats.batch_sent();
+        let audiences = slots
+            .iter()
+            .map(|s| {
+                self.stats.exchange_sent(&s.audience, renewal);
+                let scopes = self.cfg.scopes.get(&*s.audience).cloned().unwrap_or_default();
+                (s.audience.to_string(), scopes)
+            })
+            .collect();
+        let req = BatchRequest {
+            credentials: creds.clone(),
+            audiences,
+            requested_ttl: Duration::from_secs(u64::from(self.cfg.requested_ttl)),
+        };
+        let results = match batch.clone().oneshot(req).await {
+            Ok(results) => results,
+            Err(e) => {
+                if e.downcast_ref::<tonic::Status>().is_some_and(|s| s.code() == tonic::Code::Unimplemented) {
+                    return Err(BatchFailure::Unsupported);
+                }
+                let first = slots.first().map_or("", |s| &*s.audience);
+                let e = TokenError::from_exchange(first, false, e);
+                slots.iter().for_each(|s| self.stats.exchange_done(&s.audience, Err(&for_audience(&e, &s.audience))));
+                return Err(BatchFailure::Refused(e));
+            }
+        };
+        // One random renewal point for the whole batch: its tokens fall due
+        // together and are renewed together.
+        let (now, unit) = (self.clock.now_unix(), unit_random());
+        Ok(slots
+            .iter()
+            .zip(results)
+            .map(|(slot, r)| {
+                let audience = &*slot.audience;
+                let result = match r {
+                    Ok(resp) => cached(resp, now, &self.cfg, audience, unit),
+                    Err(status) => Err(TokenError::from_exchange(audience, false, Box::new(status))),
+                };
+                self.stats.exchange_done(audience, result.as_ref().map(|_| ()));
+                result
+            })
+            .collect())
     }
 
     async fn exchange_with_refresh(
@@ -290,7 +517,7 @@ impl Inner {
         req.subject_token = subject.map(str::to_owned);
         req.requested_ttl = Duration::from_secs(u64::from(self.cfg.requested_ttl));
         let result = match self.exchange.clone().oneshot(req).await {
-            Ok(resp) => cached(resp, self.clock.now_unix(), &self.cfg, audience),
+            Ok(resp) => cached(resp, self.clock.now_unix(), &self.cfg, audience, unit_random()),
             Err(e) => Err(TokenError::from_exchange(audience, subject.is_some(), e)),
         };
         self.stats.exchange_done(audience, result.as_ref().map(|_| ()));
@@ -298,10 +525,61 @@ impl Inner {
     }
 }
 
+/// Why a whole batch failed.
+pub(super) enum BatchFailure {
+    /// The auth service does not know ExchangeTokens (an older server).
+    Unsupported,
+    /// Refused or unreachable, for every audience alike.
+    Refused(TokenError),
+}
+
+/// `e`, as the error of `audience` (a failure shared by a whole batch).
+fn for_audience(e: &TokenError, audience: &str) -> TokenError {
+    let audience = audience.to_owned();
+    let reason = |r: &String| r.clone();
+    match e {
+        TokenError::Unavailable { reason: r, .. } => TokenError::Unavailable { audience, reason: reason(r) },
+        TokenError::CredentialsRejected { reason: r, .. } => {
+            TokenError::CredentialsRejected { audience, reason: reason(r) }
+        }
+        TokenError::Unauthenticated { reason: r, .. } => TokenError::Unauthenticated { audience, reason: reason(r) },
+        TokenError::PermissionDenied { reason: r, .. } => TokenError::PermissionDenied { audience, reason: reason(r) },
+        TokenError::InvalidRequest { reason: r, .. } => TokenError::InvalidRequest { audience, reason: reason(r) },
+        other => other.clone(),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_binding_of_a_token_is_read_from_its_payload() {
+        use base64::Engine as _;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let bound = format!("{}.{}.sig", b64("{}"), b64(r#"{"sub":"svc:order","cnf":{"x5t#S256":"abc"}}"#));
+        assert_eq!(token_cnf(&bound).as_deref(), Some("abc"));
+        let unbound = format!("{}.{}.sig", b64("{}"), b64(r#"{"sub":"svc:order"}"#));
+        assert_eq!(token_cnf(&unbound), None);
+        for junk in ["", "a.b", "a.%%%.c", "no dots"] {
+            assert_eq!(token_cnf(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn a_shared_failure_names_each_audience() {
+        let e = TokenError::Unavailable { audience: "a".into(), reason: "Unavailable".into() };
+        assert_eq!(
+            for_audience(&e, "b"),
+            TokenError::Unavailable { audience: "b".into(), reason: "Unavailable".into() }
+        );
+        let e = TokenError::CredentialsRejected { audience: "a".into(), reason: "bad secret".into() };
+        assert_eq!(
+            for_audience(&e, "b"),
+            TokenError::CredentialsRejected { audience: "b".into(), reason: "bad secret".into() }
+        );
+    }
 
     #[test]
     fn request_and_response_debug_show_no_secret() {
@@ -318,9 +596,9 @@ mod tests {
     #[test]
     fn responses_are_cached_with_a_margin_and_a_renewal_point() {
         let cfg = Config::default();
-        let c = cached(ExchangeResponse::new("t", Duration::from_secs(300)), 1_000, &cfg, "inventory").unwrap();
+        let c = cached(ExchangeResponse::new("t", Duration::from_secs(300)), 1_000, &cfg, "inventory", 0.5).unwrap();
         assert_eq!((c.expires_at, c.margin), (1_300, 5));
-        assert!((1_000 + 210..=1_000 + 240).contains(&c.renew_at), "{}", c.renew_at);
+        assert_eq!(c.renew_at, 1_000 + 225, "75% of the life at the middle of the jitter");
         assert!(c.bearer.is_sensitive());
         assert_eq!(c.bearer, "Bearer t");
     }
@@ -328,9 +606,10 @@ mod tests {
     #[test]
     fn absurd_lifetimes_and_tokens_never_panic() {
         let cfg = Config::default();
-        let c = cached(ExchangeResponse::new("t", Duration::MAX), u64::MAX - 5, &cfg, "a").unwrap();
+        let c = cached(ExchangeResponse::new("t", Duration::MAX), u64::MAX - 5, &cfg, "a", 0.5).unwrap();
         assert_eq!(c.expires_at, u64::MAX);
-        let err = cached(ExchangeResponse::new("bad\ntoken", Duration::from_secs(60)), 0, &cfg, "a").err().unwrap();
+        let err =
+            cached(ExchangeResponse::new("bad\ntoken", Duration::from_secs(60)), 0, &cfg, "a", 0.5).err().unwrap();
         assert_eq!(err, TokenError::Unavailable { audience: "a".into(), reason: "malformed token".into() });
     }
 }

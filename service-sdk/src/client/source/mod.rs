@@ -20,8 +20,11 @@ mod slot;
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+
+use arc_swap::ArcSwapOption;
+use base64::Engine as _;
 
 use tonic::transport::Channel;
 use tower::Service;
@@ -29,6 +32,7 @@ use tower::Service;
 use builder::Config;
 pub use builder::TokenSourceBuilder;
 pub use error::TokenError;
+use exchange::BatchService;
 pub use exchange::{ExchangeRequest, ExchangeResponse, ExchangeService, GrpcExchange};
 pub use slot::AccessToken;
 use slot::{Slot, SubjectKey, subject_digest};
@@ -42,8 +46,11 @@ use crate::metrics::SourceMetrics;
 /// the same events are recorded as `auth_sdk_token_*` metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenSourceStats {
-    /// ExchangeToken calls sent to the auth service.
+    /// Tokens asked of the auth service: one per ExchangeToken call, one
+    /// per audience of an ExchangeTokens call.
     pub exchanges: u64,
+    /// Of the calls, ExchangeTokens (batch) calls.
+    pub batches: u64,
     /// Of those, sent by the background renewer.
     pub renewals: u64,
     /// Exchanges that failed.
@@ -58,6 +65,7 @@ pub struct TokenSourceStats {
 #[derive(Default)]
 struct Stats {
     exchanges: AtomicU64,
+    batches: AtomicU64,
     renewals: AtomicU64,
     failures: AtomicU64,
     waited: AtomicU64,
@@ -72,6 +80,12 @@ impl Stats {
             self.renewals.fetch_add(1, Ordering::Relaxed);
             self.metrics.renewing(audience);
         }
+    }
+
+    /// An ExchangeTokens call is sent (each audience also counts as an
+    /// exchange sent).
+    fn batch_sent(&self) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An exchange sent for `audience` came back with `result`.
@@ -94,6 +108,16 @@ impl Stats {
 struct Inner {
     /// The exchange service with its layers.
     exchange: ExchangeService,
+    /// The batch exchange (`ExchangeTokens`), when the source talks to the
+    /// auth service over its own channel.
+    batch: Option<BatchService>,
+    /// The auth service answered `UNIMPLEMENTED` to a batch.
+    batch_unsupported: AtomicBool,
+    /// Woken whenever an exchange settles (for `ready`).
+    settled: tokio::sync::Notify,
+    /// The thumbprint (`x5t#S256`) of the client certificate the source now
+    /// calls with, once told ([`TokenSource::rotate_certificate`]).
+    certificate: ArcSwapOption<String>,
     /// The default inner service, kept to replace its channel.
     grpc: Option<GrpcExchange>,
     creds: Arc<dyn Credentials>,
@@ -147,6 +171,24 @@ impl Drop for Inner {
 ///   [`Credentials`] to [`refresh`](Credentials::refresh) (a file or Vault
 ///   source re-reads it) and, if they changed, retries once at once: a
 ///   rotated secret is picked up without a restart.
+/// - **Batches.** The audiences a service will call can be declared
+///   ([`TokenSourceBuilder::audiences`]): the source fetches them all in one
+///   `ExchangeTokens` call when it starts, and [`TokenSource::ready`] waits
+///   for them. The tokens of one batch share their renewal point, and the
+///   renewer renews the tokens due together (and those due soon after) in
+///   one call of at most 16 audiences. An audience asked for later, a token
+///   on behalf of a user, and a source over another exchange service
+///   ([`TokenSource::builder_with_exchange`]) use single `ExchangeToken`
+///   calls; so does a source whose auth service does not know the batch RPC.
+///   Layers added with [`TokenSourceBuilder::layer`] wrap single exchanges
+///   only.
+/// - **Certificate binding (RFC 8705).** A token bound to a client
+///   certificate (`cnf.x5t#S256`) is only served for calls over that
+///   certificate. [`TokenSource::rotate_certificate`] tells the source its
+///   certificate changed: tokens bound to the old one are no longer served
+///   (except to an [`AuthChannel`](crate::AuthChannel) still pinned to the old
+///   certificate, until [`TokenSource::retire_previous_certificate`]), and
+///   new ones are fetched over the new channel.
 ///
 /// ```no_run
 /// # async fn f(channel: tonic::transport::Channel) -> Result<(), Box<dyn std::error::Error>> {
@@ -207,15 +249,99 @@ impl TokenSource {
     /// The cached token for `audience`, if one is valid now. Never waits.
     #[inline]
     pub fn cached(&self, audience: &str) -> Option<AccessToken> {
+        self.cached_for(audience, None)
+    }
+
+    /// The cached token for `audience` that may go out over a connection
+    /// with the client certificate of thumbprint `certificate` (`None`: the
+    /// source's current one).
+    #[inline]
+    pub(crate) fn cached_for(&self, audience: &str, certificate: Option<&str>) -> Option<AccessToken> {
         let now = self.inner.clock.now_unix();
+        let current = self.inner.certificate.load();
+        let certificate = certificate.or(current.as_deref().map(String::as_str));
         let map = self.inner.service.read().unwrap_or_else(|e| e.into_inner());
-        map.get(audience)?.hit(now)
+        map.get(audience)?.hit(now, certificate)
+    }
+
+    /// Waits until every audience declared with
+    /// [`TokenSourceBuilder::audiences`] has a token, e.g. before the
+    /// service starts serving. Fails with the refusal of an audience the
+    /// auth service refused (not allowed, bad credentials); while it is
+    /// only unreachable, keeps waiting (the source retries with back-off),
+    /// so bound the wait with a timeout. With no audience declared it
+    /// returns at once.
+    pub async fn ready(&self) -> Result<(), TokenError> {
+        loop {
+            let settled = self.inner.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if let Some(outcome) = self.inner.readiness() {
+                return outcome;
+            }
+            settled.await;
+        }
+    }
+
+    /// The client certificate this source calls the auth service with
+    /// changed (`auth_channel` presents it; `client_cert_der` is its DER):
+    /// the exchange goes over the new channel, tokens bound to another
+    /// certificate are no longer served (only to an
+    /// [`AuthChannel`](crate::AuthChannel) pinned to the certificate they are
+    /// bound to, until [`retire_previous_certificate`](Self::retire_previous_certificate)),
+    /// and new tokens for every audience the source holds are fetched (in
+    /// batches) before this returns. Calls that need a token meanwhile wait
+    /// for it.
+    ///
+    /// For zero failed calls across a rotation: call this, then switch the
+    /// outgoing channels to the new certificate (each pinned with
+    /// [`AuthChannel::client_certificate`](crate::AuthChannel::client_certificate)),
+    /// then retire the previous certificate.
+    pub async fn rotate_certificate(&self, auth_channel: Channel, client_cert_der: &[u8]) {
+        let inner = &self.inner;
+        let thumb = thumbprint(client_cert_der);
+        self.set_auth_channel(auth_channel);
+        let old = inner.certificate.swap(Some(Arc::new(thumb.clone())));
+        if old.as_deref() == Some(&thumb) {
+            return;
+        }
+        let now = inner.clock.now_unix();
+        let slots: Vec<Arc<Slot>> = inner.service.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            guards.push(slot.flight.lock().await);
+        }
+        let mut stale = Vec::new();
+        for slot in &slots {
+            let current = slot.current.load_full();
+            if current.as_ref().is_some_and(|c| !c.usable_with(Some(&thumb))) {
+                slot.previous.store(current);
+                slot.current.store(None);
+                stale.push(Arc::clone(slot));
+            } else if !slot.holds_valid(now) && inner.cfg.audiences.iter().any(|a| **a == *slot.audience) {
+                stale.push(Arc::clone(slot));
+            }
+        }
+        inner.delegated.write().unwrap_or_else(|e| e.into_inner()).retain(|_, s| {
+            s.current.load().as_ref().is_none_or(|c| c.usable_with(Some(&thumb))) || s.flight.try_lock().is_err()
+        });
+        tracing::info!(tokens = stale.len(), "client certificate rotated; fetching tokens bound to the new one");
+        inner.exchange_batch(&stale, true).await;
+        drop(guards);
+    }
+
+    /// Drops the tokens a [`rotate_certificate`](Self::rotate_certificate)
+    /// replaced: no channel is on the previous certificate any more.
+    pub fn retire_previous_certificate(&self) {
+        for slot in self.inner.service.read().unwrap_or_else(|e| e.into_inner()).values() {
+            slot.previous.store(None);
+        }
     }
 
     /// A request for a token for `audience`, to be awaited, optionally
     /// [on behalf of](TokenRequest::on_behalf_of) a user.
     pub fn token_for<'a>(&'a self, audience: &'a str) -> TokenRequest<'a> {
-        TokenRequest { source: self, audience, subject: None }
+        TokenRequest { source: self, audience, subject: None, certificate: None }
     }
 
     /// Counters since the source was built.
@@ -223,6 +349,7 @@ impl TokenSource {
         let s = &self.inner.stats;
         TokenSourceStats {
             exchanges: s.exchanges.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
             renewals: s.renewals.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
             waited: s.waited.load(Ordering::Relaxed),
@@ -251,6 +378,7 @@ pub struct TokenRequest<'a> {
     source: &'a TokenSource,
     audience: &'a str,
     subject: Option<&'a str>,
+    certificate: Option<&'a str>,
 }
 
 impl<'a> TokenRequest<'a> {
@@ -262,20 +390,47 @@ impl<'a> TokenRequest<'a> {
         self
     }
 
+    /// A token that may go out over a connection with the client
+    /// certificate of thumbprint `certificate` (an [`AuthChannel`](crate::AuthChannel)
+    /// pinned to its certificate).
+    pub(crate) fn over_certificate(mut self, certificate: Option<&'a str>) -> Self {
+        self.certificate = certificate;
+        self
+    }
+
     /// Fetches the token.
     pub async fn get(self) -> Result<AccessToken, TokenError> {
         let inner = &self.source.inner;
-        match self.subject {
-            None => self.source.token(self.audience).await,
+        let current = inner.certificate.load();
+        let certificate = self.certificate.or(current.as_deref().map(String::as_str));
+        let token = match self.subject {
+            None => match self.source.cached_for(self.audience, certificate) {
+                Some(t) => return Ok(t),
+                None => inner.miss(self.audience, None).await?,
+            },
             Some(subject) => {
                 let key: SubjectKey = (self.audience.into(), subject_digest(subject));
                 let now = inner.clock.now_unix();
-                let hit = inner.delegated.read().unwrap_or_else(|e| e.into_inner()).get(&key).and_then(|s| s.hit(now));
+                let hit = {
+                    let delegated = inner.delegated.read().unwrap_or_else(|e| e.into_inner());
+                    delegated.get(&key).and_then(|s| s.hit(now, certificate))
+                };
                 match hit {
-                    Some(t) => Ok(t),
-                    None => inner.miss(self.audience, Some((key, subject))).await,
+                    Some(t) => return Ok(t),
+                    None => inner.miss(self.audience, Some((key, subject))).await?,
                 }
             }
+        };
+        // The source now calls with another certificate than the channel
+        // this token is for: it would be refused there.
+        if token.0.usable_with(certificate) {
+            Ok(token)
+        } else {
+            Err(TokenError::Unavailable {
+                audience: self.audience.to_owned(),
+                reason: "the client certificate rotated: this channel's certificate is no longer the token source's"
+                    .into(),
+            })
         }
     }
 }
@@ -304,7 +459,8 @@ impl Inner {
         };
         let _flight = slot.flight.lock().await;
         let now = self.clock.now_unix();
-        if let Some(t) = slot.hit(now) {
+        let current = self.certificate.load();
+        if let Some(t) = slot.hit(now, current.as_deref().map(String::as_str)) {
             return Ok(t);
         }
         if let Some(err) = slot.lock_retry().pending(self.clock.now_millis()) {
@@ -312,6 +468,49 @@ impl Inner {
         }
         self.exchange_into(&slot, subject_token, false).await
     }
+}
+
+impl Inner {
+    /// Whether every declared audience has a token (`Ok`), one was refused
+    /// (`Err`), or some are still pending (`None`).
+    fn readiness(&self) -> Option<Result<(), TokenError>> {
+        let now = self.clock.now_unix();
+        let map = self.service.read().unwrap_or_else(|e| e.into_inner());
+        let mut pending = false;
+        for audience in &self.cfg.audiences {
+            let Some(slot) = map.get(audience.as_str()) else {
+                pending = true;
+                continue;
+            };
+            if slot.holds_valid(now) {
+                continue;
+            }
+            match slot.lock_retry().last_error() {
+                Some(e) if !e.is_unavailable() => return Some(Err(e.clone())),
+                _ => pending = true,
+            }
+        }
+        (!pending).then_some(Ok(()))
+    }
+
+    /// Fetches the declared audiences at start-up, in batches.
+    async fn start_up(&self) {
+        let now = self.clock.now_unix();
+        let slots: Vec<Arc<Slot>> = self.cfg.audiences.iter().filter_map(|a| self.slot_for(a, None)).collect();
+        let mut guards = Vec::with_capacity(slots.len());
+        for slot in &slots {
+            guards.push(slot.flight.lock().await);
+        }
+        // A caller may have fetched one meanwhile.
+        let missing: Vec<Arc<Slot>> = slots.iter().filter(|s| !s.holds_valid(now)).cloned().collect();
+        self.exchange_batch(&missing, false).await;
+        drop(guards);
+    }
+}
+
+/// RFC 8705 `x5t#S256`: base64url SHA-256 of a certificate's DER.
+pub(crate) fn thumbprint(der: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
 }
 
 #[cfg(test)]
@@ -470,6 +669,80 @@ mod tests {
         assert_eq!(err, TokenError::Unavailable { audience: "inventory".into(), reason: "request timed out".into() });
         assert_eq!(script.calls.load(Ordering::SeqCst), 0, "the layer answered before the exchange");
         assert_eq!(source.stats().failures, 1);
+    }
+
+    /// A scripted ExchangeTokens: refuses `payments`, issues the others a
+    /// token valid for `life`; records each batch's audiences.
+    fn scripted_batch(life: Duration, seen: Arc<Mutex<Vec<Vec<String>>>>) -> BatchService {
+        exchange::boxed_batch(tower::service_fn(move |req: exchange::BatchRequest| {
+            let seen = Arc::clone(&seen);
+            async move {
+                let names: Vec<String> = req.audiences.iter().map(|(a, _)| a.clone()).collect();
+                let n = seen.lock().unwrap().len();
+                seen.lock().unwrap().push(names.clone());
+                Ok::<_, tonic::Status>(
+                    names
+                        .iter()
+                        .map(|a| match a.as_str() {
+                            "payments" => {
+                                Err(tonic::Status::permission_denied("audience not allowed for this account"))
+                            }
+                            _ => Ok(ExchangeResponse::new(format!("{a}-{n}"), life)),
+                        })
+                        .collect(),
+                )
+            }
+        }))
+    }
+
+    #[tokio::test]
+    async fn declared_audiences_come_in_one_batch_and_ready_reports_a_refusal() {
+        let clock = ManualClock::new(NOW);
+        let script = Scripted::new(Duration::from_secs(300));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let source = TokenSource::builder_with_exchange(script.service(), creds())
+            .clock(Arc::new(clock.clone()))
+            .batch_exchange(scripted_batch(Duration::from_secs(300), Arc::clone(&seen)))
+            .audiences(["inventory", "billing", "payments", "inventory"])
+            .build();
+        let err = source.ready().await.unwrap_err();
+        assert!(matches!(&err, TokenError::PermissionDenied { audience, .. } if audience == "payments"), "{err:?}");
+        assert_eq!(*seen.lock().unwrap(), [["inventory", "billing", "payments"]], "one call, each audience once");
+        assert_eq!(source.cached("inventory").unwrap().as_str(), "inventory-0");
+        assert_eq!(source.cached("billing").unwrap().as_str(), "billing-0");
+        let stats = source.stats();
+        assert_eq!((stats.batches, stats.exchanges, stats.failures), (1, 3, 1), "{stats:?}");
+        // An audience asked for later: one single exchange.
+        assert_eq!(source.token("orders").await.unwrap().as_str(), "token-0");
+        assert_eq!(script.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn tokens_fetched_together_are_renewed_together_in_one_batch() {
+        let clock = ManualClock::new(NOW);
+        let script = Scripted::new(Duration::from_secs(300));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let source = TokenSource::builder_with_exchange(script.service(), creds())
+            .clock(Arc::new(clock.clone()))
+            .batch_exchange(scripted_batch(Duration::from_secs(100), Arc::clone(&seen)))
+            .renew_check_interval(Duration::from_millis(5))
+            .audiences(["inventory", "billing"])
+            .build();
+        source.ready().await.unwrap();
+        let first = source.cached("inventory").unwrap();
+        // The batch shares one renewal point within 70..80 s of a 100 s life.
+        assert_eq!(first.0.renew_at, source.cached("billing").unwrap().0.renew_at);
+        clock.advance(81);
+        for _ in 0..2_000 {
+            if seen.lock().unwrap().len() == 2 && source.cached("billing").is_some_and(|t| t.as_str() == "billing-1") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(*seen.lock().unwrap(), [["inventory", "billing"], ["inventory", "billing"]]);
+        assert_eq!(source.cached("inventory").unwrap().as_str(), "inventory-1");
+        assert_eq!(source.stats().renewals, 2);
+        assert_eq!(script.calls.load(Ordering::SeqCst), 0, "no single exchange");
     }
 
     #[tokio::test]

@@ -38,13 +38,47 @@ pub(super) fn refresh_in(issued_at: u64, expires_at: u64, margin: u64, point: Re
     Duration::from_secs(renew_in.min(life.saturating_sub(margin.saturating_add(1))))
 }
 
+/// Whether a token to be renewed at `renew_at` (and expiring at
+/// `expires_at`) goes along with a batch renewal at `now`: it is within
+/// half its renewal window (`renew_at..expires_at`) of its own point, so
+/// it is renewed a little early rather than alone a little later.
+pub(super) fn due_soon(now: u64, renew_at: u64, expires_at: u64) -> bool {
+    let window = expires_at.saturating_sub(renew_at) / 2;
+    now.saturating_add(window) >= renew_at
+}
+
 impl Inner {
+    /// Renews the service tokens of `slots` in batches, skipping those a
+    /// caller is fetching and those another renewal already renewed.
+    async fn renew_batch(&self, slots: &[Arc<Slot>]) {
+        let now = self.clock.now_unix();
+        let mut guards = Vec::with_capacity(slots.len());
+        let mut mine = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let Ok(guard) = slot.flight.try_lock() else { continue };
+            let current = slot.current.load();
+            let stale = current.as_ref().is_none_or(|c| !c.valid(now) || due_soon(now, c.renew_at, c.expires_at));
+            if stale {
+                guards.push(guard);
+                mine.push(Arc::clone(slot));
+            }
+        }
+        self.exchange_batch(&mine, true).await;
+        tracing::debug!(tokens = mine.len(), "tokens renewed in one batch");
+        drop(guards);
+    }
+
     /// Renews one service token in the background, unless a caller is
     /// already fetching it.
     async fn renew(&self, slot: &Slot) {
         let Ok(_flight) = slot.flight.try_lock() else { return };
         let now = self.clock.now_unix();
-        let due = slot.current.load().as_ref().is_some_and(|c| now >= c.renew_at);
+        let current = slot.current.load();
+        let declared = || self.cfg.audiences.iter().any(|a| **a == *slot.audience);
+        let due = match current.as_ref() {
+            Some(c) => now >= c.renew_at || (!c.valid(now) && declared()),
+            None => declared(),
+        };
         if !due {
             return;
         }
@@ -64,6 +98,7 @@ pub(super) async fn renewer(inner: Weak<Inner>, tick: Duration) {
         let now = inner.clock.now_unix();
         let now_ms = inner.clock.now_millis();
         let mut due = Vec::new();
+        let mut soon = Vec::new();
         let mut stale = Vec::new();
         {
             // A read lock: callers on the hot path are never blocked by the scan.
@@ -79,10 +114,18 @@ pub(super) async fn renewer(inner: Weak<Inner>, tick: Duration) {
                     }
                     continue;
                 }
-                let ready = s.lock_retry().ready(now_ms);
-                let renew = current.as_ref().is_some_and(|c| now >= c.renew_at);
-                if ready && renew && s.renewing.load(Ordering::Relaxed) == 0 {
-                    due.push(Arc::clone(s));
+                if !s.lock_retry().ready(now_ms) || s.renewing.load(Ordering::Relaxed) != 0 {
+                    continue;
+                }
+                // A declared audience without a token (its start-up fetch
+                // failed) is retried here, as its back-off allows.
+                let declared = || inner.cfg.audiences.iter().any(|a| **a == **audience);
+                match current.as_ref() {
+                    Some(c) if now >= c.renew_at => due.push(Arc::clone(s)),
+                    Some(c) if c.valid(now) && due_soon(now, c.renew_at, c.expires_at) => soon.push(Arc::clone(s)),
+                    Some(c) if !c.valid(now) && declared() => due.push(Arc::clone(s)),
+                    None if declared() => due.push(Arc::clone(s)),
+                    _ => {}
                 }
             }
         }
@@ -99,6 +142,26 @@ pub(super) async fn renewer(inner: Weak<Inner>, tick: Duration) {
         if expired_delegated {
             let mut map = inner.delegated.write().unwrap_or_else(|e| e.into_inner());
             map.retain(|_, s| s.holds_valid(now) || s.flight.try_lock().is_err());
+        }
+        if due.is_empty() {
+            continue;
+        }
+        if inner.batch.is_some() {
+            // Renewing anyway: the tokens due soon go along in the same call.
+            due.append(&mut soon);
+        }
+        if due.len() > 1 && inner.batch.is_some() {
+            for slot in &due {
+                slot.renewing.fetch_add(1, Ordering::Relaxed);
+            }
+            let inner = Arc::clone(&inner);
+            tokio::spawn(async move {
+                inner.renew_batch(&due).await;
+                for slot in &due {
+                    slot.renewing.fetch_sub(1, Ordering::Relaxed);
+                }
+            });
+            continue;
         }
         for slot in due {
             slot.renewing.fetch_add(1, Ordering::Relaxed);
@@ -143,6 +206,16 @@ mod tests {
         assert_eq!(refresh_in(1_000, 1_100, 5, late, 0.5), SECS(94));
         let past = RenewPoint { fraction: 2.0, jitter: 0.5 };
         assert_eq!(refresh_in(1_000, 1_100, 5, past, 1.0), SECS(94));
+    }
+
+    #[test]
+    fn tokens_due_within_half_their_window_join_a_batch_renewal() {
+        // Renewed at 225 of a 300 s life: the window is 75 s, half is 37.
+        assert!(due_soon(225, 225, 300));
+        assert!(due_soon(188, 225, 300));
+        assert!(!due_soon(187, 225, 300));
+        assert!(due_soon(0, 0, 0), "degenerate: due");
+        assert!(due_soon(u64::MAX, u64::MAX, u64::MAX));
     }
 
     #[test]

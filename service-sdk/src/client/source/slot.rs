@@ -58,11 +58,24 @@ pub(super) struct Cached {
     pub(super) margin: u64,
     pub(super) renew_at: u64,
     pub(super) scope: Vec<String>,
+    /// RFC 8705: the thumbprint (`cnf.x5t#S256`) of the client certificate
+    /// the token is bound to, if it is bound.
+    pub(super) cnf: Option<Box<str>>,
 }
 
 impl Cached {
     pub(super) fn valid(&self, now: u64) -> bool {
         now.saturating_add(self.margin) < self.expires_at
+    }
+
+    /// Whether the token may go out over a connection made with the client
+    /// certificate of thumbprint `certificate` (`None`: not known, any). An
+    /// unbound token goes anywhere; a bound one only with its certificate.
+    pub(super) fn usable_with(&self, certificate: Option<&str>) -> bool {
+        match (&self.cnf, certificate) {
+            (Some(bound), Some(cert)) => **bound == *cert,
+            _ => true,
+        }
     }
 }
 
@@ -77,6 +90,11 @@ pub(super) struct Retry {
 impl Retry {
     pub(super) fn new(backoff: Backoff) -> Self {
         Self { backoff, retry_at_ms: None, last_error: None }
+    }
+
+    /// The last failure, until a success.
+    pub(super) fn last_error(&self) -> Option<&TokenError> {
+        self.last_error.as_ref()
     }
 
     /// The last failure, while its back-off has not elapsed at `now_ms`.
@@ -112,6 +130,9 @@ impl Retry {
 pub(super) struct Slot {
     pub(super) audience: Box<str>,
     pub(super) current: ArcSwapOption<Cached>,
+    /// The token a certificate rotation replaced, served only to channels
+    /// still on the certificate it is bound to, until they are retired.
+    pub(super) previous: ArcSwapOption<Cached>,
     pub(super) flight: tokio::sync::Mutex<()>,
     retry: Mutex<Retry>,
     /// Last time (source clock) a caller asked for this slot.
@@ -124,6 +145,7 @@ impl Slot {
         Self {
             audience: audience.into(),
             current: ArcSwapOption::empty(),
+            previous: ArcSwapOption::empty(),
             flight: tokio::sync::Mutex::new(()),
             retry: Mutex::new(Retry::new(backoff.clone())),
             last_used: AtomicU64::new(now),
@@ -131,18 +153,27 @@ impl Slot {
         }
     }
 
-    /// The cached token if it is valid at `now`; marks the slot used.
+    /// The cached token if it is valid at `now` and usable over a
+    /// connection with the client certificate of thumbprint `certificate`
+    /// ([`Cached::usable_with`]); marks the slot used. The token a rotation
+    /// replaced is served only to a channel still on its certificate.
     #[inline]
-    pub(super) fn hit(&self, now: u64) -> Option<AccessToken> {
+    pub(super) fn hit(&self, now: u64, certificate: Option<&str>) -> Option<AccessToken> {
         let guard = self.current.load();
-        let cached = guard.as_ref()?;
-        if !cached.valid(now) {
-            return None;
-        }
+        let cached = match guard.as_ref() {
+            Some(c) if c.valid(now) && c.usable_with(certificate) => Arc::clone(c),
+            _ => {
+                let previous = self.previous.load();
+                let p = previous
+                    .as_ref()
+                    .filter(|p| certificate.is_some() && p.valid(now) && p.usable_with(certificate))?;
+                Arc::clone(p)
+            }
+        };
         if self.last_used.load(Ordering::Relaxed) != now {
             self.last_used.store(now, Ordering::Relaxed);
         }
-        Some(AccessToken(Arc::clone(cached)))
+        Some(AccessToken(cached))
     }
 
     /// Whether the slot holds a token valid at `now`.
@@ -211,10 +242,39 @@ mod tests {
             margin: 5,
             renew_at: 75,
             scope: vec![],
+            cnf: Some("thumb-a".into()),
         };
         assert!(c.valid(94));
         assert!(!c.valid(95));
         assert!(!c.valid(200));
+    }
+
+    #[test]
+    fn a_bound_token_goes_out_only_with_its_certificate() {
+        let bound = |cnf: Option<&str>| Cached {
+            token: "t".into(),
+            bearer: HeaderValue::from_static("Bearer t"),
+            expires_at: 100,
+            margin: 5,
+            renew_at: 75,
+            scope: vec![],
+            cnf: cnf.map(Into::into),
+        };
+        let slot = Slot::new("inventory", 0, &Backoff::new(Duration::from_millis(1), Duration::from_millis(1)));
+        slot.current.store(Some(Arc::new(bound(Some("new")))));
+        slot.previous.store(Some(Arc::new(bound(Some("old")))));
+        assert!(slot.hit(10, Some("new")).is_some_and(|t| t.0.cnf.as_deref() == Some("new")));
+        assert!(
+            slot.hit(10, Some("old")).is_some_and(|t| t.0.cnf.as_deref() == Some("old")),
+            "a channel still on the old certificate"
+        );
+        assert!(slot.hit(10, Some("other")).is_none());
+        assert!(
+            slot.hit(10, None).is_some_and(|t| t.0.cnf.as_deref() == Some("new")),
+            "certificate unknown: the current token"
+        );
+        slot.current.store(Some(Arc::new(bound(None))));
+        assert!(slot.hit(10, Some("other")).is_some(), "an unbound token goes anywhere");
     }
 
     #[test]
