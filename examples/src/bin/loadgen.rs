@@ -14,6 +14,11 @@
 //! report then adds how many sends were late and how many were never sent.
 //! A closed standard output (`loadgen ... | head`) ends the run quietly.
 //!
+//! `--batch N` (with `--rpc exchange`) drives ExchangeTokens with N
+//! audiences per call instead: `--audience` and `batch-2` ... `batch-N`,
+//! which the account must be allowed (examples/scripts/batch.sh allows
+//! them in a dev directory); the report adds the tokens granted per second.
+//!
 //! `--rpc login-wrong` drives wrong-password Logins, each for a new unknown
 //! username (a password flood). `--flood N` measures the chosen RPC twice in
 //! one run: alone, then with N wrong-password Logins kept in flight from
@@ -30,8 +35,8 @@ use std::time::{Duration, Instant};
 
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{
-    ClientCredentialsGrant, ExchangeTokenRequest, GetJwksRequest, LoginRequest, PasswordGrant, RefreshRequest,
-    login_request,
+    AudienceRequest, ClientCredentialsGrant, ExchangeTokenRequest, ExchangeTokensRequest, GetJwksRequest, LoginRequest,
+    PasswordGrant, RefreshRequest, audience_result, login_request,
 };
 use auth_server::keys::{KeyAlg, LoadedKey, generate_pkcs8_pem};
 use clap::{Parser, ValueEnum};
@@ -83,6 +88,11 @@ struct Args {
     /// Target audience.
     #[arg(long, default_value = "inventory")]
     audience: String,
+    /// With `--rpc exchange`: ExchangeTokens for this many audiences per
+    /// call (`--audience`, then `batch-2` ... `batch-N`; at most 16); 0
+    /// drives ExchangeToken.
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
     /// Total requests per second to pace at (0 = as fast as possible).
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
@@ -112,6 +122,8 @@ struct Tally {
     /// Latencies of the answered requests, from their intended send time
     /// when paced.
     latencies_us: Vec<u32>,
+    /// Tokens granted by the answered requests (a batch grants several).
+    tokens: u64,
     errors: BTreeMap<String, u64>,
     /// Paced only: measured requests sent more than one interval late, and
     /// the largest lag.
@@ -210,6 +222,8 @@ struct Load {
     client_id: String,
     client_secret: String,
     audience: String,
+    /// The audiences of each ExchangeTokens call (empty: ExchangeToken).
+    batch: Vec<AudienceRequest>,
     user: Option<(String, String)>,
     concurrency: usize,
     rate: f64,
@@ -287,8 +301,28 @@ async fn drive(
                     None => now,
                 };
                 n += 1;
+                let mut granted = 1u64;
                 let (id, secret, aud) = (&load.client_id, &load.client_secret, &load.audience);
                 let res = match load.rpc {
+                    Rpc::Exchange if !load.batch.is_empty() => client
+                        .exchange_tokens(ExchangeTokensRequest {
+                            client_id: id.clone(),
+                            client_secret: secret.clone(),
+                            audiences: load.batch.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map(|r| {
+                            let results = r.into_inner().results;
+                            granted = results
+                                .iter()
+                                .filter(|r| matches!(r.result, Some(audience_result::Result::Token(_))))
+                                .count() as u64;
+                            let refused = results.len() as u64 - granted;
+                            if refused > 0 && t0 >= measure_from {
+                                *tally.errors.entry("audience refused".into()).or_default() += refused;
+                            }
+                        }),
                     Rpc::Exchange => client
                         .exchange_token(ExchangeTokenRequest {
                             client_id: id.clone(),
@@ -338,9 +372,12 @@ async fn drive(
                 let done = Instant::now();
                 if t0 >= measure_from {
                     match res {
-                        Ok(()) => tally
-                            .latencies_us
-                            .push(u32::try_from(done.duration_since(t0).as_micros()).unwrap_or(u32::MAX)),
+                        Ok(()) => {
+                            tally.tokens += granted;
+                            tally
+                                .latencies_us
+                                .push(u32::try_from(done.duration_since(t0).as_micros()).unwrap_or(u32::MAX))
+                        }
                         Err(e) => *tally.errors.entry(format!("{:?}", e.code())).or_default() += 1,
                     }
                 }
@@ -358,6 +395,7 @@ async fn drive(
     for t in tasks {
         let t = t.await.map_err(|e| e.to_string())?;
         all.latencies_us.extend(t.latencies_us);
+        all.tokens += t.tokens;
         for (k, v) in t.errors {
             *all.errors.entry(k).or_default() += v;
         }
@@ -374,6 +412,7 @@ fn print_tally(out: &mut Out, label: &str, tally: &Tally, measure: Duration) -> 
     let ok = tally.latencies_us.len() as f64;
     let rps = ok / measure.as_secs_f64();
     say!(out, "{label}ok: {} ({rps:.0}/s)", tally.latencies_us.len())?;
+    say!(out, "{label}tokens: {} ({:.0}/s)", tally.tokens, tally.tokens as f64 / measure.as_secs_f64())?;
     say!(
         out,
         "{label}latency ms{}: p50 {:.2}  p90 {:.2}  p99 {:.2}  max {:.2}",
@@ -456,7 +495,16 @@ fn credentials(args: &Args, name: &str) -> Result<(String, String), String> {
     ))
 }
 
+/// The audiences of a batch of `n`: `first`, then `batch-2` ... `batch-n`.
+fn batch_audiences(first: &str, n: usize) -> Vec<AudienceRequest> {
+    let names = std::iter::once(first.to_owned()).chain((2..=n).map(|i| format!("batch-{i}")));
+    names.take(n).map(|audience| AudienceRequest { audience, scope: vec![] }).collect()
+}
+
 async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
+    if args.batch > 16 {
+        return Err("--batch: at most 16 audiences per call".into());
+    }
     let (client_id, client_secret) = credentials(&args, &args.client)?;
     let mut channels = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -492,6 +540,7 @@ async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
         client_id,
         client_secret,
         audience: args.audience.clone(),
+        batch: if matches!(args.rpc, Rpc::Exchange) { batch_audiences(&args.audience, args.batch) } else { vec![] },
         user,
         concurrency: args.concurrency,
         rate: args.rate,
@@ -499,8 +548,9 @@ async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
 
     say!(
         out,
-        "rpc={:?} connections={} concurrency={} duration={}s rate={}",
+        "rpc={:?}{} connections={} concurrency={} duration={}s rate={}",
         args.rpc,
+        if args.batch > 0 { format!(" batch={}", args.batch) } else { String::new() },
         args.connections,
         args.concurrency,
         args.duration,
@@ -540,6 +590,7 @@ async fn run(args: Args, out: &mut Out) -> Result<(), Stop> {
             client_id: String::new(),
             client_secret: String::new(),
             audience: String::new(),
+            batch: vec![],
             user: None,
             concurrency: args.flood,
             rate: 0.0,
