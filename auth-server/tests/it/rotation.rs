@@ -87,6 +87,7 @@ async fn load(
     verifier: Verifier,
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
+    presenter: Arc<Vec<u8>>,
 ) {
     let mut held: VecDeque<(String, u64)> = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
@@ -106,7 +107,9 @@ async fn load(
             held.pop_front();
         }
         for t in [Some(token), held.front().map(|(t, _)| t.clone())].into_iter().flatten() {
-            match verifier.verify(&t, None).await {
+            // Order's tokens are bound to its certificate (RFC 8705): they
+            // are verified as order presents them.
+            match verifier.verify(&t, Some(&presenter)).await {
                 Ok(_) => {
                     tally.verified.fetch_add(1, Ordering::Relaxed);
                 }
@@ -153,10 +156,25 @@ async fn the_rotation_runbook_by_sighup_refuses_no_valid_token_with_a_verifier_a
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
     let creds = (proc.credential("order", "client_id"), proc.credential("order", "client_secret"));
+    let order_cert = MtlsFiles::new(
+        dir.path().join("ca.pem"),
+        dir.path().join("clients/order.pem"),
+        dir.path().join("clients/order-key.pem"),
+    )
+    .client_certificate_der()
+    .unwrap();
+    let presenter = Arc::new(order_cert);
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let c = admin.clone();
-            tokio::spawn(load(c, creds.clone(), verifier.clone(), Arc::clone(&stop), Arc::clone(&tally)))
+            tokio::spawn(load(
+                c,
+                creds.clone(),
+                verifier.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&tally),
+                presenter.clone(),
+            ))
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
