@@ -211,6 +211,12 @@ fn check_service_name(name: &str, dev: &DevDir) -> Result<(), DevError> {
     if name == service_sdk::AUTH_SERVER_NAME {
         return Err(bad("that is the auth server's own identity (spiffe://<domain>/auth-server)".into()));
     }
+    if name == "localhost" {
+        // The service's certificate carries its name as a DNS name, from the
+        // CA that also signs the auth server's: `localhost` would let it
+        // answer as the auth server to a client that checks names only.
+        return Err(bad("that is a name the auth server's certificate carries (DNS:localhost)".into()));
+    }
     if name == crate::grant::PASSWORD_CLIENT_ID {
         return Err(bad("that is the client_id of user tokens".into()));
     }
@@ -600,6 +606,7 @@ mod tests {
             ("order", "already exists"),
             ("alice", "credentials"),
             ("auth-server", "auth server's own identity"),
+            ("localhost", "DNS:localhost"),
             ("auth-service", "tokens.self_audience"),
             ("Pay ments", "lowercase"),
             ("../x", "lowercase"),
