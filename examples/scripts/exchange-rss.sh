@@ -15,8 +15,11 @@
 # latency, server CPU per call) and how many exchanges were answered.
 #
 # Environment: CARGO_TARGET_DIR (default: target), RSS_AT (seconds),
-# RSS_RPC, RSS_CONNECTIONS (4), RSS_CONCURRENCY (64), RSS_NO_BUILD=1 to skip
-# the release build.
+# RSS_RPC (any loadgen --rpc: exchange, exchange-for-user, refresh, ...),
+# RSS_CONNECTIONS (4), RSS_CONCURRENCY (64), RSS_NO_BUILD=1 to skip the
+# release build, RSS_STORE=redis://HOST:PORT to run on that Redis instead
+# of the in-memory store (then the Redis server's CPU time per answered
+# call is printed too, read from the pid Redis reports in INFO).
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -76,6 +79,9 @@ server=
 
 config=$work/dev/rss.toml
 cp "$work/dev/auth-server.toml" "$config"
+if [[ -n ${RSS_STORE:-} ]]; then
+    sed -i "s|^store = .*|store = \"$RSS_STORE\"|" "$config"
+fi
 cat >>"$config" <<'EOF'
 
 # One client identity drives the whole load: never throttle it.
@@ -106,7 +112,21 @@ taskset -c 1 "$loadgen_bin" --addr "https://127.0.0.1:$grpc_port" --dir "$work/d
     >"$work/loadgen.out" 2>&1 &
 load=$!
 
+redis_cpu() {
+    # utime + stime of the Redis server, in clock ticks (1/100 s).
+    awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+redis_pid=
+if [[ -n ${RSS_STORE:-} ]]; then
+    hostport=${RSS_STORE#redis://}
+    redis_pid=$(redis-cli -h "${hostport%:*}" -p "${hostport##*:}" INFO server | awk -F: '/^process_id/ { print $2 + 0 }')
+fi
+
 started=$(date +%s.%N)
+if [[ -n $redis_pid ]]; then
+    sleep 2
+    redis_before=$(redis_cpu "$redis_pid")
+fi
 # Checkpoints count from the end of loadgen's 2 s warm-up.
 for at in $checkpoints; do
     now=$(date +%s.%N)
@@ -114,8 +134,15 @@ for at in $checkpoints; do
     sleep "$wait_s"
     echo "after ${at} s of peak exchanges: RSS $(rss "$server" VmRSS) MiB (peak so far $(rss "$server" VmHWM) MiB)"
 done
+if [[ -n $redis_pid ]]; then
+    redis_after=$(redis_cpu "$redis_pid")
+fi
 wait "$load" || { cat "$work/loadgen.out"; exit 1; }
 echo "--- loadgen"
 cat "$work/loadgen.out"
 answered=$(awk '/^ok: / { print $2 }' "$work/loadgen.out")
-echo "--- ${answered:-?} exchanges answered in the measured ${measured} s; RSS now $(rss "$server" VmRSS) MiB, peak $(rss "$server" VmHWM) MiB"
+if [[ -n $redis_pid && -n ${answered:-} ]]; then
+    awk -v t=$((redis_after - redis_before)) -v n="$answered" -v m="$measured" -v l="$last" \
+        'BEGIN { printf "redis-server CPU: %.1f us per answered call (over %d s of the measured %d s)\n", t * 10000 / (n * l / m), l, m }'
+fi
+echo "--- ${answered:-?} calls answered in the measured ${measured} s; RSS now $(rss "$server" VmRSS) MiB, peak $(rss "$server" VmHWM) MiB"
