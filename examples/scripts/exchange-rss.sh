@@ -101,7 +101,7 @@ rss() { awk -v k="$2:" '$1 == k { printf "%.1f", $2 / 1024 }' "/proc/$1/status";
 last=0
 for at in $checkpoints; do last=$at; done
 idle=$(rss "$server" VmRSS)
-echo "auth-server (release, memory store) pid $server: idle RSS ${idle} MiB"
+echo "auth-server (release, ${RSS_STORE:-memory} store) pid $server: idle RSS ${idle} MiB"
 # Two seconds past the last checkpoint, so that every checkpoint falls
 # within the load.
 measured=$((last + 2))
@@ -132,7 +132,7 @@ for at in $checkpoints; do
     now=$(date +%s.%N)
     wait_s=$(awk -v s="$started" -v n="$now" -v a="$at" 'BEGIN { d = s + 2 + a - n; print (d > 0 ? d : 0) }')
     sleep "$wait_s"
-    echo "after ${at} s of peak exchanges: RSS $(rss "$server" VmRSS) MiB (peak so far $(rss "$server" VmHWM) MiB)"
+    echo "after ${at} s of peak $rpc load: RSS $(rss "$server" VmRSS) MiB (peak so far $(rss "$server" VmHWM) MiB)"
 done
 if [[ -n $redis_pid ]]; then
     redis_after=$(redis_cpu "$redis_pid")

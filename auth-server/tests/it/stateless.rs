@@ -25,6 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::flows::{bearer, claims_of, client, exchange_req, login_for, login_user};
+use crate::watch::replica;
 
 /// The store calls made since the last [`Calls::take`], by kind. The
 /// health probe's pings and the snapshot reads of the replica's own deny
@@ -263,16 +264,6 @@ async fn counted_redis(url: String) -> (Arc<dyn Store>, Arc<Calls>) {
         Intercept::Pass
     });
     (Arc::new(store), calls)
-}
-
-/// A replica on the Redis at `url`, sharing `dir`'s PKI, keys and accounts
-/// when given.
-async fn replica(store_url: String, dir: Option<&std::path::Path>) -> TestServer {
-    let mut b = TestServer::builder().store_url(store_url).configure(|c| c.redis.command_timeout_ms = 500);
-    if let Some(dir) = dir {
-        b = b.dev_dir(dir);
-    }
-    b.start().await
 }
 
 /// Exchanges `subject` at `srv` until `done` holds for the outcome.

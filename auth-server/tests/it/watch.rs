@@ -18,7 +18,7 @@ use crate::within;
 
 /// A replica on the Redis at `url`, sharing `dir`'s PKI, keys and accounts
 /// when given; heartbeats every second, short Redis timeouts.
-async fn replica(url: String, dir: Option<&std::path::Path>) -> TestServer {
+pub(crate) async fn replica(url: String, dir: Option<&std::path::Path>) -> TestServer {
     let mut b = TestServer::builder().store_url(url).configure(|c| {
         c.redis.command_timeout_ms = 500;
         c.watch.heartbeat_secs = 1;
