@@ -12,7 +12,7 @@
 //! - `sign`: a freshly signed token per call, with the claims of the auth
 //!   server's answer to a service acting as itself (`sub: svc:<client_id>`,
 //!   the requested audience, a random `jti`, the dev account's role and
-//!   scopes), signed by the dev signing key: transport plus signature.
+//!   scopes), signed by a key of the floor's own: transport plus signature.
 //!
 //! No tonic-based exchange can beat these two; the auth server's rate is
 //! read as a ratio to them, measured in the same run
@@ -100,10 +100,13 @@ impl Floor {
         Ok(Self { mode, key, rng, jwks_json, fixed })
     }
 
-    /// A floor with the signing key of an `auth-server dev` directory
-    /// (`keys/signing.pem`, ES256).
-    pub fn from_dev_dir(mode: FloorMode, dir: &Path) -> Result<Self, FloorError> {
-        Self::new(mode, LoadedKey::from_pem_file(KeyAlg::ES256, &dir.join("keys").join("signing.pem"))?)
+    /// A floor signing with a fresh ES256 key of its own (the same cost per
+    /// signature as the dev key). Never the dev signing key: the floor signs
+    /// whatever it is asked, so its tokens must verify nowhere but against
+    /// its own `GetJwks`.
+    pub fn with_own_key(mode: FloorMode) -> Result<Self, FloorError> {
+        let pem = auth_server::keys::generate_pkcs8_pem(KeyAlg::ES256)?;
+        Self::new(mode, LoadedKey::from_pem(KeyAlg::ES256, pem.as_bytes())?)
     }
 
     /// The answer to one ExchangeToken.

@@ -45,7 +45,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
-    let floor = Floor::from_dev_dir(cli.mode, &cli.dir).map_err(|e| e.to_string())?;
+    let floor = Floor::with_own_key(cli.mode).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&cli.addr).await.map_err(|e| format!("bind {}: {e}", cli.addr))?;
     eprintln!("floor ({:?}) listening on {} (mTLS)", cli.mode, cli.addr);
     serve(listener, &cli.dir, floor, examples::telemetry::stop_signal()).await.map_err(|e| e.to_string())

@@ -1,16 +1,18 @@
 //! The transport floor: over the dev PKI's mTLS it answers ExchangeToken
-//! with a token of the auth server's shape, signed by the dev key, and
-//! publishes that key's JWK Set.
+//! with a token of the auth server's shape, signed by a key of its own
+//! (never the dev key: tokens it signs verify nowhere else), and publishes
+//! that key's JWK Set.
 
 use auth_proto::auth::v1::auth_client::AuthClient;
 use auth_proto::auth::v1::{ExchangeTokenRequest, GetJwksRequest, LoginRequest};
+use auth_server::keys::PublicKeys;
 use examples::floor::{Floor, FloorMode, serve};
 use examples::loadgen::dev_channel;
 use service_sdk::{Audience, KeySet, Validator};
 
 /// Starts a floor in `mode` on the dev directory `dir`; returns its address.
 async fn start(dir: &std::path::Path, mode: FloorMode) -> String {
-    let floor = Floor::from_dev_dir(mode, dir).unwrap();
+    let floor = Floor::with_own_key(mode).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("https://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let dir = dir.to_owned();
@@ -48,13 +50,17 @@ async fn the_sign_floor_signs_a_fresh_token_of_the_exchange_shape_per_call_and_t
     assert_eq!(claims.aud, Audience::One("inventory".into()));
     assert_eq!(claims.role.as_deref(), Some("service"));
     assert_eq!(claims.exp - claims.iat, 300);
-    // The dev key signs: the floor publishes the auth server's key.
+    // Its own key signs, not the auth server's: what it mints for anyone
+    // who asks is worthless against the dev JWKS.
     let dev_key = auth_server::keys::LoadedKey::from_pem_file(
         auth_server::keys::KeyAlg::ES256,
         &dir.join("keys").join("signing.pem"),
     )
     .unwrap();
-    assert!(jwks.contains(dev_key.kid()));
+    assert!(!jwks.contains(dev_key.kid()));
+    let dev_keys =
+        KeySet::from_jwks_json(&PublicKeys::from_jwks(vec![dev_key.jwk().clone()]).unwrap().jwks_json).unwrap();
+    assert!(validator.validate(&first.access_token, &dev_keys, now).is_err());
     // Nothing but ExchangeToken and GetJwks.
     let login = client.login(LoginRequest::default()).await.unwrap_err();
     assert_eq!(login.code(), tonic::Code::Unimplemented);
@@ -64,7 +70,10 @@ async fn the_sign_floor_signs_a_fresh_token_of_the_exchange_shape_per_call_and_t
     let a = client.exchange_token(exchange("inventory")).await.unwrap().into_inner();
     let b = client.exchange_token(exchange("inventory")).await.unwrap().into_inner();
     assert_eq!(a.access_token, b.access_token, "one token for every call");
-    let claims = validator.validate(&a.access_token, &keys, now).unwrap();
+    // Each floor has a key of its own, published by its own GetJwks.
+    let fixed_jwks = client.get_jwks(GetJwksRequest {}).await.unwrap().into_inner().jwks_json;
+    assert!(validator.validate(&a.access_token, &keys, now).is_err());
+    let claims = validator.validate(&a.access_token, &KeySet::from_jwks_json(&fixed_jwks).unwrap(), now).unwrap();
     assert_eq!(claims.sub, "svc:order");
 }
 
