@@ -3,9 +3,9 @@
 //! ExchangeTokens does the same for up to [`MAX_BATCH_AUDIENCES`] audiences
 //! at once.
 //!
-//! Both run the same steps: [`Exchanger::open`] authenticates the caller,
+//! Both run the same steps: `Exchanger::open` authenticates the caller,
 //! verifies the subject token and decides what every token of the call
-//! shares ([`policy::acting`]); [`Exchanger::issue`] then decides one
+//! shares ([`policy::acting`]); `Exchanger::issue` then decides one
 //! audience ([`policy::Acting::for_audience`]) and mints. The decisions are
 //! pure functions; this module only authenticates, verifies and mints.
 
