@@ -60,7 +60,12 @@ pub fn confirmation(bind: bool, peer: Option<&PeerIdentity>) -> Option<String> {
     if !bind {
         return None;
     }
-    peer.map(|p| URL_SAFE_NO_PAD.encode(p.cert_sha256))
+    peer.map(|p| thumbprint(&p.cert_sha256))
+}
+
+/// The `x5t#S256` of a certificate whose DER hashes to `cert_sha256`.
+pub fn thumbprint(cert_sha256: &[u8; 32]) -> String {
+    URL_SAFE_NO_PAD.encode(cert_sha256)
 }
 
 /// A minted access token.

@@ -34,6 +34,7 @@ use crate::core::{AuthCore, Policy};
 use crate::error::AuthError;
 use crate::grant::refresh_digest;
 use crate::store::{Revocation, RevocationKind};
+use crate::tls::PeerIdentity;
 
 /// What to revoke.
 #[derive(Debug)]
@@ -101,8 +102,15 @@ impl Revoked {
 }
 
 /// Revokes `target`. `caller_token` is the `authorization: Bearer` token of
-/// the request, needed for `Jti` and `Sid`. Returns what was revoked.
-pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<&str>) -> Result<Revoked, AuthError> {
+/// the request, needed for `Jti` and `Sid`; a certificate-bound one
+/// (`cnf`) counts only from `peer`, the certificate it is bound to.
+/// Returns what was revoked.
+pub async fn revoke(
+    core: &AuthCore,
+    target: RevokeTarget,
+    caller_token: Option<&str>,
+    peer: Option<&PeerIdentity>,
+) -> Result<Revoked, AuthError> {
     let now = core.clock.now_unix();
     let current = core.policy();
     let t = &current.tokens;
@@ -127,7 +135,7 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
             (if end_session { policy::session_of(record, now, t) } else { policy::family(record, now, t) }, by)
         }
         RevokeTarget::Jti(jti) => {
-            let caller = caller(core, &current, caller_token).await?;
+            let caller = caller(core, &current, caller_token, peer).await?;
             // The registry is asked only when there is one, and only about
             // another token than the caller's own.
             let issued = if jti == caller.jti || !t.record_issued.is_on() {
@@ -143,7 +151,7 @@ pub async fn revoke(core: &AuthCore, target: RevokeTarget, caller_token: Option<
             (policy::jti(&caller, jti, registered, now, t)?, bearer(&caller, t))
         }
         RevokeTarget::Sid(sid) => {
-            let caller = caller(core, &current, caller_token).await?;
+            let caller = caller(core, &current, caller_token, peer).await?;
             (policy::sid(&caller, sid, now, t)?, bearer(&caller, t))
         }
     };
@@ -158,11 +166,25 @@ fn bearer(caller: &service_sdk::Claims, t: &crate::config::TokensConfig) -> Auth
     Authority::Bearer { sub: caller.sub.clone(), admin: policy::is_admin(caller, t) }
 }
 
-async fn caller(core: &AuthCore, current: &Policy, token: Option<&str>) -> Result<service_sdk::Claims, AuthError> {
+async fn caller(
+    core: &AuthCore,
+    current: &Policy,
+    token: Option<&str>,
+    peer: Option<&PeerIdentity>,
+) -> Result<service_sdk::Claims, AuthError> {
     let token = token.ok_or(AuthError::Unauthenticated("revoking by jti or sid needs the caller's bearer token"))?;
     // Any audience verifies here; what the token may revoke depends on its
     // audience, and the policy decides that.
-    core.verify_presented(current, token, None).await
+    let claims = core.verify_presented(current, token, None).await?;
+    // RFC 8705: a bound token speaks only over its own certificate, here as
+    // at every verifier.
+    if let Some(cnf) = &claims.cnf {
+        let presented = peer.map(|p| crate::grant::thumbprint(&p.cert_sha256));
+        if presented.as_deref() != Some(cnf.x5t_s256.as_str()) {
+            return Err(AuthError::Unauthenticated("token bound to another certificate"));
+        }
+    }
+    Ok(claims)
 }
 
 /// Who may revoke what, and until when the entry must live: free of I/O.

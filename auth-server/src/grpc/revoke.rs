@@ -70,7 +70,7 @@ pub(super) async fn handle(
             if let Some(token) = &bearer {
                 check_field(token, "authorization too long")?;
             }
-            let revoked = revoke(core, target, bearer.as_deref()).await?;
+            let revoked = revoke(core, target, bearer.as_deref(), peer).await?;
             if let Revoked::Recorded { revocation, by } = &revoked {
                 core.events.emit(&Event::Revoked { revocation, by, caller: caller("", peer) });
             }

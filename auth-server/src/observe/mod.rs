@@ -213,7 +213,8 @@ impl DenyReason {
                 | "token not yet valid"
                 | "token from another issuer"
                 | "token not addressed to the caller"
-                | "token too large" => DenyReason::InvalidToken,
+                | "token too large"
+                | "token bound to another certificate" => DenyReason::InvalidToken,
                 "invalid refresh token" | "user no longer exists" => DenyReason::InvalidRefreshToken,
                 "refresh token reused; its family is revoked" => DenyReason::RefreshReused,
                 _ => DenyReason::Unauthenticated,

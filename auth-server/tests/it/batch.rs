@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use auth_proto::auth::v1::{
-    AudienceRequest, ClientCredentialsGrant, ExchangeTokenRequest, ExchangeTokensRequest, LoginRequest,
-    audience_result, login_request,
+    AudienceRequest, ClientCredentialsGrant, ExchangeTokenRequest, ExchangeTokensRequest, LoginRequest, RevokeRequest,
+    audience_result, login_request, revoke_request,
 };
 use aws_lc_rs::digest;
 use base64::Engine as _;
@@ -186,4 +186,25 @@ async fn an_account_can_turn_certificate_binding_off() {
         claims_of(&mut i, &theirs.access_token, "order").await.cnf.unwrap().x5t_s256,
         thumbprint(&srv, "inventory")
     );
+}
+
+/// Revoke's bearer token is a presented token like any other: bound to a
+/// certificate, it counts only over that certificate.
+#[tokio::test]
+async fn a_bound_bearer_token_revokes_only_over_its_own_certificate() {
+    let srv = TestServer::start().await;
+    let mut order = client(&srv, "order").await;
+    let token = order.exchange_token(exchange_req(&srv, "order", "", "inventory")).await.unwrap().into_inner();
+    let jti = claims_of(&mut order, &token.access_token, "inventory").await.jti;
+    let revoke = |jti: &str| {
+        let mut req = tonic::Request::new(RevokeRequest { target: Some(revoke_request::Target::Jti(jti.to_owned())) });
+        req.metadata_mut().insert("authorization", format!("Bearer {}", token.access_token).parse().unwrap());
+        req
+    };
+    // Replayed by inventory, which holds it but not order's key.
+    let mut inventory = client(&srv, "inventory").await;
+    let err = inventory.revoke(revoke(&jti)).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "token bound to another certificate"), "{err:?}");
+    // Over order's own certificate it revokes itself.
+    assert_eq!(order.revoke(revoke(&jti)).await.unwrap().into_inner().revoked, "jti");
 }
