@@ -219,6 +219,12 @@ impl AuthCore {
     /// same store step as its other effects (refresh). A token whose
     /// recording failed is never handed out.
     pub async fn sign(&self, policy: &Policy, grant: Grant, now: u64) -> Result<Minted, AuthError> {
+        self.sign_as(policy, grant, now, random_token(16)?).await
+    }
+
+    /// [`AuthCore::sign`] with a `jti` chosen beforehand (Refresh commits
+    /// the rotation, which records the `jti`, before it signs).
+    pub async fn sign_as(&self, policy: &Policy, grant: Grant, now: u64, jti: String) -> Result<Minted, AuthError> {
         let claims = Claims {
             iss: self.issuer.clone(),
             sub: grant.sub,
@@ -226,7 +232,7 @@ impl AuthCore {
             exp: now + grant.ttl,
             nbf: now,
             iat: now,
-            jti: random_token(16)?,
+            jti,
             sid: grant.sid,
             client_id: grant.client_id,
             role: grant.role,

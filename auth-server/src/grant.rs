@@ -112,6 +112,13 @@ pub fn refresh_digest(token: &str) -> String {
     }
 }
 
+/// The family a refresh token `<family>.<secret>` names, as
+/// [`refresh_digest`] reads it; `None` for a token issued before tokens
+/// named their family (or anything malformed).
+pub fn refresh_token_family(token: &str) -> Option<&str> {
+    token.split_once('.').map(|(family, _)| family).filter(|f| is_family_id(f))
+}
+
 /// Whether `id` may be a refresh family id: 1 to 64 base64url characters.
 fn is_family_id(id: &str) -> bool {
     (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

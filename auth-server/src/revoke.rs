@@ -33,7 +33,7 @@
 use crate::core::{AuthCore, Policy};
 use crate::error::AuthError;
 use crate::grant::refresh_digest;
-use crate::store::{Revocation, RevocationKind};
+use crate::store::{RefreshRevoke, Revocation, RevocationKind};
 use crate::tls::PeerIdentity;
 
 /// What to revoke.
@@ -128,11 +128,18 @@ pub async fn revoke(
             }
         }
         RevokeTarget::RefreshToken { token, end_session } => {
-            let Some(record) = core.store.refresh_record(&refresh_digest(&token), now).await? else {
+            // Read and revoked in one store step: the store applies the
+            // policy's deny-until to the record it reads.
+            let digest = refresh_digest(&token);
+            let (kind, until) = policy::by_refresh_token(end_session, now, t);
+            let request = RefreshRevoke { digest: &digest, kind, until };
+            let Some((record, revocation)) = core.store.revoke_refresh(&request, now).await? else {
                 return Err(AuthError::Unauthenticated("invalid refresh token"));
             };
-            let by = Authority::Possession { sub: record.sub.clone() };
-            (if end_session { policy::session_of(record, now, t) } else { policy::family(record, now, t) }, by)
+            let by = Authority::Possession { sub: record.sub };
+            // Durable and published by the store already.
+            core.revocations.insert(&revocation);
+            return Ok(Revoked::Recorded { revocation, by });
         }
         RevokeTarget::Jti(jti) => {
             let caller = caller(core, &current, caller_token, peer).await?;
@@ -234,7 +241,7 @@ pub mod policy {
     /// A presented refresh token's family, until its last possible member
     /// expires (later members can live until now + refresh TTL).
     pub fn family(record: RefreshRecord, now: u64, t: &TokensConfig) -> Revocation {
-        let until = record.expires_at.max(now + t.refresh_ttl_secs);
+        let until = record.expires_at.max(family_floor(now, t));
         Revocation { kind: RevocationKind::Family, id: record.family, expires_at: until }
     }
 
@@ -242,6 +249,26 @@ pub mod policy {
     /// possession), for as long as [`sid`] would keep it.
     pub fn session_of(record: RefreshRecord, now: u64, t: &TokensConfig) -> Revocation {
         session(record.sid, now, t)
+    }
+
+    /// What a Revoke by refresh token asks the store for, before the
+    /// token's record is read: the kind, and the deny-until that
+    /// [`RefreshRevoke::deny_until`](crate::store::RefreshRevoke::deny_until)
+    /// completes with the record (a family lives at least as long as the
+    /// presented token). The result is [`family`] or [`session_of`] of the
+    /// record, to the second.
+    pub fn by_refresh_token(end_session: bool, now: u64, t: &TokensConfig) -> (RevocationKind, u64) {
+        if end_session {
+            (RevocationKind::Sid, session_until(now, t))
+        } else {
+            (RevocationKind::Family, family_floor(now, t))
+        }
+    }
+
+    /// The least a family revocation lasts: a successor issued now lives
+    /// until now + refresh TTL.
+    fn family_floor(now: u64, t: &TokensConfig) -> u64 {
+        now + t.refresh_ttl_secs
     }
 
     /// What the registry of issued tokens says of a `jti` to revoke.
@@ -314,8 +341,13 @@ pub mod policy {
     }
 
     fn session(sid: String, now: u64, t: &TokensConfig) -> Revocation {
-        let until = deny_until(now + t.refresh_ttl_secs.max(t.access_ttl_secs), t);
-        Revocation { kind: RevocationKind::Sid, id: sid, expires_at: until }
+        Revocation { kind: RevocationKind::Sid, id: sid, expires_at: session_until(now, t) }
+    }
+
+    /// Until when a session's entry lives: every token and refresh token of
+    /// it has expired by then.
+    fn session_until(now: u64, t: &TokensConfig) -> u64 {
+        deny_until(now + t.refresh_ttl_secs.max(t.access_ttl_secs), t)
     }
 
     #[cfg(test)]
@@ -383,6 +415,35 @@ pub mod policy {
             );
             let r = session_of(record, 1_000, &t);
             assert_eq!((r.kind, r.id.as_str()), (RevocationKind::Sid, "s"));
+        }
+
+        #[test]
+        fn the_store_completes_a_refresh_token_revocation_exactly_as_the_policy_computes_it() {
+            use crate::store::RefreshRevoke;
+            let mut t = tokens();
+            for (refresh_ttl, access_ttl, leeway) in [(86_400, 900, 30), (600, 900, 0), (60, 30, 300)] {
+                (t.refresh_ttl_secs, t.access_ttl_secs, t.verifier_leeway_secs) = (refresh_ttl, access_ttl, leeway);
+                // Records expiring before, at and after the family's floor
+                // (a refresh TTL shortened by a reload).
+                for expires_at in [1_001, 1_000 + refresh_ttl, 1_000 + refresh_ttl + 1, 1_000_000] {
+                    let record = RefreshRecord {
+                        family: "f1".into(),
+                        sid: "s1".into(),
+                        sub: "alice".into(),
+                        client_id: "login".into(),
+                        audience: vec![],
+                        scope: vec![],
+                        expires_at,
+                    };
+                    for (end_session, want) in
+                        [(false, family(record.clone(), 1_000, &t)), (true, session_of(record.clone(), 1_000, &t))]
+                    {
+                        let (kind, until) = by_refresh_token(end_session, 1_000, &t);
+                        let asked = RefreshRevoke { digest: "d", kind, until };
+                        assert_eq!(asked.revocation(&record), want, "end_session {end_session}, expiry {expires_at}");
+                    }
+                }
+            }
         }
 
         #[test]

@@ -24,7 +24,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use auth_server::store::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
+    Store, StoreError,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -45,6 +46,10 @@ pub enum StoreCall {
     RefreshRecord,
     /// [`Store::commit_refresh`].
     CommitRefresh,
+    /// [`Store::undo_refresh`].
+    UndoRefresh,
+    /// [`Store::revoke_refresh`].
+    RevokeRefresh,
     /// [`Store::revoked_snapshot`].
     RevokedSnapshot,
     /// [`Store::ping`].
@@ -136,6 +141,16 @@ impl<H: StoreHook> Store for HookedStore<H> {
     }
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
         self.run(StoreCall::CommitRefresh, self.inner.commit_refresh(commit, now)).await
+    }
+    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
+        self.run(StoreCall::UndoRefresh, self.inner.undo_refresh(commit, now)).await
+    }
+    async fn revoke_refresh(
+        &self,
+        revoke: &RefreshRevoke<'_>,
+        now: u64,
+    ) -> Result<Option<(RefreshRecord, Revocation)>, StoreError> {
+        self.run(StoreCall::RevokeRefresh, self.inner.revoke_refresh(revoke, now)).await
     }
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
         self.run(StoreCall::RevokedSnapshot, self.inner.revoked_snapshot(now)).await

@@ -11,11 +11,12 @@ use tokio::sync::{broadcast, watch};
 
 use super::metrics::{STORE_DURATION, STORE_ERRORS};
 use crate::store::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
+    Store, StoreError,
 };
 
 /// The timed operations, in table order (the `op` label).
-const OPS: [&str; 10] = [
+const OPS: [&str; 12] = [
     "record_issued",
     "issued",
     "is_revoked",
@@ -26,6 +27,8 @@ const OPS: [&str; 10] = [
     "revoked_snapshot",
     "ping",
     "deny_list_size",
+    "undo_refresh",
+    "revoke_refresh",
 ];
 
 #[derive(Clone, Copy)]
@@ -40,6 +43,8 @@ enum Op {
     RevokedSnapshot,
     Ping,
     DenyListSize,
+    UndoRefresh,
+    RevokeRefresh,
 }
 
 struct OpMetrics {
@@ -116,6 +121,18 @@ impl Store for MeteredStore {
         timed!(self, Op::CommitRefresh, self.inner.commit_refresh(commit, now))
     }
 
+    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
+        timed!(self, Op::UndoRefresh, self.inner.undo_refresh(commit, now))
+    }
+
+    async fn revoke_refresh(
+        &self,
+        revoke: &RefreshRevoke<'_>,
+        now: u64,
+    ) -> Result<Option<(RefreshRecord, Revocation)>, StoreError> {
+        timed!(self, Op::RevokeRefresh, self.inner.revoke_refresh(revoke, now))
+    }
+
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {
         timed!(self, Op::RevokedSnapshot, self.inner.revoked_snapshot(now))
     }
@@ -160,6 +177,8 @@ mod tests {
             Op::RevokedSnapshot,
             Op::Ping,
             Op::DenyListSize,
+            Op::UndoRefresh,
+            Op::RevokeRefresh,
         ];
         assert_eq!(ops.len(), OPS.len());
         for (i, op) in ops.iter().enumerate() {

@@ -24,8 +24,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::{
-    ConsumeOutcome, DenyListSize, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, Store,
-    StoreError,
+    ConsumeOutcome, DenyListSize, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation, RevocationKind,
+    Store, StoreError,
 };
 
 /// The time (Unix seconds) the suite passes as `now`, and moves forward from.
@@ -92,13 +92,17 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
     subscribers_hear_every_revocation(&mut events).await.map_err(named("subscribers_hear_every_revocation"))?;
     // Last: its reuses add revocations the two checks above do not expect.
     refresh_retry_within_the_grace_window(store).await.map_err(named("refresh_retry_within_the_grace_window"))?;
+    undo_puts_a_rotated_token_back(store).await.map_err(named("undo_puts_a_rotated_token_back"))?;
+    undo_leaves_a_rotation_that_moved_on(store).await.map_err(named("undo_leaves_a_rotation_that_moved_on"))?;
+    revoke_by_refresh_token(store, &mut events).await.map_err(named("revoke_by_refresh_token"))?;
     deny_list_size_counts_each_kind(store).await.map_err(named("deny_list_size_counts_each_kind"))?;
     Ok(())
 }
 
 /// Refresh commits as the refresh flow makes them: the successor `next`
-/// and a new access token `jti-<next>` (of session `sid-r`), with a reuse
-/// grace window of `grace` seconds. Public so that tests of a particular
+/// and a new access token `jti-<next>` (recorded with the spent token's
+/// `sub` and `sid`, expiring 900 s after `now`), with a reuse grace window
+/// of `grace` seconds. Public so that tests of a particular
 /// store (races, outages) commit the same way as the suite.
 #[allow(async_fn_in_trait)] // test helper: callers need no `Send` bound
 pub trait Rotate {
@@ -141,16 +145,26 @@ impl<S: Store + ?Sized> Rotate for S {
         grace: u64,
     ) -> Result<ConsumeOutcome, StoreError> {
         let jti = format!("jti-{next}");
-        let issued = IssuedToken { sub: "alice".into(), sid: Some("sid-r".into()), exp: now + 900 };
-        let commit = RefreshCommit {
-            digest,
-            next_digest: next,
-            next_expires_at,
-            jti: &jti,
-            issued: Some(&issued),
-            reuse_grace_secs: grace,
-        };
-        self.commit_refresh(&commit, now).await
+        self.commit_refresh(&rotation(digest, next, &jti, next_expires_at, now, grace), now).await
+    }
+}
+
+/// The commit [`Rotate`] makes, access token `jti` recorded.
+fn rotation<'a>(
+    digest: &'a str,
+    next: &'a str,
+    jti: &'a str,
+    next_expires_at: u64,
+    now: u64,
+    grace: u64,
+) -> RefreshCommit<'a> {
+    RefreshCommit {
+        digest,
+        next_digest: next,
+        next_expires_at,
+        jti,
+        issued_exp: Some(now + 900),
+        reuse_grace_secs: grace,
     }
 }
 
@@ -257,7 +271,7 @@ async fn refresh_rotation_and_reuse(store: &dyn Store) -> Check {
     );
     ensure_eq!(
         call!(store.rotate("fam-a.a1", "fam-a.x", now + 7400, now + 20)),
-        ConsumeOutcome::Reused,
+        ConsumeOutcome::Reused(refresh_record("fam-a", "sid-a", now + 3600)),
         "presenting a spent token again"
     );
     ensure_eq!(
@@ -277,7 +291,8 @@ async fn refresh_rotation_and_reuse(store: &dyn Store) -> Check {
     );
     // A rotation records the new access token in the same step; a refused
     // commit writes nothing.
-    let recorded = IssuedToken { sub: "alice".into(), sid: Some("sid-r".into()), exp: now + 900 };
+    // With the spent record's user and session.
+    let recorded = IssuedToken { sub: "alice".into(), sid: Some("sid-a".into()), exp: now + 900 };
     ensure_eq!(call!(store.issued("jti-fam-a.a2", now)), Some(recorded), "the rotation's access token");
     ensure_eq!(call!(store.issued("jti-fam-a.x", now)), None, "a reuse's access token");
     ensure_eq!(call!(store.issued("jti-fam-a.a4", now)), None, "an invalid commit's access token");
@@ -306,7 +321,7 @@ async fn rotation_without_a_registry_record(store: &dyn Store) -> Check {
         next_digest: "fam-n.n2",
         next_expires_at: now + 7200,
         jti: "jti-fam-n.n2",
-        issued: None,
+        issued_exp: None,
         reuse_grace_secs: 0,
     };
     ensure_eq!(
@@ -463,7 +478,7 @@ async fn refresh_retry_within_the_grace_window(store: &dyn Store) -> Check {
     );
     ensure_eq!(
         call!(store.rotate_with_grace("fam-g.g1", "fam-g.g5", now + 7208, now + 8, 10)),
-        ConsumeOutcome::Reused,
+        ConsumeOutcome::Reused(refresh_record("fam-g", "sid-g", now + 3600)),
         "a retry after its successor was used"
     );
     ensure_eq!(
@@ -482,7 +497,7 @@ async fn refresh_retry_within_the_grace_window(store: &dyn Store) -> Check {
     );
     ensure_eq!(
         call!(store.rotate_with_grace("fam-h.h1", "fam-h.h3", now + 7211, now + 11, 10)),
-        ConsumeOutcome::Reused,
+        ConsumeOutcome::Reused(refresh_record("fam-h", "sid-h", now + 3600)),
         "presenting it again after the window"
     );
     ensure_eq!(
@@ -498,8 +513,165 @@ async fn refresh_retry_within_the_grace_window(store: &dyn Store) -> Check {
     );
     ensure_eq!(
         call!(store.rotate("fam-i.i1", "fam-i.i3", now + 7200, now)),
-        ConsumeOutcome::Reused,
+        ConsumeOutcome::Reused(refresh_record("fam-i", "sid-i", now + 3600)),
         "without a window"
     );
+    Ok(())
+}
+
+/// Undoing a rotation (the flow could not sign): the presented token is
+/// live again, its successor and the new access token's record are gone, and
+/// the next presentation is a plain rotation, not a reuse. With or without
+/// a grace window, and for a retry's rotation too.
+async fn undo_puts_a_rotated_token_back(store: &dyn Store) -> Check {
+    let now = NOW;
+    for (family, grace) in [("fam-u", 0), ("fam-v", 10)] {
+        let (t1, t2, t3) = (format!("{family}.1"), format!("{family}.2"), format!("{family}.3"));
+        let (j2, j3) = (format!("jti-{t2}"), format!("jti-{t3}"));
+        let sid = format!("sid-{family}");
+        call!(store.put_refresh(&t1, &refresh_record(family, &sid, now + 3600), now));
+        let commit = rotation(&t1, &t2, &j2, now + 7200, now, grace);
+        ensure_eq!(
+            call!(store.commit_refresh(&commit, now)),
+            ConsumeOutcome::Rotated(refresh_record(family, &sid, now + 3600)),
+            "spending a live token (grace {grace})"
+        );
+        ensure!(call!(store.issued(&j2, now)).is_some(), "the rotation's access token is not recorded");
+        ensure!(call!(store.undo_refresh(&commit, now)), "the undo did not restore the token (grace {grace})");
+        ensure_eq!(call!(store.issued(&j2, now)), None, "the undone rotation's access token record");
+        ensure_eq!(
+            call!(store.rotate_with_grace(&t2, &format!("{family}.x"), now + 7200, now + 1, grace)),
+            ConsumeOutcome::Invalid,
+            "the undone rotation's successor (grace {grace})"
+        );
+        ensure_eq!(
+            call!(store.commit_refresh(&rotation(&t1, &t3, &j3, now + 7200, now + 2, grace), now + 2)),
+            ConsumeOutcome::Rotated(refresh_record(family, &sid, now + 3600)),
+            "presenting the token again after the undo (grace {grace})"
+        );
+        ensure!(call!(store.issued(&j3, now + 2)).is_some(), "the new rotation's access token is not recorded");
+        ensure!(
+            matches!(
+                call!(store.rotate_with_grace(&t3, &format!("{family}.4"), now + 7200, now + 3, grace)),
+                ConsumeOutcome::Rotated(_)
+            ),
+            "the new successor does not rotate (grace {grace})"
+        );
+    }
+    // A retry within the window, undone: the token is live again.
+    call!(store.put_refresh("fam-w.1", &refresh_record("fam-w", "sid-w", now + 3600), now));
+    call!(store.rotate_with_grace("fam-w.1", "fam-w.2", now + 7200, now, 10));
+    let retry = rotation("fam-w.1", "fam-w.3", "jti-fam-w.3", now + 7200, now + 1, 10);
+    ensure_eq!(
+        call!(store.commit_refresh(&retry, now + 1)),
+        ConsumeOutcome::Retried(refresh_record("fam-w", "sid-w", now + 3600)),
+        "a retry within the window"
+    );
+    ensure!(call!(store.undo_refresh(&retry, now + 1)), "the retry's undo did not restore the token");
+    ensure!(
+        matches!(call!(store.rotate("fam-w.1", "fam-w.4", now + 7200, now + 2)), ConsumeOutcome::Rotated(_)),
+        "the token after the retry's undo"
+    );
+    Ok(())
+}
+
+/// An undo changes nothing once another commit moved on: its successor
+/// was replaced by a retry, or used; and an undo of a commit that never
+/// happened restores nothing.
+async fn undo_leaves_a_rotation_that_moved_on(store: &dyn Store) -> Check {
+    let now = NOW;
+    call!(store.put_refresh("fam-m.1", &refresh_record("fam-m", "sid-m", now + 3600), now));
+    let first = rotation("fam-m.1", "fam-m.2", "jti-fam-m.2", now + 7200, now, 10);
+    call!(store.commit_refresh(&first, now));
+    let retry = rotation("fam-m.1", "fam-m.3", "jti-fam-m.3", now + 7200, now + 1, 10);
+    ensure!(matches!(call!(store.commit_refresh(&retry, now + 1)), ConsumeOutcome::Retried(_)), "a retry");
+    ensure!(!call!(store.undo_refresh(&first, now + 2)), "undid a rotation a retry replaced");
+    ensure!(
+        matches!(call!(store.rotate("fam-m.3", "fam-m.4", now + 7200, now + 3)), ConsumeOutcome::Rotated(_)),
+        "the retry's successor after an undo of the replaced rotation"
+    );
+    ensure!(!call!(store.undo_refresh(&retry, now + 4)), "undid a rotation whose successor was used");
+    ensure!(
+        matches!(call!(store.rotate("fam-m.4", "fam-m.5", now + 7200, now + 5)), ConsumeOutcome::Rotated(_)),
+        "the family after an undo of a used rotation"
+    );
+    let never = rotation("fam-m.9", "fam-m.10", "jti-fam-m.10", now + 7200, now, 0);
+    ensure!(!call!(store.undo_refresh(&never, now)), "undid a commit that never happened");
+    call!(store.put_refresh("fam-m.20", &refresh_record("fam-m", "sid-m", now + 3600), now));
+    let live = rotation("fam-m.20", "fam-m.21", "jti-fam-m.21", now + 7200, now, 0);
+    ensure!(!call!(store.undo_refresh(&live, now)), "undid a rotation of a token never spent");
+    Ok(())
+}
+
+/// Revoking by refresh token in one step: the token's family (at least as
+/// long as the token itself lives) or its session, spent or not, returned
+/// with the token's record, made durable and published; an unknown or
+/// expired token revokes nothing.
+async fn revoke_by_refresh_token(store: &dyn Store, events: &mut broadcast::Receiver<Revocation>) -> Check {
+    use RevocationKind::{Family, Sid};
+    let now = NOW;
+    call!(store.put_refresh("fam-r.1", &refresh_record("fam-r", "sid-rv", now + 3600), now));
+    call!(store.put_refresh("fam-r2.1", &refresh_record("fam-r2", "sid-rv", now + 3600), now));
+    // A floor below the token's own expiry: the token's wins.
+    let family = RefreshRevoke { digest: "fam-r.1", kind: Family, until: now + 60 };
+    ensure_eq!(
+        call!(store.revoke_refresh(&family, now)),
+        Some((refresh_record("fam-r", "sid-rv", now + 3600), revocation(Family, "fam-r", now + 3600))),
+        "revoking a family by its token"
+    );
+    ensure_eq!(
+        call!(store.rotate("fam-r.1", "fam-r.2", now + 7200, now + 1)),
+        ConsumeOutcome::Invalid,
+        "a token of the family revoked by refresh token"
+    );
+    ensure!(!call!(store.is_revoked("any-jti", Some("sid-rv"), now)), "revoking a family revoked its session");
+    // A spent token still revokes; the floor above the expiry wins.
+    call!(store.rotate("fam-r2.1", "fam-r2.2", now + 7200, now));
+    let session = RefreshRevoke { digest: "fam-r2.1", kind: Sid, until: now + 9000 };
+    ensure_eq!(
+        call!(store.revoke_refresh(&session, now + 1)),
+        Some((refresh_record("fam-r2", "sid-rv", now + 3600), revocation(Sid, "sid-rv", now + 9000))),
+        "ending a session by a spent token of it"
+    );
+    ensure!(call!(store.is_revoked("any-jti", Some("sid-rv"), now + 8999)), "the session is not revoked");
+    ensure_eq!(
+        call!(store.rotate("fam-r2.2", "fam-r2.3", now + 7200, now + 2)),
+        ConsumeOutcome::Invalid,
+        "a refresh token of the session ended by refresh token"
+    );
+    let family_until = RefreshRevoke { digest: "fam-r2.2", kind: Family, until: now + 9500 };
+    ensure_eq!(
+        call!(store.revoke_refresh(&family_until, now + 2)).map(|(_, r)| r),
+        Some(revocation(Family, "fam-r2", now + 9500)),
+        "a family until a floor past the token's expiry"
+    );
+    for (digest, at, what) in
+        [("fam-r.unknown", now, "an unknown token"), ("fam-r.1", now + 3600, "an expired token"), ("", now, "no token")]
+    {
+        for kind in [Family, Sid] {
+            let r = RefreshRevoke { digest, kind, until: now + 99_999 };
+            ensure_eq!(call!(store.revoke_refresh(&r, at)), None, "{what} ({kind:?})");
+        }
+    }
+    // Events of earlier checks (their reuses) may still be arriving: only
+    // this check's ids count.
+    let mut heard = Vec::new();
+    while heard.len() < 3 {
+        match tokio::time::timeout(PATIENCE, events.recv()).await {
+            Ok(Ok(got)) if ["fam-r", "fam-r2", "sid-rv"].contains(&got.id.as_str()) => heard.push(got),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("the subscription failed: {e}")),
+            Err(_) => return Err(format!("only {} of 3 events arrived: {heard:?}", heard.len())),
+        }
+    }
+    let key = |r: &Revocation| (r.id.clone(), r.expires_at);
+    heard.sort_by_key(key);
+    let mut expected = vec![
+        revocation(Family, "fam-r", now + 3600),
+        revocation(Sid, "sid-rv", now + 9000),
+        revocation(Family, "fam-r2", now + 9500),
+    ];
+    expected.sort_by_key(key);
+    ensure_eq!(heard, expected, "the events heard");
     Ok(())
 }

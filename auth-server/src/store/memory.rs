@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
 use super::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind,
-    Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
+    RevocationKind, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -162,6 +162,7 @@ impl Store for MemoryStore {
 
     async fn commit_refresh(&self, c: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
         let revoked_family;
+        let reused;
         {
             let mut s = self.lock()?;
             s.tick(now);
@@ -181,8 +182,9 @@ impl Store for MemoryStore {
                 }
                 let next = RefreshRecord { expires_at: c.next_expires_at, ..record.clone() };
                 s.refresh.insert(c.next_digest.to_owned(), RefreshEntry { record: next, spent: None });
-                if let Some(issued) = c.issued {
-                    s.issued.insert(c.jti.to_owned(), issued.clone());
+                if let Some(exp) = c.issued_exp {
+                    let issued = IssuedToken { sub: record.sub.clone(), sid: Some(record.sid.clone()), exp };
+                    s.issued.insert(c.jti.to_owned(), issued);
                 }
             };
             match spent {
@@ -206,10 +208,60 @@ impl Store for MemoryStore {
             // successor issued now (`next_expires_at`).
             let until = record.expires_at.max(c.next_expires_at);
             revoked_family = Revocation { kind: RevocationKind::Family, id: record.family.clone(), expires_at: until };
-            s.deny(RevocationKind::Family, record.family, until);
+            s.deny(RevocationKind::Family, record.family.clone(), until);
+            reused = record;
         }
         let _ = self.events.send(revoked_family);
-        Ok(ConsumeOutcome::Reused)
+        Ok(ConsumeOutcome::Reused(reused))
+    }
+
+    async fn undo_refresh(&self, c: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
+        let mut s = self.lock()?;
+        s.tick(now);
+        // The record names a token never handed out: gone either way.
+        if c.issued_exp.is_some() {
+            s.issued.remove(c.jti);
+        }
+        // Only while the successor is stored, unspent, and still the one
+        // the presented token names.
+        let successor_unused = s.refresh.get(c.next_digest).is_some_and(|e| e.spent.is_none());
+        let names_it = s
+            .refresh
+            .get(c.digest)
+            .and_then(|e| e.spent.as_ref())
+            .is_some_and(|(_, successor)| successor == c.next_digest);
+        if !successor_unused || !names_it {
+            return Ok(false);
+        }
+        if let Some(entry) = s.refresh.get_mut(c.digest) {
+            entry.spent = None;
+        }
+        s.refresh.remove(c.next_digest);
+        Ok(true)
+    }
+
+    async fn revoke_refresh(
+        &self,
+        r: &RefreshRevoke<'_>,
+        now: u64,
+    ) -> Result<Option<(RefreshRecord, Revocation)>, StoreError> {
+        if r.kind == RevocationKind::Jti {
+            return Err(StoreError::Corrupt("a refresh token revokes its family or session, not a jti".into()));
+        }
+        let revocation;
+        let record;
+        {
+            let mut s = self.lock()?;
+            s.tick(now);
+            let Some(found) = s.refresh.get(r.digest).map(|e| e.record.clone()).filter(|r| r.expires_at > now) else {
+                return Ok(None);
+            };
+            revocation = r.revocation(&found);
+            s.deny(revocation.kind, revocation.id.clone(), revocation.expires_at);
+            record = found;
+        }
+        let _ = self.events.send(revocation.clone());
+        Ok(Some((record, revocation)))
     }
 
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {

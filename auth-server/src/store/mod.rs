@@ -7,8 +7,11 @@
 //! Redis can run each as a single command, transaction or Lua script:
 //! - [`Store::commit_refresh`] spends a refresh token, stores its successor
 //!   and records the new access token, or detects reuse and revokes the
-//!   family, in one step. The flow signs the new access token first, so a
-//!   token is spent only together with the pair that replaces it;
+//!   family, in one step, and returns the spent token's record: the flow
+//!   decides and signs the new access token from it afterwards, and should
+//!   signing fail, [`Store::undo_refresh`] puts the token back;
+//! - [`Store::revoke_refresh`] revokes a refresh token's family or session
+//!   by the token itself (proof of possession) in one step;
 //! - a revocation is acknowledged (the future resolves `Ok`) only once it is
 //!   durable in the store, and is then published to [`Store::subscribe`]rs.
 //!   Whether those events can be trusted right now is the feed's state
@@ -113,16 +116,21 @@ pub enum ConsumeOutcome {
     /// its successor never used: a retry after a lost reply. The successor
     /// stored then is deleted and the new one replaces it.
     Retried(RefreshRecord),
-    /// The token was already spent: its family is now revoked.
-    Reused,
+    /// The token was already spent: its family is now revoked. The record
+    /// is the presented token's (the audit trail names its family and
+    /// session).
+    Reused(RefreshRecord),
     /// Unknown, expired, or its family or session is revoked.
     Invalid,
 }
 
 /// One refresh rotation, committed in one atomic store step: spend
 /// `digest`, store `next_digest` as its successor (same family, session and
-/// grant, expiring at `next_expires_at`) and, when `issued` is set, record
-/// the new access token `jti`. Nothing is written unless all of it is.
+/// grant, expiring at `next_expires_at`) and, when `issued_exp` is set,
+/// record the new access token `jti` (with the spent record's `sub` and
+/// `sid`). Nothing is written unless all of it is. The successor and the
+/// `jti` are random, chosen before the commit; the access token is signed
+/// after it, from the record it returns.
 #[derive(Debug, Clone, Copy)]
 pub struct RefreshCommit<'a> {
     /// Digest of the presented refresh token.
@@ -133,12 +141,51 @@ pub struct RefreshCommit<'a> {
     pub next_expires_at: u64,
     /// The new access token's `jti`.
     pub jti: &'a str,
-    /// The new access token, as the registry records it; `None` when the
-    /// registry does not record it (`tokens.record_issued`).
-    pub issued: Option<&'a IssuedToken>,
+    /// The new access token's `exp` when the registry records it
+    /// (`tokens.record_issued`): the store records
+    /// `IssuedToken { sub, sid, exp }` with the `sub` and `sid` of the
+    /// record it spends. `None`: nothing is recorded.
+    pub issued_exp: Option<u64>,
     /// How long after a token was spent a second presentation counts as a
     /// retry ([`ConsumeOutcome::Retried`]) rather than a reuse; 0 = never.
     pub reuse_grace_secs: u64,
+}
+
+/// A revocation by refresh token (proof of possession), made in one
+/// atomic store step with the lookup of the token's record: the family of
+/// the token `digest` names, or its login session (logout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefreshRevoke<'a> {
+    /// Digest of the presented refresh token.
+    pub digest: &'a str,
+    /// [`RevocationKind::Family`] or [`RevocationKind::Sid`] (the
+    /// session); a `Jti` is refused as [`StoreError::Corrupt`].
+    pub kind: RevocationKind,
+    /// Until when the entry lives at least; see [`RefreshRevoke::deny_until`].
+    pub until: u64,
+}
+
+impl RefreshRevoke<'_> {
+    /// Until when the entry lives, given the presented token's record: a
+    /// family at least as long as the presented token itself (no member
+    /// issued before now outlives the later of the two), a session exactly
+    /// `until`. Every store computes it this way (the Redis script mirrors
+    /// it); the flow's policy chooses `until`.
+    pub fn deny_until(&self, record: &RefreshRecord) -> u64 {
+        match self.kind {
+            RevocationKind::Family => self.until.max(record.expires_at),
+            RevocationKind::Sid | RevocationKind::Jti => self.until,
+        }
+    }
+
+    /// The revocation this makes of the presented token's `record`.
+    pub fn revocation(&self, record: &RefreshRecord) -> Revocation {
+        let id = match self.kind {
+            RevocationKind::Sid => record.sid.clone(),
+            RevocationKind::Family | RevocationKind::Jti => record.family.clone(),
+        };
+        Revocation { kind: self.kind, id, expires_at: self.deny_until(record) }
+    }
 }
 
 /// How many entries the deny list holds, by kind (for metrics). A store
@@ -196,8 +243,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores a new refresh token (the first of a family, at login).
     async fn put_refresh(&self, digest: &str, record: &RefreshRecord, now: u64) -> Result<(), StoreError>;
 
-    /// The live record of a refresh token, spent or not (Revoke uses it to
-    /// find the family). `None` when unknown or expired.
+    /// The live record of a refresh token, spent or not. `None` when
+    /// unknown or expired. Refresh reads it only for a token issued before
+    /// tokens named their family (`<family>.<secret>`).
     async fn refresh_record(&self, digest: &str, now: u64) -> Result<Option<RefreshRecord>, StoreError>;
 
     /// Commits a refresh rotation atomically (see [`RefreshCommit`]):
@@ -208,8 +256,32 @@ pub trait Store: Send + Sync + 'static {
     /// other second presentation revokes its family in the same step (until
     /// `next_expires_at`, which no earlier member outlives) and returns
     /// [`ConsumeOutcome::Reused`]. Only `Rotated` and `Retried` write the
-    /// successor and the access token.
+    /// successor and the access token. Every outcome but `Invalid` returns
+    /// the presented token's record.
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError>;
+
+    /// Undoes a rotation [`commit_refresh`](Store::commit_refresh) made with
+    /// `commit` (the flow could not sign the new access token): the
+    /// presented token is unspent again, its successor and the new access
+    /// token's registry entry are deleted, so the client's retry is a plain
+    /// refresh. Only while that successor is still stored and unspent (it
+    /// was never handed out, so nobody else can have used it): `false`, and
+    /// nothing changed, when another commit moved on meanwhile (a retry
+    /// within the grace window replaced it, or a reuse revoked the family).
+    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError>;
+
+    /// Revokes the family or the session of a presented refresh token,
+    /// spent or not (see [`RefreshRevoke`]): reads its record and writes
+    /// the deny entry in one atomic step where the store keeps both
+    /// together, and publishes the revocation once it is durable, like
+    /// [`revoke`](Store::revoke). Returns the token's record and the
+    /// revocation made; `None` (and nothing written) when the token is
+    /// unknown or expired.
+    async fn revoke_refresh(
+        &self,
+        revoke: &RefreshRevoke<'_>,
+        now: u64,
+    ) -> Result<Option<(RefreshRecord, Revocation)>, StoreError>;
 
     /// Every revocation still in force (jti and sid; families too).
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError>;

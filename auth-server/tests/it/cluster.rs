@@ -93,7 +93,7 @@ async fn fifty_concurrent_refreshes_on_a_cluster_rotate_exactly_once_and_revoke_
     for racer in racers {
         match racer.await.unwrap() {
             (next, ConsumeOutcome::Rotated(_)) => rotated.push(next),
-            (_, ConsumeOutcome::Reused) => reused += 1,
+            (_, ConsumeOutcome::Reused(_)) => reused += 1,
             (_, ConsumeOutcome::Invalid) => refused += 1,
             (_, ConsumeOutcome::Retried(_)) => panic!("no grace window: never a retry"),
         }

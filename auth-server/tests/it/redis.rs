@@ -102,7 +102,7 @@ async fn fifty_concurrent_refreshes_rotate_exactly_once_and_revoke_the_family() 
                 assert_eq!(record, refresh_record("fam-race", "sid-race", NOW + 3600));
                 rotated.push(next);
             }
-            (_, ConsumeOutcome::Reused) => reused += 1,
+            (_, ConsumeOutcome::Reused(_)) => reused += 1,
             // Once a reuse has revoked the family, the token is just invalid.
             (_, ConsumeOutcome::Invalid) => refused += 1,
             (_, ConsumeOutcome::Retried(_)) => panic!("no grace window: a second presentation is never a retry"),
@@ -162,7 +162,10 @@ async fn revocation_reaches_every_replica_subscriber_exactly_once() {
     // A reuse detected at B is published too.
     b.put_refresh("rt-p1", &refresh_record("fam-pub", "sid-p", NOW + 3600), NOW).await.unwrap();
     b.rotate("rt-p1", "rt-p2", NOW + 7200, NOW).await.unwrap();
-    assert_eq!(b.rotate("rt-p1", "rt-p3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
+    assert_eq!(
+        b.rotate("rt-p1", "rt-p3", NOW + 7200, NOW).await.unwrap(),
+        ConsumeOutcome::Reused(refresh_record("fam-pub", "sid-p", NOW + 3600))
+    );
     let third = revocation(RevocationKind::Family, "fam-pub", NOW + 7200);
 
     for rx in [&mut at_a, &mut at_b] {
@@ -268,7 +271,10 @@ async fn aof_revocations_and_spent_tokens_survive_sigkill() {
     assert!(snapshot.contains(&revocation(RevocationKind::Jti, "jti-aof", NOW + 600)));
     assert!(snapshot.contains(&revocation(RevocationKind::Sid, "sid-aof", NOW + 3600)));
     // The spent flag survived too: presenting the old token is a reuse.
-    assert_eq!(store.rotate("rt-aof1", "rt-aof3", NOW + 7200, NOW).await.unwrap(), ConsumeOutcome::Reused);
+    assert_eq!(
+        store.rotate("rt-aof1", "rt-aof3", NOW + 7200, NOW).await.unwrap(),
+        ConsumeOutcome::Reused(refresh_record("fam-aof", "sid-live", NOW + 3600))
+    );
 }
 
 #[tokio::test]

@@ -1,14 +1,18 @@
-//! A lost reply must not log the user out: Refresh mints first and commits
-//! in one store step, so a failure spends nothing; a reply lost after the
-//! commit can be retried within `tokens.refresh_reuse_grace_secs`.
+//! A lost reply must not log the user out: a failure before the commit
+//! spends nothing; a signing failure after it is undone, so the retry is a
+//! plain refresh; a reply lost after the commit can be retried within
+//! `tokens.refresh_reuse_grace_secs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use auth_proto::auth::v1::RefreshRequest;
 use auth_server::clock::{Clock, ManualClock, SystemClock};
-use auth_server::config::{RedisConfig, TokensConfig};
+use auth_server::config::{RecordIssued, RedisConfig, TokensConfig};
+use auth_server::core::Policy;
+use auth_server::keys::{KeyError, PublicKeys, SigningKeys};
 use auth_server::store::{MemoryStore, Revocation, RevocationKind, Store, StoreError};
 use testkit::{HookedStore, Intercept, RedisProcess, StoreCall, StoreHook, TestServer};
 use tonic::Code;
@@ -160,4 +164,128 @@ async fn without_a_grace_window_a_retry_after_a_lost_reply_revokes_the_family() 
     assert_eq!(c.refresh(refresh(&alice.refresh_token)).await.unwrap_err().code(), Code::Unavailable);
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
     assert_eq!(err.message(), "refresh token reused; its family is revoked");
+}
+
+/// Signing keys that refuse to sign while `down` is set, as a transit key
+/// that cannot be reached does; the public keys stay the inner ones.
+struct FlakySigner {
+    inner: Arc<dyn SigningKeys>,
+    down: AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl SigningKeys for FlakySigner {
+    async fn sign(&self, claims: &service_sdk::Claims) -> Result<String, KeyError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(KeyError::Unavailable("injected: transit key unreachable".into()));
+        }
+        self.inner.sign(claims).await
+    }
+
+    fn public_keys(&self) -> Arc<PublicKeys> {
+        self.inner.public_keys()
+    }
+
+    fn signing_kid(&self) -> Option<String> {
+        self.inner.signing_kid()
+    }
+}
+
+/// Puts a [`FlakySigner`] in front of `srv`'s keys.
+fn flaky_signer(srv: &TestServer) -> Arc<FlakySigner> {
+    let current = srv.core().policy();
+    let signer = Arc::new(FlakySigner { inner: Arc::clone(&current.keys), down: AtomicBool::new(false) });
+    srv.core().swap_policy(Policy {
+        tokens: current.tokens.clone(),
+        directory: Arc::clone(&current.directory),
+        keys: Arc::clone(&signer) as Arc<dyn SigningKeys>,
+        jwks_max_age_secs: current.jwks_max_age_secs,
+    });
+    signer
+}
+
+/// A hook that refuses every undo of a refresh rotation while `fail` is set.
+#[derive(Default)]
+struct UndoFaults {
+    fail: AtomicBool,
+}
+
+impl StoreHook for UndoFaults {
+    fn intercept(&self, call: StoreCall) -> Intercept {
+        if call == StoreCall::UndoRefresh && self.fail.load(Ordering::SeqCst) {
+            return Intercept::Refuse(StoreError::Unavailable("injected: undo refused".into()));
+        }
+        Intercept::Pass
+    }
+}
+
+/// Refresh commits before it signs: a signing failure after the commit is
+/// undone (one more store step), so the token is live again and the
+/// client's retry is a plain refresh, not a reuse; the pair that retry gets
+/// works, and the token is spent once that retry has it. With the
+/// registry on, nothing of the undone rotation stays recorded.
+async fn a_signing_failure_leaves_the_presented_token_usable(inner: Arc<dyn Store>) {
+    let store = Arc::new(HookedStore::new(inner, UndoFaults::default()));
+    let srv = TestServer::builder()
+        .store(store.clone())
+        .configure(|raw| raw.tokens.record_issued = RecordIssued::Sessions)
+        .start()
+        .await;
+    let signer = flaky_signer(&srv);
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+
+    signer.down.store(true, Ordering::SeqCst);
+    let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unavailable, "signer unavailable"));
+    signer.down.store(false, Ordering::SeqCst);
+    let next = c.refresh(refresh(&alice.refresh_token)).await.expect("the token is live again").into_inner();
+    c.refresh(refresh(&next.refresh_token)).await.expect("the family is alive");
+    let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+    assert_eq!(err.message(), "refresh token reused; its family is revoked", "spent by the retry");
+
+    // Should the undo fail too, the signing error is still the answer, and
+    // the retry (without a grace window) counts as a reuse: as documented.
+    let bob = login_user(&mut c, &srv, "bob").await;
+    signer.down.store(true, Ordering::SeqCst);
+    store.hook().fail.store(true, Ordering::SeqCst);
+    let err = c.refresh(refresh(&bob.refresh_token)).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unavailable, "signer unavailable"));
+    signer.down.store(false, Ordering::SeqCst);
+    store.hook().fail.store(false, Ordering::SeqCst);
+    let err = c.refresh(refresh(&bob.refresh_token)).await.unwrap_err();
+    assert_eq!(err.message(), "refresh token reused; its family is revoked");
+}
+
+#[tokio::test]
+async fn a_signing_failure_leaves_the_presented_token_usable_in_memory() {
+    a_signing_failure_leaves_the_presented_token_usable(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn a_signing_failure_leaves_the_presented_token_usable_in_redis() {
+    let redis = RedisProcess::start();
+    a_signing_failure_leaves_the_presented_token_usable(redis_store(&redis).await).await;
+}
+
+/// A user removed after the commit: the refresh is refused, and the token
+/// stays spent (nothing is undone for a refusal).
+#[tokio::test]
+async fn a_refusal_after_the_commit_leaves_the_token_spent() {
+    let store = faulty(Arc::new(MemoryStore::new()));
+    let srv = TestServer::builder().store(store.clone()).start().await;
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+    let digest = auth_server::grant::refresh_digest(&alice.refresh_token);
+    let now = SystemClock.now_unix();
+    let record = srv.core().store.refresh_record(&digest, now).await.unwrap().expect("the login's refresh token");
+
+    // The record's user is unknown to the directory: refused.
+    let orphan = auth_server::store::RefreshRecord { sub: "nobody".into(), ..record };
+    let orphan_token = auth_server::grant::refresh_token(&orphan.family, "orphan-secret");
+    srv.core().store.put_refresh(&auth_server::grant::refresh_digest(&orphan_token), &orphan, now).await.unwrap();
+    let err = c.refresh(refresh(&orphan_token)).await.unwrap_err();
+    assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "user no longer exists"));
+    let err = c.refresh(refresh(&orphan_token)).await.unwrap_err();
+    assert_eq!(err.message(), "refresh token reused; its family is revoked", "the refused token stays spent");
 }

@@ -102,7 +102,7 @@ async fn issuing_a_token_writes_nothing_to_the_store_by_default() {
     let alice = login_user(&mut c, &srv, "alice").await;
     assert_eq!(calls_made.take(), calls(&[("PutRefresh", 1)]), "password Login: its refresh token only");
     let next = c.refresh(RefreshRequest { refresh_token: alice.refresh_token }).await.unwrap().into_inner();
-    assert_eq!(calls_made.take(), calls(&[("RefreshRecord", 1), ("CommitRefresh", 1)]), "Refresh");
+    assert_eq!(calls_made.take(), calls(&[("CommitRefresh", 1)]), "Refresh: one store step");
     let jti = claims_of(&mut c, &next.access_token, "order").await.jti;
     let now = SystemClock.now_unix();
     assert_eq!(srv.core().store.issued(&jti, now).await.unwrap(), None, "the refreshed token is not on record");
@@ -264,6 +264,71 @@ async fn counted_redis(url: String) -> (Arc<dyn Store>, Arc<Calls>) {
         Intercept::Pass
     });
     (Arc::new(store), calls)
+}
+
+/// Refresh and Revoke by refresh token (its family, or its session: logout)
+/// each make exactly one store call, whatever the registry setting; the
+/// refreshed token's registry entry, built by the store from the spent
+/// token's record, matches the token.
+async fn one_store_call_per_refresh_and_revoke_by_refresh_token(store: Arc<dyn Store>, calls_made: Arc<Calls>) {
+    for setting in [RecordIssued::None, RecordIssued::Sessions] {
+        let srv = TestServer::builder()
+            .store(Arc::clone(&store))
+            .configure(move |raw| raw.tokens.record_issued = setting)
+            .start()
+            .await;
+        let mut c = client(&srv, "order").await;
+        let alice = login_user(&mut c, &srv, "alice").await;
+        calls_made.take();
+
+        let next = c.refresh(RefreshRequest { refresh_token: alice.refresh_token.clone() }).await.unwrap().into_inner();
+        assert_eq!(calls_made.take(), calls(&[("CommitRefresh", 1)]), "{setting:?}: Refresh");
+        let claims = claims_of(&mut c, &next.access_token, "order").await;
+        let record = srv.core().store.issued(&claims.jti, SystemClock.now_unix()).await.unwrap();
+        match setting {
+            RecordIssued::None => assert_eq!(record, None, "nothing recorded without a registry"),
+            _ => {
+                let record = record.expect("the refreshed token is recorded");
+                assert_eq!((record.sub, record.sid, record.exp), (claims.sub, claims.sid, claims.exp));
+            }
+        }
+        calls_made.take();
+
+        let target = Target::RefreshToken(next.refresh_token.clone());
+        assert_eq!(revoke(&mut c, target, None).await.unwrap(), "family", "{setting:?}");
+        assert_eq!(calls_made.take(), calls(&[("RevokeRefresh", 1)]), "{setting:?}: Revoke{{refresh_token}}");
+        let err = c.refresh(RefreshRequest { refresh_token: next.refresh_token }).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "invalid refresh token"));
+
+        let bob = login_user(&mut c, &srv, "bob").await;
+        calls_made.take();
+        let target = Target::SessionRefreshToken(bob.refresh_token.clone());
+        assert_eq!(revoke(&mut c, target, None).await.unwrap(), "session", "{setting:?}");
+        assert_eq!(calls_made.take(), calls(&[("RevokeRefresh", 1)]), "{setting:?}: logout");
+        assert!(refused_as_revoked(&srv, &bob.access_token).await, "the session's access token is refused at once");
+        let err = c.refresh(RefreshRequest { refresh_token: bob.refresh_token }).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "invalid refresh token"));
+
+        calls_made.take();
+        let unknown = Target::RefreshToken("no-such.token".into());
+        let err = revoke(&mut c, unknown, None).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "invalid refresh token"));
+        assert_eq!(calls_made.take(), calls(&[("RevokeRefresh", 1)]), "an unknown refresh token");
+        srv.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn store_calls_per_rpc_one_for_refresh_and_for_revoke_by_refresh_token_in_memory() {
+    let (store, calls_made) = counted();
+    one_store_call_per_refresh_and_revoke_by_refresh_token(store, calls_made).await;
+}
+
+#[tokio::test]
+async fn store_calls_per_rpc_one_for_refresh_and_for_revoke_by_refresh_token_in_redis() {
+    let redis = RedisProcess::start();
+    let (store, calls_made) = counted_redis(redis.url()).await;
+    one_store_call_per_refresh_and_revoke_by_refresh_token(store, calls_made).await;
 }
 
 /// Exchanges `subject` at `srv` until `done` holds for the outcome.

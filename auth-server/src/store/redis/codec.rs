@@ -142,23 +142,39 @@ pub(super) fn parse_refresh_fields(fields: Vec<Option<String>>) -> Result<Option
 }
 
 /// Reads the commit script's reply: `rotated` or `retried` and the spent
-/// record's fields, `reused`, or `invalid`.
+/// record's fields, `reused`, the family's deny-until and the record's
+/// fields, or `invalid`.
 pub(super) fn parse_commit_reply(reply: &[String]) -> Result<ConsumeOutcome, StoreError> {
     match reply.split_first() {
         Some((outcome, record)) if outcome == "rotated" => Ok(ConsumeOutcome::Rotated(parse_refresh(record)?)),
         Some((outcome, record)) if outcome == "retried" => Ok(ConsumeOutcome::Retried(parse_refresh(record)?)),
-        Some((outcome, _)) if outcome == "reused" => Ok(ConsumeOutcome::Reused),
+        Some((outcome, [_until, record @ ..])) if outcome == "reused" => {
+            Ok(ConsumeOutcome::Reused(parse_refresh(record)?))
+        }
         Some((outcome, _)) if outcome == "invalid" => Ok(ConsumeOutcome::Invalid),
         _ => Err(StoreError::Corrupt("unexpected refresh script reply".into())),
     }
 }
 
 /// The family a reuse revoked and until when, from the commit script's
-/// `reused` reply (`reused`, deny-until, family id).
+/// `reused` reply (`reused`, deny-until, then the record's fields, the
+/// family id first).
 pub(super) fn parse_reuse(reply: &[String]) -> Option<(u64, &str)> {
     match reply {
-        [outcome, until, family] if outcome == "reused" => Some((parse_score(until).ok()?, family.as_str())),
+        [outcome, until, family, ..] if outcome == "reused" => Some((parse_score(until).ok()?, family.as_str())),
         _ => None,
+    }
+}
+
+/// Reads the revoke-by-refresh-token script's reply: `revoked`, the
+/// deny-until written and the record's fields, or `invalid` (`None`).
+pub(super) fn parse_revoke_refresh_reply(reply: &[String]) -> Result<Option<(u64, RefreshRecord)>, StoreError> {
+    match reply.split_first() {
+        Some((outcome, [until, record @ ..])) if outcome == "revoked" => {
+            Ok(Some((parse_score(until)?, parse_refresh(record)?)))
+        }
+        Some((outcome, [])) if outcome == "invalid" => Ok(None),
+        _ => Err(StoreError::Corrupt("unexpected refresh revocation script reply".into())),
     }
 }
 
@@ -270,15 +286,35 @@ mod tests {
         assert!(Snapshot::default().add_bucket(1, &strings(&["no separator"]), 0).is_err());
     }
 
+    fn reply(head: &[&str]) -> Vec<String> {
+        let fields = ["f", "s", "alice", "login", "[]", "[]", "99"];
+        head.iter().chain(fields.iter()).map(|s| (*s).to_owned()).collect()
+    }
+
     #[test]
     fn commit_replies_decode_or_are_corrupt() {
-        assert_eq!(parse_commit_reply(&["reused".to_owned(), "9".to_owned()]).unwrap(), ConsumeOutcome::Reused);
+        assert!(matches!(
+            parse_commit_reply(&reply(&["reused", "120"])).unwrap(),
+            ConsumeOutcome::Reused(r) if (r.family.as_str(), r.sid.as_str()) == ("f", "s")
+        ));
+        assert_eq!(parse_reuse(&reply(&["reused", "120"])), Some((120, "f")));
+        assert!(matches!(parse_commit_reply(&["reused".to_owned(), "9".to_owned()]), Err(StoreError::Corrupt(_))));
         assert_eq!(parse_commit_reply(&["invalid".to_owned()]).unwrap(), ConsumeOutcome::Invalid);
         assert!(matches!(parse_commit_reply(&[]), Err(StoreError::Corrupt(_))));
         assert!(matches!(parse_commit_reply(&["rotated".to_owned()]), Err(StoreError::Corrupt(_))));
         assert!(matches!(parse_commit_reply(&["retried".to_owned()]), Err(StoreError::Corrupt(_))));
-        let fields = ["f", "s", "alice", "login", "[]", "[]", "99"].map(str::to_owned);
-        let reply: Vec<String> = std::iter::once("retried".to_owned()).chain(fields.iter().cloned()).collect();
-        assert!(matches!(parse_commit_reply(&reply).unwrap(), ConsumeOutcome::Retried(r) if r.expires_at == 99));
+        assert!(
+            matches!(parse_commit_reply(&reply(&["retried"])).unwrap(), ConsumeOutcome::Retried(r) if r.expires_at == 99)
+        );
+    }
+
+    #[test]
+    fn refresh_revocation_replies_decode_or_are_corrupt() {
+        let (until, record) = parse_revoke_refresh_reply(&reply(&["revoked", "150"])).unwrap().unwrap();
+        assert_eq!((until, record.family.as_str(), record.expires_at), (150, "f", 99));
+        assert_eq!(parse_revoke_refresh_reply(&["invalid".to_owned()]).unwrap(), None);
+        assert!(matches!(parse_revoke_refresh_reply(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(parse_revoke_refresh_reply(&reply(&["revoked"])), Err(StoreError::Corrupt(_))));
+        assert!(matches!(parse_revoke_refresh_reply(&["revoked".to_owned()]), Err(StoreError::Corrupt(_))));
     }
 }

@@ -37,8 +37,12 @@
 //! recording an issued token (when the registry is on) writes one key;
 //! committing a refresh checks the token's family and session, marks it
 //! spent, stores its successor and records the new access token if it is
-//! to be (signed before the script runs), or on reuse revokes the family,
-//! all in one script. A revocation script writes the
+//! to be (the registry entry built from the record the script reads; the
+//! token is signed after the script, from the record it returns), or on
+//! reuse revokes the family, all in one script; a revocation by refresh
+//! token reads the token's record and writes the deny entry in one script
+//! too (in the sharded layout a session's entry, in another slot, is a
+//! second script). A revocation script writes the
 //! deny entry and then `PUBLISH`es it; Redis writes replies and pub/sub
 //! messages only after the script's effects are in the AOF (and fsynced, with
 //! `appendfsync always`), so the caller's `Ok` means the write is on the
@@ -90,14 +94,15 @@ use service_sdk::redis_layout::ScriptCall;
 use tokio::sync::{broadcast, watch};
 
 use self::codec::{
-    REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_reuse, parse_score,
+    REFRESH_FIELDS, Snapshot, parse_commit_reply, parse_issued, parse_refresh_fields, parse_reuse,
+    parse_revoke_refresh_reply, parse_score,
 };
 use self::durable::Durability;
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
 use super::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind,
-    Store, StoreError,
+    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
+    RevocationKind, Store, StoreError,
 };
 use crate::config::{RedisConfig, redact_url};
 
@@ -407,7 +412,7 @@ impl RedisStore {
                     return Ok(ConsumeOutcome::Invalid);
                 }
             }
-            ConsumeOutcome::Reused => {
+            ConsumeOutcome::Reused(_) => {
                 if let Some((until, family)) = parse_reuse(reply)
                     && let Some(call) = scripts::family_index(layout, family, until, now)
                 {
@@ -480,22 +485,72 @@ impl Store for RedisStore {
                 return Err(StoreError::Corrupt("refresh successor outside its family".into()));
             }
         }
-        // A registry entry outside the refresh token's slot is written
-        // first, and removed again if the commit refuses: a rotation is
-        // never acknowledged without its record, and a refused one leaves
-        // none (should the removal fail, the entry names a token that was
-        // never handed out).
-        let apart = commit.issued.filter(|_| !scripts::registry_in_commit(layout));
-        if let Some(issued) = apart {
-            let _: i64 = self.shared.write(scripts::issue(layout, commit.jti, issued, now)).await?;
-        }
         let reply: Vec<String> = self.shared.write(scripts::commit(layout, commit, now)).await?;
         let mut outcome = parse_commit_reply(&reply)?;
         outcome = self.after_commit(commit, outcome, &reply, now).await?;
-        if apart.is_some() && matches!(outcome, ConsumeOutcome::Reused | ConsumeOutcome::Invalid) {
-            let _: i64 = self.shared.bounded(self.shared.pool.del(layout.issued(commit.jti))).await?;
+        // A registry entry outside the refresh token's slot is written
+        // after the commit, from the record it returns: a rotation is never
+        // acknowledged without its record. Should that write fail, the
+        // rotation is undone, so the client's retry is a plain refresh.
+        let apart = commit.issued_exp.filter(|_| !scripts::registry_in_commit(layout));
+        if let (Some(exp), ConsumeOutcome::Rotated(record) | ConsumeOutcome::Retried(record)) = (apart, &outcome) {
+            let token = IssuedToken { sub: record.sub.clone(), sid: Some(record.sid.clone()), exp };
+            if let Err(e) = self.shared.write::<i64>(scripts::issue(layout, commit.jti, &token, now)).await {
+                if let Err(undo) = self.undo_refresh(commit, now).await {
+                    tracing::error!(error = %undo, "refresh rotation not undone after its registry write failed");
+                }
+                return Err(e);
+            }
         }
         Ok(outcome)
+    }
+
+    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, _now: u64) -> Result<bool, StoreError> {
+        let layout = &self.shared.layout;
+        if layout.is_sharded() && KeyLayout::refresh_family(commit.digest).is_none() {
+            return Ok(false);
+        }
+        let restored: i64 = self.shared.write(scripts::undo(layout, commit)).await?;
+        if commit.issued_exp.is_some() && !scripts::registry_in_commit(layout) {
+            let _: i64 = self.shared.bounded(self.shared.pool.del(layout.issued(commit.jti))).await?;
+        }
+        Ok(restored == 1)
+    }
+
+    async fn revoke_refresh(
+        &self,
+        revoke: &RefreshRevoke<'_>,
+        now: u64,
+    ) -> Result<Option<(RefreshRecord, Revocation)>, StoreError> {
+        let layout = &self.shared.layout;
+        if layout.is_sharded() && KeyLayout::refresh_family(revoke.digest).is_none() {
+            return Ok(None);
+        }
+        let Some((call, writes)) = scripts::revoke_refresh(layout, revoke, now) else {
+            return Err(StoreError::Corrupt("a refresh token revokes its family or session, not a jti".into()));
+        };
+        // One script in the token's slot; with a durable-write setting, a
+        // write waits for its replicas there.
+        let reply: Vec<String> = if writes { self.shared.write(call).await? } else { self.shared.eval(call).await? };
+        let Some((until, record)) = parse_revoke_refresh_reply(&reply)? else { return Ok(None) };
+        let revocation = revoke.revocation(&record);
+        if revocation.expires_at != until {
+            return Err(StoreError::Corrupt("refresh revocation wrote another deny-until".into()));
+        }
+        if !writes {
+            // The sharded layout's session lives in its own deny shard: a
+            // second script there writes and publishes it.
+            for call in scripts::revoke(layout, &revocation, now) {
+                let _: i64 = self.shared.write(call).await?;
+            }
+        } else if let Some(call) = scripts::family_index(layout, &revocation.id, until, now)
+            && revocation.kind == RevocationKind::Family
+        {
+            // The sharded layout's family entry in its deny shard, for
+            // snapshots (published already, from the family's slot).
+            let _: i64 = self.shared.write(call).await?;
+        }
+        Ok(Some((record, revocation)))
     }
 
     async fn revoked_snapshot(&self, now: u64) -> Result<Vec<Revocation>, StoreError> {

@@ -13,7 +13,7 @@ use service_sdk::redis_layout::{DenyShard, LUA_DENY_OF, Script, ScriptCall};
 
 use super::codec::{encode_bucket_entry, encode_issued, encode_list, encode_message, kind_code};
 use super::keys::{BUCKET_SECS, Bucket, ISSUED_SLACK_SECS, KeyLayout};
-use crate::store::{IssuedToken, RefreshCommit, RefreshRecord, Revocation, RevocationKind, StoreError};
+use crate::store::{IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation, RevocationKind, StoreError};
 
 /// Shared helper: extend a key's TTL so it lives at least until `until`.
 const LUA_KEEP_UNTIL: &str = r"
@@ -92,10 +92,15 @@ return 1
 ";
 
 /// KEYS: refresh key, successor key, family set, then the sid set when
-/// ARGV[10] is `1` (the layout keeps it in this slot), then the registry
+/// ARGV[9] is `1` (the layout keeps it in this slot), then the registry
 /// key of the new access token only when it is recorded here. ARGV: now,
-/// next_expires_at, channel, reuse grace, access exp, registry body,
-/// registry slack, successor digest, refresh key prefix, has sid set.
+/// next_expires_at, channel, reuse grace, access exp, registry slack,
+/// successor digest, refresh key prefix, has sid set.
+///
+/// The registry entry is built here from the record read (its `sub` and
+/// `sid`, in the codec's `encode_issued` form) with the access token's
+/// `exp` passed in: the flow signs that token only after this script, from
+/// the record it returns.
 ///
 /// `spent` is `0` (live), `1` (spent while no grace window was set) or
 /// `<spent at>|<successor digest>` (spent with a grace window), which a
@@ -113,14 +118,14 @@ if not exp or exp <= now then return {'invalid'} end
 local fs = redis.call('ZSCORE', KEYS[3], h[1])
 if fs and tonumber(fs) > now then return {'invalid'} end
 local registry = KEYS[4]
-if ARGV[10] == '1' then
+if ARGV[9] == '1' then
   local ss = redis.call('ZSCORE', KEYS[4], h[2])
   if ss and tonumber(ss) > now then return {'invalid'} end
   registry = KEYS[5]
 end
 local function rotate(spent_at)
   if grace > 0 then
-    redis.call('HSET', KEYS[1], 'spent', spent_at .. '|' .. ARGV[8])
+    redis.call('HSET', KEYS[1], 'spent', spent_at .. '|' .. ARGV[7])
   else
     redis.call('HSET', KEYS[1], 'spent', '1')
   end
@@ -130,7 +135,10 @@ local function rotate(spent_at)
   local ttl = nexp - now
   if ttl < 1 then ttl = 1 end
   redis.call('EXPIRE', KEYS[2], ttl)
-  if registry then issue(registry, now, tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])) end
+  if registry then
+    local body = ARGV[5] .. '|' .. string.format('%d', string.len(h[2])) .. '|' .. h[2] .. h[3]
+    issue(registry, now, tonumber(ARGV[5]), body, tonumber(ARGV[6]))
+  end
 end
 local spent = h[8] or '0'
 if spent == '0' then
@@ -139,7 +147,7 @@ if spent == '0' then
 end
 local at, prev = string.match(spent, '^(%d+)|(.+)$')
 if at and grace > 0 and now - tonumber(at) <= grace then
-  local prev_key = ARGV[9] .. prev
+  local prev_key = ARGV[8] .. prev
   if redis.call('HGET', prev_key, 'spent') == '0' then
     redis.call('DEL', prev_key)
     rotate(at)
@@ -152,7 +160,55 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[1])
 redis.call('ZADD', KEYS[3], 'GT', until_s, h[1])
 keep_until(KEYS[3], tonumber(until_s), now)
 redis.call('PUBLISH', ARGV[3], 'f|' .. until_s .. '|' .. h[1])
-return {'reused', until_s, h[1]}
+return {'reused', until_s, h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
+";
+
+/// KEYS: refresh key, successor key, then the registry key of the new
+/// access token when the commit recorded it in this slot. ARGV: successor
+/// digest. Undoes the commit that spent KEYS[1] for KEYS[2]: only while
+/// that successor is stored and unspent and the spent token names it
+/// (`1`, spent without a grace window, names none; an unspent successor
+/// was never handed out, so it is still this commit's). Replies `1` when
+/// the token is live again, `0` when another commit moved on (nothing
+/// restored). The registry entry names a token never handed out: deleted
+/// either way.
+const LUA_UNDO: &str = r"
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
+local spent = redis.call('HGET', KEYS[1], 'spent')
+if not spent or spent == '0' then return 0 end
+local prev = string.match(spent, '^%d+|(.+)$')
+if prev and prev ~= ARGV[1] then return 0 end
+if not prev and spent ~= '1' then return 0 end
+if redis.call('HGET', KEYS[2], 'spent') ~= '0' then return 0 end
+redis.call('HSET', KEYS[1], 'spent', '0')
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+/// KEYS: refresh key, then the deny set to write (the family's, or the
+/// sessions') when it shares the refresh key's slot; without it the script
+/// only reads. ARGV: now, kind (`f` or `s`), deny-until, channel (empty:
+/// publish nothing). A family's entry lives until the later of ARGV[3] and
+/// the presented token's expiry, a session's until ARGV[3]
+/// (`RefreshRevoke::deny_until`). Replies `revoked`, deny-until and the
+/// record's fields, or `invalid` (unknown or expired: nothing written).
+const LUA_REVOKE_REFRESH: &str = r"
+local now = tonumber(ARGV[1])
+local h = redis.call('HMGET', KEYS[1], 'family', 'sid', 'sub', 'client_id', 'audience', 'scope', 'expires_at')
+if not h[1] or not h[2] or not h[7] then return {'invalid'} end
+local exp = tonumber(h[7])
+if not exp or exp <= now then return {'invalid'} end
+local until_s = ARGV[3]
+if ARGV[2] == 'f' and exp > tonumber(ARGV[3]) then until_s = h[7] end
+if KEYS[2] then
+  local id = h[1]
+  if ARGV[2] == 's' then id = h[2] end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+  redis.call('ZADD', KEYS[2], 'GT', until_s, id)
+  keep_until(KEYS[2], tonumber(until_s), now)
+  if ARGV[4] ~= '' then redis.call('PUBLISH', ARGV[4], ARGV[2] .. '|' .. until_s .. '|' .. id) end
+end
+return {'revoked', until_s, h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
 ";
 
 /// KEYS: sid set, family set, bucket index. ARGV: now, bucket key prefix,
@@ -216,6 +272,8 @@ static REVOKE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL,
 static PUT_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_PUT_REFRESH]));
 static COMMIT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_DENY_OF, LUA_ISSUE_FN, LUA_COMMIT]));
+static UNDO: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_UNDO]));
+static REVOKE_REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_KEEP_UNTIL, LUA_REVOKE_REFRESH]));
 static SNAPSHOT_PRUNE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SNAPSHOT_PRUNE]));
 static SCORED_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_SCORED_PAGE]));
 static LIST_PAGE: LazyLock<Script> = LazyLock::new(|| Script::new(&[LUA_LIST_PAGE]));
@@ -309,7 +367,7 @@ pub(super) fn put_refresh(
 
 /// Commits a refresh rotation (see [`RefreshCommit`]): spends the token,
 /// stores its successor and records the new access token (when
-/// `c.issued` is set and the layout keeps its registry key in the
+/// `c.issued_exp` is set and the layout keeps its registry key in the
 /// refresh token's slot: see [`registry_in_commit`]), or on reuse revokes
 /// and publishes the family. The reply is read by
 /// [`parse_commit_reply`](super::codec::parse_commit_reply).
@@ -318,8 +376,8 @@ pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> Scr
     let has_session = guards.session.is_some();
     let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest), guards.family];
     keys.extend(guards.session);
-    let issued = c.issued.filter(|_| registry_in_commit(layout));
-    keys.extend(issued.map(|_| layout.issued(c.jti)));
+    let issued_exp = c.issued_exp.filter(|_| registry_in_commit(layout));
+    keys.extend(issued_exp.map(|_| layout.issued(c.jti)));
     COMMIT.call(
         keys,
         vec![
@@ -327,8 +385,7 @@ pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> Scr
             c.next_expires_at.to_string(),
             layout.channel().to_owned(),
             c.reuse_grace_secs.to_string(),
-            issued.map_or(0, |t| t.exp).to_string(),
-            issued.map(encode_issued).unwrap_or_default(),
+            issued_exp.unwrap_or(0).to_string(),
             ISSUED_SLACK_SECS.to_string(),
             c.next_digest.to_owned(),
             layout.refresh_prefix(c.digest),
@@ -337,10 +394,54 @@ pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> Scr
     )
 }
 
+/// Undoes the rotation `c` committed (see [`LUA_UNDO`]); replies `1` when
+/// the presented token is live again. The registry entry is deleted here
+/// when the commit recorded it in this slot ([`registry_in_commit`]);
+/// otherwise the store deletes it apart.
+pub(super) fn undo(layout: &KeyLayout, c: &RefreshCommit<'_>) -> ScriptCall<'static> {
+    let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest)];
+    keys.extend(c.issued_exp.filter(|_| registry_in_commit(layout)).map(|_| layout.issued(c.jti)));
+    UNDO.call(keys, vec![c.next_digest.to_owned()])
+}
+
+/// Revokes by refresh token (see [`RefreshRevoke`]) in the token's slot:
+/// reads its record and, when the deny set the revocation goes to lives in
+/// that slot, writes and publishes the entry in the same script. That is
+/// always so in the single-slot layout; in the sharded layout a family's
+/// own deny entry is (its deny-shard entry is then written by
+/// [`family_index`]), a session's is not: the script only reads, and the
+/// store revokes the session apart ([`revoke`]). `None` for a `jti`.
+/// Returns the call and whether it writes.
+pub(super) fn revoke_refresh(
+    layout: &KeyLayout,
+    r: &RefreshRevoke<'_>,
+    now: u64,
+) -> Option<(ScriptCall<'static>, bool)> {
+    let guards = layout.refresh_guards(r.digest);
+    let set = match r.kind {
+        RevocationKind::Family => Some(guards.family),
+        RevocationKind::Sid => guards.session,
+        RevocationKind::Jti => return None,
+    };
+    let writes = set.is_some();
+    let mut keys = vec![layout.refresh(r.digest)];
+    keys.extend(set);
+    let call = REVOKE_REFRESH.call(
+        keys,
+        vec![
+            now.to_string(),
+            kind_code(r.kind).to_owned(),
+            r.until.to_string(),
+            if writes { layout.channel().to_owned() } else { String::new() },
+        ],
+    );
+    Some((call, writes))
+}
+
 /// Whether the commit script records the new access token itself: in the
 /// single-slot layout. In the sharded layout the registry key lives in the
-/// `jti`'s deny shard, so the store writes it first, apart ([`issue`]): a
-/// record of a token the commit then refuses is never handed out.
+/// `jti`'s deny shard, so the store writes it after the commit, apart
+/// ([`issue`]), with the `sub` and `sid` of the record the commit returns.
 pub(super) fn registry_in_commit(layout: &KeyLayout) -> bool {
     !layout.is_sharded()
 }
@@ -444,7 +545,7 @@ mod tests {
                     next_digest: &next,
                     next_expires_at: now + 7200,
                     jti: &jti_next,
-                    issued: Some(&token),
+                    issued_exp: Some(now + 600),
                     reuse_grace_secs: 10,
                 },
                 now,
@@ -454,9 +555,17 @@ mod tests {
                 next_digest: &next,
                 next_expires_at: now + 7200,
                 jti: &jti_next,
-                issued: None,
+                issued_exp: None,
                 reuse_grace_secs: 0,
             };
+            let recorded = RefreshCommit { issued_exp: Some(now + 600), ..unrecorded };
+            out.push(("undo", undo(layout, &recorded).keys().to_vec()));
+            out.push(("undo", undo(layout, &unrecorded).keys().to_vec()));
+            for kind in [RevocationKind::Family, RevocationKind::Sid] {
+                let r = RefreshRevoke { digest: &digest, kind, until: now + 60 };
+                let (call, _) = revoke_refresh(layout, &r, now).unwrap();
+                out.push(("revoke_refresh", call.keys().to_vec()));
+            }
             let unrecorded = commit(layout, &unrecorded, now).keys().to_vec();
             let recorded_here = usize::from(registry_in_commit(layout));
             assert_eq!(unrecorded.len(), commit_call.keys().len() - recorded_here, "a registry key only with a record");
