@@ -100,12 +100,12 @@ impl Monitor {
                 return counts;
             }
             // Lua's own commands, and the background ones: PINGs (the
-            // subscriber's, the readiness check's) and the readiness
-            // probe key.
+            // subscriber's, the readiness check's), the readiness probe
+            // key and the readiness check's claim of the layout marker.
             if line.contains("[0 lua]") || line.contains("\"PING\"") || line.contains("\"ping\"") {
                 continue;
             }
-            if line.contains(":ready\"") {
+            if line.contains(":ready\"") || line.contains(":layout\"") {
                 continue;
             }
             if let Some(name) = line.split('"').nth(1) {

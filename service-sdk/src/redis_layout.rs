@@ -22,6 +22,7 @@
 //! | [`deny_sid`](KeyLayout::deny_sid) | `{P}:rv:sid` | sorted set | revoked sessions: `sid` scored by deny-until | latest deny-until |
 //! | [`deny_family`](KeyLayout::deny_family) | `{P}:rv:family` | sorted set | revoked refresh families: family id scored by deny-until | latest deny-until |
 //! | [`refresh`](KeyLayout::refresh) | `{P}:rt:<digest>` | hash | a refresh token by SHA-256 digest: `family`, `sid`, `sub`, `client_id`, `audience` and `scope` (JSON arrays), `expires_at`, `spent` (`0` live, `1` spent, or `<spent at>\|<successor digest>` when spent while a reuse grace window is set) | `expires_at` |
+//! | [`marker`](KeyLayout::marker) | `{P}:layout` | string | which layout this prefix's keys follow, and its format version: [`marker_value`](KeyLayout::marker_value), `single\|1` or `sharded\|1` | never |
 //!
 //! Revocations are published on [`channel`](KeyLayout::channel)
 //! `P:revocations` (no braces) as `<kind>|<deny_until>|<id>` with kind `j`,
@@ -43,6 +44,19 @@
 //! layout for cluster URLs. The is-revoked check ([`is_revoked`]) is then
 //! one call when the `jti` and the session share a shard, else two, one per
 //! slot ([`run_is_revoked`] runs them concurrently).
+//!
+//! Both layouts keep the layout marker at `{P}:layout`, under the hash tag
+//! `{P}` (one known slot, whatever the layout), so a reader finds it
+//! before it knows the layout.
+//!
+//! # The layout marker
+//!
+//! The two layouts name every key differently, so a writer and a reader
+//! that disagree on the layout miss each other's entries: revocations go
+//! unseen. The auth server therefore records its layout in the marker key
+//! when it connects (`SET NX`) and refuses to start when the marker names
+//! another layout; the SDK's Redis mode reads the marker and uses the
+//! layout it names ([`KeyLayout::from_marker`]).
 //!
 //! Callers never build a key themselves: every key, and every script's KEYS,
 //! come from a `KeyLayout`. The auth server's unit test
@@ -147,6 +161,21 @@ pub struct RefreshGuards {
     pub session: Option<String>,
 }
 
+/// The format version of the key layouts, recorded in the layout marker
+/// ([`KeyLayout::marker_value`]): raised whenever a layout names its keys
+/// differently, so that a reader of another version refuses rather than
+/// reads the wrong keys.
+pub const LAYOUT_FORMAT: u32 = 1;
+
+/// A layout marker that names no layout this version knows: another
+/// format version, or not a marker at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown key layout marker {value:?} (this version writes and reads format {LAYOUT_FORMAT})")]
+pub struct UnknownMarker {
+    /// The marker's value, shortened to 64 characters.
+    pub value: String,
+}
+
 /// The names of the auth server's Redis keys and channel for one
 /// deployment. See the [module docs](self) for the keys and what they hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +237,45 @@ impl KeyLayout {
     /// Whether this is the sharded layout.
     pub fn is_sharded(&self) -> bool {
         self.sharded
+    }
+
+    /// The layout's name, as `redis.layout` spells it: `single` or
+    /// `sharded`.
+    pub fn name(&self) -> &'static str {
+        if self.sharded { "sharded" } else { "single" }
+    }
+
+    /// The layout marker of prefix `prefix`: `{P}:layout`, the same key in
+    /// both layouts, in the slot of the hash tag `{P}`.
+    pub fn marker_key(prefix: &str) -> String {
+        format!("{{{prefix}}}:layout")
+    }
+
+    /// This layout's marker key ([`marker_key`](Self::marker_key)).
+    pub fn marker(&self) -> String {
+        Self::marker_key(&self.prefix)
+    }
+
+    /// What this layout's marker holds: `<name>|<format>`, e.g.
+    /// `sharded|1` (see [`LAYOUT_FORMAT`]).
+    pub fn marker_value(&self) -> String {
+        format!("{}|{LAYOUT_FORMAT}", self.name())
+    }
+
+    /// The layout a marker value names, for prefix `prefix`; an
+    /// [`UnknownMarker`] for any other value (another format version
+    /// included).
+    pub fn from_marker(prefix: &str, value: &str) -> Result<Self, UnknownMarker> {
+        let unknown = || UnknownMarker { value: value.chars().take(64).collect() };
+        let (name, format) = value.split_once('|').ok_or_else(unknown)?;
+        if format != LAYOUT_FORMAT.to_string() {
+            return Err(unknown());
+        }
+        match name {
+            "single" => Ok(Self::new(prefix)),
+            "sharded" => Ok(Self::sharded(prefix)),
+            _ => Err(unknown()),
+        }
     }
 
     /// The deployment's prefix.
@@ -584,6 +652,26 @@ mod tests {
         assert_eq!(KeyLayout::refresh_family("fam1.abc"), Some("fam1"));
         assert_eq!(KeyLayout::refresh_family("nodot"), None);
         assert_eq!(layout.channel(), "auth:revocations");
+    }
+
+    #[test]
+    fn the_marker_names_the_layout_in_one_known_slot() {
+        for prefix in ["auth", "green", "a{b}c"] {
+            for layout in [KeyLayout::new(prefix), KeyLayout::sharded(prefix)] {
+                assert_eq!(layout.marker(), format!("{{{prefix}}}:layout"));
+                assert_eq!(KeyLayout::from_marker(prefix, &layout.marker_value()), Ok(layout.clone()));
+            }
+            // Both layouts keep it in the slot of the tag `{P}`.
+            assert_eq!(hash_slot(&KeyLayout::new(prefix).marker()), hash_slot(&KeyLayout::sharded(prefix).marker()));
+        }
+        assert_eq!(KeyLayout::new("auth").marker_value(), "single|1");
+        assert_eq!(KeyLayout::sharded("auth").marker_value(), "sharded|1");
+        assert_eq!(hash_slot("{auth}:layout"), hash_slot("auth"));
+        for value in ["sharded|2", "single", "wide|1", "", "|1", "sharded|1|x"] {
+            assert_eq!(KeyLayout::from_marker("auth", value), Err(UnknownMarker { value: value.into() }), "{value}");
+        }
+        let long = "x".repeat(1000);
+        assert_eq!(KeyLayout::from_marker("auth", &long).unwrap_err().value.len(), 64);
     }
 
     #[test]

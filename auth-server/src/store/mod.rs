@@ -222,6 +222,26 @@ pub enum StoreError {
         /// Replicas required (`redis.min_replicas_acked`).
         wanted: u32,
     },
+    /// Redis holds another key layout than this server's `redis.layout`
+    /// gives: its layout marker names another layout (written by a replica
+    /// configured otherwise, or by another version). Reading and writing
+    /// the other layout's keys under this one would miss them, so the
+    /// store refuses to start (and, found later, refuses every call).
+    #[error(
+        "redis key layout mismatch: redis.layout gives {configured:?} but the layout marker {marker} at this Redis \
+         holds {found:?}; set redis.layout to the layout every other replica and verifier uses (or use a fresh \
+         Redis or redis.prefix: see docs/REDIS.md)"
+    )]
+    LayoutMismatch {
+        /// The layout `redis.layout` gives (with `auto`, for this URL):
+        /// `single` or `sharded`.
+        configured: &'static str,
+        /// The marker's value (`single|1`, `sharded|1`, or one this
+        /// version does not know), shortened to 64 characters.
+        found: String,
+        /// The marker key (`{P}:layout`).
+        marker: String,
+    },
 }
 
 /// The state-store port.

@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use auth_server::config::RedisConfig;
+use auth_server::config::{Config, Overrides, RedisConfig, RedisLayout};
+use auth_server::server::Server;
 use auth_server::store::conformance::{self, Rotate as _, refresh_record};
 use auth_server::store::{ConsumeOutcome, IssuedToken, RedisStore, Revocation, RevocationKind, Store, StoreError};
 use service_sdk::redis_layout::KeyLayout;
@@ -175,6 +176,86 @@ async fn revocation_reaches_every_replica_subscriber_exactly_once() {
         assert_eq!(next_event(rx).await, third);
         assert!(matches!(rx.try_recv(), Err(broadcast::error::TryRecvError::Empty)));
     }
+}
+
+/// A replica whose `redis.layout` differs from the layout the Redis already
+/// holds (recorded in the layout marker by the first replica) refuses to
+/// start, naming both layouts and the setting to change: two layouts on one
+/// prefix would split the state and hide revocations.
+#[tokio::test]
+async fn a_replica_with_another_layout_refuses_to_start_and_says_which() {
+    let redis = RedisProcess::start();
+    let single = connect(&redis).await;
+    assert_eq!(redis.command(&["GET", "{auth}:layout"]).text(), "single|1", "auto on a plain URL");
+    let sharded = RedisConfig { layout: RedisLayout::Sharded, ..redis_config(&redis) };
+    let err = RedisStore::connect(&sharded).await.unwrap_err();
+    let StoreError::LayoutMismatch { configured, found, marker } = &err else { panic!("{err}") };
+    assert_eq!((*configured, found.as_str(), marker.as_str()), ("sharded", "single|1", "{auth}:layout"));
+    let text = err.to_string();
+    assert!(text.contains("redis.layout gives \"sharded\"") && text.contains("holds \"single|1\""), "{text}");
+
+    // Through the server: it does not start, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let env = auth_server::dev::ensure(dir.path()).unwrap();
+    let url = redis.url();
+    let config = Config::load_with(&env.config_path, &Overrides::default(), |raw| {
+        raw.store = url;
+        raw.redis.layout = RedisLayout::Sharded;
+    })
+    .unwrap();
+    let Err(err) = Server::builder(config).build().await else { panic!("a replica of another layout started") };
+    assert!(err.to_string().contains("redis key layout mismatch: redis.layout gives \"sharded\""), "{err}");
+
+    // The first replica is untouched, and the marker too; another prefix is
+    // another deployment, free to use the other layout.
+    single.ping().await.unwrap();
+    assert_eq!(redis.command(&["GET", "{auth}:layout"]).text(), "single|1");
+    let green = RedisStore::connect(&RedisConfig { prefix: "green".into(), ..sharded }).await.unwrap();
+    green.ping().await.unwrap();
+    assert_eq!(redis.command(&["GET", "{green}:layout"]).text(), "sharded|1");
+}
+
+/// A store that started while Redis did not answer claims the layout marker
+/// before its first command, and readiness claims it again: a marker lost
+/// (a flush, a failover) is written back, and one replaced by another
+/// layout's makes every call and readiness fail.
+#[tokio::test]
+async fn the_layout_marker_is_checked_before_the_first_command_and_by_readiness() {
+    let redis = RedisProcess::start();
+    redis.command(&["SET", "{auth}:layout", "single|1"]);
+    // Not answering (SIGSTOP) while the store starts: it starts unchecked.
+    redis.pause();
+    let store =
+        RedisStore::connect(&RedisConfig { layout: RedisLayout::Sharded, ..redis_config(&redis) }).await.unwrap();
+    redis.resume();
+    until_connected(&store).await;
+    let err = store.revoke(revocation(RevocationKind::Jti, "jti-m", NOW + 600), NOW).await.unwrap_err();
+    assert!(matches!(err, StoreError::LayoutMismatch { configured: "sharded", .. }), "{err}");
+    assert!(matches!(store.is_revoked("jti-m", None, NOW).await, Err(StoreError::LayoutMismatch { .. })));
+    assert!(matches!(store.ping().await, Err(StoreError::LayoutMismatch { .. })));
+    // Nothing was written in either layout.
+    assert_eq!(redis.command(&["DBSIZE"]).int(), 1);
+
+    // With the marker gone (a flush), readiness writes it back.
+    redis.command(&["FLUSHALL"]);
+    until_ready(&store).await;
+    assert_eq!(redis.command(&["GET", "{auth}:layout"]).text(), "sharded|1");
+    store.revoke(revocation(RevocationKind::Jti, "jti-m", NOW + 600), NOW).await.unwrap();
+    assert!(store.is_revoked("jti-m", None, NOW).await.unwrap());
+    // Replaced under a running store: not ready, and calls are refused.
+    redis.command(&["SET", "{auth}:layout", "single|1"]);
+    assert!(matches!(store.ping().await, Err(StoreError::LayoutMismatch { .. })));
+    assert!(matches!(store.is_revoked("jti-m", None, NOW).await, Err(StoreError::LayoutMismatch { .. })));
+}
+
+/// Polls until a store call gets an answer from Redis (any but an outage).
+async fn until_connected(store: &RedisStore) {
+    within("the store to reconnect", async {
+        while matches!(store.is_revoked("jti-probe", None, NOW).await, Err(StoreError::Unavailable(_))) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -18,11 +18,25 @@
 //! different shards, and two scripts read them concurrently (one round
 //! trip of wall time). Any failure or timeout fails closed with
 //! [`VerifyError::RevocationUnavailable`].
+//!
+//! # Which layout
+//!
+//! The layout is the one the auth server recorded in the layout marker
+//! (`{P}:layout`, see [`redis_layout`](crate::redis_layout)), never a guess
+//! from the URL: a server with an explicit `redis.layout` writes other keys
+//! than the URL suggests, and a check reading the wrong keys would pass
+//! revoked tokens. The check reads the marker on its first lookup (and in
+//! [`ready`](RevocationCheck::ready)) and keeps it; until an auth server
+//! has written it (on connecting to this Redis), every check fails closed,
+//! as a pushed deny set does until its first snapshot. A marker naming a
+//! layout or format this version does not know, or (with
+//! [`RedisRevocation::connect_with_layout`]) another layout than the one
+//! asked for, fails closed too, and is logged.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use fred::prelude::{Builder, ClientLike as _, Config, Pool, ReconnectPolicy};
+use fred::prelude::{Builder, ClientLike as _, Config, KeysInterface as _, Pool, ReconnectPolicy};
 
 use super::VerifyError;
 use super::revocation::{RevocationCheck, RevocationLookup};
@@ -43,7 +57,12 @@ pub enum RedisSetupError {
 
 struct Shared {
     pool: Pool,
-    layout: KeyLayout,
+    /// The deployment's prefix (`redis.prefix`).
+    prefix: String,
+    /// The layout the caller asked for, if any: the marker must name it.
+    expected: Option<KeyLayout>,
+    /// The layout the marker names, once read.
+    layout: OnceLock<KeyLayout>,
     timeout: Duration,
     connection: tokio::task::JoinHandle<Result<(), fred::error::Error>>,
 }
@@ -65,7 +84,7 @@ pub struct RedisRevocation {
 impl std::fmt::Debug for RedisRevocation {
     // The URL may hold a password: never print it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisRevocation").field("prefix", &self.shared.layout.prefix()).finish_non_exhaustive()
+        f.debug_struct("RedisRevocation").field("prefix", &self.shared.prefix).finish_non_exhaustive()
     }
 }
 
@@ -74,19 +93,21 @@ impl RedisRevocation {
     /// server's Redis at `url` (`redis://`, `rediss://`,
     /// `redis-sentinel://` or `redis-cluster://`), with key prefix `prefix`
     /// (the auth server's `redis.prefix`, default `auth`) and a per-lookup
-    /// `timeout`. The key layout is the one the auth server's default
-    /// `redis.layout = "auto"` picks for the same URL
-    /// ([`KeyLayout::for_url`]): sharded for a cluster. Must be called
-    /// within a tokio runtime.
+    /// `timeout`. The key layout is the one the auth server recorded in
+    /// the layout marker ([`KeyLayout::marker`]); checks fail closed
+    /// until it is there. Must be called within a tokio runtime.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisSetupError> {
-        Self::connect_with_layout(url, KeyLayout::for_url(prefix, url), timeout)
+        Self::build(url, prefix, None, timeout)
     }
 
-    /// [`connect`](Self::connect) with an explicit layout: the auth
-    /// server's `redis.layout` when it is not `auto`
-    /// ([`KeyLayout::new`] for `single`, [`KeyLayout::sharded`] for
-    /// `sharded`).
+    /// [`connect`](Self::connect), insisting on `layout` (and its prefix):
+    /// checks fail closed while the layout marker names another one.
     pub fn connect_with_layout(url: &str, layout: KeyLayout, timeout: Duration) -> Result<Self, RedisSetupError> {
+        let prefix = layout.prefix().to_owned();
+        Self::build(url, &prefix, Some(layout), timeout)
+    }
+
+    fn build(url: &str, prefix: &str, expected: Option<KeyLayout>, timeout: Duration) -> Result<Self, RedisSetupError> {
         let mut config = Config::from_url(url).map_err(|_| RedisSetupError::InvalidUrl)?;
         config.fail_fast = false;
         let mut builder = Builder::from_config(config);
@@ -100,14 +121,73 @@ impl RedisRevocation {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool = builder.build_pool(2).map_err(|e| RedisSetupError::Client(e.kind().to_str().to_owned()))?;
         let connection = pool.connect();
-        let shared = Shared { pool, layout, timeout, connection };
+        let shared = Shared { pool, prefix: prefix.to_owned(), expected, layout: OnceLock::new(), timeout, connection };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
 
+/// Why the layout marker gives no layout to read.
+#[derive(Debug)]
+enum MarkerError {
+    /// Redis did not answer (in time).
+    Unavailable(String),
+    /// No auth server has connected to this Redis with this prefix yet.
+    Missing,
+    /// A layout or format this version does not know.
+    Unknown(redis_layout::UnknownMarker),
+    /// Another layout than the one asked for.
+    Other { expected: &'static str, found: &'static str },
+}
+
 impl Shared {
+    /// The layout the marker names: read once, then kept (a layout never
+    /// changes under a running auth server, which refuses another one).
+    async fn layout(&self) -> Result<&KeyLayout, MarkerError> {
+        if let Some(layout) = self.layout.get() {
+            return Ok(layout);
+        }
+        let key = KeyLayout::marker_key(&self.prefix);
+        let value: Option<String> = match tokio::time::timeout(self.timeout, self.pool.get(key)).await {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => return Err(MarkerError::Unavailable(format!("{:?}", e.kind()))),
+            Err(_) => return Err(MarkerError::Unavailable("timed out".into())),
+        };
+        let layout =
+            KeyLayout::from_marker(&self.prefix, &value.ok_or(MarkerError::Missing)?).map_err(MarkerError::Unknown)?;
+        if let Some(expected) = &self.expected
+            && *expected != layout
+        {
+            return Err(MarkerError::Other { expected: expected.name(), found: layout.name() });
+        }
+        Ok(self.layout.get_or_init(|| layout))
+    }
+
+    /// [`layout`](Self::layout), logging why there is none.
+    async fn layout_or_refuse(&self) -> Result<&KeyLayout, VerifyError> {
+        self.layout().await.map_err(|e| {
+            match e {
+                MarkerError::Unavailable(cause) => {
+                    tracing::warn!(%cause, "redis layout marker unreadable; refusing");
+                }
+                MarkerError::Missing => tracing::warn!(
+                    prefix = %self.prefix,
+                    "no redis layout marker yet (no auth server has connected to this Redis with this prefix); refusing"
+                ),
+                MarkerError::Unknown(e) => tracing::error!(prefix = %self.prefix, error = %e, "refusing"),
+                MarkerError::Other { expected, found } => tracing::error!(
+                    prefix = %self.prefix,
+                    expected,
+                    found,
+                    "the auth server's redis key layout is not the one this check was built for; refusing"
+                ),
+            }
+            VerifyError::RevocationUnavailable
+        })
+    }
+
     async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, VerifyError> {
-        let calls = redis_layout::is_revoked(&self.layout, jti, sid, now);
+        let layout = self.layout_or_refuse().await?;
+        let calls = redis_layout::is_revoked(layout, jti, sid, now);
         match tokio::time::timeout(self.timeout, redis_layout::run_is_revoked(calls, &self.pool)).await {
             Ok(Ok(revoked)) => Ok(revoked),
             Ok(Err(e)) => {
@@ -138,6 +218,16 @@ impl RevocationCheck for RedisRevocation {
         Box::pin(async move {
             if let Err(e) = self.shared.pool.wait_for_connect().await {
                 tracing::warn!(kind = ?e.kind(), "redis not connected");
+            }
+            // Until the marker is read, every check refuses: wait for it,
+            // as long as it takes an auth server to write it.
+            let mut pause = Duration::from_millis(20);
+            if self.shared.layout_or_refuse().await.is_ok() {
+                return;
+            }
+            while self.shared.layout().await.is_err() {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
             }
         })
     }

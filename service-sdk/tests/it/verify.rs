@@ -1029,6 +1029,85 @@ async fn redis_mode_refuses_revoked_tokens_and_fails_closed_without_redis() {
     );
 }
 
+/// A server with an explicit `redis.layout` the URL does not suggest
+/// (`sharded` on a plain `redis://` URL): the SDK's Redis mode reads the
+/// layout the server recorded in the layout marker, so it finds the deny
+/// entries where the server wrote them. Inferring the layout from the URL
+/// read other keys, and passed revoked tokens.
+#[tokio::test]
+async fn redis_mode_reads_the_servers_recorded_layout_not_the_one_the_url_suggests() {
+    use service_sdk::redis_layout::KeyLayout;
+    use service_sdk::verify::RedisRevocation;
+    use testkit::RedisProcess;
+    use testkit::auth_server::config::RedisLayout;
+    let redis = RedisProcess::start();
+    let srv = TestServer::builder()
+        .store_url(redis.url())
+        .configure(|raw| raw.redis.layout = RedisLayout::Sharded)
+        .start()
+        .await;
+    let prefix = srv.config().redis().unwrap().prefix.clone();
+    assert!(!KeyLayout::for_url(&prefix, &redis.url()).is_sharded(), "the URL suggests the single-slot layout");
+    assert_eq!(redis.command(&["GET", &KeyLayout::marker_key(&prefix)]).text(), "sharded|1");
+    let check = RedisRevocation::connect(&redis.url(), &prefix, Duration::from_millis(500)).unwrap();
+    let verifier = Verifier::builder(srv.config().issuer.clone(), AUDIENCE)
+        .jwks(JwksSource::grpc(srv.channel("inventory").await))
+        .revocation(check)
+        .build()
+        .unwrap();
+    let env = Env::with_verifier(srv, verifier).await;
+    env.verifier.ready().await;
+    let mut client = env.client("order").await;
+
+    let token = env.service_token().await;
+    env.call(&mut client, &token).await.unwrap();
+    env.revoke(pb::revoke_request::Target::AccessToken(token.clone()), None).await;
+    assert_refused(env.call(&mut client, &token).await, Code::Unauthenticated, VerifyError::Revoked, "jti");
+
+    let (alice, refresh) = env.alice_login().await;
+    let obo = env.on_behalf_of(&alice).await;
+    env.call(&mut client, &obo).await.unwrap();
+    env.revoke(pb::revoke_request::Target::SessionRefreshToken(refresh), None).await;
+    assert_refused(env.call(&mut client, &obo).await, Code::Unauthenticated, VerifyError::Revoked, "sid");
+}
+
+/// Without a layout marker (no auth server has connected to this Redis
+/// with this prefix yet) the SDK's Redis mode fails closed; with one, it
+/// answers in the layout the marker names; one that names another layout
+/// than asked for, or an unknown format, fails closed.
+#[tokio::test]
+async fn redis_mode_fails_closed_without_a_layout_marker_or_with_another_one() {
+    use service_sdk::redis_layout::KeyLayout;
+    use service_sdk::verify::{RedisRevocation, RevocationCheck, RevocationLookup};
+    use testkit::RedisProcess;
+    let redis = RedisProcess::start();
+    let timeout = Duration::from_millis(500);
+    let lookup = |check: &RedisRevocation| match check.check("jti-1", Some("sid-1"), 1) {
+        RevocationLookup::Pending(f) => f,
+        RevocationLookup::Ready(_) => panic!("redis mode looks up"),
+    };
+    let check = RedisRevocation::connect(&redis.url(), "auth", timeout).unwrap();
+    assert!(matches!(lookup(&check).await, Err(VerifyError::RevocationUnavailable)), "no marker yet");
+
+    // A marker of another format version: still refused.
+    redis.command(&["SET", "{auth}:layout", "sharded|2"]);
+    assert!(matches!(lookup(&check).await, Err(VerifyError::RevocationUnavailable)), "unknown format");
+
+    redis.command(&["SET", "{auth}:layout", "sharded|1"]);
+    check.ready().await;
+    assert!(lookup(&check).await.is_ok(), "the marker names a layout");
+    // A session revoked where the sharded layout keeps it is found.
+    let sessions = KeyLayout::sharded("auth").deny_sid("sid-1");
+    redis.command(&["ZADD", &sessions, "100", "sid-1"]);
+    assert!(matches!(lookup(&check).await, Err(VerifyError::Revoked)));
+
+    // Built for the single-slot layout, facing a sharded one: refused.
+    let single = RedisRevocation::connect_with_layout(&redis.url(), KeyLayout::new("auth"), timeout).unwrap();
+    assert!(matches!(lookup(&single).await, Err(VerifyError::RevocationUnavailable)), "another layout");
+    let sharded = RedisRevocation::connect_with_layout(&redis.url(), KeyLayout::sharded("auth"), timeout).unwrap();
+    assert!(matches!(lookup(&sharded).await, Err(VerifyError::Revoked)));
+}
+
 // ---------------------------------------------------------------------------
 // A large deny list
 

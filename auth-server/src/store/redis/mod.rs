@@ -20,6 +20,9 @@
 //! - `subscriber`: the pub/sub subscription's lifecycle (connect,
 //!   subscribe, retry, liveness pings, epochs).
 //! - `durable`: writes acknowledged only once enough replicas have them.
+//! - `marker`: the layout marker (`{P}:layout`), claimed at connect and by
+//!   readiness, checked before the first command: a replica of another
+//!   `redis.layout` refuses to start.
 //!
 //! Memory: an issued access token costs nothing unless
 //! `tokens.record_issued` records it, in one registry key (136 bytes by
@@ -78,10 +81,12 @@
 mod codec;
 mod durable;
 mod keys;
+mod marker;
 mod scripts;
 mod subscriber;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -118,6 +123,8 @@ const READY_PROBE_TTL_MS: i64 = 10_000;
 struct Shared {
     pool: Pool,
     layout: KeyLayout,
+    /// Whether the layout marker was found naming `layout` (see `marker`).
+    claimed: AtomicBool,
     timeout: Duration,
     /// How many replicas must have a write before it is acknowledged.
     durability: Durability,
@@ -136,7 +143,14 @@ impl Shared {
 
     /// Bounds any fred call by the command timeout and maps its error. A
     /// call that fails while connections are failing names their cause.
+    /// Runs only once the layout marker names this store's layout.
     async fn bounded<R>(&self, call: impl Future<Output = Result<R, RedisError>>) -> Result<R, StoreError> {
+        self.layout_claimed().await?;
+        self.unchecked(call).await
+    }
+
+    /// [`bounded`](Self::bounded), without waiting for the layout marker.
+    async fn unchecked<R>(&self, call: impl Future<Output = Result<R, RedisError>>) -> Result<R, StoreError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.with_cause(map_error(e))),
@@ -333,6 +347,7 @@ impl RedisStore {
         let shared = Arc::new(Shared {
             pool,
             layout: config.key_layout(),
+            claimed: AtomicBool::new(false),
             timeout,
             durability: Durability { replicas: config.min_replicas_acked, timeout_ms: config.replica_ack_timeout_ms },
             url,
@@ -351,9 +366,11 @@ impl RedisStore {
             let _ = shared.pool.wait_for_connect().await;
             subscriber.subscribed().await;
         };
-        let url = &shared.url;
-        if tokio::time::timeout(timeout, ready).await.is_err() {
-            let error = shared.connect_error().unwrap_or_else(|| {
+        let connected = tokio::time::timeout(timeout, ready).await.is_ok();
+        let store = Self { shared, subscriber, watchers };
+        let url = &store.shared.url;
+        if !connected {
+            let error = store.shared.connect_error().unwrap_or_else(|| {
                 format!("no connection within redis.command_timeout_ms ({} ms)", timeout.as_millis())
             });
             tracing::warn!(
@@ -362,10 +379,21 @@ impl RedisStore {
                 prefix = %config.prefix,
                 "redis not reachable yet; the store reconnects in the background"
             );
-        } else {
-            tracing::info!(%url, prefix = %config.prefix, pool_size, "redis store connected");
+            return Ok(store);
         }
-        Ok(Self { shared, subscriber, watchers })
+        // Another layout's marker refuses the start. Should the claim fail
+        // otherwise, it is made again before the first command (see
+        // `marker`).
+        match store.shared.claim_layout().await {
+            Err(e @ StoreError::LayoutMismatch { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(%url, error = %e, "redis layout marker not checked yet; checked before the first command")
+            }
+            Ok(()) => {}
+        }
+        let layout = store.shared.layout.name();
+        tracing::info!(%url, prefix = %config.prefix, layout, pool_size, "redis store connected");
+        Ok(store)
     }
 }
 
@@ -590,6 +618,9 @@ impl Store for RedisStore {
         for client in self.shared.pool.clients() {
             let _: String = self.shared.bounded(client.ping(None)).await?;
         }
+        // The marker is still this layout's (and is written again if a
+        // failover or a flush lost it).
+        self.shared.claim_layout().await?;
         // Answering is not enough: a full (OOM), read-only or MISCONF Redis
         // answers PING and refuses every write.
         self.shared.probe_write().await?;

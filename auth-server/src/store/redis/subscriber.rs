@@ -228,7 +228,7 @@ impl Forwarder {
     async fn resubscribe(&mut self, channel: &str) {
         self.subscribed.send_replace(false);
         loop {
-            match self.shared.bounded(self.client.subscribe(channel)).await {
+            match self.shared.unchecked(self.client.subscribe(channel)).await {
                 Ok(()) => break,
                 Err(e) => tracing::warn!(error = %e, "redis revocation channel: subscribe failed"),
             }
