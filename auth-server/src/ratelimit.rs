@@ -32,6 +32,7 @@
 //! clients that are back to a full allowance are dropped; if it is still
 //! over, the table starts afresh (every client gets a full allowance once).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -67,11 +68,14 @@ struct Limiter {
 }
 
 impl Limiter {
-    fn check(&self, key: &str) -> bool {
+    /// Whether a call from `key` is admitted now. A key already in the
+    /// table is looked up by reference: nothing is allocated per call.
+    #[allow(clippy::ptr_arg, reason = "the table's key type: a `&str` would be copied into a `String` per call")]
+    fn check(&self, key: &String) -> bool {
         if self.calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(SWEEP_EVERY) {
             self.sweep();
         }
-        let ok = self.table.load().check_key(&key.to_owned()).is_ok();
+        let ok = self.table.load().check_key(key).is_ok();
         if !ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -82,11 +86,12 @@ impl Limiter {
     /// there (nothing is charged then). More than the burst is charged as
     /// the whole burst, so a batch larger than a tiny configured burst is
     /// not refused forever.
-    fn charge(&self, key: &str, n: u32) -> bool {
+    #[allow(clippy::ptr_arg, reason = "the table's key type, as in `check`")]
+    fn charge(&self, key: &String, n: u32) -> bool {
         let burst = self.quota.burst_size();
         let Some(n) = NonZeroU32::new(n) else { return true };
         let n = n.min(burst);
-        let ok = matches!(self.table.load().check_key_n(&key.to_owned(), n), Ok(Ok(())));
+        let ok = matches!(self.table.load().check_key_n(key, n), Ok(Ok(())));
         if !ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -167,7 +172,7 @@ impl ClientRateLimitLayer {
     /// Whether a call from `key` is admitted now (the layer's decision, for
     /// callers that already know the key).
     pub fn check(&self, key: &str) -> bool {
-        self.limiter.check(key)
+        self.limiter.check(&key.to_owned())
     }
 }
 
@@ -223,14 +228,14 @@ impl BatchCharge {
 
 /// The client key of a request: its mTLS identity (read once per
 /// connection, at the handshake), else its IP address.
-pub fn client_key<B>(req: &http::Request<B>) -> String {
+pub fn client_key<B>(req: &http::Request<B>) -> Cow<'_, String> {
     let Some(info) = req.extensions().get::<ConnInfo>() else {
-        return "unknown".into();
+        return Cow::Owned("unknown".into());
     };
     if let Some(peer) = &info.peer {
-        return peer.id.clone();
+        return Cow::Borrowed(&peer.id);
     }
-    info.remote_addr.map_or_else(|| "unknown".into(), |a| a.ip().to_string())
+    Cow::Owned(info.remote_addr.map_or_else(|| "unknown".into(), |a| a.ip().to_string()))
 }
 
 impl<S, B, R> Service<http::Request<B>> for ClientRateLimit<S>
@@ -253,11 +258,12 @@ where
         }
         let batch = path == BATCH_PATH;
         let key = client_key(&req);
+        let admitted = self.limiter.check(&key);
         if batch {
-            let charge = BatchCharge { limiter: Arc::clone(&self.limiter), key: key.clone() };
+            let charge = BatchCharge { limiter: Arc::clone(&self.limiter), key: key.into_owned() };
             req.extensions_mut().insert(charge);
         }
-        if !self.limiter.check(&key) {
+        if !admitted {
             let refused = AuthError::ResourceExhausted("rate limit exceeded");
             let peer = req.extensions().get::<ConnInfo>().and_then(|c| c.peer.as_deref()).map(|p| p.id.as_str());
             crate::observe::denied(

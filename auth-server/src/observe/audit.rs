@@ -74,6 +74,10 @@ pub const QUEUE_LINES: usize = 16_384;
 /// trail lags at most this much more.
 const BATCH_PAUSE: Duration = Duration::from_millis(2);
 
+/// The writer writes a batch out once it holds this many bytes (and at the
+/// batch's end in any case).
+const BATCH_BYTES: usize = 64 * 1024;
+
 /// How long summed flood denials are gathered before their lines are
 /// written.
 const FLOOD_WINDOW: Duration = Duration::from_secs(1);
@@ -205,7 +209,13 @@ impl AuditLog {
         };
         let (queue, rx) = std::sync::mpsc::sync_channel(QUEUE_LINES);
         let dropped = Arc::new(AtomicU64::new(0));
-        let writer = Writer { sink, dropped: Arc::clone(&dropped), clock: Arc::clone(&clock), floods: HashMap::new() };
+        let writer = Writer {
+            sink,
+            out: Vec::with_capacity(BATCH_BYTES),
+            dropped: Arc::clone(&dropped),
+            clock: Arc::clone(&clock),
+            floods: HashMap::new(),
+        };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(&rx))
@@ -480,9 +490,13 @@ impl Events for AuditLog {
 }
 
 /// The writer thread: owns the sink, writes queued lines in order, sums
-/// flood denials per window.
+/// flood denials per window. A batch's lines go out in one write (or one
+/// per [`BATCH_BYTES`]), not one each: a write per line was a system call
+/// per RPC.
 struct Writer {
     sink: Sink,
+    /// Lines of the batch not written yet.
+    out: Vec<u8>,
     dropped: Arc<AtomicU64>,
     clock: SharedClock,
     floods: HashMap<FloodKey, u64>,
@@ -542,10 +556,26 @@ impl Writer {
         }
     }
 
-    fn write_line(&mut self, mut line: Vec<u8>) {
-        line.push(b'\n');
-        if let Err(e) = self.sink.write_all(&line) {
-            tracing::error!(error = %e, "audit event not written");
+    fn write_line(&mut self, line: Vec<u8>) {
+        self.out.extend_from_slice(&line);
+        self.out.push(b'\n');
+        if self.out.len() >= BATCH_BYTES {
+            self.write_out();
+        }
+    }
+
+    /// Writes the lines gathered so far.
+    fn write_out(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        if let Err(e) = self.sink.write_all(&self.out) {
+            let lines = self.out.iter().filter(|b| **b == b'\n').count();
+            tracing::error!(error = %e, lines, "audit lines not written");
+        }
+        self.out.clear();
+        if self.out.capacity() > 4 * BATCH_BYTES {
+            self.out.shrink_to(BATCH_BYTES);
         }
     }
 
@@ -582,6 +612,7 @@ impl Writer {
             }
             tracing::warn!(dropped, "audit lines dropped: the audit sink stalled");
         }
+        self.write_out();
         if let Err(e) = self.sink.flush() {
             tracing::error!(error = %e, "audit lines not flushed");
         }
