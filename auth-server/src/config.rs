@@ -355,6 +355,11 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Connection pool size.
     pub pool_size: usize,
+    /// Connections of their own for durable writes (those followed by
+    /// `WAIT`, with `min_replicas_acked` > 0), so that no read queues
+    /// behind a `WAIT`; 0 (the default) is half of `pool_size`, rounded
+    /// up. Unused without `min_replicas_acked`.
+    pub durable_pool_size: usize,
     /// Per-command timeout.
     pub command_timeout_ms: u64,
     /// How often the revocation subscriber pings its connection (each ping
@@ -389,6 +394,16 @@ pub enum RedisLayout {
 }
 
 impl RedisConfig {
+    /// How many connections durable writes get (`durable_pool_size`, or
+    /// half of `pool_size`, rounded up); 0 without `min_replicas_acked`.
+    pub fn durable_connections(&self) -> usize {
+        match (self.min_replicas_acked, self.durable_pool_size) {
+            (0, _) => 0,
+            (_, 0) => self.pool_size.max(1).div_ceil(2),
+            (_, n) => n,
+        }
+    }
+
     /// The key layout the store (and the SDK's Redis mode) use.
     pub fn key_layout(&self) -> service_sdk::redis_layout::KeyLayout {
         use service_sdk::redis_layout::KeyLayout;
@@ -406,6 +421,7 @@ impl Default for RedisConfig {
             url: String::new(),
             prefix: "auth".into(),
             pool_size: 4,
+            durable_pool_size: 0,
             command_timeout_ms: 2000,
             subscriber_ping_ms: DEFAULT_SUBSCRIBER_PING_MS,
             min_replicas_acked: 0,
@@ -906,6 +922,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &redact_url(&self.url))
             .field("prefix", &self.prefix)
             .field("pool_size", &self.pool_size)
+            .field("durable_pool_size", &self.durable_pool_size)
             .field("command_timeout_ms", &self.command_timeout_ms)
             .field("subscriber_ping_ms", &self.subscriber_ping_ms)
             .field("min_replicas_acked", &self.min_replicas_acked)
@@ -1349,6 +1366,9 @@ impl Config {
         }
         if raw.redis.pool_size == 0 || raw.redis.pool_size > 128 {
             v.err("redis.pool_size", "must be between 1 and 128");
+        }
+        if raw.redis.durable_pool_size > 128 {
+            v.err("redis.durable_pool_size", "must be between 0 (half of redis.pool_size) and 128");
         }
         if raw.redis.command_timeout_ms == 0 {
             v.err("redis.command_timeout_ms", "must be positive");
@@ -2002,6 +2022,21 @@ signing = { path = "s.pem" }
             defaults.grpc_idle_timeout_secs
                 > defaults.grpc_keepalive_interval_secs + defaults.grpc_keepalive_timeout_secs
         );
+    }
+
+    #[test]
+    fn durable_writes_get_half_the_pool_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = |extra: &str| {
+            let text = format!("store = \"redis://r:6379\"\n{}[redis]\n{extra}", base(dir.path()));
+            Config::from_toml_str(&text, dir.path()).map(|c| c.redis().unwrap().durable_connections())
+        };
+        assert_eq!(redis("").unwrap(), 0, "no durable writes without min_replicas_acked");
+        assert_eq!(redis("min_replicas_acked = 1\n").unwrap(), 2);
+        assert_eq!(redis("min_replicas_acked = 1\npool_size = 1\n").unwrap(), 1);
+        assert_eq!(redis("min_replicas_acked = 1\npool_size = 7\n").unwrap(), 4);
+        assert_eq!(redis("min_replicas_acked = 1\ndurable_pool_size = 6\n").unwrap(), 6);
+        assert_eq!(redis("durable_pool_size = 129\n").unwrap_err().keys(), ["redis.durable_pool_size"]);
     }
 
     #[test]

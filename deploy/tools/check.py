@@ -72,6 +72,7 @@ TOKEN_KEYS = {
 REDIS_KEYS = {
     "prefix",
     "pool_size",
+    "durable_pool_size",
     "command_timeout_ms",
     "subscriber_ping_ms",
     "min_replicas_acked",

@@ -94,6 +94,63 @@ async fn a_write_no_replica_acknowledged_is_refused_as_not_durable() {
     revoke(&mut client, &token).await.unwrap();
 }
 
+/// Durable writes wait in `WAIT` on their own connections: with the replica
+/// stopped (SIGSTOP), writes block there for up to `replica_ack_timeout_ms`,
+/// and reads (a refresh record, a snapshot, readiness) answer meanwhile.
+/// With one pooled connection shared by both, every read queued behind the
+/// `WAIT`s until they timed out.
+#[tokio::test]
+async fn reads_answer_while_durable_writes_wait_for_a_stopped_replica() {
+    let primary = RedisProcess::start();
+    let replica = RedisProcess::start_replica_of(&primary);
+    let config = RedisConfig {
+        url: primary.url(),
+        pool_size: 1,
+        command_timeout_ms: 30_000,
+        min_replicas_acked: 1,
+        // Long enough that the reads below are done before it runs out:
+        // writes wait until the replica resumes.
+        replica_ack_timeout_ms: 20_000,
+        ..RedisConfig::default()
+    };
+    let store = std::sync::Arc::new(RedisStore::connect(&config).await.unwrap());
+    let record = auth_server::store::conformance::refresh_record("fam-r", "sid-r", NOW + 3600);
+    store.put_refresh("fam-r.d1", &record, NOW).await.unwrap();
+    store.revoke(jti_revocation("jti-before"), NOW).await.unwrap();
+
+    replica.pause();
+    let writes: Vec<_> = (0..3)
+        .map(|i| {
+            let store = std::sync::Arc::clone(&store);
+            tokio::spawn(async move { store.revoke(jti_revocation(&format!("jti-waiting-{i}")), NOW).await })
+        })
+        .collect();
+    within("a durable write to wait for its replica", async {
+        while !primary
+            .command(&["INFO", "clients"])
+            .text()
+            .lines()
+            .any(|l| l.strip_prefix("blocked_clients:").is_some_and(|n| n.trim().parse::<u32>().is_ok_and(|n| n > 0)))
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    assert_eq!(store.refresh_record("fam-r.d1", NOW).await.unwrap(), Some(record));
+    let snapshot = store.revoked_snapshot(NOW).await.unwrap();
+    assert!(snapshot.contains(&jti_revocation("jti-before")), "{snapshot:?}");
+    store.ping().await.unwrap();
+    assert!(writes.iter().all(|w| !w.is_finished()), "the reads answered while the writes waited");
+
+    // The replica back: the writes are acknowledged.
+    replica.resume();
+    for write in writes {
+        within("the durable writes", write).await.unwrap().unwrap();
+    }
+    assert!(replica_has(&replica, "jti-waiting-2"));
+}
+
 async fn exchange(
     client: &mut AuthClient<Channel>,
     srv: &TestServer,

@@ -21,6 +21,15 @@
 //! refresh retry is a reuse or, within `tokens.refresh_reuse_grace_secs`,
 //! a retry).
 //!
+//! `WAIT` blocks the connection it runs on until enough replicas answer or
+//! the timeout passes (the whole `replica_ack_timeout_ms` while a replica
+//! is slow or gone), and a command behind it on that connection waits as
+//! long. So durable writes have connections of their own
+//! (`redis.durable_pool_size`, by default half of `redis.pool_size`):
+//! reads (refresh records, snapshots, readiness) never wait behind a
+//! `WAIT`; durable writes wait behind each other's only when more are in
+//! flight than there are such connections.
+//!
 //! `WAIT` does not make a write durable on the replicas' disks, only
 //! present in their memory: with `n` replicas it survives the loss of up to
 //! `n` machines at once, as long as a replica that has it is the one
@@ -74,7 +83,10 @@ impl Shared {
             max_attempts: Some(1),
             ..Options::default()
         };
-        let pipeline = Pipeline::from(self.pool.next().with_options(&options));
+        // The durable writes' own connections: `WAIT` blocks the one it
+        // runs on, and no read may queue behind it.
+        let pool = self.durable_pool.as_ref().unwrap_or(&self.pool);
+        let pipeline = Pipeline::from(pool.next().with_options(&options));
         let script = call.script();
         let (command, body) = if source { ("EVAL", script.lua()) } else { ("EVALSHA", script.sha()) };
         let mut args: Vec<Value> = Vec::with_capacity(2 + call.keys().len() + call.args().len());

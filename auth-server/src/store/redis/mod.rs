@@ -122,6 +122,9 @@ const READY_PROBE_TTL_MS: i64 = 10_000;
 /// What both the store and its subscriber task use.
 struct Shared {
     pool: Pool,
+    /// The connections durable writes use (with `min_replicas_acked` > 0):
+    /// their `WAIT` blocks the connection, so nothing else goes there.
+    durable_pool: Option<Pool>,
     layout: KeyLayout,
     /// Whether the layout marker was found naming `layout` (see `marker`).
     claimed: AtomicBool,
@@ -187,13 +190,18 @@ impl Shared {
     /// A connection was made: once every pooled connection is up, the last
     /// failure is over.
     fn connected(&self) {
-        if !self.pool.clients().iter().all(ClientLike::is_connected) {
+        if !self.clients().all(|c| c.is_connected()) {
             return;
         }
         let Ok(mut last) = self.connect_error.lock() else { return };
         if last.take().is_some() {
             tracing::info!(url = %self.url, "redis connection restored");
         }
+    }
+
+    /// Every pooled connection: the main pool's and the durable writes'.
+    fn clients(&self) -> impl Iterator<Item = &fred::clients::Client> {
+        self.pool.clients().iter().chain(self.durable_pool.iter().flat_map(|p| p.clients()))
     }
 
     /// Watches `client`'s connection events: failures and reconnections.
@@ -343,9 +351,13 @@ impl RedisStore {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool_size = config.pool_size.max(1);
         let pool = builder.build_pool(pool_size).map_err(map_error)?;
+        let durable_pool_size = config.durable_connections();
+        let durable_pool =
+            (durable_pool_size > 0).then(|| builder.build_pool(durable_pool_size)).transpose().map_err(map_error)?;
 
         let shared = Arc::new(Shared {
             pool,
+            durable_pool,
             layout: config.key_layout(),
             claimed: AtomicBool::new(false),
             timeout,
@@ -354,9 +366,12 @@ impl RedisStore {
             connect_error: std::sync::Mutex::new(None),
         });
         // Watch before connecting, so the first failure is not missed.
-        let mut watchers: Vec<_> = shared.pool.clients().iter().map(|c| shared.watch(c)).collect();
+        let mut watchers: Vec<_> = shared.clients().map(|c| shared.watch(c)).collect();
         // It spawns its connection tasks; the handle is not needed.
         drop(shared.pool.connect());
+        if let Some(durable) = &shared.durable_pool {
+            drop(durable.connect());
+        }
         let ping_every = Duration::from_millis(config.subscriber_ping_ms.max(1));
         let subscriber = Subscriber::start(&builder, Arc::clone(&shared), ping_every, |client| {
             watchers.push(shared.watch(client));
@@ -364,6 +379,9 @@ impl RedisStore {
 
         let ready = async {
             let _ = shared.pool.wait_for_connect().await;
+            if let Some(durable) = &shared.durable_pool {
+                let _ = durable.wait_for_connect().await;
+            }
             subscriber.subscribed().await;
         };
         let connected = tokio::time::timeout(timeout, ready).await.is_ok();
@@ -392,7 +410,7 @@ impl RedisStore {
             Ok(()) => {}
         }
         let layout = store.shared.layout.name();
-        tracing::info!(%url, prefix = %config.prefix, layout, pool_size, "redis store connected");
+        tracing::info!(%url, prefix = %config.prefix, layout, pool_size, durable_pool_size, "redis store connected");
         Ok(store)
     }
 }
@@ -405,8 +423,12 @@ impl Drop for RedisStore {
         // The subscriber closes its own connection when dropped.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let pool = self.shared.pool.clone();
+            let durable = self.shared.durable_pool.clone();
             handle.spawn(async move {
                 let _ = pool.quit().await;
+                if let Some(durable) = durable {
+                    let _ = durable.quit().await;
+                }
             });
         }
     }
@@ -617,6 +639,16 @@ impl Store for RedisStore {
         // whichever connection the pool picks.
         for client in self.shared.pool.clients() {
             let _: String = self.shared.bounded(client.ping(None)).await?;
+        }
+        // The durable writes' connections may be waiting for replicas
+        // (`WAIT`), which a PING would queue behind: their state is
+        // enough (a write that finds one broken fails on its own).
+        if let Some(durable) = &self.shared.durable_pool
+            && !durable.clients().iter().all(ClientLike::is_connected)
+        {
+            return Err(self
+                .shared
+                .with_cause(StoreError::Unavailable("redis durable-write connection not connected".into())));
         }
         // The marker is still this layout's (and is written again if a
         // failover or a flush lost it).
