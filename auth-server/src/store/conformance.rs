@@ -8,8 +8,9 @@
 //! and what differed. It covers the issued-`jti` registry (for deployments
 //! that keep one: `tokens.record_issued`), deny entries by
 //! `jti`, session and family (never shortened, forgotten at expiry),
-//! refresh rotation, reuse and expiry, the snapshot at several times, and
-//! the events subscribers hear.
+//! refresh rotation (returning the spent token's record), reuse and expiry,
+//! the undo of a rotation, revocation by refresh token, the snapshot at
+//! several times, and the events subscribers hear.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), auth_server::store::conformance::Failure> {

@@ -593,8 +593,8 @@ impl Store for RedisStore {
             for call in scripts::revoke(layout, &revocation, now) {
                 let _: i64 = self.shared.write(call).await?;
             }
-        } else if let Some(call) = scripts::family_index(layout, &revocation.id, until, now)
-            && revocation.kind == RevocationKind::Family
+        } else if revocation.kind == RevocationKind::Family
+            && let Some(call) = scripts::family_index(layout, &revocation.id, until, now)
         {
             // The sharded layout's family entry in its deny shard, for
             // snapshots (published already, from the family's slot).

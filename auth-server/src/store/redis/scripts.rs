@@ -612,6 +612,23 @@ mod tests {
     }
 
     #[test]
+    fn revoking_by_refresh_token_writes_in_the_tokens_slot_but_a_sharded_session() {
+        let now = 1_800_000_000;
+        for layout in layouts() {
+            for (kind, writes) in [(RevocationKind::Family, true), (RevocationKind::Sid, !layout.is_sharded())] {
+                let r = RefreshRevoke { digest: "fam-1.d1", kind, until: now + 60 };
+                let (call, written) = revoke_refresh(&layout, &r, now).unwrap();
+                assert_eq!(written, writes, "{kind:?} under {layout:?}");
+                assert_eq!(call.keys().len(), 1 + usize::from(writes), "{kind:?} under {layout:?}");
+                let channel = &call.args()[3];
+                assert_eq!(channel.is_empty(), !writes, "publishes exactly when it writes");
+            }
+            let jti = RefreshRevoke { digest: "fam-1.d1", kind: RevocationKind::Jti, until: now };
+            assert!(revoke_refresh(&layout, &jti, now).is_none());
+        }
+    }
+
+    #[test]
     fn the_slot_check_catches_a_script_that_crosses_slots() {
         // Keys without a shared hash tag, as a careless layout would name
         // them, spread over slots: the check above would refuse them.
