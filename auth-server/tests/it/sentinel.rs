@@ -174,14 +174,69 @@ async fn jti_of(client: &mut AuthClient<Channel>, token: &str) -> String {
 }
 
 /// The revoked `jti`s in the snapshot a fresh WatchRevocations stream
-/// starts with.
+/// starts with, once the server can hear revocations again.
+///
+/// After a failover the server refuses streams (UNAVAILABLE: it fails
+/// closed) until its Redis subscriber is live on the new primary. The feed
+/// may also still read live from before the failover (a gap shorter than
+/// one subscriber ping plus the command timeout keeps it live) and drop
+/// only once that runs out, after ExchangeToken has already answered. So
+/// each attempt first waits for the store's feed to be live, and a stream
+/// refused or ended UNAVAILABLE before its snapshot is opened again, up to
+/// [`FAILOVER_PATIENCE`].
 async fn snapshot_jtis(srv: &TestServer) -> Vec<String> {
     let mut client = AuthClient::new(srv.channel("inventory").await);
-    let mut stream = client.watch_revocations(WatchRevocationsRequest {}).await.unwrap().into_inner();
-    let Some(Event::Snapshot(snapshot)) = within("the snapshot", stream.message()).await.unwrap().unwrap().event else {
-        panic!("the stream starts with a snapshot");
+    let mut feed = srv.core().store.feed_state();
+    let live_at_first = feed.borrow().live;
+    let (mut refused, mut last) = (0u32, None);
+    let attempts = async {
+        loop {
+            feed.wait_for(|s| s.live).await.expect("the store's feed state");
+            match read_snapshot(&mut client).await {
+                Ok(ids) => return ids,
+                Err(status) if status.code() == Code::Unavailable => {
+                    refused += 1;
+                    last = Some(status);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(status) => panic!("WatchRevocations after the failover: {status:?}"),
+            }
+        }
     };
-    snapshot.entries.into_iter().map(|e| e.id).collect()
+    match tokio::time::timeout(FAILOVER_PATIENCE, attempts).await {
+        Ok(ids) => {
+            println!(
+                "sentinel failover: the server's revocation feed was {}live when the snapshot was first asked for; \
+                 WatchRevocations refused {refused} time(s) before a stream started",
+                if live_at_first { "" } else { "not " }
+            );
+            ids
+        }
+        Err(_) => panic!(
+            "gave up waiting for the server's revocation feed to be live and a WatchRevocations stream to start \
+             with a snapshot after the failover; last refusal: {last:?}"
+        ),
+    }
+}
+
+/// Opens a WatchRevocations stream and reads its whole (possibly chunked)
+/// snapshot: the ids it holds, or the status the stream was refused or
+/// ended with.
+async fn read_snapshot(client: &mut AuthClient<Channel>) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = client.watch_revocations(WatchRevocationsRequest {}).await?.into_inner();
+    let mut ids = Vec::new();
+    loop {
+        let Some(event) = within("a snapshot chunk", stream.message()).await? else {
+            panic!("the stream ended without a status before its snapshot was complete");
+        };
+        let Some(Event::Snapshot(snapshot)) = event.event else {
+            panic!("the stream starts with a snapshot, got {:?}", event.event);
+        };
+        ids.extend(snapshot.entries.into_iter().map(|e| e.id));
+        if !snapshot.more {
+            return Ok(ids);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
