@@ -26,21 +26,48 @@
 //! from the URL: a server with an explicit `redis.layout` writes other keys
 //! than the URL suggests, and a check reading the wrong keys would pass
 //! revoked tokens. The check reads the marker on its first lookup (and in
-//! [`ready`](RevocationCheck::ready)) and keeps it; until an auth server
-//! has written it (on connecting to this Redis), every check fails closed,
-//! as a pushed deny set does until its first snapshot. A marker naming a
-//! layout or format this version does not know, or (with
-//! [`RedisRevocation::connect_with_layout`]) another layout than the one
-//! asked for, fails closed too, and is logged.
+//! [`ready`](RevocationCheck::ready)); until an auth server has written it
+//! (on connecting to this Redis), every check fails closed, as a pushed
+//! deny set does until its first snapshot. The first layout read is the
+//! one this check reads for its whole life (with
+//! [`RedisRevocation::connect_with_layout`], the one asked for).
+//!
+//! The marker is read again, since Redis can change under a running check
+//! (a flush, a replaced instance, auth servers restarted with another
+//! `redis.layout`): a lookup more than
+//! [`MARKER_RECHECK_SECS`](RedisRevocation::MARKER_RECHECK_SECS) (of
+//! verification time) after the marker last named this check's layout
+//! reads it again, concurrently with its own check (one `GET`, no extra
+//! round trip of latency), and its answer stands only if the marker still
+//! names the layout. So within that bound a check notices that:
+//!
+//! - the marker names **another layout** or a format this version does not
+//!   know: every check fails closed, logged once at error level, until the
+//!   marker names this check's layout again. A check never follows a new
+//!   layout by itself (the old layout's revocations would go unseen):
+//!   restart the service to read the new one.
+//! - the marker is **absent** (a flush, or a failover that lost it; the
+//!   auth servers write it back at their next readiness check): checks go
+//!   on reading the layout for up to
+//!   [`MARKER_ABSENT_GRACE_SECS`](RedisRevocation::MARKER_ABSENT_GRACE_SECS)
+//!   after the marker last named it, then fail closed until it is back.
+//! - the marker **cannot be read**: that lookup fails closed, as any Redis
+//!   failure does.
+//!
+//! Each change of what the marker says is logged once.
 
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fred::prelude::{Builder, ClientLike as _, Config, KeysInterface as _, Pool, ReconnectPolicy};
 
 use super::VerifyError;
 use super::revocation::{RevocationCheck, RevocationLookup};
 use crate::redis_layout::{self, KeyLayout};
+
+/// How often [`ready`](RevocationCheck::ready) repeats, while it waits for
+/// the layout marker, what it waits for.
+const READY_LOG_EVERY: Duration = Duration::from_secs(30);
 
 /// Why [`RedisRevocation::connect`] failed. Never includes the URL (it may
 /// hold a password).
@@ -59,10 +86,8 @@ struct Shared {
     pool: Pool,
     /// The deployment's prefix (`redis.prefix`).
     prefix: String,
-    /// The layout the caller asked for, if any: the marker must name it.
-    expected: Option<KeyLayout>,
-    /// The layout the marker names, once read.
-    layout: OnceLock<KeyLayout>,
+    /// What the layout marker said.
+    marker: Mutex<MarkerState>,
     timeout: Duration,
     connection: tokio::task::JoinHandle<Result<(), fred::error::Error>>,
 }
@@ -71,6 +96,37 @@ impl Drop for Shared {
     fn drop(&mut self) {
         self.connection.abort();
     }
+}
+
+/// The layout this check reads and what the marker said of it.
+struct MarkerState {
+    /// The layout checks read: the one asked for, or the first one the
+    /// marker named. Never changes once set.
+    layout: Option<Arc<KeyLayout>>,
+    /// When (verification time, Unix seconds) the marker last named
+    /// `layout`; `None` before that, and once it named another.
+    confirmed: Option<u64>,
+    /// What the last read found, so that each change is logged once.
+    seen: Seen,
+}
+
+/// What a marker read found, as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    /// Not read yet.
+    Nothing,
+    /// It names this check's layout.
+    Layout,
+    /// Absent; the layout it last named is still read.
+    MissingTolerated,
+    /// Absent, and no layout is read.
+    Missing,
+    /// Unreadable (Redis did not answer in time).
+    Unavailable(String),
+    /// Another format, or not a marker.
+    Unknown(String),
+    /// Another layout than this check's.
+    Other(&'static str),
 }
 
 /// The redis-mode revocation check: one Lua round trip per request (two
@@ -89,13 +145,25 @@ impl std::fmt::Debug for RedisRevocation {
 }
 
 impl RedisRevocation {
+    /// How long a read of the layout marker stands, in seconds of
+    /// verification time: a lookup later than this after the marker last
+    /// named this check's layout reads it again (see the [module
+    /// docs](self)).
+    pub const MARKER_RECHECK_SECS: u64 = 5;
+
+    /// How long, in seconds after the marker last named this check's
+    /// layout, checks go on reading it while the marker is absent; then
+    /// they fail closed until it is back.
+    pub const MARKER_ABSENT_GRACE_SECS: u64 = 30;
+
     /// Connects (in the background, reconnecting as needed) to the auth
     /// server's Redis at `url` (`redis://`, `rediss://`,
     /// `redis-sentinel://` or `redis-cluster://`), with key prefix `prefix`
     /// (the auth server's `redis.prefix`, default `auth`) and a per-lookup
     /// `timeout`. The key layout is the one the auth server recorded in
     /// the layout marker ([`KeyLayout::marker`]); checks fail closed
-    /// until it is there. Must be called within a tokio runtime.
+    /// until it is there, and whenever it names another layout later (see
+    /// the [module docs](self)). Must be called within a tokio runtime.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisSetupError> {
         Self::build(url, prefix, None, timeout)
     }
@@ -121,73 +189,177 @@ impl RedisRevocation {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let pool = builder.build_pool(2).map_err(|e| RedisSetupError::Client(e.kind().to_str().to_owned()))?;
         let connection = pool.connect();
-        let shared = Shared { pool, prefix: prefix.to_owned(), expected, layout: OnceLock::new(), timeout, connection };
+        let marker = MarkerState { layout: expected.map(Arc::new), confirmed: None, seen: Seen::Nothing };
+        let shared = Shared { pool, prefix: prefix.to_owned(), marker: Mutex::new(marker), timeout, connection };
         Ok(Self { shared: Arc::new(shared) })
     }
 }
 
 /// Why the layout marker gives no layout to read.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum MarkerError {
     /// Redis did not answer (in time).
+    #[error("layout marker unreadable: {0}")]
     Unavailable(String),
-    /// No auth server has connected to this Redis with this prefix yet.
+    /// No auth server has written it to this Redis with this prefix (yet,
+    /// or again after a flush, for longer than the grace).
+    #[error("no layout marker")]
     Missing,
     /// A layout or format this version does not know.
+    #[error(transparent)]
     Unknown(redis_layout::UnknownMarker),
-    /// Another layout than the one asked for.
+    /// Another layout than the one this check reads.
+    #[error("the layout marker names the {found} layout, this check reads the {expected} layout")]
     Other { expected: &'static str, found: &'static str },
 }
 
-impl Shared {
-    /// The layout the marker names: read once, then kept (a layout never
-    /// changes under a running auth server, which refuses another one).
-    async fn layout(&self) -> Result<&KeyLayout, MarkerError> {
-        if let Some(layout) = self.layout.get() {
-            return Ok(layout);
-        }
-        let key = KeyLayout::marker_key(&self.prefix);
-        let value: Option<String> = match tokio::time::timeout(self.timeout, self.pool.get(key)).await {
-            Ok(Ok(value)) => value,
-            Ok(Err(e)) => return Err(MarkerError::Unavailable(format!("{:?}", e.kind()))),
-            Err(_) => return Err(MarkerError::Unavailable("timed out".into())),
-        };
-        let layout =
-            KeyLayout::from_marker(&self.prefix, &value.ok_or(MarkerError::Missing)?).map_err(MarkerError::Unknown)?;
-        if let Some(expected) = &self.expected
-            && *expected != layout
-        {
-            return Err(MarkerError::Other { expected: expected.name(), found: layout.name() });
-        }
-        Ok(self.layout.get_or_init(|| layout))
-    }
-
-    /// [`layout`](Self::layout), logging why there is none.
-    async fn layout_or_refuse(&self) -> Result<&KeyLayout, VerifyError> {
-        self.layout().await.map_err(|e| {
-            match e {
-                MarkerError::Unavailable(cause) => {
-                    tracing::warn!(%cause, "redis layout marker unreadable; refusing");
-                }
-                MarkerError::Missing => tracing::warn!(
-                    prefix = %self.prefix,
-                    "no redis layout marker yet (no auth server has connected to this Redis with this prefix); refusing"
-                ),
-                MarkerError::Unknown(e) => tracing::error!(prefix = %self.prefix, error = %e, "refusing"),
-                MarkerError::Other { expected, found } => tracing::error!(
-                    prefix = %self.prefix,
-                    expected,
-                    found,
-                    "the auth server's redis key layout is not the one this check was built for; refusing"
-                ),
+impl MarkerError {
+    /// What [`ready`](RevocationCheck::ready) waits for, for its log.
+    fn waiting_for(&self) -> &'static str {
+        match self {
+            Self::Unavailable(_) => "Redis to answer the layout marker read",
+            Self::Missing => "an auth server to write the layout marker (it does when it connects to this Redis)",
+            Self::Unknown(_) => "the layout marker to name a layout this version knows (it never does by itself)",
+            Self::Other { .. } => {
+                "the layout marker to name this check's layout again (it never does by itself: restart this service \
+                 or fix redis.layout)"
             }
-            VerifyError::RevocationUnavailable
-        })
+        }
+    }
+}
+
+/// The current time as verification time (Unix seconds).
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl MarkerState {
+    /// The layout to read at `now`, and whether the marker named it
+    /// recently enough that it need not be read again.
+    fn current(&self, now: u64) -> (Option<Arc<KeyLayout>>, bool) {
+        let fresh = self.confirmed.is_some_and(|at| at <= now && now - at < RedisRevocation::MARKER_RECHECK_SECS);
+        (self.layout.clone(), fresh)
     }
 
-    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, VerifyError> {
-        let layout = self.layout_or_refuse().await?;
-        let calls = redis_layout::is_revoked(layout, jti, sid, now);
+    /// What a marker read at `now` means: the layout to read, or why there
+    /// is none; and what to log.
+    fn judge(
+        &mut self,
+        prefix: &str,
+        read: Result<Option<String>, String>,
+        now: u64,
+    ) -> (Result<Arc<KeyLayout>, MarkerError>, Seen) {
+        let value = match read {
+            Ok(Some(value)) => value,
+            Ok(None) => {
+                return match (&self.layout, self.confirmed) {
+                    (Some(layout), Some(at)) if at <= now && now - at < RedisRevocation::MARKER_ABSENT_GRACE_SECS => {
+                        (Ok(Arc::clone(layout)), Seen::MissingTolerated)
+                    }
+                    _ => (Err(MarkerError::Missing), Seen::Missing),
+                };
+            }
+            Err(cause) => return (Err(MarkerError::Unavailable(cause.clone())), Seen::Unavailable(cause)),
+        };
+        if let Some(layout) = &self.layout
+            && value == layout.marker_value()
+        {
+            self.confirmed = Some(now);
+            return (Ok(Arc::clone(layout)), Seen::Layout);
+        }
+        match KeyLayout::from_marker(prefix, &value) {
+            Err(unknown) => {
+                self.confirmed = None;
+                let seen = Seen::Unknown(unknown.value.clone());
+                (Err(MarkerError::Unknown(unknown)), seen)
+            }
+            Ok(found) => match &self.layout {
+                Some(layout) => {
+                    self.confirmed = None;
+                    let error = MarkerError::Other { expected: layout.name(), found: found.name() };
+                    (Err(error), Seen::Other(found.name()))
+                }
+                None => {
+                    let layout = Arc::new(found);
+                    self.layout = Some(Arc::clone(&layout));
+                    self.confirmed = Some(now);
+                    (Ok(layout), Seen::Layout)
+                }
+            },
+        }
+    }
+}
+
+impl Shared {
+    fn marker(&self) -> std::sync::MutexGuard<'_, MarkerState> {
+        self.marker.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// One read of the marker, bounded by the timeout.
+    async fn read_marker(&self) -> Result<Option<String>, String> {
+        let key = KeyLayout::marker_key(&self.prefix);
+        match tokio::time::timeout(self.timeout, self.pool.get::<Option<String>, _>(key)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(format!("{:?}", e.kind())),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// Judges a marker read at `now` (see [`MarkerState::judge`]), logging
+    /// what changed.
+    fn judge(&self, read: Result<Option<String>, String>, now: u64) -> Result<Arc<KeyLayout>, MarkerError> {
+        let mut state = self.marker();
+        let (verdict, seen) = state.judge(&self.prefix, read, now);
+        if seen != state.seen {
+            let before = std::mem::replace(&mut state.seen, seen.clone());
+            let layout = state.layout.as_ref().map(|l| l.name());
+            drop(state);
+            self.log_change(&before, &seen, layout, &verdict);
+        }
+        verdict
+    }
+
+    fn log_change(
+        &self,
+        before: &Seen,
+        now: &Seen,
+        layout: Option<&str>,
+        verdict: &Result<Arc<KeyLayout>, MarkerError>,
+    ) {
+        let prefix = &self.prefix;
+        match (now, verdict) {
+            (Seen::Layout, _) if *before == Seen::Nothing => {
+                tracing::info!(%prefix, layout, "redis layout marker read");
+            }
+            (Seen::Layout, _) => tracing::info!(%prefix, layout, "redis layout marker names this check's layout again"),
+            (Seen::MissingTolerated, _) => tracing::warn!(
+                %prefix,
+                layout,
+                grace_secs = RedisRevocation::MARKER_ABSENT_GRACE_SECS,
+                "redis layout marker missing (a flush or a failover?); reading the layout it last named until the \
+                 grace runs out, then refusing"
+            ),
+            (Seen::Missing, _) => tracing::warn!(
+                %prefix,
+                "no redis layout marker (no auth server has written it to this Redis with this prefix); refusing"
+            ),
+            (Seen::Unavailable(cause), _) => {
+                tracing::warn!(%prefix, %cause, "redis layout marker unreadable; refusing")
+            }
+            (_, Err(e @ MarkerError::Unknown(_))) => tracing::error!(%prefix, error = %e, "refusing"),
+            (_, Err(MarkerError::Other { expected, found })) => tracing::error!(
+                %prefix,
+                expected,
+                found,
+                "the redis layout marker names another key layout than this check reads; refusing until it names \
+                 this one again (restart the service to follow a new layout)"
+            ),
+            _ => {}
+        }
+    }
+
+    /// The lookup's own round trip, bounded by the timeout.
+    async fn lookup(&self, calls: Vec<redis_layout::ScriptCall<'static>>) -> Result<bool, VerifyError> {
         match tokio::time::timeout(self.timeout, redis_layout::run_is_revoked(calls, &self.pool)).await {
             Ok(Ok(revoked)) => Ok(revoked),
             Ok(Err(e)) => {
@@ -197,6 +369,27 @@ impl Shared {
             Err(_) => {
                 tracing::warn!("redis revocation lookup timed out; refusing");
                 Err(VerifyError::RevocationUnavailable)
+            }
+        }
+    }
+
+    async fn is_revoked(&self, jti: &str, sid: Option<&str>, now: u64) -> Result<bool, VerifyError> {
+        let (layout, fresh) = self.marker().current(now);
+        let refused = |_| VerifyError::RevocationUnavailable;
+        match layout {
+            Some(layout) if fresh => self.lookup(redis_layout::is_revoked(&layout, jti, sid, now)).await,
+            // The marker is read again alongside the lookup, which stands
+            // only if the marker still names the layout it read.
+            Some(layout) => {
+                let calls = redis_layout::is_revoked(&layout, jti, sid, now);
+                let (read, answer) = tokio::join!(self.read_marker(), self.lookup(calls));
+                self.judge(read, now).map_err(refused)?;
+                answer
+            }
+            None => {
+                let read = self.read_marker().await;
+                let layout = self.judge(read, now).map_err(refused)?;
+                self.lookup(redis_layout::is_revoked(&layout, jti, sid, now)).await
             }
         }
     }
@@ -214,18 +407,37 @@ impl RevocationCheck for RedisRevocation {
         }))
     }
 
+    /// Waits until the layout marker names a layout this check reads: as
+    /// long as it takes an auth server to write it, and forever while it
+    /// names another layout (which never resolves by itself: logged at
+    /// error level, and again every 30 s while it waits, saying for what).
     fn ready(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            if let Err(e) = self.shared.pool.wait_for_connect().await {
-                tracing::warn!(kind = ?e.kind(), "redis not connected");
-            }
-            // Until the marker is read, every check refuses: wait for it,
-            // as long as it takes an auth server to write it.
-            let mut pause = Duration::from_millis(20);
-            if self.shared.layout_or_refuse().await.is_ok() {
+            let shared = &self.shared;
+            if shared.marker().current(unix_now()).1 {
                 return;
             }
-            while self.shared.layout().await.is_err() {
+            if let Err(e) = shared.pool.wait_for_connect().await {
+                tracing::warn!(kind = ?e.kind(), "redis not connected");
+            }
+            let mut pause = Duration::from_millis(20);
+            let mut told = Instant::now();
+            loop {
+                let now = unix_now();
+                let read = shared.read_marker().await;
+                let Err(e) = shared.judge(read, now) else { return };
+                if told.elapsed() >= READY_LOG_EVERY {
+                    told = Instant::now();
+                    let waiting_for = e.waiting_for();
+                    match e {
+                        MarkerError::Unknown(_) | MarkerError::Other { .. } => {
+                            tracing::error!(prefix = %shared.prefix, error = %e, "redis revocation not ready: waiting for {waiting_for}")
+                        }
+                        MarkerError::Unavailable(_) | MarkerError::Missing => {
+                            tracing::warn!(prefix = %shared.prefix, error = %e, "redis revocation not ready: waiting for {waiting_for}")
+                        }
+                    }
+                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(1));
             }

@@ -1108,6 +1108,84 @@ async fn redis_mode_fails_closed_without_a_layout_marker_or_with_another_one() {
     assert!(matches!(lookup(&sharded).await, Err(VerifyError::Revoked)));
 }
 
+/// The marker is read again while the check runs: a Redis flushed (or
+/// replaced) under a running verifier, whose auth servers come back with
+/// the other layout, is noticed within `MARKER_RECHECK_SECS` and fails
+/// closed, rather than reading the old layout's keys and passing tokens
+/// revoked in the new one. A marker gone (a flush, before the auth servers
+/// write it back) is tolerated for `MARKER_ABSENT_GRACE_SECS`, then fails
+/// closed until it is back.
+#[tokio::test]
+async fn redis_mode_rereads_the_layout_marker_and_fails_closed_when_it_changes_or_stays_gone() {
+    use service_sdk::redis_layout::KeyLayout;
+    use service_sdk::verify::{RedisRevocation, RevocationCheck, RevocationLookup};
+    use testkit::RedisProcess;
+    const RECHECK: u64 = RedisRevocation::MARKER_RECHECK_SECS;
+    const GRACE: u64 = RedisRevocation::MARKER_ABSENT_GRACE_SECS;
+    let redis = RedisProcess::start();
+    let lookup = |check: &RedisRevocation, sid: &str, now: u64| match check.check("jti-1", Some(sid), now) {
+        RevocationLookup::Pending(f) => f,
+        RevocationLookup::Ready(_) => panic!("redis mode looks up"),
+    };
+    // Verification time, far from the deny entries' expiry.
+    let t0 = 1_000_000;
+    let until = "9999999999";
+    let (single, sharded) = (KeyLayout::new("auth"), KeyLayout::sharded("auth"));
+    redis.command(&["SET", "{auth}:layout", "single|1"]);
+    redis.command(&["ZADD", &single.deny_sid("sid-old"), until, "sid-old"]);
+    let check = RedisRevocation::connect(&redis.url(), "auth", Duration::from_millis(500)).unwrap();
+    let pinned =
+        RedisRevocation::connect_with_layout(&redis.url(), single.clone(), Duration::from_millis(500)).unwrap();
+    for check in [&check, &pinned] {
+        assert!(matches!(lookup(check, "sid-old", t0).await, Err(VerifyError::Revoked)), "reads the single layout");
+        assert!(lookup(check, "sid-new", t0).await.is_ok());
+    }
+
+    // Redis flushed, the auth servers back with the sharded layout, and a
+    // session revoked there.
+    redis.command(&["FLUSHALL"]);
+    redis.command(&["SET", "{auth}:layout", "sharded|1"]);
+    redis.command(&["ZADD", &sharded.deny_sid("sid-new"), until, "sid-new"]);
+    for (name, check) in [("connect", &check), ("connect_with_layout", &pinned)] {
+        // Within the recheck bound the marker read stands.
+        assert!(lookup(check, "sid-new", t0 + RECHECK - 1).await.is_ok(), "{name}");
+        // Past it, the marker is read again: another layout refuses, at
+        // every lookup, rather than reading the old layout's keys.
+        for now in [t0 + RECHECK, t0 + RECHECK + 1, t0 + 10 * RECHECK] {
+            assert!(
+                matches!(lookup(check, "sid-new", now).await, Err(VerifyError::RevocationUnavailable)),
+                "{name}: the marker names another layout at {now}"
+            );
+        }
+    }
+
+    // The marker names the single layout again: answers again.
+    redis.command(&["SET", "{auth}:layout", "single|1"]);
+    let t1 = t0 + 20 * RECHECK;
+    for check in [&check, &pinned] {
+        assert!(lookup(check, "sid-new", t1).await.is_ok());
+        redis.command(&["ZADD", &single.deny_sid("sid-again"), until, "sid-again"]);
+        assert!(matches!(lookup(check, "sid-again", t1).await, Err(VerifyError::Revoked)));
+    }
+
+    // The marker gone: the layout it last named is read for the grace,
+    // then every lookup refuses until the marker is back.
+    redis.command(&["DEL", "{auth}:layout"]);
+    for check in [&check, &pinned] {
+        assert!(matches!(lookup(check, "sid-again", t1 + RECHECK).await, Err(VerifyError::Revoked)));
+        assert!(lookup(check, "sid-other", t1 + GRACE - 1).await.is_ok(), "within the grace");
+        assert!(
+            matches!(lookup(check, "sid-other", t1 + GRACE).await, Err(VerifyError::RevocationUnavailable)),
+            "past the grace"
+        );
+    }
+    redis.command(&["SET", "{auth}:layout", "single|1"]);
+    for check in [&check, &pinned] {
+        assert!(lookup(check, "sid-other", t1 + GRACE + 1).await.is_ok(), "the marker is back");
+        check.ready().await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // A large deny list
 
