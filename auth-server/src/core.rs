@@ -114,6 +114,31 @@ fn checked_directory(files: &DirectoryFiles, tokens: &TokensConfig) -> Result<Di
     Ok(directory)
 }
 
+/// Signs a token for `grant` with `policy`'s keys, issued at `now` by
+/// `issuer`, with a `jti` chosen beforehand, and records nothing. Refresh
+/// commits the rotation, which records the `jti`, before it signs, and
+/// signs in a task of its own (which the caller's cancellation cannot
+/// interrupt): hence a function that needs no [`AuthCore`].
+pub async fn sign_as(issuer: &str, policy: &Policy, grant: Grant, now: u64, jti: String) -> Result<Minted, AuthError> {
+    let claims = Claims {
+        iss: issuer.to_owned(),
+        sub: grant.sub,
+        aud: Audience::from_list(grant.aud),
+        exp: now + grant.ttl,
+        nbf: now,
+        iat: now,
+        jti,
+        sid: grant.sid,
+        client_id: grant.client_id,
+        role: grant.role,
+        perms: grant.perms,
+        act: grant.act,
+        cnf: grant.cnf.map(|x5t_s256| Confirmation { x5t_s256 }),
+    };
+    let token = policy.keys.sign(&claims).await?;
+    Ok(Minted { token, claims })
+}
+
 /// The state the flows run against.
 pub struct AuthCore {
     /// The `iss` of every token (restart-only).
@@ -222,26 +247,9 @@ impl AuthCore {
         self.sign_as(policy, grant, now, random_token(16)?).await
     }
 
-    /// [`AuthCore::sign`] with a `jti` chosen beforehand (Refresh commits
-    /// the rotation, which records the `jti`, before it signs).
+    /// [`AuthCore::sign`] with a `jti` chosen beforehand (see [`sign_as`]).
     pub async fn sign_as(&self, policy: &Policy, grant: Grant, now: u64, jti: String) -> Result<Minted, AuthError> {
-        let claims = Claims {
-            iss: self.issuer.clone(),
-            sub: grant.sub,
-            aud: Audience::from_list(grant.aud),
-            exp: now + grant.ttl,
-            nbf: now,
-            iat: now,
-            jti,
-            sid: grant.sid,
-            client_id: grant.client_id,
-            role: grant.role,
-            perms: grant.perms,
-            act: grant.act,
-            cnf: grant.cnf.map(|x5t_s256| Confirmation { x5t_s256 }),
-        };
-        let token = policy.keys.sign(&claims).await?;
-        Ok(Minted { token, claims })
+        sign_as(&self.issuer, policy, grant, now, jti).await
     }
 
     /// Starts a new refresh family for a login session (one store write).

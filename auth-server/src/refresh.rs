@@ -17,11 +17,25 @@
 //!   again;
 //! - a signing failure (a transit key unreachable, say) runs one
 //!   compensating store step, [`Store::undo_refresh`](crate::store::Store::undo_refresh),
-//!   which makes the presented token live again and deletes its successor
-//!   and the `jti` record, so the client's retry is a plain refresh. Should
-//!   the undo fail too, it is logged and the signing error returned: the
-//!   retry then counts as a reuse (and revokes the family) unless it comes
-//!   within `tokens.refresh_reuse_grace_secs`.
+//!   before the error is answered. A rotation is undone: the presented
+//!   token is live again, its successor and the `jti` record deleted, so
+//!   the client's retry is a plain refresh. A retry within the grace
+//!   window (the token was spent before it) keeps the token spent from its
+//!   first spend and the retry's successor stored, so another retry within
+//!   that window still gets a pair, and no later one does. Should the undo
+//!   fail too, it is logged and the signing error returned: the retry then
+//!   counts as a reuse (and revokes the family) unless it comes within
+//!   `tokens.refresh_reuse_grace_secs`.
+//!
+//! Cancellation: the commit, the signing and the undo run in a task of
+//! their own, which the caller awaits. A caller that goes away (the
+//! client's deadline passes, it disconnects, the server's request timeout
+//! fires: the handler's future is dropped) interrupts none of them: the
+//! task still undoes after a signing failure, and after a signing that
+//! succeeded with nobody left to take the pair it undoes too, so the
+//! client's retry is a plain refresh rather than a reuse. A pair taken by
+//! the caller whose reply is then lost on the way (a broken connection)
+//! is the lost reply below.
 //!
 //! A failure before the commit spends nothing. A reply lost after it (a
 //! timeout, a dropped connection) makes the retry look like reuse;
@@ -34,12 +48,17 @@
 //! prefix) costs one more round trip: its record is read first, for the
 //! family its successor is named after.
 
-use crate::core::AuthCore;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use crate::core::{AuthCore, Policy, sign_as};
 use crate::directory::random_token;
 use crate::error::AuthError;
-use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest, refresh_token, refresh_token_family};
-use crate::observe::Event;
-use crate::store::{ConsumeOutcome, RefreshCommit};
+use crate::grant::{Grant, GrantKind, Issued, RefreshIssued, refresh_digest, refresh_token, refresh_token_family};
+use crate::observe::{Event, Events};
+use crate::store::{Committed, ConsumeOutcome, RefreshCommit, Store, StoreError};
 
 /// Spends `presented` and returns a new access token and refresh token.
 /// Presenting a spent token revokes its family and is refused (unless it
@@ -61,45 +80,142 @@ pub async fn refresh(core: &AuthCore, presented: &str) -> Result<Issued, AuthErr
         },
     };
     let next = refresh_token(&family, &random_token(32)?);
-    let jti = random_token(16)?;
-    let commit = RefreshCommit {
-        digest: &digest,
-        next_digest: &refresh_digest(&next),
+    let rotation = Rotation {
+        next_digest: refresh_digest(&next),
         next_expires_at: now + t.refresh_ttl_secs,
-        jti: &jti,
+        jti: random_token(16)?,
         issued_exp: policy::recorded(t).then_some(now + t.access_ttl_secs),
         reuse_grace_secs: t.refresh_reuse_grace_secs,
+        digest,
+        next,
+        now,
+        store: Arc::clone(&core.store),
+        events: Arc::clone(&core.events),
+        issuer: core.issuer.clone(),
+        policy: current,
     };
-    let outcome = core.store.commit_refresh(&commit, now).await?;
-    if let ConsumeOutcome::Reused(record) = &outcome {
-        core.events.emit(&Event::RefreshReuse { family: &record.family, sid: &record.sid });
-    }
-    let record = policy::committed(outcome)?;
-    // Spent now: a refusal here stands (the user is gone).
-    let grant = policy::grant(Some(record), |sub| current.directory.user(sub), t.access_ttl_secs)?;
-    let access = match core.sign_as(&current, grant, now, jti.clone()).await {
-        Ok(access) => access,
-        Err(e) => {
-            undo(core, &commit, now).await;
-            return Err(e);
-        }
-    };
-    Ok(Issued { kind: GrantKind::Refresh, access, refresh: Some(RefreshIssued { token: next }) })
+    // From the commit on, in a task the caller's cancellation cannot
+    // interrupt (see the module docs).
+    let (reply, answer) = oneshot::channel();
+    tokio::spawn(rotation.run(reply).instrument(tracing::Span::current()));
+    answer.await.map_err(|_| AuthError::Internal("refresh ended without an answer"))?
 }
 
-/// Puts the presented token back after a signing failure (see the module
-/// docs). Logs, without any token or digest, what it could not do.
-async fn undo(core: &AuthCore, commit: &RefreshCommit<'_>, now: u64) {
-    match core.store.undo_refresh(commit, now).await {
-        Ok(true) => tracing::info!("refresh rotation undone after a signing failure: the token is live again"),
-        Ok(false) => tracing::warn!(
-            "refresh rotation not undone after a signing failure: another presentation of the token moved on"
-        ),
-        Err(e) => tracing::error!(
-            error = %e,
-            "refresh rotation not undone after a signing failure: a retry counts as a reuse unless within \
-             tokens.refresh_reuse_grace_secs"
-        ),
+/// One refresh from its commit on, owned by the task that runs it.
+struct Rotation {
+    digest: String,
+    next: String,
+    next_digest: String,
+    next_expires_at: u64,
+    jti: String,
+    issued_exp: Option<u64>,
+    reuse_grace_secs: u64,
+    now: u64,
+    store: Arc<dyn Store>,
+    events: Arc<dyn Events>,
+    issuer: String,
+    policy: Arc<Policy>,
+}
+
+/// Why a commit is undone.
+#[derive(Debug, Clone, Copy)]
+enum UndoReason {
+    /// Signing the new access token failed.
+    SigningFailed,
+    /// The pair was signed, but the caller had gone away (cancelled).
+    CallerGone,
+}
+
+impl UndoReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::SigningFailed => "signing failed",
+            Self::CallerGone => "the caller went away before the new pair was handed out",
+        }
+    }
+}
+
+impl Rotation {
+    fn commit(&self) -> RefreshCommit<'_> {
+        RefreshCommit {
+            digest: &self.digest,
+            next_digest: &self.next_digest,
+            next_expires_at: self.next_expires_at,
+            jti: &self.jti,
+            issued_exp: self.issued_exp,
+            reuse_grace_secs: self.reuse_grace_secs,
+        }
+    }
+
+    /// Commits, signs, and answers on `reply`; undoes the commit when
+    /// signing fails (before answering) or when nobody takes the answer.
+    async fn run(self, reply: oneshot::Sender<Result<Issued, AuthError>>) {
+        let (grant, committed) = match self.commit_and_grant().await {
+            Ok(granted) => granted,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        match sign_as(&self.issuer, &self.policy, grant, self.now, self.jti.clone()).await {
+            Ok(access) => {
+                let refresh = Some(RefreshIssued { token: self.next.clone() });
+                if reply.send(Ok(Issued { kind: GrantKind::Refresh, access, refresh })).is_err() {
+                    self.undo(committed, UndoReason::CallerGone).await;
+                }
+            }
+            Err(e) => {
+                // Undone before the error is answered: the client's retry
+                // finds the token as the undo left it.
+                self.undo(committed, UndoReason::SigningFailed).await;
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// The commit, and the grant decided from the record it returns.
+    async fn commit_and_grant(&self) -> Result<(Grant, Committed), AuthError> {
+        let outcome = self.store.commit_refresh(&self.commit(), self.now).await?;
+        if let ConsumeOutcome::Reused(record) = &outcome {
+            self.events.emit(&Event::RefreshReuse { family: &record.family, sid: &record.sid });
+        }
+        let (record, committed) = policy::committed(outcome)?;
+        // Spent now: a refusal here stands (the user is gone).
+        let t = &self.policy.tokens;
+        let grant = policy::grant(Some(record), |sub| self.policy.directory.user(sub), t.access_ttl_secs)?;
+        Ok((grant, committed))
+    }
+
+    /// Undoes the commit (see the module docs). Logs, without any token or
+    /// digest, what it did and could not do.
+    async fn undo(&self, committed: Committed, why: UndoReason) {
+        let reason = why.as_str();
+        match (committed, self.store.undo_refresh(&self.commit(), committed, self.now).await) {
+            (Committed::Rotated, Ok(true)) => tracing::info!(
+                reason,
+                "refresh rotation undone: the presented token is restored (its family or session may have been \
+                 revoked meanwhile)"
+            ),
+            (Committed::Rotated, Ok(false)) => {
+                tracing::warn!(reason, "refresh rotation not undone: another presentation of the token moved on")
+            }
+            (Committed::Retried, Ok(_)) => tracing::info!(
+                reason,
+                "refresh retry undone: the token stays spent since its first presentation; a retry within \
+                 tokens.refresh_reuse_grace_secs of that still gets a new pair"
+            ),
+            (_, Err(e @ StoreError::NotDurable { .. })) => tracing::warn!(
+                error = %e,
+                reason,
+                "refresh undo applied, not confirmed on replicas: should the primary be lost now, a retry counts \
+                 as a reuse unless within tokens.refresh_reuse_grace_secs"
+            ),
+            (_, Err(e)) => tracing::error!(
+                error = %e,
+                reason,
+                "refresh undo failed: a retry counts as a reuse unless within tokens.refresh_reuse_grace_secs"
+            ),
+        }
     }
 }
 
@@ -109,7 +225,7 @@ pub mod policy {
     use crate::directory::User;
     use crate::error::AuthError;
     use crate::grant::{Grant, narrow};
-    use crate::store::{ConsumeOutcome, RefreshRecord};
+    use crate::store::{Committed, ConsumeOutcome, RefreshRecord};
 
     /// What the next access token of a family says. An unknown or expired
     /// token is refused. The user's current grants bound the refresh: a
@@ -148,14 +264,14 @@ pub mod policy {
 
     /// Whether the commit went through: a rotation (or a retry within the
     /// grace window) goes on to sign, from the spent token's record it
-    /// returns; a reuse (the family is now revoked) or a token that was
-    /// invalid is refused.
-    pub fn committed(outcome: ConsumeOutcome) -> Result<RefreshRecord, AuthError> {
+    /// returns (with what was committed, should it be undone); a reuse
+    /// (the family is now revoked) or a token that was invalid is refused.
+    pub fn committed(outcome: ConsumeOutcome) -> Result<(RefreshRecord, Committed), AuthError> {
         match outcome {
-            ConsumeOutcome::Rotated(record) => Ok(record),
+            ConsumeOutcome::Rotated(record) => Ok((record, Committed::Rotated)),
             ConsumeOutcome::Retried(record) => {
                 tracing::info!("refresh token presented again within the reuse grace window: successor replaced");
-                Ok(record)
+                Ok((record, Committed::Retried))
             }
             ConsumeOutcome::Reused(_) => {
                 tracing::warn!("refresh token reused: family revoked");
@@ -238,8 +354,10 @@ pub mod policy {
 
         #[test]
         fn only_a_rotation_or_a_retry_goes_on_to_sign_from_the_spent_record() {
-            assert_eq!(committed(ConsumeOutcome::Rotated(record(&["a"]))).unwrap(), record(&["a"]));
-            assert_eq!(committed(ConsumeOutcome::Retried(record(&["b"]))).unwrap(), record(&["b"]));
+            let rotated = committed(ConsumeOutcome::Rotated(record(&["a"]))).unwrap();
+            assert_eq!(rotated, (record(&["a"]), Committed::Rotated));
+            let retried = committed(ConsumeOutcome::Retried(record(&["b"]))).unwrap();
+            assert_eq!(retried, (record(&["b"]), Committed::Retried));
             let err = committed(ConsumeOutcome::Reused(record(&[]))).unwrap_err();
             assert!(matches!(err, AuthError::Unauthenticated("refresh token reused; its family is revoked")));
             let err = committed(ConsumeOutcome::Invalid).unwrap_err();

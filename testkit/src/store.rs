@@ -24,8 +24,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use auth_server::store::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
-    Store, StoreError,
+    Committed, ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke,
+    Revocation, Store, StoreError,
 };
 use tokio::sync::{broadcast, watch};
 
@@ -76,6 +76,14 @@ pub enum Intercept {
 pub trait StoreHook: Send + Sync + 'static {
     /// Called before each I/O call reaches the inner store.
     fn intercept(&self, call: StoreCall) -> Intercept;
+
+    /// Called once the inner store has answered a call the hook let
+    /// through ([`Intercept::Pass`] or [`Intercept::LoseReply`]), whatever
+    /// it answered: a test can await a call made by a task it does not
+    /// hold.
+    fn answered(&self, call: StoreCall) {
+        let _ = call;
+    }
 }
 
 impl<F: Fn(StoreCall) -> Intercept + Send + Sync + 'static> StoreHook for F {
@@ -109,10 +117,16 @@ impl<H: StoreHook> HookedStore<H> {
         inner: impl Future<Output = Result<T, StoreError>> + Send,
     ) -> Result<T, StoreError> {
         match self.hook.intercept(call) {
-            Intercept::Pass => inner.await,
+            Intercept::Pass => {
+                let answer = inner.await;
+                self.hook.answered(call);
+                answer
+            }
             Intercept::Refuse(e) => Err(e),
             Intercept::LoseReply(e) => {
-                inner.await?;
+                let answer = inner.await;
+                self.hook.answered(call);
+                answer?;
                 Err(e)
             }
         }
@@ -142,8 +156,13 @@ impl<H: StoreHook> Store for HookedStore<H> {
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError> {
         self.run(StoreCall::CommitRefresh, self.inner.commit_refresh(commit, now)).await
     }
-    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
-        self.run(StoreCall::UndoRefresh, self.inner.undo_refresh(commit, now)).await
+    async fn undo_refresh(
+        &self,
+        commit: &RefreshCommit<'_>,
+        committed: Committed,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        self.run(StoreCall::UndoRefresh, self.inner.undo_refresh(commit, committed, now)).await
     }
     async fn revoke_refresh(
         &self,

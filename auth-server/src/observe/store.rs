@@ -11,8 +11,8 @@ use tokio::sync::{broadcast, watch};
 
 use super::metrics::{STORE_DURATION, STORE_ERRORS};
 use crate::store::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
-    Store, StoreError,
+    Committed, ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke,
+    Revocation, Store, StoreError,
 };
 
 /// The timed operations, in table order (the `op` label).
@@ -121,8 +121,13 @@ impl Store for MeteredStore {
         timed!(self, Op::CommitRefresh, self.inner.commit_refresh(commit, now))
     }
 
-    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
-        timed!(self, Op::UndoRefresh, self.inner.undo_refresh(commit, now))
+    async fn undo_refresh(
+        &self,
+        commit: &RefreshCommit<'_>,
+        committed: Committed,
+        now: u64,
+    ) -> Result<bool, StoreError> {
+        timed!(self, Op::UndoRefresh, self.inner.undo_refresh(commit, committed, now))
     }
 
     async fn revoke_refresh(

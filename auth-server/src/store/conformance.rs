@@ -25,8 +25,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 use super::{
-    ConsumeOutcome, DenyListSize, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation, RevocationKind,
-    Store, StoreError,
+    Committed, ConsumeOutcome, DenyListSize, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
+    RevocationKind, Store, StoreError,
 };
 
 /// The time (Unix seconds) the suite passes as `now`, and moves forward from.
@@ -94,6 +94,7 @@ pub async fn run_all(store: &dyn Store) -> Result<(), Failure> {
     // Last: its reuses add revocations the two checks above do not expect.
     refresh_retry_within_the_grace_window(store).await.map_err(named("refresh_retry_within_the_grace_window"))?;
     undo_puts_a_rotated_token_back(store).await.map_err(named("undo_puts_a_rotated_token_back"))?;
+    undo_leaves_a_retried_token_spent(store).await.map_err(named("undo_leaves_a_retried_token_spent"))?;
     undo_leaves_a_rotation_that_moved_on(store).await.map_err(named("undo_leaves_a_rotation_that_moved_on"))?;
     revoke_by_refresh_token(store, &mut events).await.map_err(named("revoke_by_refresh_token"))?;
     deny_list_size_counts_each_kind(store).await.map_err(named("deny_list_size_counts_each_kind"))?;
@@ -523,7 +524,7 @@ async fn refresh_retry_within_the_grace_window(store: &dyn Store) -> Check {
 /// Undoing a rotation (the flow could not sign): the presented token is
 /// live again, its successor and the new access token's record are gone, and
 /// the next presentation is a plain rotation, not a reuse. With or without
-/// a grace window, and for a retry's rotation too.
+/// a grace window.
 async fn undo_puts_a_rotated_token_back(store: &dyn Store) -> Check {
     let now = NOW;
     for (family, grace) in [("fam-u", 0), ("fam-v", 10)] {
@@ -538,7 +539,10 @@ async fn undo_puts_a_rotated_token_back(store: &dyn Store) -> Check {
             "spending a live token (grace {grace})"
         );
         ensure!(call!(store.issued(&j2, now)).is_some(), "the rotation's access token is not recorded");
-        ensure!(call!(store.undo_refresh(&commit, now)), "the undo did not restore the token (grace {grace})");
+        ensure!(
+            call!(store.undo_refresh(&commit, Committed::Rotated, now)),
+            "the undo did not restore the token (grace {grace})"
+        );
         ensure_eq!(call!(store.issued(&j2, now)), None, "the undone rotation's access token record");
         ensure_eq!(
             call!(store.rotate_with_grace(&t2, &format!("{family}.x"), now + 7200, now + 1, grace)),
@@ -559,20 +563,61 @@ async fn undo_puts_a_rotated_token_back(store: &dyn Store) -> Check {
             "the new successor does not rotate (grace {grace})"
         );
     }
-    // A retry within the window, undone: the token is live again.
-    call!(store.put_refresh("fam-w.1", &refresh_record("fam-w", "sid-w", now + 3600), now));
-    call!(store.rotate_with_grace("fam-w.1", "fam-w.2", now + 7200, now, 10));
-    let retry = rotation("fam-w.1", "fam-w.3", "jti-fam-w.3", now + 7200, now + 1, 10);
+    Ok(())
+}
+
+/// Undoing a retry's commit (the flow could not sign the retry's pair):
+/// the presented token was spent before the retry and stays spent, from
+/// its first spend, so its reuse grace window keeps running from then; the
+/// retry's successor, never handed out, stays stored for another retry
+/// within that window, and the retry's access token record is deleted. A
+/// token the retry could not make live again gives a stolen copy replayed
+/// during a signing outage no more than the grace window.
+async fn undo_leaves_a_retried_token_spent(store: &dyn Store) -> Check {
+    let now = NOW;
+    let mut restored = Vec::new();
+    for family in ["fam-w", "fam-x"] {
+        let (t1, t2, t3) = (format!("{family}.1"), format!("{family}.2"), format!("{family}.3"));
+        let sid = format!("sid-{family}");
+        call!(store.put_refresh(&t1, &refresh_record(family, &sid, now + 3600), now));
+        call!(store.rotate_with_grace(&t1, &t2, now + 7200, now, 10));
+        let j3 = format!("jti-{t3}");
+        let retry = rotation(&t1, &t3, &j3, now + 7200, now + 1, 10);
+        ensure_eq!(
+            call!(store.commit_refresh(&retry, now + 1)),
+            ConsumeOutcome::Retried(refresh_record(family, &sid, now + 3600)),
+            "a retry within the window"
+        );
+        restored.push(call!(store.undo_refresh(&retry, Committed::Retried, now + 1)));
+        ensure_eq!(call!(store.issued(&j3, now + 1)), None, "the undone retry's access token record");
+    }
+    // Within the window of the first spend: another retry, which replaces
+    // the undone retry's successor.
     ensure_eq!(
-        call!(store.commit_refresh(&retry, now + 1)),
-        ConsumeOutcome::Retried(refresh_record("fam-w", "sid-w", now + 3600)),
-        "a retry within the window"
+        call!(store.rotate_with_grace("fam-w.1", "fam-w.4", now + 7200, now + 5, 10)),
+        ConsumeOutcome::Retried(refresh_record("fam-w", "sid-fam-w", now + 3600)),
+        "a retry within the window after a retry's undo"
     );
-    ensure!(call!(store.undo_refresh(&retry, now + 1)), "the retry's undo did not restore the token");
+    ensure_eq!(
+        call!(store.rotate_with_grace("fam-w.3", "fam-w.x", now + 7200, now + 6, 10)),
+        ConsumeOutcome::Invalid,
+        "the undone retry's successor, replaced"
+    );
     ensure!(
-        matches!(call!(store.rotate("fam-w.1", "fam-w.4", now + 7200, now + 2)), ConsumeOutcome::Rotated(_)),
-        "the token after the retry's undo"
+        matches!(
+            call!(store.rotate_with_grace("fam-w.4", "fam-w.5", now + 7200, now + 7, 10)),
+            ConsumeOutcome::Rotated(_)
+        ),
+        "the new retry's successor does not rotate"
     );
+    // Past the window of the first spend (though within 10 s of the
+    // retry): a reuse.
+    ensure_eq!(
+        call!(store.rotate_with_grace("fam-x.1", "fam-x.4", now + 7200, now + 11, 10)),
+        ConsumeOutcome::Reused(refresh_record("fam-x", "sid-fam-x", now + 3600)),
+        "presenting a retried token after the window of its first spend"
+    );
+    ensure_eq!(restored, [false, false], "what the retries' undos answered (the token is live again)");
     Ok(())
 }
 
@@ -586,21 +631,34 @@ async fn undo_leaves_a_rotation_that_moved_on(store: &dyn Store) -> Check {
     call!(store.commit_refresh(&first, now));
     let retry = rotation("fam-m.1", "fam-m.3", "jti-fam-m.3", now + 7200, now + 1, 10);
     ensure!(matches!(call!(store.commit_refresh(&retry, now + 1)), ConsumeOutcome::Retried(_)), "a retry");
-    ensure!(!call!(store.undo_refresh(&first, now + 2)), "undid a rotation a retry replaced");
+    ensure!(!call!(store.undo_refresh(&first, Committed::Rotated, now + 2)), "undid a rotation a retry replaced");
+    let used = rotation("fam-m.3", "fam-m.4", "jti-fam-m.4", now + 7200, now + 3, 10);
     ensure!(
-        matches!(call!(store.rotate("fam-m.3", "fam-m.4", now + 7200, now + 3)), ConsumeOutcome::Rotated(_)),
+        matches!(call!(store.commit_refresh(&used, now + 3)), ConsumeOutcome::Rotated(_)),
         "the retry's successor after an undo of the replaced rotation"
     );
-    ensure!(!call!(store.undo_refresh(&retry, now + 4)), "undid a rotation whose successor was used");
     ensure!(
-        matches!(call!(store.rotate("fam-m.4", "fam-m.5", now + 7200, now + 5)), ConsumeOutcome::Rotated(_)),
+        matches!(call!(store.rotate("fam-m.4", "fam-m.5", now + 7200, now + 4)), ConsumeOutcome::Rotated(_)),
+        "the rotation's successor"
+    );
+    ensure!(
+        !call!(store.undo_refresh(&used, Committed::Rotated, now + 5)),
+        "undid a rotation whose successor was used"
+    );
+    ensure!(
+        matches!(call!(store.rotate("fam-m.5", "fam-m.6", now + 7200, now + 6)), ConsumeOutcome::Rotated(_)),
         "the family after an undo of a used rotation"
     );
     let never = rotation("fam-m.9", "fam-m.10", "jti-fam-m.10", now + 7200, now, 0);
-    ensure!(!call!(store.undo_refresh(&never, now)), "undid a commit that never happened");
+    for committed in [Committed::Rotated, Committed::Retried] {
+        ensure!(
+            !call!(store.undo_refresh(&never, committed, now)),
+            "undid a commit that never happened ({committed:?})"
+        );
+    }
     call!(store.put_refresh("fam-m.20", &refresh_record("fam-m", "sid-m", now + 3600), now));
     let live = rotation("fam-m.20", "fam-m.21", "jti-fam-m.21", now + 7200, now, 0);
-    ensure!(!call!(store.undo_refresh(&live, now)), "undid a rotation of a token never spent");
+    ensure!(!call!(store.undo_refresh(&live, Committed::Rotated, now)), "undid a rotation of a token never spent");
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, watch};
 
 use super::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
-    RevocationKind, Store, StoreError,
+    Committed, ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke,
+    Revocation, RevocationKind, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -215,12 +215,16 @@ impl Store for MemoryStore {
         Ok(ConsumeOutcome::Reused(reused))
     }
 
-    async fn undo_refresh(&self, c: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError> {
+    async fn undo_refresh(&self, c: &RefreshCommit<'_>, committed: Committed, now: u64) -> Result<bool, StoreError> {
         let mut s = self.lock()?;
         s.tick(now);
         // The record names a token never handed out: gone either way.
         if c.issued_exp.is_some() {
             s.issued.remove(c.jti);
+        }
+        // A retry's token was spent before it, and stays so.
+        if committed == Committed::Retried {
+            return Ok(false);
         }
         // Only while the successor is stored, unspent, and still the one
         // the presented token names.

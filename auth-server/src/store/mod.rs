@@ -9,7 +9,8 @@
 //!   and records the new access token, or detects reuse and revokes the
 //!   family, in one step, and returns the spent token's record: the flow
 //!   decides and signs the new access token from it afterwards, and should
-//!   signing fail, [`Store::undo_refresh`] puts the token back;
+//!   signing fail, [`Store::undo_refresh`] puts a rotated token back (a
+//!   retried one stays spent);
 //! - [`Store::revoke_refresh`] revokes a refresh token's family or session
 //!   by the token itself (proof of possession) in one step;
 //! - a revocation is acknowledged (the future resolves `Ok`) only once it is
@@ -122,6 +123,33 @@ pub enum ConsumeOutcome {
     Reused(RefreshRecord),
     /// Unknown, expired, or its family or session is revoked.
     Invalid,
+}
+
+impl ConsumeOutcome {
+    /// What the commit wrote, for [`Store::undo_refresh`]: `None` when it
+    /// wrote no successor (a reuse, an invalid token).
+    pub fn committed(&self) -> Option<Committed> {
+        match self {
+            Self::Rotated(_) => Some(Committed::Rotated),
+            Self::Retried(_) => Some(Committed::Retried),
+            Self::Reused(_) | Self::Invalid => None,
+        }
+    }
+}
+
+/// Which commit [`Store::undo_refresh`] undoes: what
+/// [`Store::commit_refresh`] answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// [`ConsumeOutcome::Rotated`]: the token was live until this commit,
+    /// which the undo reverses.
+    Rotated,
+    /// [`ConsumeOutcome::Retried`]: the token was spent before this commit
+    /// and stays spent from then (its reuse grace window keeps running from
+    /// its first spend); the undo deletes only the access token's registry
+    /// entry, and the retry's successor stays stored, unspent, for another
+    /// retry within that window.
+    Retried,
 }
 
 /// One refresh rotation, committed in one atomic store step: spend
@@ -280,15 +308,31 @@ pub trait Store: Send + Sync + 'static {
     /// the presented token's record.
     async fn commit_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<ConsumeOutcome, StoreError>;
 
-    /// Undoes a rotation [`commit_refresh`](Store::commit_refresh) made with
-    /// `commit` (the flow could not sign the new access token): the
-    /// presented token is unspent again, its successor and the new access
-    /// token's registry entry are deleted, so the client's retry is a plain
-    /// refresh. Only while that successor is still stored and unspent (it
-    /// was never handed out, so nobody else can have used it): `false`, and
-    /// nothing changed, when another commit moved on meanwhile (a retry
-    /// within the grace window replaced it, or a reuse revoked the family).
-    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, now: u64) -> Result<bool, StoreError>;
+    /// Undoes a commit [`commit_refresh`](Store::commit_refresh) made with
+    /// `commit` (the flow could not sign the new access token, or nobody
+    /// was left to hand it to). The new access token's registry entry is
+    /// deleted either way (it names a token never handed out).
+    ///
+    /// A [`Committed::Rotated`] commit is reversed: the presented token is
+    /// unspent again and its successor deleted, so the client's retry is a
+    /// plain refresh; only while that successor is still stored and
+    /// unspent (it was never handed out, so nobody else can have used it):
+    /// `false`, and nothing else changed, when another commit moved on
+    /// meanwhile (a retry within the grace window replaced it, or a reuse
+    /// revoked the family). A restored token whose family or session was
+    /// revoked meanwhile stays refused by every commit.
+    ///
+    /// A [`Committed::Retried`] commit leaves the token spent as it was
+    /// before the retry (its spend time, so its grace window, unchanged)
+    /// and the retry's successor stored: `false`. Making it live again
+    /// would give a stolen copy replayed while signing fails the whole
+    /// refresh lifetime instead of the grace window.
+    async fn undo_refresh(
+        &self,
+        commit: &RefreshCommit<'_>,
+        committed: Committed,
+        now: u64,
+    ) -> Result<bool, StoreError>;
 
     /// Revokes the family or the session of a presented refresh token,
     /// spent or not (see [`RefreshRevoke`]): reads its record and writes

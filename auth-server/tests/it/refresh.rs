@@ -1,6 +1,7 @@
 //! A lost reply must not log the user out: a failure before the commit
 //! spends nothing; a signing failure after it is undone, so the retry is a
-//! plain refresh; a reply lost after the commit can be retried within
+//! plain refresh, and so is a Refresh cancelled while it signs; a reply
+//! lost after the commit can be retried within
 //! `tokens.refresh_reuse_grace_secs`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -72,7 +73,7 @@ fn refresh(token: &str) -> RefreshRequest {
     RefreshRequest { refresh_token: token.into() }
 }
 
-async fn a_failure_after_mint_spends_nothing(inner: Arc<dyn Store>) {
+async fn a_failure_before_the_commit_spends_nothing(inner: Arc<dyn Store>) {
     let store = faulty(inner);
     let srv = TestServer::builder().store(store.clone()).start().await;
     let mut c = client(&srv, "order").await;
@@ -90,14 +91,14 @@ async fn a_failure_after_mint_spends_nothing(inner: Arc<dyn Store>) {
 }
 
 #[tokio::test]
-async fn a_store_failure_after_mint_spends_nothing_in_memory() {
-    a_failure_after_mint_spends_nothing(Arc::new(MemoryStore::new())).await;
+async fn a_store_failure_before_the_commit_spends_nothing_in_memory() {
+    a_failure_before_the_commit_spends_nothing(Arc::new(MemoryStore::new())).await;
 }
 
 #[tokio::test]
-async fn a_store_failure_after_mint_spends_nothing_in_redis() {
+async fn a_store_failure_before_the_commit_spends_nothing_in_redis() {
     let redis = RedisProcess::start();
-    a_failure_after_mint_spends_nothing(redis_store(&redis).await).await;
+    a_failure_before_the_commit_spends_nothing(redis_store(&redis).await).await;
 }
 
 /// A server whose refresh commits go through `store`, with a reuse grace
@@ -288,4 +289,125 @@ async fn a_refusal_after_the_commit_leaves_the_token_spent() {
     assert_eq!((err.code(), err.message()), (Code::Unauthenticated, "user no longer exists"));
     let err = c.refresh(refresh(&orphan_token)).await.unwrap_err();
     assert_eq!(err.message(), "refresh token reused; its family is revoked", "the refused token stays spent");
+}
+
+/// Signing keys that, while `hold` is set, say so on `entered` and wait
+/// for `release` before answering, as a transit call that hangs does; then
+/// they refuse while `fail` is set, else sign.
+struct HeldSigner {
+    inner: Arc<dyn SigningKeys>,
+    hold: AtomicBool,
+    fail: AtomicBool,
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl SigningKeys for HeldSigner {
+    async fn sign(&self, claims: &service_sdk::Claims) -> Result<String, KeyError> {
+        if self.hold.load(Ordering::SeqCst) {
+            self.entered.notify_one();
+            self.release.notified().await;
+        }
+        if self.fail.load(Ordering::SeqCst) {
+            return Err(KeyError::Unavailable("injected: transit key unreachable".into()));
+        }
+        self.inner.sign(claims).await
+    }
+
+    fn public_keys(&self) -> Arc<PublicKeys> {
+        self.inner.public_keys()
+    }
+
+    fn signing_kid(&self) -> Option<String> {
+        self.inner.signing_kid()
+    }
+}
+
+/// Puts a [`HeldSigner`] in front of `srv`'s keys.
+fn held_signer(srv: &TestServer) -> Arc<HeldSigner> {
+    let current = srv.core().policy();
+    let signer = Arc::new(HeldSigner {
+        inner: Arc::clone(&current.keys),
+        hold: AtomicBool::new(false),
+        fail: AtomicBool::new(false),
+        entered: tokio::sync::Notify::new(),
+        release: tokio::sync::Notify::new(),
+    });
+    srv.core().swap_policy(Policy {
+        tokens: current.tokens.clone(),
+        directory: Arc::clone(&current.directory),
+        keys: Arc::clone(&signer) as Arc<dyn SigningKeys>,
+        jwks_max_age_secs: current.jwks_max_age_secs,
+    });
+    signer
+}
+
+/// A hook that lets every call through and says when an undo of a refresh
+/// rotation has been answered.
+#[derive(Default)]
+struct Undos {
+    answered: tokio::sync::Notify,
+}
+
+impl StoreHook for Undos {
+    fn intercept(&self, _call: StoreCall) -> Intercept {
+        Intercept::Pass
+    }
+
+    fn answered(&self, call: StoreCall) {
+        if call == StoreCall::UndoRefresh {
+            self.answered.notify_one();
+        }
+    }
+}
+
+/// A Refresh cancelled while it signs (the client's deadline passed, or it
+/// went away, or the server's request timeout fired: the handler's future
+/// is dropped) leaves the presented token usable: the commit, the signing
+/// and the undo run in a task of their own, which undoes the rotation
+/// when signing fails and when it succeeds with nobody left to hand the
+/// pair to. The client's retry is a plain refresh, not a reuse.
+async fn a_refresh_cancelled_while_signing_leaves_the_token_usable(inner: Arc<dyn Store>) {
+    let store = Arc::new(HookedStore::new(inner, Undos::default()));
+    let srv = TestServer::builder()
+        .store(store.clone())
+        .configure(|raw| raw.tokens.record_issued = RecordIssued::Sessions)
+        .start()
+        .await;
+    let signer = held_signer(&srv);
+    let mut c = client(&srv, "order").await;
+    // Signing succeeds once released (alice), or fails (bob).
+    for (user, fail) in [("alice", false), ("bob", true)] {
+        let login = login_user(&mut c, &srv, user).await;
+        signer.fail.store(fail, Ordering::SeqCst);
+        signer.hold.store(true, Ordering::SeqCst);
+        {
+            // The handler's future, dropped while it signs.
+            let call = auth_server::refresh::refresh(srv.core(), &login.refresh_token);
+            tokio::select! {
+                result = call => panic!("{user}: the refresh answered while signing was held: {:?}", result.err()),
+                () = signer.entered.notified() => {}
+            }
+        }
+        signer.hold.store(false, Ordering::SeqCst);
+        signer.release.notify_one();
+        crate::within("the undo of the cancelled refresh", store.hook().answered.notified()).await;
+        signer.fail.store(false, Ordering::SeqCst);
+        let next = c.refresh(refresh(&login.refresh_token)).await.expect("the token is live again").into_inner();
+        c.refresh(refresh(&next.refresh_token)).await.expect("the family is alive");
+        let err = c.refresh(refresh(&login.refresh_token)).await.unwrap_err();
+        assert_eq!(err.message(), "refresh token reused; its family is revoked", "{user}: spent by the retry");
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_cancelled_while_signing_leaves_the_token_usable_in_memory() {
+    a_refresh_cancelled_while_signing_leaves_the_token_usable(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn a_refresh_cancelled_while_signing_leaves_the_token_usable_in_redis() {
+    let redis = RedisProcess::start();
+    a_refresh_cancelled_while_signing_leaves_the_token_usable(redis_store(&redis).await).await;
 }

@@ -106,8 +106,8 @@ use self::durable::Durability;
 use self::keys::KeyLayout;
 use self::subscriber::{EVENT_CAPACITY, Subscriber};
 use super::{
-    ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation,
-    RevocationKind, Store, StoreError,
+    Committed, ConsumeOutcome, DenyListSize, FeedState, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke,
+    Revocation, RevocationKind, Store, StoreError,
 };
 use crate::config::{RedisConfig, redact_url};
 
@@ -543,11 +543,13 @@ impl Store for RedisStore {
         // acknowledged without its record. Should that write fail, the
         // rotation is undone, so the client's retry is a plain refresh.
         let apart = commit.issued_exp.filter(|_| !scripts::registry_in_commit(layout));
-        if let (Some(exp), ConsumeOutcome::Rotated(record) | ConsumeOutcome::Retried(record)) = (apart, &outcome) {
+        if let (Some(exp), ConsumeOutcome::Rotated(record) | ConsumeOutcome::Retried(record), Some(committed)) =
+            (apart, &outcome, outcome.committed())
+        {
             let token = IssuedToken { sub: record.sub.clone(), sid: Some(record.sid.clone()), exp };
             if let Err(e) = self.shared.write::<i64>(scripts::issue(layout, commit.jti, &token, now)).await {
-                if let Err(undo) = self.undo_refresh(commit, now).await {
-                    tracing::error!(error = %undo, "refresh rotation not undone after its registry write failed");
+                if let Err(undo) = self.undo_refresh(commit, committed, now).await {
+                    tracing::error!(error = %undo, "refresh commit not undone after its registry write failed");
                 }
                 return Err(e);
             }
@@ -555,12 +557,17 @@ impl Store for RedisStore {
         Ok(outcome)
     }
 
-    async fn undo_refresh(&self, commit: &RefreshCommit<'_>, _now: u64) -> Result<bool, StoreError> {
+    async fn undo_refresh(
+        &self,
+        commit: &RefreshCommit<'_>,
+        committed: Committed,
+        _now: u64,
+    ) -> Result<bool, StoreError> {
         let layout = &self.shared.layout;
         if layout.is_sharded() && KeyLayout::refresh_family(commit.digest).is_none() {
             return Ok(false);
         }
-        let restored: i64 = self.shared.write(scripts::undo(layout, commit)).await?;
+        let restored: i64 = self.shared.write(scripts::undo(layout, commit, committed)).await?;
         if commit.issued_exp.is_some() && !scripts::registry_in_commit(layout) {
             let _: i64 = self.shared.bounded(self.shared.pool.del(layout.issued(commit.jti))).await?;
         }

@@ -13,7 +13,9 @@ use service_sdk::redis_layout::{DenyShard, LUA_DENY_OF, Script, ScriptCall};
 
 use super::codec::{encode_bucket_entry, encode_issued, encode_list, encode_message, kind_code};
 use super::keys::{BUCKET_SECS, Bucket, ISSUED_SLACK_SECS, KeyLayout};
-use crate::store::{IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation, RevocationKind, StoreError};
+use crate::store::{
+    Committed, IssuedToken, RefreshCommit, RefreshRecord, RefreshRevoke, Revocation, RevocationKind, StoreError,
+};
 
 /// Shared helper: extend a key's TTL so it lives at least until `until`.
 const LUA_KEEP_UNTIL: &str = r"
@@ -165,15 +167,18 @@ return {'reused', until_s, h[1], h[2], h[3], h[4], h[5], h[6], h[7]}
 
 /// KEYS: refresh key, successor key, then the registry key of the new
 /// access token when the commit recorded it in this slot. ARGV: successor
-/// digest. Undoes the commit that spent KEYS[1] for KEYS[2]: only while
-/// that successor is stored and unspent and the spent token names it
-/// (`1`, spent without a grace window, names none; an unspent successor
-/// was never handed out, so it is still this commit's). Replies `1` when
-/// the token is live again, `0` when another commit moved on (nothing
-/// restored). The registry entry names a token never handed out: deleted
-/// either way.
+/// digest, what the commit was (`rotated` or `retried`). Undoes a rotation
+/// that spent KEYS[1] for KEYS[2]: only while that successor is stored and
+/// unspent and the spent token names it (`1`, spent without a grace
+/// window, names none; an unspent successor was never handed out, so it is
+/// still this commit's). Replies `1` when the token is live again, `0`
+/// when another commit moved on (nothing restored). A retry's token was
+/// spent before the retry and stays spent, its spend time and the retry's
+/// successor kept: `0`. The registry entry names a token never handed
+/// out: deleted either way.
 const LUA_UNDO: &str = r"
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
+if ARGV[2] ~= 'rotated' then return 0 end
 local spent = redis.call('HGET', KEYS[1], 'spent')
 if not spent or spent == '0' then return 0 end
 local prev = string.match(spent, '^%d+|(.+)$')
@@ -394,14 +399,18 @@ pub(super) fn commit(layout: &KeyLayout, c: &RefreshCommit<'_>, now: u64) -> Scr
     )
 }
 
-/// Undoes the rotation `c` committed (see [`LUA_UNDO`]); replies `1` when
-/// the presented token is live again. The registry entry is deleted here
-/// when the commit recorded it in this slot ([`registry_in_commit`]);
-/// otherwise the store deletes it apart.
-pub(super) fn undo(layout: &KeyLayout, c: &RefreshCommit<'_>) -> ScriptCall<'static> {
+/// Undoes the commit `c` made (see [`LUA_UNDO`]); replies `1` when the
+/// presented token is live again (only ever for a rotation). The registry
+/// entry is deleted here when the commit recorded it in this slot
+/// ([`registry_in_commit`]); otherwise the store deletes it apart.
+pub(super) fn undo(layout: &KeyLayout, c: &RefreshCommit<'_>, committed: Committed) -> ScriptCall<'static> {
     let mut keys = vec![layout.refresh(c.digest), layout.refresh(c.next_digest)];
     keys.extend(c.issued_exp.filter(|_| registry_in_commit(layout)).map(|_| layout.issued(c.jti)));
-    UNDO.call(keys, vec![c.next_digest.to_owned()])
+    let what = match committed {
+        Committed::Rotated => "rotated",
+        Committed::Retried => "retried",
+    };
+    UNDO.call(keys, vec![c.next_digest.to_owned(), what.to_owned()])
 }
 
 /// Revokes by refresh token (see [`RefreshRevoke`]) in the token's slot:
@@ -559,8 +568,10 @@ mod tests {
                 reuse_grace_secs: 0,
             };
             let recorded = RefreshCommit { issued_exp: Some(now + 600), ..unrecorded };
-            out.push(("undo", undo(layout, &recorded).keys().to_vec()));
-            out.push(("undo", undo(layout, &unrecorded).keys().to_vec()));
+            for committed in [Committed::Rotated, Committed::Retried] {
+                out.push(("undo", undo(layout, &recorded, committed).keys().to_vec()));
+                out.push(("undo", undo(layout, &unrecorded, committed).keys().to_vec()));
+            }
             for kind in [RevocationKind::Family, RevocationKind::Sid] {
                 let r = RefreshRevoke { digest: &digest, kind, until: now + 60 };
                 let (call, _) = revoke_refresh(layout, &r, now).unwrap();
