@@ -464,7 +464,7 @@ impl RedisStore {
             }
             ConsumeOutcome::Reused(_) => {
                 if let Some((until, family)) = parse_reuse(reply)
-                    && let Some(call) = scripts::family_index(layout, family, until, now)
+                    && let Some(call) = scripts::family_index(layout, family, until, now, false)
                 {
                     let _: i64 = self.shared.write(call).await?;
                 }
@@ -601,10 +601,11 @@ impl Store for RedisStore {
                 let _: i64 = self.shared.write(call).await?;
             }
         } else if revocation.kind == RevocationKind::Family
-            && let Some(call) = scripts::family_index(layout, &revocation.id, until, now)
+            && let Some(call) = scripts::family_index(layout, &revocation.id, until, now, true)
         {
             // The sharded layout's family entry in its deny shard, for
-            // snapshots (published already, from the family's slot).
+            // snapshots, which publishes it: should it fail, nothing is
+            // published, the RPC fails and its retry writes both again.
             let _: i64 = self.shared.write(call).await?;
         }
         Ok(Some((record, revocation)))

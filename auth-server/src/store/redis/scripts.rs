@@ -322,14 +322,23 @@ pub(super) fn revoke(layout: &KeyLayout, revocation: &Revocation, now: u64) -> V
     }
 }
 
-/// After a reuse the commit script revoked (and published) family `id`
-/// in the family's slot: its entry in the family's deny shard, for
-/// snapshots, when the layout keeps one apart (`None` otherwise). Publishes
-/// nothing.
-pub(super) fn family_index(layout: &KeyLayout, id: &str, until: u64, now: u64) -> Option<ScriptCall<'static>> {
+/// Family `id` was revoked in the family's slot (by the commit script on
+/// a reuse, or by the revoke-by-refresh-token script): its entry in the
+/// family's deny shard, for snapshots, when the layout keeps one apart
+/// (`None` otherwise). It publishes the revocation when `publish` is set:
+/// after a revocation by refresh token, whose script publishes nothing in
+/// this layout, so that a published revocation is always in snapshots too
+/// (the commit script publishes a reuse itself).
+pub(super) fn family_index(
+    layout: &KeyLayout,
+    id: &str,
+    until: u64,
+    now: u64,
+    publish: bool,
+) -> Option<ScriptCall<'static>> {
     let index = layout.family_index(id)?;
     let family = Revocation { kind: RevocationKind::Family, id: id.to_owned(), expires_at: until };
-    Some(REVOKE.call(vec![index], revoke_args(layout, &family, now, false)))
+    Some(REVOKE.call(vec![index], revoke_args(layout, &family, now, publish)))
 }
 
 /// ARGV of [`LUA_REVOKE`]; `publish` false leaves the channel empty.
@@ -415,12 +424,14 @@ pub(super) fn undo(layout: &KeyLayout, c: &RefreshCommit<'_>, committed: Committ
 
 /// Revokes by refresh token (see [`RefreshRevoke`]) in the token's slot:
 /// reads its record and, when the deny set the revocation goes to lives in
-/// that slot, writes and publishes the entry in the same script. That is
-/// always so in the single-slot layout; in the sharded layout a family's
-/// own deny entry is (its deny-shard entry is then written by
-/// [`family_index`]), a session's is not: the script only reads, and the
-/// store revokes the session apart ([`revoke`]). `None` for a `jti`.
-/// Returns the call and whether it writes.
+/// that slot, writes the entry in the same script. That is always so in
+/// the single-slot layout, where the script publishes it too; in the
+/// sharded layout a family's own deny entry is, and its deny-shard entry,
+/// for snapshots, is written next by [`family_index`], which publishes it
+/// (so nothing is published that snapshots lack, should that write fail),
+/// while a session's is not: the script only reads, and the store revokes
+/// the session apart ([`revoke`]). `None` for a `jti`. Returns the call
+/// and whether it writes.
 pub(super) fn revoke_refresh(
     layout: &KeyLayout,
     r: &RefreshRevoke<'_>,
@@ -433,6 +444,7 @@ pub(super) fn revoke_refresh(
         RevocationKind::Jti => return None,
     };
     let writes = set.is_some();
+    let publishes = writes && !layout.is_sharded();
     let mut keys = vec![layout.refresh(r.digest)];
     keys.extend(set);
     let call = REVOKE_REFRESH.call(
@@ -441,7 +453,7 @@ pub(super) fn revoke_refresh(
             now.to_string(),
             kind_code(r.kind).to_owned(),
             r.until.to_string(),
-            if writes { layout.channel().to_owned() } else { String::new() },
+            if publishes { layout.channel().to_owned() } else { String::new() },
         ],
     );
     Some((call, writes))
@@ -542,8 +554,10 @@ mod tests {
                     out.push(("revoke", call.keys().to_vec()));
                 }
             }
-            if let Some(call) = family_index(layout, &family, now + 60, now) {
-                out.push(("family_index", call.keys().to_vec()));
+            for publish in [false, true] {
+                if let Some(call) = family_index(layout, &family, now + 60, now, publish) {
+                    out.push(("family_index", call.keys().to_vec()));
+                }
             }
             out.push(("put_refresh", put_refresh(layout, &digest, &record, now).unwrap().keys().to_vec()));
             let (next, jti_next) = (format!("fam-{i}.n{i}"), format!("jti-n{i}"));
@@ -631,8 +645,17 @@ mod tests {
                 let (call, written) = revoke_refresh(&layout, &r, now).unwrap();
                 assert_eq!(written, writes, "{kind:?} under {layout:?}");
                 assert_eq!(call.keys().len(), 1 + usize::from(writes), "{kind:?} under {layout:?}");
+                // The single-slot layout publishes where it writes; the
+                // sharded one from the write that completes the revocation
+                // (the family's deny-shard entry, the session's script).
                 let channel = &call.args()[3];
-                assert_eq!(channel.is_empty(), !writes, "publishes exactly when it writes");
+                assert_eq!(channel.is_empty(), !writes || layout.is_sharded(), "{kind:?} under {layout:?}");
+            }
+            // The sharded layout's family: the deny-shard entry publishes it.
+            let index = family_index(&layout, "fam-1", now + 60, now, true);
+            assert_eq!(index.is_some(), layout.is_sharded(), "{layout:?}");
+            if let Some(call) = index {
+                assert_eq!(call.args()[4], layout.channel(), "the deny-shard entry publishes under {layout:?}");
             }
             let jti = RefreshRevoke { digest: "fam-1.d1", kind: RevocationKind::Jti, until: now };
             assert!(revoke_refresh(&layout, &jti, now).is_none());
