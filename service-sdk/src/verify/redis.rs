@@ -147,8 +147,8 @@ impl std::fmt::Debug for RedisRevocation {
 impl RedisRevocation {
     /// How long a read of the layout marker stands, in seconds of
     /// verification time: a lookup later than this after the marker last
-    /// named this check's layout reads it again (see the [module
-    /// docs](self)).
+    /// named this check's layout reads it again (see `docs/REDIS.md`,
+    /// "Key layout", on the layout marker).
     pub const MARKER_RECHECK_SECS: u64 = 5;
 
     /// How long, in seconds after the marker last named this check's
@@ -163,7 +163,8 @@ impl RedisRevocation {
     /// `timeout`. The key layout is the one the auth server recorded in
     /// the layout marker ([`KeyLayout::marker`]); checks fail closed
     /// until it is there, and whenever it names another layout later (see
-    /// the [module docs](self)). Must be called within a tokio runtime.
+    /// `docs/REDIS.md`, "Key layout", on the layout marker). Must be
+    /// called within a tokio runtime.
     pub fn connect(url: &str, prefix: &str, timeout: Duration) -> Result<Self, RedisSetupError> {
         Self::build(url, prefix, None, timeout)
     }
