@@ -270,6 +270,26 @@ pub enum StoreError {
         /// The marker key (`{P}:layout`).
         marker: String,
     },
+    /// Redis holds no layout marker, but keys of another layout than this
+    /// server's `redis.layout` gives: revocations written before markers
+    /// existed, by replicas configured otherwise. Claiming the marker for
+    /// this layout would hide them, so the store refuses to start (and,
+    /// found later, refuses every call) and leaves the marker absent.
+    #[error(
+        "redis key layout mismatch: redis.layout gives {configured:?} but this Redis has no layout marker \
+         ({marker}) and holds keys of the {found:?} layout ({key}); set redis.layout to {found:?}, the layout the \
+         existing revocations follow (or use a fresh Redis or redis.prefix: see docs/REDIS.md)"
+    )]
+    UnmarkedLayout {
+        /// The layout `redis.layout` gives: `single` or `sharded`.
+        configured: &'static str,
+        /// The layout whose keys were found.
+        found: &'static str,
+        /// The key found.
+        key: String,
+        /// The marker key (`{P}:layout`).
+        marker: String,
+    },
 }
 
 /// The state-store port.

@@ -248,6 +248,86 @@ async fn the_layout_marker_is_checked_before_the_first_command_and_by_readiness(
     assert!(matches!(store.is_revoked("jti-m", None, NOW).await, Err(StoreError::LayoutMismatch { .. })));
 }
 
+/// Revocations of one layout written before the layout marker existed
+/// (no marker, say, after an upgrade): a replica of the other layout finds
+/// their keys and refuses to start, leaving the marker absent, rather than
+/// claiming it and hiding them; a replica of their layout claims it. Both
+/// ways round: the single-slot layout's keys share the marker's slot (the
+/// claim script sees them), the sharded layout's deny shards do not (the
+/// claim looks before it writes).
+#[tokio::test]
+async fn without_a_marker_a_replica_finds_the_other_layouts_revocations_and_refuses_to_start() {
+    let redis = RedisProcess::start();
+    for (prefix, written, other) in
+        [("auth", RedisLayout::Single, RedisLayout::Sharded), ("green", RedisLayout::Sharded, RedisLayout::Single)]
+    {
+        let config = RedisConfig { prefix: prefix.into(), ..redis_config(&redis) };
+        let marker = KeyLayout::marker_key(prefix);
+        let before = RedisStore::connect(&RedisConfig { layout: written, ..config.clone() }).await.unwrap();
+        before.revoke(revocation(RevocationKind::Sid, "sid-old", NOW + 600), NOW).await.unwrap();
+        drop(before);
+        // As a store of a version without the marker left it.
+        redis.command(&["DEL", &marker]);
+
+        let err = RedisStore::connect(&RedisConfig { layout: other, ..config.clone() }).await.unwrap_err();
+        let StoreError::UnmarkedLayout { configured, found, key, marker: named } = &err else { panic!("{err}") };
+        let layout = if written == RedisLayout::Single { KeyLayout::new(prefix) } else { KeyLayout::sharded(prefix) };
+        assert_eq!(
+            (*found, *configured, key.as_str(), named.as_str()),
+            (
+                layout.name(),
+                if layout.is_sharded() { "single" } else { "sharded" },
+                &*layout.deny_sid("sid-old"),
+                &*marker
+            ),
+            "{prefix}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("holds keys of the {:?} layout", layout.name())), "{text}");
+        assert_eq!(redis.command(&["EXISTS", &marker]).int(), 0, "{prefix}: the marker stays absent");
+
+        // The layout the revocations follow claims the marker, and sees them.
+        let store = RedisStore::connect(&RedisConfig { layout: written, ..config }).await.unwrap();
+        assert_eq!(redis.command(&["GET", &marker]).text(), layout.marker_value());
+        assert!(store.is_revoked("jti-x", Some("sid-old"), NOW).await.unwrap(), "{prefix}");
+    }
+}
+
+/// With `min_replicas_acked`, the marker's claim goes through the durable
+/// write path: while no replica acknowledges it, the store is not ready
+/// (readiness claims it again, `NotDurable`), though calls go on (each
+/// durable write waits for its own replicas); once the replica has it, the
+/// store is ready, and the marker is on the replica.
+#[tokio::test]
+async fn the_layout_marker_claim_waits_for_replicas_and_readiness_with_it() {
+    let primary = RedisProcess::start();
+    let replica = RedisProcess::start_replica_of(&primary);
+    let config = RedisConfig {
+        // Generous: a busy test host may delay the replica's ack.
+        command_timeout_ms: 3_000,
+        min_replicas_acked: 1,
+        replica_ack_timeout_ms: 500,
+        ..redis_config(&primary)
+    };
+    replica.pause();
+    let store = RedisStore::connect(&config).await.unwrap();
+    assert!(matches!(store.ping().await, Err(StoreError::NotDurable { acked: 0, wanted: 1 })), "not ready");
+    assert!(!store.is_revoked("jti-d", None, NOW).await.unwrap(), "calls go on");
+    assert!(matches!(
+        store.revoke(revocation(RevocationKind::Jti, "jti-d", NOW + 600), NOW).await,
+        Err(StoreError::NotDurable { .. })
+    ));
+    replica.resume();
+    until_ready(&store).await;
+    assert_eq!(replica.command(&["GET", "{auth}:layout"]).text(), "single|1");
+    store.revoke(revocation(RevocationKind::Jti, "jti-d", NOW + 600), NOW).await.unwrap();
+    // Acknowledged once: readiness only reads it now, replica or not.
+    replica.pause();
+    let ready = store.ping().await;
+    replica.resume();
+    ready.unwrap();
+}
+
 /// Polls until a store call gets an answer from Redis (any but an outage).
 async fn until_connected(store: &RedisStore) {
     within("the store to reconnect", async {

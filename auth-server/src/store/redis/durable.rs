@@ -62,13 +62,25 @@ impl Shared {
         if self.durability.replicas == 0 {
             return self.eval(call).await;
         }
-        let mut written = self.bounded(self.write_and_wait(&call, false)).await?;
+        self.layout_claimed().await?;
+        let (value, acked) = self.write_durably(&call).await?;
+        match acked {
+            None => value.convert().map_err(map_error),
+            Some(acked) => Err(StoreError::NotDurable { acked, wanted: self.durability.replicas }),
+        }
+    }
+
+    /// [`write`](Self::write) with replicas required, without waiting for
+    /// the layout marker (its claim is such a write): the script's reply,
+    /// and how many replicas acknowledged it when fewer than required.
+    pub(super) async fn write_durably(&self, call: &ScriptCall<'_>) -> Result<(Value, Option<u64>), StoreError> {
+        let mut written = self.unchecked(self.write_and_wait(call, false)).await?;
         if matches!(written, Written::NoScript) {
-            written = self.bounded(self.write_and_wait(&call, true)).await?;
+            written = self.unchecked(self.write_and_wait(call, true)).await?;
         }
         match written {
-            Written::Value(value) => value.convert().map_err(map_error),
-            Written::NotDurable(acked) => Err(StoreError::NotDurable { acked, wanted: self.durability.replicas }),
+            Written::Value(value) => Ok((value, None)),
+            Written::NotDurable { value, acked } => Ok((value, Some(acked))),
             Written::NoScript => Err(StoreError::Unavailable("redis script cache flushed while writing".into())),
         }
     }
@@ -107,7 +119,7 @@ impl Shared {
         let acked = acked?.as_i64().unwrap_or(0).max(0) as u64;
         if acked < u64::from(wanted) {
             tracing::warn!(acked, wanted, "redis write not acknowledged by enough replicas: refused as not durable");
-            return Ok(Written::NotDurable(acked));
+            return Ok(Written::NotDurable { value, acked });
         }
         Ok(Written::Value(value))
     }
@@ -119,6 +131,7 @@ enum Written {
     Value(Value),
     /// Redis does not have the script cached: nothing ran.
     NoScript,
-    /// Written on the primary, on only this many replicas in time.
-    NotDurable(u64),
+    /// Written on the primary (the script's reply), on only `acked`
+    /// replicas in time.
+    NotDurable { value: Value, acked: u64 },
 }

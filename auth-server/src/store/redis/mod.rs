@@ -128,6 +128,9 @@ struct Shared {
     layout: KeyLayout,
     /// Whether the layout marker was found naming `layout` (see `marker`).
     claimed: AtomicBool,
+    /// Whether a claim of the marker was acknowledged by
+    /// `min_replicas_acked` replicas (see `marker`).
+    marker_durable: AtomicBool,
     timeout: Duration,
     /// How many replicas must have a write before it is acknowledged.
     durability: Durability,
@@ -360,6 +363,7 @@ impl RedisStore {
             durable_pool,
             layout: config.key_layout(),
             claimed: AtomicBool::new(false),
+            marker_durable: AtomicBool::new(false),
             timeout,
             durability: Durability { replicas: config.min_replicas_acked, timeout_ms: config.replica_ack_timeout_ms },
             url,
@@ -399,11 +403,17 @@ impl RedisStore {
             );
             return Ok(store);
         }
-        // Another layout's marker refuses the start. Should the claim fail
-        // otherwise, it is made again before the first command (see
-        // `marker`).
+        // Another layout's marker (or, without a marker, its keys) refuses
+        // the start. Should the claim fail otherwise, it is made again
+        // before the first command; one not yet on enough replicas, by
+        // every readiness check (see `marker`).
         match store.shared.claim_layout().await {
-            Err(e @ StoreError::LayoutMismatch { .. }) => return Err(e),
+            Err(e @ (StoreError::LayoutMismatch { .. } | StoreError::UnmarkedLayout { .. })) => return Err(e),
+            Err(e @ StoreError::NotDurable { .. }) => tracing::warn!(
+                %url,
+                error = %e,
+                "redis layout marker claimed on the primary but not yet on enough replicas; not ready until it is"
+            ),
             Err(e) => {
                 tracing::warn!(%url, error = %e, "redis layout marker not checked yet; checked before the first command")
             }
@@ -659,7 +669,7 @@ impl Store for RedisStore {
                 .with_cause(StoreError::Unavailable("redis durable-write connection not connected".into())));
         }
         // The marker is still this layout's (and is written again if a
-        // failover or a flush lost it).
+        // failover or a flush lost it), on enough replicas.
         self.shared.claim_layout().await?;
         // Answering is not enough: a full (OOM), read-only or MISCONF Redis
         // answers PING and refuses every write.
