@@ -16,7 +16,7 @@
 //!   presented token stays spent: nothing of its family is handed out
 //!   again;
 //! - a signing failure (a transit key unreachable, say) runs one
-//!   compensating store step, [`Store::undo_refresh`](crate::store::Store::undo_refresh),
+//!   compensating store step, [`Store::undo_refresh`],
 //!   before the error is answered. A rotation is undone: the presented
 //!   token is live again, its successor and the `jti` record deleted, so
 //!   the client's retry is a plain refresh. A retry within the grace
