@@ -167,44 +167,6 @@ async fn without_a_grace_window_a_retry_after_a_lost_reply_revokes_the_family() 
     assert_eq!(err.message(), "refresh token reused; its family is revoked");
 }
 
-/// Signing keys that refuse to sign while `down` is set, as a transit key
-/// that cannot be reached does; the public keys stay the inner ones.
-struct FlakySigner {
-    inner: Arc<dyn SigningKeys>,
-    down: AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl SigningKeys for FlakySigner {
-    async fn sign(&self, claims: &service_sdk::Claims) -> Result<String, KeyError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(KeyError::Unavailable("injected: transit key unreachable".into()));
-        }
-        self.inner.sign(claims).await
-    }
-
-    fn public_keys(&self) -> Arc<PublicKeys> {
-        self.inner.public_keys()
-    }
-
-    fn signing_kid(&self) -> Option<String> {
-        self.inner.signing_kid()
-    }
-}
-
-/// Puts a [`FlakySigner`] in front of `srv`'s keys.
-fn flaky_signer(srv: &TestServer) -> Arc<FlakySigner> {
-    let current = srv.core().policy();
-    let signer = Arc::new(FlakySigner { inner: Arc::clone(&current.keys), down: AtomicBool::new(false) });
-    srv.core().swap_policy(Policy {
-        tokens: current.tokens.clone(),
-        directory: Arc::clone(&current.directory),
-        keys: Arc::clone(&signer) as Arc<dyn SigningKeys>,
-        jwks_max_age_secs: current.jwks_max_age_secs,
-    });
-    signer
-}
-
 /// A hook that refuses every undo of a refresh rotation while `fail` is set.
 #[derive(Default)]
 struct UndoFaults {
@@ -232,14 +194,14 @@ async fn a_signing_failure_leaves_the_presented_token_usable(inner: Arc<dyn Stor
         .configure(|raw| raw.tokens.record_issued = RecordIssued::Sessions)
         .start()
         .await;
-    let signer = flaky_signer(&srv);
+    let signer = held_signer(&srv);
     let mut c = client(&srv, "order").await;
     let alice = login_user(&mut c, &srv, "alice").await;
 
-    signer.down.store(true, Ordering::SeqCst);
+    signer.fail.store(true, Ordering::SeqCst);
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::Unavailable, "signer unavailable"));
-    signer.down.store(false, Ordering::SeqCst);
+    signer.fail.store(false, Ordering::SeqCst);
     let next = c.refresh(refresh(&alice.refresh_token)).await.expect("the token is live again").into_inner();
     c.refresh(refresh(&next.refresh_token)).await.expect("the family is alive");
     let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
@@ -248,11 +210,11 @@ async fn a_signing_failure_leaves_the_presented_token_usable(inner: Arc<dyn Stor
     // Should the undo fail too, the signing error is still the answer, and
     // the retry (without a grace window) counts as a reuse: as documented.
     let bob = login_user(&mut c, &srv, "bob").await;
-    signer.down.store(true, Ordering::SeqCst);
+    signer.fail.store(true, Ordering::SeqCst);
     store.hook().fail.store(true, Ordering::SeqCst);
     let err = c.refresh(refresh(&bob.refresh_token)).await.unwrap_err();
     assert_eq!((err.code(), err.message()), (Code::Unavailable, "signer unavailable"));
-    signer.down.store(false, Ordering::SeqCst);
+    signer.fail.store(false, Ordering::SeqCst);
     store.hook().fail.store(false, Ordering::SeqCst);
     let err = c.refresh(refresh(&bob.refresh_token)).await.unwrap_err();
     assert_eq!(err.message(), "refresh token reused; its family is revoked");
@@ -293,7 +255,8 @@ async fn a_refusal_after_the_commit_leaves_the_token_spent() {
 
 /// Signing keys that, while `hold` is set, say so on `entered` and wait
 /// for `release` before answering, as a transit call that hangs does; then
-/// they refuse while `fail` is set, else sign.
+/// they refuse while `fail` is set (a transit key that cannot be reached),
+/// else sign. The public keys stay the inner ones.
 struct HeldSigner {
     inner: Arc<dyn SigningKeys>,
     hold: AtomicBool,
