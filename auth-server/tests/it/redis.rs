@@ -328,6 +328,35 @@ async fn the_layout_marker_claim_waits_for_replicas_and_readiness_with_it() {
     ready.unwrap();
 }
 
+#[tokio::test]
+async fn a_lost_layout_marker_is_not_durable_again_until_a_claim_is_acknowledged() {
+    let primary = RedisProcess::start();
+    let replica = RedisProcess::start_replica_of(&primary);
+    let config = RedisConfig {
+        // Generous: a busy test host may delay the replica's ack.
+        command_timeout_ms: 3_000,
+        min_replicas_acked: 1,
+        replica_ack_timeout_ms: 500,
+        ..redis_config(&primary)
+    };
+    let store = RedisStore::connect(&config).await.unwrap();
+    until_ready(&store).await;
+    // Acknowledged once; then the marker is lost (a flush, a failover) and
+    // the replica stops answering.
+    primary.command(&["DEL", "{auth}:layout"]);
+    replica.pause();
+    // The first check writes the marker back, unacknowledged; the second
+    // finds it on the primary only: neither is ready.
+    let first = store.ping().await;
+    let second = store.ping().await;
+    replica.resume();
+    assert!(matches!(first, Err(StoreError::NotDurable { acked: 0, wanted: 1 })), "rewritten: {first:?}");
+    assert!(matches!(second, Err(StoreError::NotDurable { acked: 0, wanted: 1 })), "on the primary only: {second:?}");
+    assert_eq!(primary.command(&["GET", "{auth}:layout"]).text(), "single|1");
+    until_ready(&store).await;
+    assert_eq!(replica.command(&["GET", "{auth}:layout"]).text(), "single|1");
+}
+
 /// Polls until a store call gets an answer from Redis (any but an outage).
 async fn until_connected(store: &RedisStore) {
     within("the store to reconnect", async {

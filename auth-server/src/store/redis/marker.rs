@@ -28,7 +28,9 @@
 //! every readiness check claims again that way (writing the marker again,
 //! so that its `WAIT` covers it), and fails with [`StoreError::NotDurable`]
 //! meanwhile: a replica does not report ready on a marker that a failover
-//! could lose, letting a replica of another layout claim it. Store calls
+//! could lose, letting a replica of another layout claim it. A marker found
+//! absent again (lost with a flush or a failover) voids the acknowledgement:
+//! readiness claims durably again until a claim is acknowledged. Store calls
 //! go on once the marker names this layout on the primary: each durable
 //! write waits for its own replicas anyway.
 //!
@@ -131,7 +133,12 @@ impl Shared {
                 return Ok(());
             }
             Some(_) => {}
-            None => self.no_other_layout_elsewhere().await?,
+            None => {
+                // Lost (a flush, a failover): whatever was acknowledged
+                // before no longer holds; readiness waits for a new claim's.
+                self.marker_durable.store(false, Ordering::Release);
+                self.no_other_layout_elsewhere().await?;
+            }
         }
         let call = claim(&self.layout);
         let (reply, acked) = if durable {
@@ -143,6 +150,7 @@ impl Shared {
             Claimed::Marker(value) if value == self.layout.marker_value() => {
                 self.claimed.store(true, Ordering::Release);
                 if let Some(acked) = acked {
+                    self.marker_durable.store(false, Ordering::Release);
                     return Err(StoreError::NotDurable { acked, wanted: self.durability.replicas });
                 }
                 self.marker_durable.store(true, Ordering::Release);
