@@ -215,6 +215,42 @@ impl pb::auth_server::Auth for Floor {
     }
 }
 
+/// Serves `floor` as [`serve`] does, behind the auth server's whole edge:
+/// the connection limits and read deadlines of [`TlsIncoming::with_limits`]
+/// and the gRPC layers of `auth-server serve` (the `rpc` span, the
+/// content-type check, per-RPC metrics, framing checks and the per-client
+/// rate limit, lifted as `floor.sh` lifts it). With the process's log
+/// subscriber and metrics recorder installed by the caller, this is the
+/// auth server's stack around a handler that only signs: its cost beyond
+/// [`serve`] is the edge's.
+pub async fn serve_with_edge(
+    listener: TcpListener,
+    dir: &Path,
+    floor: Floor,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), FloorError> {
+    let tls = auth_server::tls::server_config_from_pem(
+        &read(dir.join("server.pem"))?,
+        &read(dir.join("server-key.pem"))?,
+        &read(dir.join("ca.pem"))?,
+    )?;
+    let limits =
+        LimitsConfig { client_rate_per_sec: 10_000_000, client_rate_burst: 10_000_000, ..LimitsConfig::default() };
+    grpc_transport(&limits)
+        .layer(auth_server::edge::rpc_trace(false))
+        .layer(auth_server::edge::GrpcContentTypeLayer)
+        .layer(auth_server::observe::rpc::RpcMetricsLayer::new())
+        .layer(auth_server::edge::GrpcFramingLayer)
+        .layer(auth_server::ratelimit::ClientRateLimitLayer::from_config(&limits))
+        .add_service(pb::auth_server::AuthServer::from_arc(Arc::new(floor)).max_decoding_message_size(64 * 1024))
+        .serve_with_incoming_shutdown(
+            TlsIncoming::with_limits(listener, tls, auth_server::edge::ConnLimits::from_config(&limits)),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
 fn read(path: PathBuf) -> Result<Vec<u8>, FloorError> {
     std::fs::read(&path).map_err(|e| FloorError::Read(path, e))
 }

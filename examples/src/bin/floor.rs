@@ -26,6 +26,11 @@ struct Cli {
     /// What ExchangeToken does per call.
     #[arg(long, value_enum, default_value = "sign")]
     mode: FloorMode,
+    /// Serve behind the auth server's whole edge (connection limits, read
+    /// deadlines, the gRPC layers, its log subscriber and metrics
+    /// recorder): what that edge costs beyond the bare floor.
+    #[arg(long)]
+    edge: bool,
     /// The gRPC (mTLS) listen address.
     #[arg(long, default_value = "127.0.0.1:50061")]
     addr: String,
@@ -48,5 +53,13 @@ async fn run(cli: Cli) -> Result<(), String> {
     let floor = Floor::with_own_key(cli.mode).map_err(|e| e.to_string())?;
     let listener = tokio::net::TcpListener::bind(&cli.addr).await.map_err(|e| format!("bind {}: {e}", cli.addr))?;
     eprintln!("floor ({:?}) listening on {} (mTLS)", cli.mode, cli.addr);
+    if cli.edge {
+        let _telemetry = auth_server::logs::init(auth_server::config::LogFormat::Text, &Default::default())
+            .map_err(|e| e.to_string())?;
+        let _metrics = auth_server::observe::metrics::install_prometheus().map_err(|e| e.to_string())?;
+        return examples::floor::serve_with_edge(listener, &cli.dir, floor, examples::telemetry::stop_signal())
+            .await
+            .map_err(|e| e.to_string());
+    }
     serve(listener, &cli.dir, floor, examples::telemetry::stop_signal()).await.map_err(|e| e.to_string())
 }
