@@ -229,11 +229,7 @@ pub async fn serve_with_edge(
     floor: Floor,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), FloorError> {
-    let tls = auth_server::tls::server_config_from_pem(
-        &read(dir.join("server.pem"))?,
-        &read(dir.join("server-key.pem"))?,
-        &read(dir.join("ca.pem"))?,
-    )?;
+    let tls = dev_tls(dir)?;
     let limits =
         LimitsConfig { client_rate_per_sec: 10_000_000, client_rate_burst: 10_000_000, ..LimitsConfig::default() };
     grpc_transport(&limits)
@@ -251,6 +247,16 @@ pub async fn serve_with_edge(
     Ok(())
 }
 
+/// The mTLS identity of the `auth-server dev` directory `dir`: its server
+/// certificate and key, clients of its CA.
+fn dev_tls(dir: &Path) -> Result<std::sync::Arc<rustls::ServerConfig>, FloorError> {
+    Ok(auth_server::tls::server_config_from_pem(
+        &read(dir.join("server.pem"))?,
+        &read(dir.join("server-key.pem"))?,
+        &read(dir.join("ca.pem"))?,
+    )?)
+}
+
 fn read(path: PathBuf) -> Result<Vec<u8>, FloorError> {
     std::fs::read(&path).map_err(|e| FloorError::Read(path, e))
 }
@@ -264,11 +270,7 @@ pub async fn serve(
     floor: Floor,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), FloorError> {
-    let tls = auth_server::tls::server_config_from_pem(
-        &read(dir.join("server.pem"))?,
-        &read(dir.join("server-key.pem"))?,
-        &read(dir.join("ca.pem"))?,
-    )?;
+    let tls = dev_tls(dir)?;
     let limits = LimitsConfig::default();
     grpc_transport(&limits)
         .add_service(pb::auth_server::AuthServer::from_arc(Arc::new(floor)).max_decoding_message_size(64 * 1024))
