@@ -30,10 +30,16 @@
 //! Cancellation: the commit, the signing and the undo run in a task of
 //! their own, which the caller awaits. A caller that goes away (the
 //! client's deadline passes, it disconnects, the server's request timeout
-//! fires: the handler's future is dropped) interrupts none of them: the
-//! task still undoes after a signing failure, and after a signing that
-//! succeeded with nobody left to take the pair it undoes too, so the
-//! client's retry is a plain refresh rather than a reuse. A pair taken by
+//! fires: the handler's future is dropped) before the commit spends
+//! nothing: the task sees it and does not commit. Once committed, the task
+//! is not interrupted by the caller: it still undoes after a signing
+//! failure, and a caller gone while it signs has the task drop the signing
+//! (a transit call can take seconds) and undo at once. So a client that
+//! retries at once finds the token live (a plain refresh, not a reuse)
+//! unless its retry reaches the store within the one round trip of the
+//! commit or the undo still in flight; such a retry counts as a reuse
+//! unless within `tokens.refresh_reuse_grace_secs`. A task that panics
+//! after the commit undoes it too, from a guard it owns. A pair taken by
 //! the caller whose reply is then lost on the way (a broken connection)
 //! is the lost reply below.
 //!
@@ -56,9 +62,9 @@ use tracing::Instrument;
 use crate::core::{AuthCore, Policy, sign_as};
 use crate::directory::random_token;
 use crate::error::AuthError;
-use crate::grant::{Grant, GrantKind, Issued, RefreshIssued, refresh_digest, refresh_token, refresh_token_family};
+use crate::grant::{GrantKind, Issued, RefreshIssued, refresh_digest, refresh_token, refresh_token_family};
 use crate::observe::{Event, Events};
-use crate::store::{Committed, ConsumeOutcome, RefreshCommit, Store, StoreError};
+use crate::store::{Committed, ConsumeOutcome, RefreshCommit, RefreshRecord, Store, StoreError};
 
 /// Spends `presented` and returns a new access token and refresh token.
 /// Presenting a spent token revokes its family and is refused (unless it
@@ -122,8 +128,10 @@ struct Rotation {
 enum UndoReason {
     /// Signing the new access token failed.
     SigningFailed,
-    /// The pair was signed, but the caller had gone away (cancelled).
+    /// The caller went away (cancelled) before it took the new pair.
     CallerGone,
+    /// The task ended without handing out an answer (it panicked).
+    Abandoned,
 }
 
 impl UndoReason {
@@ -131,6 +139,7 @@ impl UndoReason {
         match self {
             Self::SigningFailed => "signing failed",
             Self::CallerGone => "the caller went away before the new pair was handed out",
+            Self::Abandoned => "the refresh ended without an answer (it panicked)",
         }
     }
 }
@@ -148,42 +157,72 @@ impl Rotation {
     }
 
     /// Commits, signs, and answers on `reply`; undoes the commit when
-    /// signing fails (before answering) or when nobody takes the answer.
-    async fn run(self, reply: oneshot::Sender<Result<Issued, AuthError>>) {
-        let (grant, committed) = match self.commit_and_grant().await {
-            Ok(granted) => granted,
+    /// signing fails (before answering), when the caller goes away while it
+    /// signs or before it takes the answer, and when the task panics.
+    async fn run(self, mut reply: oneshot::Sender<Result<Issued, AuthError>>) {
+        // A caller gone before the commit: nothing is spent.
+        if reply.is_closed() {
+            return;
+        }
+        let this = Arc::new(self);
+        let (record, committed) = match this.commit_refresh().await {
+            Ok(committed) => committed,
             Err(e) => {
                 let _ = reply.send(Err(e));
                 return;
             }
         };
-        match sign_as(&self.issuer, &self.policy, grant, self.now, self.jti.clone()).await {
+        // From here on, a panic (or any other early end) undoes the commit.
+        let mut guard = UndoGuard { rotation: Some(Arc::clone(&this)), committed };
+        // Spent now: a refusal here stands (the user is gone).
+        let t = &this.policy.tokens;
+        let grant = match policy::grant(Some(record), |sub| this.policy.directory.user(sub), t.access_ttl_secs) {
+            Ok(grant) => grant,
+            Err(e) => {
+                guard.disarm();
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let sign = sign_as(&this.issuer, &this.policy, grant, this.now, this.jti.clone());
+        let signed = tokio::select! {
+            // The caller went away while signing: undo at once rather than
+            // after the signing (a transit call can take seconds), so that
+            // its retry finds the token live. Dropping the signing is
+            // harmless: nothing of it is handed out.
+            () = reply.closed() => {
+                guard.disarm();
+                this.undo(committed, UndoReason::CallerGone).await;
+                return;
+            }
+            signed = sign => signed,
+        };
+        match signed {
             Ok(access) => {
-                let refresh = Some(RefreshIssued { token: self.next.clone() });
+                guard.disarm();
+                let refresh = Some(RefreshIssued { token: this.next.clone() });
                 if reply.send(Ok(Issued { kind: GrantKind::Refresh, access, refresh })).is_err() {
-                    self.undo(committed, UndoReason::CallerGone).await;
+                    this.undo(committed, UndoReason::CallerGone).await;
                 }
             }
             Err(e) => {
                 // Undone before the error is answered: the client's retry
                 // finds the token as the undo left it.
-                self.undo(committed, UndoReason::SigningFailed).await;
+                guard.disarm();
+                this.undo(committed, UndoReason::SigningFailed).await;
                 let _ = reply.send(Err(e));
             }
         }
     }
 
-    /// The commit, and the grant decided from the record it returns.
-    async fn commit_and_grant(&self) -> Result<(Grant, Committed), AuthError> {
+    /// The commit: the spent token's record and what was committed, or the
+    /// refusal (a reuse, an invalid token).
+    async fn commit_refresh(&self) -> Result<(RefreshRecord, Committed), AuthError> {
         let outcome = self.store.commit_refresh(&self.commit(), self.now).await?;
         if let ConsumeOutcome::Reused(record) = &outcome {
             self.events.emit(&Event::RefreshReuse { family: &record.family, sid: &record.sid });
         }
-        let (record, committed) = policy::committed(outcome)?;
-        // Spent now: a refusal here stands (the user is gone).
-        let t = &self.policy.tokens;
-        let grant = policy::grant(Some(record), |sub| self.policy.directory.user(sub), t.access_ttl_secs)?;
-        Ok((grant, committed))
+        policy::committed(outcome)
     }
 
     /// Undoes the commit (see the module docs). Logs, without any token or
@@ -215,6 +254,37 @@ impl Rotation {
                 reason,
                 "refresh undo failed: a retry counts as a reuse unless within tokens.refresh_reuse_grace_secs"
             ),
+        }
+    }
+}
+
+/// Undoes a commit when dropped armed: the task that owns it ended
+/// (panicked) without handing out an answer and without undoing. Disarmed
+/// once the answer is handed out or the commit undone or left to stand.
+struct UndoGuard {
+    rotation: Option<Arc<Rotation>>,
+    committed: Committed,
+}
+
+impl UndoGuard {
+    fn disarm(&mut self) {
+        self.rotation = None;
+    }
+}
+
+impl Drop for UndoGuard {
+    fn drop(&mut self) {
+        let Some(rotation) = self.rotation.take() else {
+            return;
+        };
+        // Dropped while the task unwinds, within its runtime; a runtime
+        // shutting down (no handle) has no retry to serve.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let committed = self.committed;
+            runtime.spawn(
+                async move { rotation.undo(committed, UndoReason::Abandoned).await }
+                    .instrument(tracing::Span::current()),
+            );
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A lost reply must not log the user out: a failure before the commit
 //! spends nothing; a signing failure after it is undone, so the retry is a
-//! plain refresh, and so is a Refresh cancelled while it signs; a reply
+//! plain refresh, and so is a Refresh cancelled while it signs (undone at
+//! once, without waiting for the signing) or one that panics; a reply
 //! lost after the commit can be retried within
 //! `tokens.refresh_reuse_grace_secs`.
 
@@ -256,11 +257,13 @@ async fn a_refusal_after_the_commit_leaves_the_token_spent() {
 /// Signing keys that, while `hold` is set, say so on `entered` and wait
 /// for `release` before answering, as a transit call that hangs does; then
 /// they refuse while `fail` is set (a transit key that cannot be reached),
-/// else sign. The public keys stay the inner ones.
+/// panic while `panic` is set (a defect in the signing path), else sign.
+/// The public keys stay the inner ones.
 struct HeldSigner {
     inner: Arc<dyn SigningKeys>,
     hold: AtomicBool,
     fail: AtomicBool,
+    panic: AtomicBool,
     entered: tokio::sync::Notify,
     release: tokio::sync::Notify,
 }
@@ -274,6 +277,9 @@ impl SigningKeys for HeldSigner {
         }
         if self.fail.load(Ordering::SeqCst) {
             return Err(KeyError::Unavailable("injected: transit key unreachable".into()));
+        }
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("injected: the signer panicked");
         }
         self.inner.sign(claims).await
     }
@@ -294,6 +300,7 @@ fn held_signer(srv: &TestServer) -> Arc<HeldSigner> {
         inner: Arc::clone(&current.keys),
         hold: AtomicBool::new(false),
         fail: AtomicBool::new(false),
+        panic: AtomicBool::new(false),
         entered: tokio::sync::Notify::new(),
         release: tokio::sync::Notify::new(),
     });
@@ -328,9 +335,10 @@ impl StoreHook for Undos {
 /// A Refresh cancelled while it signs (the client's deadline passed, or it
 /// went away, or the server's request timeout fired: the handler's future
 /// is dropped) leaves the presented token usable: the commit, the signing
-/// and the undo run in a task of their own, which undoes the rotation
-/// when signing fails and when it succeeds with nobody left to hand the
-/// pair to. The client's retry is a plain refresh, not a reuse.
+/// and the undo run in a task of their own, which drops the signing
+/// (whether it would succeed or fail) and undoes the rotation once nobody
+/// is left to hand the pair to. The client's retry is a plain refresh, not
+/// a reuse.
 async fn a_refresh_cancelled_while_signing_leaves_the_token_usable(inner: Arc<dyn Store>) {
     let store = Arc::new(HookedStore::new(inner, Undos::default()));
     let srv = TestServer::builder()
@@ -354,7 +362,9 @@ async fn a_refresh_cancelled_while_signing_leaves_the_token_usable(inner: Arc<dy
             }
         }
         signer.hold.store(false, Ordering::SeqCst);
-        signer.release.notify_one();
+        // Releases the signing if it still waits (it is dropped once its
+        // caller is gone); no permit is left for a later one.
+        signer.release.notify_waiters();
         crate::within("the undo of the cancelled refresh", store.hook().answered.notified()).await;
         signer.fail.store(false, Ordering::SeqCst);
         let next = c.refresh(refresh(&login.refresh_token)).await.expect("the token is live again").into_inner();
@@ -373,4 +383,70 @@ async fn a_refresh_cancelled_while_signing_leaves_the_token_usable_in_memory() {
 async fn a_refresh_cancelled_while_signing_leaves_the_token_usable_in_redis() {
     let redis = RedisProcess::start();
     a_refresh_cancelled_while_signing_leaves_the_token_usable(redis_store(&redis).await).await;
+}
+
+/// A Refresh cancelled while its signing still hangs (a transit call can
+/// take seconds) is undone at once, not once the signing ends: the task
+/// drops the signing when its caller goes away. So the client's immediate
+/// retry, made while the cancelled signing would still be hanging, is a
+/// plain refresh, not a reuse that revokes the family.
+async fn a_refresh_cancelled_while_signing_is_undone_before_the_signing_ends(inner: Arc<dyn Store>) {
+    let store = Arc::new(HookedStore::new(inner, Undos::default()));
+    let srv = TestServer::builder()
+        .store(store.clone())
+        .configure(|raw| raw.tokens.record_issued = RecordIssued::Sessions)
+        .start()
+        .await;
+    let signer = held_signer(&srv);
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+    signer.hold.store(true, Ordering::SeqCst);
+    {
+        // The handler's future, dropped while it signs.
+        let call = auth_server::refresh::refresh(srv.core(), &alice.refresh_token);
+        tokio::select! {
+            result = call => panic!("the refresh answered while signing was held: {:?}", result.err()),
+            () = signer.entered.notified() => {}
+        }
+    }
+    // The cancelled signing is never released: only an undo that does not
+    // wait for it lets the retry through.
+    crate::within("the undo of the refresh cancelled while its signing hangs", store.hook().answered.notified()).await;
+    signer.hold.store(false, Ordering::SeqCst);
+    let next = c.refresh(refresh(&alice.refresh_token)).await.expect("a plain refresh, not a reuse").into_inner();
+    c.refresh(refresh(&next.refresh_token)).await.expect("the family is alive");
+    let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+    assert_eq!(err.message(), "refresh token reused; its family is revoked", "spent by the retry");
+}
+
+#[tokio::test]
+async fn a_refresh_cancelled_while_signing_is_undone_before_the_signing_ends_in_memory() {
+    a_refresh_cancelled_while_signing_is_undone_before_the_signing_ends(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test]
+async fn a_refresh_cancelled_while_signing_is_undone_before_the_signing_ends_in_redis() {
+    let redis = RedisProcess::start();
+    a_refresh_cancelled_while_signing_is_undone_before_the_signing_ends(redis_store(&redis).await).await;
+}
+
+/// A refresh whose task panics after the commit (here in the signer) has
+/// no answer, and its commit is undone all the same: the retry is a plain
+/// refresh, not a reuse.
+#[tokio::test]
+async fn a_refresh_that_panics_after_the_commit_leaves_the_token_usable() {
+    let store = Arc::new(HookedStore::new(Arc::new(MemoryStore::new()) as Arc<dyn Store>, Undos::default()));
+    let srv = TestServer::builder().store(store.clone()).start().await;
+    let signer = held_signer(&srv);
+    let mut c = client(&srv, "order").await;
+    let alice = login_user(&mut c, &srv, "alice").await;
+    signer.panic.store(true, Ordering::SeqCst);
+    let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal);
+    crate::within("the undo of the refresh that panicked", store.hook().answered.notified()).await;
+    signer.panic.store(false, Ordering::SeqCst);
+    let next = c.refresh(refresh(&alice.refresh_token)).await.expect("the token is live again").into_inner();
+    c.refresh(refresh(&next.refresh_token)).await.expect("the family is alive");
+    let err = c.refresh(refresh(&alice.refresh_token)).await.unwrap_err();
+    assert_eq!(err.message(), "refresh token reused; its family is revoked", "spent by the retry");
 }
