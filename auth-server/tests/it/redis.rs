@@ -293,6 +293,17 @@ async fn without_a_marker_a_replica_finds_the_other_layouts_revocations_and_refu
     }
 }
 
+/// A store on `primary` whose writes wait for one replica's acknowledgement.
+fn acked_by_one_replica(primary: &RedisProcess) -> RedisConfig {
+    RedisConfig {
+        // Generous: a busy test host may delay the replica's ack.
+        command_timeout_ms: 3_000,
+        min_replicas_acked: 1,
+        replica_ack_timeout_ms: 500,
+        ..redis_config(primary)
+    }
+}
+
 /// With `min_replicas_acked`, the marker's claim goes through the durable
 /// write path: while no replica acknowledges it, the store is not ready
 /// (readiness claims it again, `NotDurable`), though calls go on (each
@@ -302,13 +313,7 @@ async fn without_a_marker_a_replica_finds_the_other_layouts_revocations_and_refu
 async fn the_layout_marker_claim_waits_for_replicas_and_readiness_with_it() {
     let primary = RedisProcess::start();
     let replica = RedisProcess::start_replica_of(&primary);
-    let config = RedisConfig {
-        // Generous: a busy test host may delay the replica's ack.
-        command_timeout_ms: 3_000,
-        min_replicas_acked: 1,
-        replica_ack_timeout_ms: 500,
-        ..redis_config(&primary)
-    };
+    let config = acked_by_one_replica(&primary);
     replica.pause();
     let store = RedisStore::connect(&config).await.unwrap();
     assert!(matches!(store.ping().await, Err(StoreError::NotDurable { acked: 0, wanted: 1 })), "not ready");
@@ -332,13 +337,7 @@ async fn the_layout_marker_claim_waits_for_replicas_and_readiness_with_it() {
 async fn a_lost_layout_marker_is_not_durable_again_until_a_claim_is_acknowledged() {
     let primary = RedisProcess::start();
     let replica = RedisProcess::start_replica_of(&primary);
-    let config = RedisConfig {
-        // Generous: a busy test host may delay the replica's ack.
-        command_timeout_ms: 3_000,
-        min_replicas_acked: 1,
-        replica_ack_timeout_ms: 500,
-        ..redis_config(&primary)
-    };
+    let config = acked_by_one_replica(&primary);
     let store = RedisStore::connect(&config).await.unwrap();
     until_ready(&store).await;
     // Acknowledged once; then the marker is lost (a flush, a failover) and
